@@ -1,0 +1,48 @@
+# The two commands of the README: `make demo` and `make test`. Both do all the set-up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.difforge-installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: setup demo test lint format bench ui clean
+
+setup: $(STAMP) $(FASHION_MNIST)
+
+# Pinned dependencies; torch is the CPU build (README: "Installing a CUDA build").
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+# Real image data from Debian, so that nothing downloads at run time.
+$(FASHION_MNIST):
+	$(SUDO) apt-get update -qq
+	$(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+
+demo: setup
+	$(BIN)/difforge run pipelines/quickstart.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: setup lint
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python benchmarks/engine.py
+
+ui: setup
+	$(BIN)/difforge ui
+
+clean:
+	rm -rf difforge-data .difforge .pytest_cache .ruff_cache

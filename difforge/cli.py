@@ -1,0 +1,201 @@
+"""The `difforge` command. Thin: parses arguments and calls difforge.platform and difforge.jobs.
+
+Heavy libraries are imported inside the commands that need them, so `difforge --help` and
+`difforge validate` answer fast. A user's mistake prints a message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from difforge.platform.errors import DifforgeError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="pipeline YAML")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="STEP.params.FIELD=VALUE",
+        help="override a value (repeatable; dotted paths into nested params)",
+    )
+    p.add_argument("--until", metavar="STEP", help="run only this step and what it needs")
+    p.add_argument(
+        "--force", action="append", default=[], metavar="STEP",
+        help="recompute this step and everything downstream of it (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="difforge",
+        description="Declarative pipelines for diffusion models: curate, encode, train, "
+        "distill, sample, evaluate. On Ray, tracked in MLflow.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a pipeline (embedded Ray unless --address)")
+    _common(p)
+    p.add_argument(
+        "--address", help="attach to this Ray cluster (default: a private local Ray; RAY_ADDRESS)"
+    )
+
+    p = sub.add_parser("validate", help="dry run: print the resolved plan, or every error")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print the resolved plan as JSON")
+
+    sub.add_parser("schema", help="print the JSON Schema of the pipeline spec")
+
+    p = sub.add_parser("ops", help="list operators with their parameters")
+    p.add_argument("name", nargs="?", help="show one operator")
+
+    p = sub.add_parser("show", help="print a committed dataset's manifest, schema and rows")
+    p.add_argument("uri")
+    p.add_argument("--rows", type=int, default=5)
+    p.add_argument("--grid", help="write a grid of its images to this PNG (default: a temp file)")
+
+    p = sub.add_parser("ui", help="serve the MLflow UI for the local store on 127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    return parser
+
+
+def _print_plan(plan: Any) -> None:
+    print(f"pipeline {plan.name}: {len(plan.steps)} steps, storage {plan.storage}")
+    width = max(len(s.id) for s in plan.steps)
+    opw = max(len(s.op) for s in plan.steps)
+    for s in plan.steps:
+        state = "forced" if s.forced else ("cached" if s.cached else "to run")
+        ins = ", ".join(r.text for r in s.inputs) or "-"
+        print(f"  {s.id.ljust(width)}  {s.op.ljust(opw)}  {s.fingerprint}  {state:7}  <- {ins}")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    import difforge
+
+    plan = difforge.plan(args.file, args.overrides, until=args.until, force=args.force)
+    if args.json:
+        print(json.dumps(plan.resolved(), indent=2))
+    else:
+        _print_plan(plan)
+        todo = sum(not s.cached for s in plan.steps)
+        print(f"ok: {len(plan.steps) - todo} cached, {todo} to run")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from difforge.platform.executor import run
+
+    summary = run(
+        args.file, args.overrides, until=args.until, force=args.force, address=args.address
+    )
+    print()
+    print(summary.table())
+    print()
+    print(f"done in {summary.seconds:.1f}s. MLflow run {summary.run_id} "
+          f"(experiment '{summary.experiment}', {summary.tracking_uri})")
+    if summary.tracking_uri.startswith("sqlite:"):
+        print("Browse it: difforge ui   (then open http://127.0.0.1:5000)")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from difforge.platform.spec import PipelineSpec
+
+    print(json.dumps(PipelineSpec.model_json_schema(), indent=2))
+    return 0
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) or str(annotation)
+    return text.replace("typing.", "")
+
+
+def cmd_ops(args: argparse.Namespace) -> int:
+    from difforge.platform import registry
+
+    reg = registry.registry()
+    names = [args.name] if args.name else sorted(reg)
+    for name in names:
+        op = registry.get(name)
+        kind = op.__mro__[1].__name__.replace("Operator", "").lower() or "op"
+        print(f"{name}  (v{op.version}, {kind})  {op.description()}")
+        for field, info in op.Params.model_fields.items():
+            default = "required" if info.is_required() else f"default {info.default!r}"
+            desc = f"  {info.description}" if info.description else ""
+            print(f"    {field}: {_type_name(info.annotation)} ({default}){desc}")
+        if args.name:
+            print(f"    reads: {', '.join(op.reads) or '-'}; writes: {', '.join(op.writes) or '-'}")
+            if op.side_outputs:
+                print(f"    side outputs: {', '.join(op.side_outputs)}")
+            print(f"    resources: {op.resources.model_dump(exclude_none=True)}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from difforge.platform.datasets import open_dataset
+    from difforge.platform.show import describe, write_grid
+
+    ds = open_dataset(args.uri)
+    print(describe(ds, args.rows))
+    if "image" in ds.manifest.column_names and ds.num_rows:
+        path = write_grid(ds, args.grid)
+        print(f"\nimage grid: {path}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from difforge.platform import settings
+
+    store = settings.default_tracking_uri()
+    cmd = [
+        sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.port),
+        "--workers", "1", "--backend-store-uri", store,
+        "--default-artifact-root", settings.default_artifact_root().as_uri(),
+    ]  # fmt: skip
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    print(f"MLflow UI for {store} at http://{args.host}:{args.port}  (Ctrl-C stops it)")
+    return subprocess.call(cmd, env=env)
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "schema": cmd_schema,
+    "ops": cmd_ops,
+    "show": cmd_show,
+    "ui": cmd_ui,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s difforge %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return COMMANDS[args.command](args)
+    except DifforgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if exc.__cause__ is not None and os.environ.get("DIFFORGE_DEBUG"):
+            raise
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing half-written is visible; rerun to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

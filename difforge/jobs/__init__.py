@@ -1,0 +1,1 @@
+"""Submitting pipelines to a Ray cluster and recurring schedules."""

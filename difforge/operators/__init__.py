@@ -1,0 +1,14 @@
+"""The built-in operators, registered explicitly in this one list (plugins use the
+`difforge.operators` entry-point group). Grouped by stage, one operator per file."""
+
+from __future__ import annotations
+
+from difforge.operators.image.resize import Resize
+from difforge.operators.ingest.digits import Digits
+from difforge.operators.ingest.fashion_mnist import FashionMnist
+
+BUILTIN = [
+    FashionMnist,
+    Digits,
+    Resize,
+]

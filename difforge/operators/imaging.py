@@ -1,0 +1,50 @@
+"""Image helpers shared by operators: decode, describe, encode. Pillow only, imported lazily."""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+
+def encode_png(array_or_image: np.ndarray | Image.Image) -> bytes:
+    from PIL import Image
+
+    img = array_or_image
+    if not isinstance(img, Image.Image):
+        img = Image.fromarray(img)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def describe(data: bytes) -> tuple[str | None, int | None, int | None, str | None]:
+    """(format, width, height, mode) from the header alone; Nones when it is not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return (img.format or "").lower() or None, img.width, img.height, img.mode
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return None, None, None, None
+
+
+def decode(data: bytes) -> Image.Image:
+    """Decode fully (raises on truncated or invalid data)."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def to_array(data: bytes, mode: str | None = None) -> np.ndarray:
+    import numpy as np
+
+    img = decode(data)
+    if mode and img.mode != mode:
+        img = img.convert(mode)
+    return np.asarray(img)

@@ -1,0 +1,1 @@
+"""The engine: spec, operator contract, datasets, planning, execution and tracking."""

@@ -1,0 +1,48 @@
+"""What an operator sees while it runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from difforge.platform.datasets import Dataset, join, url_to_fs
+
+if TYPE_CHECKING:
+    from difforge.platform.resources import Fitted
+    from difforge.platform.tracking import StepTracker
+
+
+@dataclass
+class MapContext:
+    """Given to `MapOperator.setup` on each actor: the step, its other inputs, its work folder."""
+
+    step: str
+    inputs: list[str]  # URIs of all inputs; the first is the one being mapped
+    work_uri: str
+    num_gpus: float = 0.0
+
+    def input(self, index: int) -> Dataset:
+        return Dataset(self.inputs[index])
+
+
+@dataclass
+class JobContext:
+    """Given to `JobOperator.run` on the driver."""
+
+    step: str
+    pipeline: str
+    inputs: list[Dataset]
+    work_uri: str  # kept across failed runs: checkpoints live here
+    artifact_uri: str  # inside this attempt's output: committed with the dataset
+    resources: Fitted
+    tracker: StepTracker
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def local_work_dir(self) -> str | None:
+        """The work folder as a local path, when storage is local (None on S3)."""
+        fs, path = url_to_fs(self.work_uri)
+        proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        return path if proto in ("file", "local") else None
+
+    def artifact(self, *parts: str) -> str:
+        return join(self.artifact_uri, *parts)

@@ -1,0 +1,135 @@
+"""The operator contract.
+
+An operator has a registered name, a version (bumped whenever its results would change), a
+pydantic `Params` model with extra fields forbidden, declared `Resources`, and the columns it
+reads and writes. Three shapes of work:
+
+- `SourceOperator`: no inputs; lists read tasks on the driver, reads each on a worker.
+- `MapOperator`: an Arrow batch in, an Arrow batch out, run by Ray Data. Operators that hold a
+  model (`stateful = True`) run as an actor pool and `setup` once per actor; stateless ones run
+  as plain tasks.
+- `JobOperator`: a whole dataset in, artifacts out, run as one job (for example Ray Train).
+
+Operator modules import heavy libraries (torch, Ray) inside methods, never at module level, so
+that `difforge validate` stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from difforge.platform.spec import Resources
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from difforge.platform.context import JobContext, MapContext
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+MAIN = "main"
+
+
+class Operator:
+    """Base of every operator. Subclass one of the three shapes below."""
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    Params: ClassVar[type[BaseModel]] = NoParams
+    resources: ClassVar[Resources] = Resources()
+    #: columns the main (first) input must have
+    reads: ClassVar[tuple[str, ...]] = ()
+    #: columns this operator adds to (or, for sources and jobs, makes up) its main output
+    writes: ClassVar[tuple[str, ...]] = ()
+    #: names of side outputs beside the main one, e.g. ("rejects",)
+    side_outputs: ClassVar[tuple[str, ...]] = ()
+    #: how many inputs the operator takes (min, max)
+    inputs: ClassVar[tuple[int, int]] = (1, 1)
+    #: may use GPUs when `num_gpus: auto` finds them; the fraction it asks for then
+    gpus_when_available: ClassVar[float] = 0.0
+
+    def __init__(self, params: BaseModel):
+        self.params = params
+
+    def metadata(self) -> dict[str, Any]:
+        """Entries for the output manifest's `metadata` (merged over the main input's)."""
+        return {}
+
+    @classmethod
+    def description(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    @classmethod
+    def required_columns(cls, params: BaseModel) -> set[str]:
+        """Columns the main input must have (may depend on params)."""
+        return set(cls.reads)
+
+    @classmethod
+    def output_columns(cls, params: BaseModel, input_columns: list[set[str] | None]) -> set[str]:
+        """Columns of the main output, given the inputs' columns (None: unknown)."""
+        base = input_columns[0] if input_columns and input_columns[0] is not None else set()
+        return base | set(cls.writes)
+
+    @classmethod
+    def side_output_columns(cls, params: BaseModel, name: str) -> set[str] | None:
+        """Columns of a side output; None when unknown until run time."""
+        return None
+
+
+class SourceOperator(Operator):
+    """Reads external data. Fingerprints what it reads so changed data is never served stale."""
+
+    inputs: ClassVar[tuple[int, int]] = (0, 0)
+
+    @classmethod
+    def output_columns(cls, params: BaseModel, input_columns: list[set[str] | None]) -> set[str]:
+        return set(cls.writes)
+
+    def source_fingerprint(self) -> str:
+        """A digest of what would be read (file listing with sizes and times, or ETags)."""
+        raise NotImplementedError
+
+    def read_tasks(self, rows_per_task: int) -> list[dict[str, Any]]:
+        """Small JSON-able descriptions of independent pieces of work (run on the driver)."""
+        raise NotImplementedError
+
+    def read(self, task: Mapping[str, Any]) -> Iterator[pa.Table]:
+        """Read one task's rows (run on a worker)."""
+        raise NotImplementedError
+
+
+class MapOperator(Operator):
+    """Arrow batch in, Arrow batch (and side outputs) out. Must be retry-safe."""
+
+    #: holds a model: run as an actor pool and call `setup` once per actor
+    stateful: ClassVar[bool] = False
+
+    def setup(self, ctx: MapContext) -> None:
+        """Load models or other state; called once per actor (once per task when stateless)."""
+
+    def process(self, batch: pa.Table) -> pa.Table | dict[str, pa.Table]:
+        """Transform a batch; return the main table, or {"main": ..., "rejects": ...}."""
+        raise NotImplementedError
+
+
+@dataclass
+class JobResult:
+    """What a job operator hands back: its main table and optionally side tables and metadata."""
+
+    table: pa.Table
+    metadata: dict[str, Any] | None = None
+
+
+class JobOperator(Operator):
+    """A whole dataset in, artifacts out (a model folder referred to by a small dataset)."""
+
+    def run(self, ctx: JobContext) -> JobResult:
+        raise NotImplementedError

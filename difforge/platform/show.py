@@ -1,0 +1,76 @@
+"""Looking at a committed dataset: its manifest, schema, first rows and a grid of its images."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from difforge.platform.datasets import Dataset
+
+
+def describe(ds: Dataset, rows: int = 5) -> str:
+    m = ds.manifest
+    lines = [
+        f"dataset  {ds.uri}",
+        f"rows     {m.num_rows} in {len(m.files)} file(s)",
+        f"producer {json.dumps(m.producer)}",
+        f"print    {m.fingerprint}",
+        "schema:",
+        *(f"  {c['name']}: {c['type']}" for c in m.columns),
+    ]
+    if m.metadata:
+        lines.append(f"metadata {json.dumps(m.metadata)[:500]}")
+    if rows and m.num_rows:
+        head = next(ds.iter_batches(batch_size=rows)).to_pylist()[:rows]
+        lines.append(f"first {len(head)} row(s):")
+        for row in head:
+            shown = {
+                k: (f"<{len(v)} bytes>" if isinstance(v, bytes) else v) for k, v in row.items()
+            }
+            lines.append(f"  {json.dumps(shown, default=str)[:300]}")
+    return "\n".join(lines)
+
+
+def grid(images: list[Image.Image], columns: int = 8, pad: int = 2) -> Image.Image:
+    """Tile images (any sizes and modes) on a white canvas, row by row."""
+    from PIL import Image
+
+    if not images:
+        raise ValueError("no images to tile")
+    cw = max(i.width for i in images)
+    ch = max(i.height for i in images)
+    cols = min(columns, len(images))
+    rows = (len(images) + cols - 1) // cols
+    canvas = Image.new("RGB", (cols * (cw + pad) + pad, rows * (ch + pad) + pad), "white")
+    for k, img in enumerate(images):
+        r, c = divmod(k, cols)
+        canvas.paste(img.convert("RGB"), (pad + c * (cw + pad), pad + r * (ch + pad)))
+    return canvas
+
+
+def write_grid(ds: Dataset, path: str | None = None, n: int = 64, scale: int = 0) -> str:
+    from difforge.operators.imaging import decode
+
+    images = []
+    for batch in ds.iter_batches(columns=["image"], batch_size=n):
+        for data in batch.column("image").to_pylist():
+            try:
+                images.append(decode(data))
+            except Exception:
+                continue
+            if len(images) >= n:
+                break
+        if len(images) >= n:
+            break
+    img = grid(images)
+    if scale or img.width < 256:
+        factor = scale or max(1, 512 // img.width)
+        img = img.resize((img.width * factor, img.height * factor), 0)
+    if path is None:
+        path = tempfile.NamedTemporaryFile(prefix="difforge-grid-", suffix=".png", delete=False).name
+    img.save(path)
+    return path

@@ -1,0 +1,241 @@
+"""The pipeline spec: YAML loaded safely, overrides applied, validated into pydantic models.
+
+Where a pipeline runs is not part of the spec: the same file runs on a laptop and on a cluster.
+Every problem is reported with the file, the line, the step and the field it concerns.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from difforge.platform.errors import Problem, SpecError
+
+STEP_ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
+
+
+class Resources(BaseModel):
+    """What a step asks of the cluster. Resources never change results: anything that does is a param."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float | None = Field(None, gt=0, description="CPUs per task, actor or training worker")
+    num_gpus: float | Literal["auto"] | None = Field(
+        None, description="GPUs (or a fraction) per actor or worker; 'auto': where the cluster has them"
+    )
+    batch_size: int | None = Field(None, gt=0, description="rows per batch handed to the operator")
+    min_actors: int | None = Field(None, ge=1, description="smallest actor pool")
+    max_actors: int | None = Field(None, ge=1, description="largest actor pool")
+    num_workers: int | None = Field(None, ge=1, description="training workers of a job operator")
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _gpus_not_negative(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float) and v < 0:
+            raise ValueError("must be >= 0 or 'auto'")
+        return v
+
+    def merged(self, override: Resources | None) -> Resources:
+        if override is None:
+            return self
+        return self.model_copy(update=override.model_dump(exclude_none=True))
+
+
+class Tracking(BaseModel):
+    """MLflow: a tracking URI (default: SQLite in DIFFORGE_HOME) and an experiment name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite in DIFFORGE_HOME")
+    experiment: str | None = Field(None, description="MLflow experiment; default the pipeline name")
+
+
+class StepSpec(BaseModel):
+    """One step: an operator applied to earlier steps' outputs or to committed datasets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=STEP_ID_PATTERN, description="unique within the pipeline")
+    op: str = Field(description="a registered operator name; `difforge ops` lists them")
+    inputs: list[str] = Field(
+        default_factory=list,
+        description="earlier step ids, `step.side_output`, or URIs of committed datasets",
+    )
+    params: dict[str, Any] = Field(default_factory=dict, description="validated by the operator")
+    resources: Resources | None = None
+
+
+class PipelineSpec(BaseModel):
+    """A pipeline: a name, a storage root (local path or any fsspec URI), tracking, and steps."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=STEP_ID_PATTERN)
+    storage: str = Field("./difforge-data", description="local folder or fsspec URI (s3://...)")
+    tracking: Tracking = Field(default_factory=Tracking)
+    steps: list[StepSpec] = Field(min_length=1)
+
+
+@dataclass
+class LoadedSpec:
+    """A validated spec plus what is needed to point back into the source text."""
+
+    spec: PipelineSpec
+    file: str | None = None
+    text: str | None = None
+    lines: dict[tuple, int] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    overridden: dict[tuple, str] = field(default_factory=dict)
+
+    def problem(self, message: str, loc: tuple = (), step: str | None = None, fld: str | None = None):
+        """A Problem located at `loc` (a path into the raw YAML), or at the --set that made it."""
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in self.overridden:
+                return Problem(message, file=f"--set {self.overridden[loc[:n]]}", step=step, field=fld)
+        line = None
+        for n in range(len(loc), -1, -1):
+            if loc[:n] in self.lines:
+                line = self.lines[loc[:n]]
+                break
+        return Problem(message, file=self.file, line=line, step=step, field=fld)
+
+
+def _node_lines(node: yaml.Node, path: tuple, out: dict[tuple, int]) -> None:
+    out[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            k = key.value if isinstance(key, yaml.ScalarNode) else str(key.value)
+            out[(*path, k)] = key.start_mark.line + 1
+            _node_lines(value, (*path, k), out)
+            out[(*path, k)] = key.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _node_lines(item, (*path, i), out)
+
+
+def _parse_yaml(text: str, file: str | None) -> tuple[Any, dict[tuple, int]]:
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        msg = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([Problem(f"not valid YAML: {msg}", file=file, line=line)]) from None
+    lines: dict[tuple, int] = {}
+    if node is not None:
+        _node_lines(node, (), lines)
+    return data, lines
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`STEP.params.FIELD=VALUE` -> (['STEP', 'params', 'FIELD'], VALUE parsed as YAML)."""
+    if "=" not in item:
+        raise SpecError([Problem(f"expected KEY=VALUE, got '{item}'", file=f"--set {item}")])
+    key, _, raw = item.partition("=")
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise SpecError([Problem("empty key", file=f"--set {item}")])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict[tuple, str]:
+    """Apply --set overrides in place. A first segment naming a step addresses that step."""
+    touched: dict[tuple, str] = {}
+    steps = data.get("steps") if isinstance(data.get("steps"), list) else []
+    index = {s.get("id"): i for i, s in enumerate(steps) if isinstance(s, dict)}
+    for item in overrides:
+        path, value = parse_override(item)
+        if path[0] in index:
+            target: Any = steps[index[path[0]]]
+            loc: tuple = ("steps", index[path[0]])
+            rest = path[1:]
+        elif path[0] in PipelineSpec.model_fields:
+            target, loc, rest = data, (), path
+        else:
+            known = ", ".join(sorted(k for k in index if k)) or "none"
+            raise SpecError(
+                [Problem(f"'{path[0]}' is not a step id (steps: {known})", file=f"--set {item}")]
+            )
+        if not rest:
+            raise SpecError([Problem("name a field after the step id", file=f"--set {item}")])
+        for part in rest[:-1]:
+            if not isinstance(target.get(part), dict):
+                target[part] = {}
+            target = target[part]
+            loc = (*loc, part)
+        target[rest[-1]] = value
+        touched[(*loc, rest[-1])] = item
+    return touched
+
+
+def _pydantic_problems(exc: ValidationError, loaded: LoadedSpec, raw: dict) -> list[Problem]:
+    problems = []
+    steps = raw.get("steps") if isinstance(raw.get("steps"), list) else []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        step = None
+        fld = ".".join(str(p) for p in loc)
+        if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
+            item = steps[loc[1]] if loc[1] < len(steps) else None
+            step = item.get("id") if isinstance(item, dict) else None
+            step = step or f"#{loc[1] + 1}"
+            fld = ".".join(str(p) for p in loc[2:]) or None
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            parent = PipelineSpec
+            if loc[0] == "steps":
+                parent = Resources if "resources" in loc else StepSpec
+            elif loc[0] == "tracking":
+                parent = Tracking
+            msg = f"unknown field (allowed: {', '.join(parent.model_fields)})"
+        problems.append(loaded.problem(msg, loc, step=step, fld=fld))
+    return problems
+
+
+def load_spec(
+    source: str | Path | dict | PipelineSpec, overrides: list[str] | None = None
+) -> LoadedSpec:
+    """Load a spec from a YAML file, YAML text, a dict or a model, apply overrides, validate.
+
+    Only the structure is validated here; operator params are validated by the planner,
+    which knows the operators.
+    """
+    overrides = list(overrides or [])
+    file = text = None
+    lines: dict[tuple, int] = {}
+    if isinstance(source, PipelineSpec):
+        data = source.model_dump(mode="json", exclude_none=True)
+    elif isinstance(source, dict):
+        data = copy.deepcopy(source)
+    else:
+        path = Path(source)
+        if isinstance(source, str) and "\n" in source:
+            text = source
+        else:
+            file = str(source)
+            try:
+                text = path.read_text()
+            except FileNotFoundError:
+                raise SpecError([Problem("file not found", file=file)]) from None
+            except OSError as exc:
+                raise SpecError([Problem(f"cannot read: {exc.strerror}", file=file)]) from None
+        data, lines = _parse_yaml(text, file)
+    if not isinstance(data, dict):
+        raise SpecError([Problem("a pipeline is a YAML mapping with name, storage and steps", file)])
+    loaded = LoadedSpec(spec=None, file=file, text=text, lines=lines, overrides=overrides)  # type: ignore[arg-type]
+    loaded.overridden = apply_overrides(data, overrides)
+    try:
+        loaded.spec = PipelineSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_pydantic_problems(exc, loaded, data)) from None
+    return loaded
