@@ -6,9 +6,11 @@ from __future__ import annotations
 from difforge.operators.image.resize import Resize
 from difforge.operators.ingest.digits import Digits
 from difforge.operators.ingest.fashion_mnist import FashionMnist
+from difforge.operators.train.classifier import Classifier
 
 BUILTIN = [
     FashionMnist,
     Digits,
     Resize,
+    Classifier,
 ]

@@ -1,0 +1,248 @@
+"""`train.classifier`: a small CNN trained with Ray Train (plain torch DDP).
+
+Its weights are the step's artifact; it later scores the class accuracy of generated samples
+and extracts features for Fréchet distance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from difforge.platform import columns as C
+from difforge.platform.operator import JobOperator, JobResult
+from difforge.platform.spec import Resources
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from difforge.platform.context import JobContext
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(2, ge=1, description="passes over the training set")
+    batch_size: int = Field(128, ge=1, description="global batch size (split across workers)")
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(1e-4, ge=0)
+    width: int = Field(32, ge=4, description="channels of the first conv layer")
+    seed: int = 0
+    holdout_fraction: float = Field(
+        0.1, ge=0, lt=1, description="held out by id hash when no evaluation input is given"
+    )
+
+
+def load_images(files: list[str], mode: str | None = None) -> tuple[np.ndarray, np.ndarray, list]:
+    """Decode a dataset's images to uint8 [N, C, H, W], with labels and ids."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from difforge.operators.imaging import to_array
+    from difforge.platform.datasets import url_to_fs
+
+    images, labels, ids = [], [], []
+    for uri in files:
+        fs, path = url_to_fs(uri)
+        t = pq.read_table(path, filesystem=fs, columns=[C.ID, C.IMAGE, C.LABEL])
+        ids += t.column(C.ID).to_pylist()
+        labels += t.column(C.LABEL).to_pylist()
+        images += [to_array(b, mode) for b in t.column(C.IMAGE).to_pylist()]
+    arr = np.stack(images) if images else np.zeros((0, 1, 1), np.uint8)
+    arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
+    return arr, np.asarray(labels, np.int64), ids
+
+
+def _holdout(ids: list[str], fraction: float, seed: int) -> np.ndarray:
+    import hashlib
+
+    import numpy as np
+
+    keys = [int(hashlib.sha256(f"{seed}:{i}".encode()).hexdigest()[:8], 16) for i in ids]
+    return np.asarray(keys) < fraction * 0xFFFFFFFF
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: DDP over ranks, a checkpoint per epoch, resumable."""
+    import numpy as np
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.nn.functional as F
+
+    from difforge.operators.train.nets import SmallCNN
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config["threads"])))
+    p = config["params"]
+    x, y, ids = load_images(config["train_files"])
+    if config["eval_files"]:
+        ex, ey, _ = load_images(config["eval_files"])
+    else:
+        held = _holdout(ids, p["holdout_fraction"], p["seed"])
+        ex, ey, x, y = x[held], y[held], x[~held], y[~held]
+    num_classes = int(config["num_classes"])
+    torch.manual_seed(p["seed"])
+    model = SmallCNN(x.shape[1], num_classes, p["width"])
+    opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+    start_epoch = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start_epoch = state["epoch"] + 1
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    per_rank = max(1, p["batch_size"] // world)
+
+    def to_tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).float().div_(127.5).sub_(1.0).to(device)
+
+    def evaluate() -> float:
+        net = model.module if hasattr(model, "module") else model
+        net.eval()
+        correct = 0
+        with torch.no_grad():
+            for s in range(0, len(ex), 512):
+                pred = net(to_tensor(ex[s : s + 512])).argmax(1).cpu().numpy()
+                correct += int((pred == ey[s : s + 512]).sum())
+        net.train()
+        return correct / max(1, len(ex))
+
+    tracker = config["tracker"]
+    step = start_epoch * (len(x) // (per_rank * world))
+    for epoch in range(start_epoch, p["epochs"]):
+        order = np.random.default_rng([p["seed"], epoch]).permutation(len(x))[rank::world]
+        total, count = 0.0, 0
+        for s in range(0, len(order) - per_rank + 1, per_rank):
+            idx = order[s : s + per_rank]
+            loss = F.cross_entropy(model(to_tensor(x[idx])), torch.from_numpy(y[idx]).to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, count, step = total + loss.item(), count + 1, step + 1
+        accuracy = evaluate()
+        metrics = {"epoch": epoch, "train_loss": total / max(1, count), "accuracy": accuracy}
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0:
+                net = model.module if hasattr(model, "module") else model
+                torch.save(
+                    {"model": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch},
+                    os.path.join(d, "state.pt"),
+                )
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                # logged after the checkpoint exists, so a restart never logs an epoch twice
+                tracker.log_metrics(
+                    {"train_loss": metrics["train_loss"], "accuracy": accuracy}, step=epoch
+                )
+            else:
+                ray.train.report(metrics)
+
+
+class Classifier(JobOperator):
+    """A small CNN image classifier trained with Ray Train; saves its weights and accuracy."""
+
+    name = "train.classifier"
+    version = 1
+    Params = Params
+    inputs: ClassVar[tuple[int, int]] = (1, 2)
+    reads = (C.ID, C.IMAGE, C.LABEL)
+    resources = Resources(num_workers=1, num_cpus=1)
+    gpus_when_available = 1.0
+
+    @classmethod
+    def output_columns(cls, params, input_columns):
+        return {C.ID, C.MODEL_URI, "kind", "accuracy", "num_classes"}
+
+    def run(self, ctx: JobContext) -> JobResult:
+        import pyarrow as pa
+        import ray.train
+        import torch
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+        from ray.train.torch import TorchTrainer
+
+        from difforge.platform.datasets import url_to_fs
+
+        train = ctx.inputs[0]
+        labels = train.to_arrow(columns=[C.LABEL]).column(C.LABEL)
+        classes = train.metadata.get("classes")
+        num_classes = len(classes) if classes else int(pa.compute.max(labels).as_py()) + 1
+        res = ctx.resources
+        config = {
+            "params": self.params.model_dump(),
+            "train_files": train.file_uris(),
+            "eval_files": ctx.inputs[1].file_uris() if len(ctx.inputs) > 1 else [],
+            "num_classes": num_classes,
+            "threads": res.num_cpus,
+            "tracker": ctx.tracker,
+        }
+        fs, work = url_to_fs(ctx.work_uri)
+        fs.makedirs(work, exist_ok=True)
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=config,
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=res.num_workers,
+                use_gpu=res.num_gpus > 0,
+                resources_per_worker={"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})},
+            ),
+            run_config=ray.train.RunConfig(
+                name="ray-train",
+                storage_path=work,
+                storage_filesystem=PyFileSystem(FSSpecHandler(fs)),
+                failure_config=ray.train.FailureConfig(max_failures=2),
+            ),
+        )
+        result = trainer.fit()
+        with result.checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
+        model_config = {
+            "kind": "classifier",
+            "architecture": "SmallCNN",
+            "in_channels": int(state["model"]["body.0.weight"].shape[1]),
+            "num_classes": num_classes,
+            "width": self.params.width,
+            "classes": classes,
+            "accuracy": result.metrics["accuracy"],
+        }
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state["model"], os.path.join(d, "model.pt"))
+            with open(os.path.join(d, "config.json"), "w") as f:
+                json.dump(model_config, f, indent=2)
+            afs, apath = url_to_fs(ctx.artifact("model"))
+            afs.put(d + "/", apath, recursive=True)
+            ctx.tracker.log_artifacts(d, "model")
+        ctx.tracker.log_metrics({"final_accuracy": result.metrics["accuracy"]})
+        table = pa.table(
+            {
+                C.ID: ["model"],
+                C.MODEL_URI: [ctx.artifact("model")],
+                "kind": ["classifier"],
+                "accuracy": [float(result.metrics["accuracy"])],
+                "num_classes": pa.array([num_classes], pa.int64()),
+            }
+        )
+        return JobResult(table, metadata={"model": model_config})
+
+
+def load_classifier(model_uri: str, device: str = "cpu"):
+    """The trained network and its config, from a `train.classifier` model folder."""
+    import torch
+
+    from difforge.operators.train.nets import SmallCNN
+    from difforge.platform.datasets import url_to_fs
+
+    fs, path = url_to_fs(model_uri)
+    config = json.loads(fs.cat_file(f"{path}/config.json"))
+    with fs.open(f"{path}/model.pt", "rb") as f:
+        state = torch.load(f, map_location=device, weights_only=True)
+    net = SmallCNN(config["in_channels"], config["num_classes"], config["width"])
+    net.load_state_dict(state)
+    return net.eval().to(device), config
