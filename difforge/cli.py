@@ -28,7 +28,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--until", metavar="STEP", help="run only this step and what it needs")
     p.add_argument(
-        "--force", action="append", default=[], metavar="STEP",
+        "--force",
+        action="append",
+        default=[],
+        metavar="STEP",
         help="recompute this step and everything downstream of it (repeatable)",
     )
 
@@ -99,8 +102,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print()
     print(summary.table())
     print()
-    print(f"done in {summary.seconds:.1f}s. MLflow run {summary.run_id} "
-          f"(experiment '{summary.experiment}', {summary.tracking_uri})")
+    print(
+        f"done in {summary.seconds:.1f}s. MLflow run {summary.run_id} "
+        f"(experiment '{summary.experiment}', {summary.tracking_uri})"
+    )
     if summary.tracking_uri.startswith("sqlite:"):
         print("Browse it: difforge ui   (then open http://127.0.0.1:5000)")
     return 0
@@ -183,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s difforge %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s difforge %(message)s", datefmt="%H:%M:%S"
+    )
     try:
         return COMMANDS[args.command](args)
     except DifforgeError as exc:

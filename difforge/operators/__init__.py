@@ -6,11 +6,15 @@ from __future__ import annotations
 from difforge.operators.image.resize import Resize
 from difforge.operators.ingest.digits import Digits
 from difforge.operators.ingest.fashion_mnist import FashionMnist
+from difforge.operators.ingest.images import Images
+from difforge.operators.ingest.parquet import Parquet
 from difforge.operators.train.classifier import Classifier
 
 BUILTIN = [
     FashionMnist,
     Digits,
+    Images,
+    Parquet,
     Resize,
     Classifier,
 ]

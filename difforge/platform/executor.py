@@ -150,7 +150,12 @@ def _write_outputs(
         if table is None:
             continue
         if table.num_rows == 0:
-            entry = {"path": "", "rows": 0, "bytes": 0, "schema": ds_mod.encode_schema(table.schema)}
+            entry = {
+                "path": "",
+                "rows": 0,
+                "bytes": 0,
+                "schema": ds_mod.encode_schema(table.schema),
+            }
         else:
             entry = writers[name].write(table, key)
         rows.append({"output": name, **entry})
@@ -349,7 +354,9 @@ class Executor:
             side_rows = {}
             for name in step.op_cls.side_outputs:
                 m, _ = ds_mod.commit(
-                    step.output_uri(name), entries[name], step.fingerprint,
+                    step.output_uri(name),
+                    entries[name],
+                    step.fingerprint,
                     {**producer, "output": name},
                 )
                 side_rows[name] = m.num_rows
@@ -374,8 +381,15 @@ class Executor:
             run.log_dict(manifest.model_dump(mode="json"), "manifest.json")
             run.end()
             return StepSummary(
-                step.id, step.op, rows_in, manifest.num_rows, seconds, False, step.uri,
-                side_rows, run.run_id,
+                step.id,
+                step.op,
+                rows_in,
+                manifest.num_rows,
+                seconds,
+                False,
+                step.uri,
+                side_rows,
+                run.run_id,
             )
         except KeyboardInterrupt:
             run.end("KILLED")
@@ -450,7 +464,10 @@ def run(
             summaries.append(executor.run_step(step))
             s = summaries[-1]
             log.info(
-                "step %s: %s rows in %.1fs%s", s.step, s.rows_out, s.seconds,
+                "step %s: %s rows in %.1fs%s",
+                s.step,
+                s.rows_out,
+                s.seconds,
                 " (cached)" if s.cached else "",
             )
         status = "FINISHED"

@@ -25,6 +25,7 @@ from difforge.platform.fingerprint import fingerprint
 from difforge.platform.operator import MAIN, Operator, SourceOperator
 from difforge.platform.spec import LoadedSpec, Resources
 
+
 @dataclass
 class InputRef:
     """An input of a step: another step's output, or an external committed dataset."""

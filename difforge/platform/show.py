@@ -71,6 +71,8 @@ def write_grid(ds: Dataset, path: str | None = None, n: int = 64, scale: int = 0
         factor = scale or max(1, 512 // img.width)
         img = img.resize((img.width * factor, img.height * factor), 0)
     if path is None:
-        path = tempfile.NamedTemporaryFile(prefix="difforge-grid-", suffix=".png", delete=False).name
+        path = tempfile.NamedTemporaryFile(
+            prefix="difforge-grid-", suffix=".png", delete=False
+        ).name
     img.save(path)
     return path

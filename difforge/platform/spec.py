@@ -24,9 +24,12 @@ class Resources(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_cpus: float | None = Field(None, gt=0, description="CPUs per task, actor or training worker")
+    num_cpus: float | None = Field(
+        None, gt=0, description="CPUs per task, actor or training worker"
+    )
     num_gpus: float | Literal["auto"] | None = Field(
-        None, description="GPUs (or a fraction) per actor or worker; 'auto': where the cluster has them"
+        None,
+        description="GPUs (or a fraction) per actor or worker; 'auto': where the cluster has them",
     )
     batch_size: int | None = Field(None, gt=0, description="rows per batch handed to the operator")
     min_actors: int | None = Field(None, ge=1, description="smallest actor pool")
@@ -51,7 +54,9 @@ class Tracking(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite in DIFFORGE_HOME")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default sqlite in DIFFORGE_HOME"
+    )
     experiment: str | None = Field(None, description="MLflow experiment; default the pipeline name")
 
 
@@ -92,11 +97,15 @@ class LoadedSpec:
     overrides: list[str] = field(default_factory=list)
     overridden: dict[tuple, str] = field(default_factory=dict)
 
-    def problem(self, message: str, loc: tuple = (), step: str | None = None, fld: str | None = None):
+    def problem(
+        self, message: str, loc: tuple = (), step: str | None = None, fld: str | None = None
+    ):
         """A Problem located at `loc` (a path into the raw YAML), or at the --set that made it."""
         for n in range(len(loc), 0, -1):
             if loc[:n] in self.overridden:
-                return Problem(message, file=f"--set {self.overridden[loc[:n]]}", step=step, field=fld)
+                return Problem(
+                    message, file=f"--set {self.overridden[loc[:n]]}", step=step, field=fld
+                )
         line = None
         for n in range(len(loc), -1, -1):
             if loc[:n] in self.lines:
@@ -231,7 +240,9 @@ def load_spec(
                 raise SpecError([Problem(f"cannot read: {exc.strerror}", file=file)]) from None
         data, lines = _parse_yaml(text, file)
     if not isinstance(data, dict):
-        raise SpecError([Problem("a pipeline is a YAML mapping with name, storage and steps", file)])
+        raise SpecError(
+            [Problem("a pipeline is a YAML mapping with name, storage and steps", file)]
+        )
     loaded = LoadedSpec(spec=None, file=file, text=text, lines=lines, overrides=overrides)  # type: ignore[arg-type]
     loaded.overridden = apply_overrides(data, overrides)
     try:

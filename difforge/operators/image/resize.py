@@ -24,7 +24,9 @@ class Params(BaseModel):
         description="pad: centre on a canvas (scaling down only if larger); resize: scale "
         "ignoring aspect; center_crop: scale the short side, crop the centre",
     )
-    mode: Literal["L", "RGB"] | None = Field(None, description="convert to this mode (default: keep)")
+    mode: Literal["L", "RGB"] | None = Field(
+        None, description="convert to this mode (default: keep)"
+    )
     fill: int = Field(0, ge=0, le=255, description="padding value")
     resample: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bicubic"
 

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from difforge.platform import columns as C
-from difforge.platform.operator import SourceOperator
 from difforge.platform.fingerprint import fingerprint
+from difforge.platform.operator import SourceOperator
 from difforge.platform.spec import Resources
 
 if TYPE_CHECKING:
@@ -76,4 +76,8 @@ class Digits(SourceOperator):
         )
 
     def metadata(self) -> dict[str, Any]:
-        return {"dataset": "digits", "split": self.params.split, "classes": [str(i) for i in range(10)]}
+        return {
+            "dataset": "digits",
+            "split": self.params.split,
+            "classes": [str(i) for i in range(10)],
+        }

