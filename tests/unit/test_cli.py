@@ -1,0 +1,69 @@
+"""The command line as a user meets it: fast answers, plans, and errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT, difforge_cli
+
+QUICKSTART = str(ROOT / "pipelines" / "quickstart.yaml")
+
+
+def test_validate_prints_the_plan(tmp_path):
+    out = difforge_cli("validate", QUICKSTART, "--set", f"storage={tmp_path}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for step in ("raw", "raw_test", "images", "test_images", "classifier"):
+        assert step in out.stdout
+    assert "to run" in out.stdout and "ok: 0 cached, 5 to run" in out.stdout
+
+
+def test_validate_json_is_the_resolved_spec(tmp_path):
+    out = difforge_cli("validate", QUICKSTART, "--json", "--set", "raw.params.limit=50",
+                       "--set", f"storage={tmp_path}")  # fmt: skip
+    plan = json.loads(out.stdout)
+    raw = plan["steps"][0]
+    assert raw["params"]["limit"] == 50 and raw["op"] == "ingest.fashion_mnist"
+    assert plan["overrides"] == ["raw.params.limit=50", f"storage={tmp_path}"]
+
+
+def test_user_mistakes_exit_2_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsteps:\n  - id: a\n    op: ingest.digits\n    params: {limt: 3}\n")
+    out = difforge_cli("validate", str(bad))
+    assert out.returncode == 2
+    assert f"{bad}:5: step 'a': params.limt: unknown parameter" in out.stderr
+    assert "Traceback" not in out.stderr
+    missing = difforge_cli("run", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "file not found" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_validate_and_help_import_neither_torch_nor_ray():
+    code = (
+        "import sys; from difforge.cli import main; main(['validate', %r]);"
+        "heavy = [m for m in ('torch', 'ray', 'mlflow', 'pandas') if m in sys.modules];"
+        "print('HEAVY', heavy)" % QUICKSTART
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout
+
+
+def test_ops_lists_operators_with_params():
+    out = difforge_cli("ops")
+    assert out.returncode == 0
+    for name in ("ingest.fashion_mnist", "ingest.digits", "ingest.images", "ingest.parquet",
+                 "image.resize", "train.classifier"):  # fmt: skip
+        assert name in out.stdout
+    assert "size: " in out.stdout and "(required)" in out.stdout
+    one = difforge_cli("ops", "image.resize")
+    assert "side outputs: rejects" in one.stdout
+
+
+def test_schema_is_json_schema_of_the_spec():
+    out = difforge_cli("schema")
+    schema = json.loads(out.stdout)
+    assert schema["title"] == "PipelineSpec"
+    assert {"name", "storage", "tracking", "steps"} <= set(schema["properties"])
