@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -155,3 +156,74 @@ def difforge_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd=
         env={**os.environ, **(env or {})},
         cwd=cwd,
     )
+
+
+PLUGIN = '''
+from pydantic import BaseModel, ConfigDict
+from difforge.platform.operator import MapOperator
+from tests.conftest import make_plugin
+
+class P(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    seconds: float = 0.1
+
+class Hello(MapOperator):
+    """A plugin operator."""
+    name = "plugin.hello"
+    Params = P
+'''
+
+
+def make_plugin(root, body: str = PLUGIN, name: str = "plugin.hello = difforge_plugin:Hello"):
+    """A real installed distribution with an entry point, on a folder added to PYTHONPATH."""
+    (root / "difforge_plugin.py").write_text(textwrap.dedent(body))
+    info = root / "difforge_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: difforge-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[difforge.operators]\n{name}\n")
+    return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+SLOW_PLUGIN = '''
+import time
+from pydantic import BaseModel, ConfigDict
+from difforge.platform.operator import MapOperator
+
+class P(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    seconds_per_batch: float = 1.0
+
+class Slow(MapOperator):
+    """A deliberately slow step: passes rows through, sleeping per batch."""
+    name = "test.slow"
+    Params = P
+
+    def process(self, batch):
+        time.sleep(self.params.seconds_per_batch)
+        return batch
+'''
+
+
+def slow_pipeline(tmp_path: Path, seconds_per_batch: float = 1.5) -> tuple[Path, dict]:
+    """A pipeline whose second step takes a while, with the plugin that provides it."""
+    plugin_root = tmp_path / "plugin"
+    plugin_root.mkdir()
+    env = make_plugin(plugin_root, SLOW_PLUGIN, "test.slow = difforge_plugin:Slow")
+    path = tmp_path / "slow.yaml"
+    path.write_text(
+        textwrap.dedent(f"""
+        # difforge run slow.yaml
+        name: slow
+        storage: {tmp_path / "storage"}
+        tracking: {{experiment: slow-tests}}
+        steps:
+          - id: raw
+            op: ingest.digits
+          - id: slow
+            op: test.slow
+            inputs: [raw]
+            params: {{seconds_per_batch: {seconds_per_batch}}}
+            resources: {{batch_size: 100}}
+        """).lstrip()
+    )
+    return path, env

@@ -42,9 +42,9 @@ def test_user_mistakes_exit_2_without_traceback(tmp_path):
 
 def test_validate_and_help_import_neither_torch_nor_ray():
     code = (
-        "import sys; from difforge.cli import main; main(['validate', %r]);"
+        f"import sys; from difforge.cli import main; main(['validate', {QUICKSTART!r}]);"
         "heavy = [m for m in ('torch', 'ray', 'mlflow', 'pandas') if m in sys.modules];"
-        "print('HEAVY', heavy)" % QUICKSTART
+        "print('HEAVY', heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 from pydantic import BaseModel, ConfigDict
@@ -13,6 +11,7 @@ from pydantic import BaseModel, ConfigDict
 from difforge.platform import registry
 from difforge.platform.errors import DifforgeError
 from difforge.platform.operator import MapOperator
+from tests.conftest import make_plugin
 
 
 def test_duplicate_name_is_an_error():
@@ -66,31 +65,6 @@ def test_register_and_use_a_test_operator(tmp_path):
             difforge.plan(spec)
     finally:
         registry.unregister("test.double")
-
-
-PLUGIN = '''
-from pydantic import BaseModel, ConfigDict
-from difforge.platform.operator import MapOperator
-
-class P(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    seconds: float = 0.1
-
-class Hello(MapOperator):
-    """A plugin operator."""
-    name = "plugin.hello"
-    Params = P
-'''
-
-
-def make_plugin(root, body: str = PLUGIN, name: str = "plugin.hello = difforge_plugin:Hello"):
-    """A real installed distribution with an entry point, on a folder added to PYTHONPATH."""
-    (root / "difforge_plugin.py").write_text(textwrap.dedent(body))
-    info = root / "difforge_plugin-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: difforge-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[difforge.operators]\n{name}\n")
-    return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
 def test_entry_point_plugins_join_the_registry(tmp_path):

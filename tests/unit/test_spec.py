@@ -81,9 +81,11 @@ def test_wrong_type_and_out_of_range_values(tmp_path):
     text = text.replace("{epochs: 1}", "{epochs: many}")
     ps = problems(tmp_path, text)
     by_step = {p.step: p for p in ps}
-    assert by_step["raw"].field == "params.limit" and "greater than or equal to 1" in by_step[
-        "raw"
-    ].message and "-3" in by_step["raw"].message
+    assert (
+        by_step["raw"].field == "params.limit"
+        and "greater than or equal to 1" in by_step["raw"].message
+        and "-3" in by_step["raw"].message
+    )
     assert by_step["raw"].line == 6
     assert by_step["clf"].field == "params.epochs" and "'many'" in by_step["clf"].message
     assert by_step["clf"].line == 14

@@ -1,0 +1,153 @@
+"""Pipelines end to end on a real local Ray, real MLflow, real Fashion-MNIST."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+import difforge
+from difforge.platform.datasets import open_dataset
+from tests.conftest import ROOT, difforge_cli
+
+QUICKSTART = str(ROOT / "pipelines" / "quickstart.yaml")
+
+
+@pytest.fixture(scope="module")
+def quickstart(ray_session, tmp_path_factory):
+    """The quickstart on a small slice, run once for the tests of this module."""
+    storage = tmp_path_factory.mktemp("quickstart")
+    overrides = [
+        f"storage={storage}",
+        "tracking.experiment=quickstart-test",
+        "raw.params.limit=1200",
+        "raw_test.params.limit=300",
+        "classifier.params.epochs=2",
+        "classifier.params.batch_size=64",
+    ]
+    summary = difforge.run(QUICKSTART, overrides)
+    return storage, overrides, summary
+
+
+def test_quickstart_runs_every_step(quickstart):
+    _, _, summary = quickstart
+    assert summary.status == "FINISHED"
+    rows = {s.step: s.rows_out for s in summary.steps}
+    assert rows == {"raw": 1200, "raw_test": 300, "images": 1200, "test_images": 300,
+                    "classifier": 1}  # fmt: skip
+    assert not any(s.cached for s in summary.steps)
+    images = open_dataset(summary.step("images").uri)
+    assert images.metadata["classes"][0] == "T-shirt/top"
+    row = images.to_arrow().slice(0, 1).to_pylist()[0]
+    assert (row["width"], row["height"], row["mode"], row["format"]) == (32, 32, "L", "png")
+    ids = images.to_arrow(columns=["id"]).column("id").to_pylist()
+    assert len(set(ids)) == 1200  # each row once, stable ids
+
+
+def test_quickstart_classifier_learns(quickstart):
+    from difforge.operators.train.classifier import load_classifier
+
+    _, _, summary = quickstart
+    model = open_dataset(summary.step("classifier").uri).to_arrow().to_pylist()[0]
+    assert model["accuracy"] > 0.5  # chance is 0.1
+    net, config = load_classifier(model["model_uri"])
+    assert config["num_classes"] == 10 and config["classes"][9] == "Ankle boot"
+
+
+def test_quickstart_is_tracked_in_mlflow(quickstart):
+    _, _, summary = quickstart
+    client = MlflowClient(summary.tracking_uri)
+    parent = client.get_run(summary.run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["pipeline"] == '"quickstart"'
+    assert "raw.params.limit=1200" in parent.data.params["overrides"]
+    names = {a.path for a in client.list_artifacts(summary.run_id)}
+    assert {"pipeline.yaml", "resolved.json"} <= names
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{summary.run_id}'"
+    )
+    by_step = {r.data.tags["difforge.step"]: r for r in children}
+    assert set(by_step) == {"raw", "raw_test", "images", "test_images", "classifier"}
+    images = by_step["images"]
+    assert images.data.metrics["rows_in"] == 1200 and images.data.metrics["rows_out"] == 1200
+    assert images.data.metrics["rows_per_s"] > 0
+    assert images.data.params["size"] == "32"
+    assert images.data.tags["difforge.fingerprint"] == summary.step("images").uri.rsplit("/")[-1]
+    assert "manifest.json" in {a.path for a in client.list_artifacts(images.info.run_id)}
+    clf = by_step["classifier"]
+    history = client.get_metric_history(clf.info.run_id, "accuracy")
+    assert [m.step for m in history] == [0, 1]  # one point per epoch, none twice
+    assert "model" in {a.path for a in client.list_artifacts(clf.info.run_id)}
+
+
+def test_identical_rerun_is_fully_cached(quickstart):
+    _, overrides, first = quickstart
+    again = difforge.run(QUICKSTART, overrides)
+    assert all(s.cached for s in again.steps)
+    assert [s.uri for s in again.steps] == [s.uri for s in first.steps]
+
+
+def test_cached_rerun_does_not_start_ray(quickstart):
+    _, overrides, _ = quickstart
+    code = (
+        "import sys, difforge; "
+        f"s = difforge.run({QUICKSTART!r}, {overrides!r}); "
+        "print('CACHED', all(x.cached for x in s.steps), 'RAY', 'ray' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "CACHED True RAY False" in out.stdout
+
+
+def test_changed_param_recomputes_exactly_what_depends_on_it(quickstart):
+    _, overrides, first = quickstart
+    changed = [*overrides, "images.params.resample=bilinear"]
+    plan = difforge.plan(QUICKSTART, changed)
+    state = {s.id: s.cached for s in plan.steps}
+    assert state == {"raw": True, "raw_test": True, "images": False, "test_images": True,
+                     "classifier": False}  # fmt: skip
+    summary = difforge.run(QUICKSTART, changed, until="images")
+    assert [(s.step, s.cached) for s in summary.steps] == [("raw", True), ("images", False)]
+    assert summary.step("images").uri != first.step("images").uri
+
+
+def test_force_recomputes_a_step_and_its_downstream(quickstart):
+    _, overrides, first = quickstart
+    plan = difforge.plan(QUICKSTART, overrides, force=["test_images"])
+    assert {s.id for s in plan.steps if not s.cached} == {"test_images", "classifier"}
+    summary = difforge.run(QUICKSTART, overrides, until="test_images", force=["test_images"])
+    assert summary.step("test_images").cached is False
+    assert summary.step("test_images").uri == first.step("test_images").uri  # same fingerprint
+    assert open_dataset(summary.step("test_images").uri).num_rows == 300
+
+
+def test_show_prints_manifest_and_writes_a_grid(quickstart, tmp_path):
+    _, _, summary = quickstart
+    grid = tmp_path / "grid.png"
+    out = difforge_cli("show", summary.step("images").uri, "--grid", str(grid))
+    assert out.returncode == 0, out.stderr
+    assert "rows     1200" in out.stdout and "image: binary" in out.stdout
+    assert '"label": ' in out.stdout
+    from PIL import Image
+
+    assert Image.open(grid).size[0] >= 256
+
+
+def test_open_dataset_as_ray_dataset(quickstart):
+    _, _, summary = quickstart
+    ds = difforge.open_dataset(summary.step("test_images").uri).to_ray()
+    assert ds.count() == 300
+
+
+def test_run_summary_table_and_manifest(quickstart):
+    _, _, summary = quickstart
+    table = summary.table()
+    assert "rows in" in table and "classifier" in table
+    manifest = json.loads(
+        (__import__("pathlib").Path(summary.step("raw").uri) / "_manifest.json").read_text()
+    )
+    assert manifest["producer"]["op"] == "ingest.fashion_mnist"
+    assert manifest["num_rows"] == 1200 and manifest["difforge_version"] == difforge.__version__
