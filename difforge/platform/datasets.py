@@ -143,13 +143,24 @@ def _create_exclusive(fs: AbstractFileSystem, path: str, data: bytes) -> bool:
         except FileExistsError:
             return False
         except OSError as exc:
-            if "PreconditionFailed" in str(exc) or "412" in str(exc):
+            if _precondition_failed(exc):
                 return False
             raise
     if fs.exists(path):
         return False
     fs.pipe_file(path, data)
     return True
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """An S3 412: the object already exists (s3fs turns it into an OSError)."""
+    err: BaseException | None = exc
+    while err is not None:
+        code = getattr(err, "response", {}).get("Error", {}).get("Code")
+        if code in ("PreconditionFailed", "412"):
+            return True
+        err = err.__cause__ or err.__context__
+    return "pre-condition" in str(exc) or "PreconditionFailed" in str(exc)
 
 
 def commit(

@@ -1,0 +1,89 @@
+"""A run killed mid-step resumes from the last committed step; Ctrl-C stops cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import BIN, slow_pipeline, wait_for
+
+
+def start(path: Path, env: dict, home: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(BIN / "difforge"), "run", str(path)],
+        env={**env, "DIFFORGE_HOME": str(home)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: we can kill the driver and its Ray
+    )
+
+
+def step_dir(tmp_path: Path, step: str) -> Path:
+    (d,) = (tmp_path / "storage" / "slow" / step).iterdir()
+    return d
+
+
+def slow_step_started(tmp_path: Path) -> bool:
+    base = tmp_path / "storage" / "slow" / "slow"
+    return base.exists() and any(base.glob("*/attempt-*/part-*.parquet"))
+
+
+def ray_processes_of(session: int) -> list[str]:
+    """Ray's processes (gcs, raylet, workers) that the run started, in its own session."""
+    out = subprocess.run(
+        ["ps", "-ww", "-eo", "sid,pid,args"], capture_output=True, text=True
+    ).stdout
+    rows = [line.split(None, 2) for line in out.splitlines()[1:]]
+    return [r[2] for r in rows if len(r) == 3 and r[0] == str(session) and "ray" in r[2].lower()]
+
+
+def test_killed_run_resumes_from_last_committed_step(tmp_path):
+    path, env = slow_pipeline(tmp_path, seconds_per_batch=1.5)
+    home = tmp_path / "home"
+    proc = start(path, env, home)
+    try:
+        wait_for(lambda: slow_step_started(tmp_path), 120, "the slow step")
+        assert (step_dir(tmp_path, "raw") / "_manifest.json").exists()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-step, without warning
+        proc.wait(timeout=30)
+    assert not (step_dir(tmp_path, "slow") / "_manifest.json").exists()  # nothing half-visible
+
+    rerun = start(path, env, home)
+    out, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, out
+    lines = [line for line in out.splitlines() if line.startswith(("raw ", "slow "))]
+    assert lines[0].split()[-2] == "yes"  # raw: cached, not recomputed
+    assert lines[1].split()[-2] == "no"
+    from difforge.platform.datasets import open_dataset
+
+    ids = open_dataset(str(step_dir(tmp_path, "slow"))).to_arrow(columns=["id"]).column("id")
+    assert len(ids) == 1797 and len(set(ids.to_pylist())) == 1797  # each row exactly once
+
+
+def test_ctrl_c_stops_cleanly_and_marks_the_run_killed(tmp_path):
+    path, env = slow_pipeline(tmp_path, seconds_per_batch=3)
+    home = tmp_path / "home"
+    proc = start(path, env, home)
+    try:
+        wait_for(lambda: slow_step_started(tmp_path), 120, "the slow step")
+        assert any("raylet" in p for p in ray_processes_of(proc.pid))
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out
+    assert "interrupted" in out and "Traceback" not in out
+    assert not (step_dir(tmp_path, "slow") / "_manifest.json").exists()
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    exp = client.get_experiment_by_name("slow-tests")
+    runs = client.search_runs([exp.experiment_id])
+    status = {r.data.tags.get("difforge.step", "pipeline"): r.info.status for r in runs}
+    assert status == {"pipeline": "KILLED", "raw": "FINISHED", "slow": "KILLED"}
+    wait_for(lambda: ray_processes_of(proc.pid) == [], 30, "Ray's processes to exit")
