@@ -243,6 +243,12 @@ def uncommit(dataset_uri: str) -> None:
         fs.rm_file(f"{root}/{MANIFEST}")
 
 
+def remove_work(work_uri: str) -> None:
+    fs, path = url_to_fs(work_uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def remove_stale_attempts(dataset_uri: str, manifest: Manifest, started_before: float) -> None:
     """Delete attempt folders that the manifest does not use and that began before `started_before`."""
     fs, root = url_to_fs(dataset_uri)

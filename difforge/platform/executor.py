@@ -8,11 +8,11 @@ Ray is private to this process (`address="local"`): a cluster started on the sam
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +21,7 @@ from difforge.platform import datasets as ds_mod
 from difforge.platform.context import JobContext, MapContext
 from difforge.platform.datasets import Dataset, ShardWriter, attempt_id, join
 from difforge.platform.errors import DifforgeError, StepFailed
-from difforge.platform.operator import MAIN, JobOperator, MapOperator, SourceOperator
+from difforge.platform.operator import MAIN, JobOperator, SourceOperator
 from difforge.platform.plan import Plan, PlannedStep, build_plan
 from difforge.platform.resources import Fitted, fit
 from difforge.platform.spec import LoadedSpec, PipelineSpec, load_spec
@@ -119,17 +119,6 @@ class RayRuntime:
             self.started = False
 
 
-def _shard_key(batch: pa.Table) -> str:
-    if "id" in batch.column_names and batch.num_rows:
-        ids = batch.column("id")
-        raw = f"{ids[0].as_py()}|{ids[-1].as_py()}|{batch.num_rows}"
-    else:
-        import uuid
-
-        raw = uuid.uuid4().hex
-    return hashlib.sha256(raw.encode()).hexdigest()[:20]
-
-
 def _write_outputs(
     result: pa.Table | dict[str, pa.Table],
     writers: dict[str, ShardWriter],
@@ -162,56 +151,52 @@ def _write_outputs(
     return pa.Table.from_pylist(rows)
 
 
-class _SourceFn:
-    """Runs on Ray workers: reads source tasks and writes their shards."""
+class _Worker:
+    """Runs on Ray workers: one operator instance per task (or per actor, set up once) that
+    turns work items into committed-to-be shards. A source reads its task; a map operator reads
+    one input shard and processes it in batches. Reading inside the worker means no separate
+    read tasks compete with an actor pool for CPUs, and shard names follow the input's order."""
 
-    def __init__(self, op_cls: type[SourceOperator], params: dict, writers: dict[str, ShardWriter]):
+    def __init__(self, op_cls, params: dict, writers: dict[str, ShardWriter],
+                 ctx: MapContext | None, batch_size: int):  # fmt: skip
         self.op = op_cls(op_cls.Params.model_validate(params))
+        self.source = issubclass(op_cls, SourceOperator)
+        if not self.source:
+            self.op.setup(ctx)
         self.writers = writers
+        self.batch_size = batch_size
+
+    def _results(self, item: dict):
+        if self.source:
+            for table in self.op.read(item):
+                yield table, 0
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        fs, path = ds_mod.url_to_fs(item["file"])
+        with fs.open(path, "rb") as f:
+            for rb in pq.ParquetFile(f).iter_batches(batch_size=self.batch_size):
+                batch = pa.Table.from_batches([rb])
+                yield self.op.process(batch), batch.num_rows
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import pyarrow as pa
 
         outs = []
-        for item in batch.column("task").to_pylist():
-            task = json.loads(item)
-            for seq, table in enumerate(self.op.read(task)):
-                key = f"{task['index']:06d}-{seq:04d}"
-                outs.append(_write_outputs(table, self.writers, key, 0))
+        for raw in batch.column("item").to_pylist():
+            item = json.loads(raw)
+            for seq, (result, rows_in) in enumerate(self._results(item)):
+                key = f"{item['index']:06d}-{seq:04d}"
+                outs.append(_write_outputs(result, self.writers, key, rows_in))
         return pa.concat_tables(outs) if outs else _write_outputs({}, self.writers, "", 0)
 
 
-class _MapFn:
-    """Runs on Ray workers: one operator instance, set up once (per actor, or per task)."""
-
-    def __init__(
-        self,
-        op_cls: type[MapOperator],
-        params: dict,
-        writers: dict[str, ShardWriter],
-        ctx: MapContext,
-    ):
-        self.op = op_cls(op_cls.Params.model_validate(params))
-        self.op.setup(ctx)
-        self.writers = writers
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        result = self.op.process(batch)
-        return _write_outputs(result, self.writers, _shard_key(batch), batch.num_rows)
-
-
-def _source_task(op_cls, params, writers):
-    def run(batch: pa.Table) -> pa.Table:
-        return _SourceFn(op_cls, params, writers)(batch)
-
-    return run
-
-
-def _map_task(op_cls, params, writers, ctx):
-    """A stateless operator as a plain function (tasks, no actors)."""
+def _task(*args):
+    """A stateless operator as a plain function: Ray Data runs it as tasks, not actors."""
 
     def run(batch: pa.Table) -> pa.Table:
-        return _MapFn(op_cls, params, writers, ctx)(batch)
+        return _Worker(*args)(batch)
 
     return run
 
@@ -237,51 +222,36 @@ class Executor:
         if fitted.num_gpus:
             common["num_gpus"] = fitted.num_gpus
         if issubclass(step.op_cls, SourceOperator):
-            op = step.op_cls(step.params)
-            tasks = op.read_tasks(fitted.batch_size)
-            items = [{"task": json.dumps({**t, "index": i})} for i, t in enumerate(tasks)]
-            data = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-            data = data.map_batches(
-                _source_task(step.op_cls, params, writers), batch_size=1, **common
-            )
-            rows_in = None
+            items = step.op_cls(step.params).read_tasks(fitted.batch_size)
+            ctx, rows_in = None, None
         else:
             source = Dataset(step.inputs[0].uri)
+            items = [{"file": uri} for uri in source.file_uris()]
             rows_in = source.num_rows
-            data = source.to_ray()
             ctx = MapContext(
                 step=step.id,
                 inputs=[r.uri for r in step.inputs],
                 work_uri=step.work_uri,
                 num_gpus=fitted.num_gpus,
             )
-            if step.op_cls.stateful:
-                data = data.map_batches(
-                    _MapFn,
-                    fn_constructor_kwargs={
-                        "op_cls": step.op_cls,
-                        "params": params,
-                        "writers": writers,
-                        "ctx": ctx,
-                    },
-                    batch_size=fitted.batch_size,
-                    compute=ray.data.ActorPoolStrategy(
-                        min_size=fitted.min_actors, max_size=fitted.max_actors
-                    ),
-                    **common,
-                )
-            else:
-                data = data.map_batches(
-                    _map_task(step.op_cls, params, writers, ctx),
-                    batch_size=fitted.batch_size,
-                    **common,
-                )
+        rows = [{"item": json.dumps({**t, "index": i})} for i, t in enumerate(items)]
+        data = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+        args = (step.op_cls, params, writers, ctx, fitted.batch_size)
+        if getattr(step.op_cls, "stateful", False):
+            data = data.map_batches(
+                _Worker,
+                fn_constructor_args=args,
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(
+                    min_size=fitted.min_actors, max_size=fitted.max_actors
+                ),
+                **common,
+            )
+        else:
+            data = data.map_batches(_task(*args), batch_size=1, **common)
         entries: dict[str, list[dict]] = {name: [] for name in writers}
-        seen_in = 0
         for row in data.iter_rows():
-            if row["output"] == STATS:
-                seen_in += row["rows"]
-            else:
+            if row["output"] != STATS:
                 entries[row["output"]].append(row)
         return entries, rows_in
 
@@ -336,6 +306,8 @@ class Executor:
             cluster = self.ray.ensure()
             fitted = fit(step.id, step.resources, cluster, step.op_cls.gpus_when_available)
             if step.forced:
+                # forced: start over, checkpoints included
+                ds_mod.remove_work(step.work_uri)
                 ds_mod.uncommit(step.uri)
                 for name in step.op_cls.side_outputs:
                     ds_mod.uncommit(step.output_uri(name))
@@ -430,36 +402,48 @@ def run(
     loaded = source if isinstance(source, LoadedSpec) else load_spec(source, overrides)
     plan = build_plan(loaded, until=until, force=force)
     spec = loaded.spec
-    tracker = Tracker(spec.tracking.uri, spec.tracking.experiment or spec.name)
     runtime = RayRuntime(address)
     t0 = time.time()
-    parent = tracker.start_pipeline(
-        spec.name,
-        {
-            "difforge.pipeline": spec.name,
-            "difforge.storage": plan.storage,
-            "difforge.git_commit": git_commit(),
-            "difforge.file": loaded.file,
-        },
-    )
-    parent.log_params(
-        {
-            "pipeline": spec.name,
-            "storage": plan.storage,
-            "overrides": loaded.overrides,
-            "until": until,
-            "force": force,
-            **{f"fingerprint.{s.id}": s.fingerprint for s in plan.steps},
-        }
-    )
-    files: dict[str, str | bytes] = {"resolved.json": json.dumps(plan.resolved(), indent=2)}
-    if loaded.text is not None:
-        files["pipeline.yaml"] = loaded.text
-    tracker.log_files(parent, files)
-    executor = Executor(plan, tracker, runtime)
+
+    def start_tracking() -> tuple[Tracker, StepTracker]:
+        tracker = Tracker(spec.tracking.uri, spec.tracking.experiment or spec.name)
+        parent = tracker.start_pipeline(
+            spec.name,
+            {
+                "difforge.pipeline": spec.name,
+                "difforge.storage": plan.storage,
+                "difforge.git_commit": git_commit(),
+                "difforge.file": loaded.file,
+            },
+        )
+        parent.log_params(
+            {
+                "pipeline": spec.name,
+                "storage": plan.storage,
+                "overrides": loaded.overrides,
+                "until": until,
+                "force": force,
+                **{f"fingerprint.{s.id}": s.fingerprint for s in plan.steps},
+            }
+        )
+        files: dict[str, str | bytes] = {"resolved.json": json.dumps(plan.resolved(), indent=2)}
+        if loaded.text is not None:
+            files["pipeline.yaml"] = loaded.text
+        tracker.log_files(parent, files)
+        return tracker, parent
+
+    # Ray starts only if some step must run; its start-up (mostly waiting on its processes)
+    # overlaps with setting up the MLflow run.
     summaries: list[StepSummary] = []
     status = "FAILED"
+    parent: StepTracker | None = None
     try:
+        with ThreadPoolExecutor(1) as pool:
+            tracking = pool.submit(start_tracking)
+            if any(not s.cached for s in plan.steps):
+                runtime.ensure()
+            tracker, parent = tracking.result()
+        executor = Executor(plan, tracker, runtime)
         for step in plan.steps:
             summaries.append(executor.run_step(step))
             s = summaries[-1]
@@ -477,8 +461,10 @@ def run(
     finally:
         total = time.time() - t0
         try:
-            parent.log_metrics({"seconds": total, "steps_cached": sum(s.cached for s in summaries)})
-            parent.end(status)
+            if parent is not None:
+                cached = sum(s.cached for s in summaries)
+                parent.log_metrics({"seconds": total, "steps_cached": cached})
+                parent.end(status)
         finally:
             runtime.shutdown()
     return RunSummary(

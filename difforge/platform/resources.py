@@ -2,8 +2,10 @@
 
 A request the cluster can never meet is an error at start, never a silent wait. `num_gpus:
 auto` takes GPUs where the cluster has them, so one YAML serves a laptop and a GPU cluster.
-Actor pools are sized so that they never starve the read tasks that feed them: on a 2-CPU
-node, two 1-CPU actors leave no CPU for reading and Ray Data waits forever.
+Actor pools never starve the tasks that feed them (FACTS.md: on a 2-CPU node, two 1-CPU
+actors behind a Ray Data read leave no CPU for reading and wait forever). difforge's workers
+read their own input shards, so no read tasks compete for CPUs; the pool is still capped so
+that actors' CPUs never exceed the cluster's, whatever the YAML asks.
 """
 
 from __future__ import annotations
@@ -58,13 +60,14 @@ def fit(step: str, res: Resources, cluster: dict[str, float], gpus_when_availabl
             f"step '{step}' asks for {num_workers} workers x {num_gpus:g} GPUs; the cluster has "
             f"{gpus:g} GPUs"
         )
-    max_actors = res.max_actors or max(1, int(cpus) - 1 if num_gpus == 0 else int(gpus / num_gpus))
+    if num_gpus > 0:
+        max_actors = res.max_actors or max(1, int(gpus / num_gpus))
+    else:
+        max_actors = res.max_actors or max(1, int(cpus / num_cpus))
+        if max_actors * num_cpus > cpus:
+            # more actors than fit: share the CPUs rather than wait for ones that never free up
+            num_cpus = cpus / max_actors
     min_actors = min(res.min_actors or 1, max_actors)
-    if num_gpus == 0:
-        # Leave at least one CPU (or half the node) for the read tasks that feed the pool.
-        budget = max(cpus - 1, cpus / 2)
-        if max_actors * num_cpus > budget:
-            num_cpus = budget / max_actors
     return Fitted(
         num_cpus=num_cpus,
         num_gpus=num_gpus,

@@ -24,11 +24,11 @@ def test_auto_gpus_follow_the_cluster():
     assert fitted.num_gpus == 0.25 and fitted.max_actors == 32
 
 
-def test_actor_pool_leaves_a_cpu_for_reading_on_two_cpus():
-    fitted = fit("enc", Resources(max_actors=2, num_cpus=1), CPU2, 0)
-    assert fitted.max_actors * fitted.num_cpus <= 1.0  # one CPU stays free for read tasks
+def test_actor_pool_never_asks_for_more_cpus_than_exist():
+    fitted = fit("enc", Resources(max_actors=4, num_cpus=1), CPU2, 0)
+    assert fitted.max_actors == 4 and fitted.max_actors * fitted.num_cpus <= 2.0
     default = fit("enc", Resources(), CPU2, 0)
-    assert default.max_actors * default.num_cpus <= 1.0
+    assert (default.max_actors, default.num_cpus) == (2, 1.0)
 
 
 def test_more_workers_than_cpus_is_an_error():

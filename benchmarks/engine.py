@@ -1,0 +1,189 @@
+"""Engine benchmark: what difforge costs and gains over doing the same work by hand.
+
+    .venv/bin/python benchmarks/engine.py [--rows 200000]
+
+(a) a map step that decodes 28x28 PNGs, pads them to 32x32 and re-encodes them, Parquet in
+    and out, default resources: difforge (`image.resize`) against the same per-image code in a
+    bare single-process loop on the same data; rows/s of both and the ratio, with Ray already
+    running and including Ray's start-up (a fresh `difforge run` process);
+(b) the wall time of a step that does nothing (the fixed cost of a step);
+(c) a fully cached rerun of the quickstart (`difforge run`, a fresh process);
+(d) `difforge validate` (a fresh process).
+
+Writes benchmarks/results/engine.json and prints every figure with its ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT))
+
+
+def make_input(uri: str, rows: int) -> None:
+    """A committed dataset of `rows` 28x28 PNGs, cycled from Fashion-MNIST, 5,000 per shard."""
+    import pyarrow as pa
+
+    from difforge.operators.imaging import encode_png
+    from difforge.operators.ingest.fashion_mnist import DEFAULT_ROOT, FILES, _load
+    from difforge.platform import datasets as D
+
+    images, labels = _load(*(os.path.join(DEFAULT_ROOT, f) for f in FILES["train"]))
+    pngs = [encode_png(images[i]) for i in range(len(images))]
+    writer, attempt = D.ShardWriter(uri, D.attempt_id()), None
+    entries = []
+    for start in range(0, rows, 5000):
+        idx = [i % len(pngs) for i in range(start, min(start + 5000, rows))]
+        n = len(idx)
+        table = pa.table(
+            {
+                "id": [f"bench/{i:07d}" for i in range(start, start + n)],
+                "image": pa.array([pngs[i] for i in idx], pa.binary()),
+                "format": ["png"] * n,
+                "width": pa.array([28] * n, pa.int32()),
+                "height": pa.array([28] * n, pa.int32()),
+                "mode": ["L"] * n,
+                "label": pa.array(labels[idx], pa.int64()),
+            }
+        )
+        entries.append(writer.write(table, f"{start:08d}"))
+    del attempt
+    D.commit(uri, entries, f"bench-input-{rows}", {"benchmark": "engine"})
+
+
+def bare_loop(input_uri: str, out_dir: str) -> float:
+    """The same work by hand: one process, read each shard, transform each image, write."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from difforge.operators.image.resize import Params, Resize
+    from difforge.operators.imaging import decode, encode_png
+    from difforge.platform.datasets import open_dataset
+
+    op = Resize(Params(size=32, method="pad"))
+    ds = open_dataset(input_uri)
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    n = 0
+    for k, path in enumerate(ds.file_uris()):
+        table = pq.read_table(path)
+        out = [encode_png(op.transform(decode(b))) for b in table.column("image").to_pylist()]
+        table = table.set_column(1, "image", pa.array(out, pa.binary()))
+        pq.write_table(table, f"{out_dir}/part-{k:05d}.parquet", compression="zstd")
+        n += table.num_rows
+    return n / (time.perf_counter() - t0)
+
+
+def pipeline(storage: str, input_uri: str, op: str = "image.resize") -> dict:
+    params = {"size": 32, "method": "pad"} if op == "image.resize" else {}
+    return {
+        "name": "bench",
+        "storage": storage,
+        "tracking": {"experiment": "benchmarks"},
+        "steps": [{"id": "step", "op": op, "inputs": [input_uri], "params": params}],
+    }
+
+
+def timed_cli(*args: str, env: dict | None = None) -> float:
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        [str(BIN / "difforge"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=200_000)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="difforge-bench-"))
+    os.environ["DIFFORGE_HOME"] = str(work / "home")
+    results: dict = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        "rows": args.rows,
+        "command": f"python benchmarks/engine.py --rows {args.rows}",
+    }
+    input_uri = str(work / "input")
+    t0 = time.perf_counter()
+    make_input(input_uri, args.rows)
+    print(f"input: {args.rows} PNG rows in {time.perf_counter() - t0:.1f}s")
+
+    bare = bare_loop(input_uri, str(work / "bare"))
+    print(f"(a) bare single-process loop:        {bare:9.0f} rows/s")
+
+    # including Ray's start-up: a fresh process, as a user runs it
+    spec_path = work / "cold.yaml"
+    import yaml
+
+    spec_path.write_text(yaml.safe_dump(pipeline(str(work / "cold"), input_uri)))
+    cold_s = timed_cli("run", str(spec_path))
+    cold = args.rows / cold_s
+
+    import ray
+
+    import difforge
+
+    ray.init(address="local", include_dashboard=False)
+    warm_summary = difforge.run(pipeline(str(work / "warm"), input_uri))
+    step = warm_summary.step("step")
+    warm = args.rows / step.seconds
+    print(f"(a) difforge, Ray running:           {warm:9.0f} rows/s  ratio {warm / bare:.2f}x")
+    print(f"(a) difforge, with Ray start-up:     {cold:9.0f} rows/s  ratio {cold / bare:.2f}x")
+    results["map_step"] = {
+        "bare_rows_per_s": round(bare),
+        "difforge_rows_per_s_ray_running": round(warm),
+        "difforge_rows_per_s_with_startup": round(cold),
+        "ratio_ray_running": round(warm / bare, 3),
+        "ratio_with_startup": round(cold / bare, 3),
+        "targets": {"ratio_ray_running": 1.1, "ratio_with_startup": 0.8},
+    }
+
+    # (b) a step that does nothing: ten rows through a pass-through map
+    tiny = str(work / "tiny")
+    make_input(tiny, 10)
+    from benchmarks.noop import register_noop
+
+    register_noop()
+    times = []
+    for k in range(3):
+        s = difforge.run(pipeline(str(work / f"noop{k}"), tiny, op="bench.noop"))
+        times.append(s.step("step").seconds)
+    noop = sorted(times)[1]
+    print(f"(b) fixed cost of a step (median of 3): {noop:.2f}s")
+    results["noop_step_seconds"] = round(noop, 3)
+    ray.shutdown()
+
+    # (c) fully cached rerun of the quickstart, and (d) validate, each a fresh process
+    qs = str(ROOT / "pipelines" / "quickstart.yaml")
+    storage = f"storage={work / 'quickstart'}"
+    timed_cli("run", qs, "--set", storage)
+    cached = min(timed_cli("run", qs, "--set", storage) for _ in range(3))
+    validate = min(timed_cli("validate", qs, "--set", storage) for _ in range(3))
+    print(f"(c) fully cached quickstart rerun:   {cached:.2f}s (target < 5 s)")
+    print(f"(d) difforge validate:               {validate:.2f}s (target < 2 s)")
+    results["cached_quickstart_seconds"] = round(cached, 2)
+    results["validate_seconds"] = round(validate, 2)
+
+    out = ROOT / "benchmarks" / "results" / "engine.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
