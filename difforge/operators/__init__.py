@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from difforge.operators.corrupt.labels import Labels
+from difforge.operators.curate.filter import Filter
+from difforge.operators.curate.validate import Validate
 from difforge.operators.image.resize import Resize
 from difforge.operators.ingest.digits import Digits
 from difforge.operators.ingest.fashion_mnist import FashionMnist
@@ -15,6 +18,9 @@ BUILTIN = [
     Digits,
     Images,
     Parquet,
+    Validate,
+    Filter,
+    Labels,
     Resize,
     Classifier,
 ]

@@ -21,7 +21,7 @@ from difforge.platform import datasets as ds_mod
 from difforge.platform.context import JobContext, MapContext
 from difforge.platform.datasets import Dataset, ShardWriter, attempt_id, join
 from difforge.platform.errors import DifforgeError, StepFailed
-from difforge.platform.operator import MAIN, JobOperator, SourceOperator
+from difforge.platform.operator import MAIN, JobOperator, SourceOperator, StepOutcome
 from difforge.platform.plan import Plan, PlannedStep, build_plan
 from difforge.platform.resources import Fitted, fit
 from difforge.platform.spec import LoadedSpec, PipelineSpec, load_spec
@@ -323,7 +323,7 @@ class Executor:
             else:
                 entries, rows_in = self._run_on_ray(step, fitted, attempt)
                 metadata.update(step.op_cls(step.params).metadata())
-            side_rows = {}
+            side_rows, sides = {}, {}
             for name in step.op_cls.side_outputs:
                 m, _ = ds_mod.commit(
                     step.output_uri(name),
@@ -332,6 +332,15 @@ class Executor:
                     {**producer, "output": name},
                 )
                 side_rows[name] = m.num_rows
+                sides[name] = Dataset(step.output_uri(name), m)
+            # the operator's last word: metrics, artifacts, or a refusal (before the commit)
+            outcome = StepOutcome(
+                rows_in=rows_in,
+                rows_out=sum(e["rows"] for e in entries[MAIN]),
+                main_files=[join(step.uri, e["path"]) for e in entries[MAIN] if e["path"]],
+                sides=sides,
+            )
+            op_metrics = step.op_cls(step.params).finalize(outcome, run) or {}
             manifest, ours = ds_mod.commit(
                 step.uri, entries[MAIN], step.fingerprint, producer, metadata
             )
@@ -343,6 +352,7 @@ class Executor:
                 "seconds": seconds,
                 "cached": 0,
                 **{f"rows_{k}": v for k, v in side_rows.items()},
+                **op_metrics,
             }
             if rows_in is not None:
                 metrics["rows_in"] = rows_in

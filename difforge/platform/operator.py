@@ -37,6 +37,28 @@ class NoParams(BaseModel):
 MAIN = "main"
 
 
+@dataclass
+class StepOutcome:
+    """What a step produced, before its main output is committed (for `Operator.finalize`)."""
+
+    rows_in: int | None
+    rows_out: int
+    main_files: list[str]  # URIs of the main output's shards (not yet committed)
+    sides: dict[str, Any]  # committed side outputs: name -> Dataset
+
+    def read_main(self, columns: list[str] | None = None) -> pa.Table:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from difforge.platform.datasets import url_to_fs
+
+        tables = []
+        for uri in self.main_files:
+            fs, path = url_to_fs(uri)
+            tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+        return pa.concat_tables(tables) if tables else None
+
+
 class Operator:
     """Base of every operator. Subclass one of the three shapes below."""
 
@@ -57,6 +79,11 @@ class Operator:
 
     def __init__(self, params: BaseModel):
         self.params = params
+
+    def finalize(self, outcome: StepOutcome, tracker: Any) -> dict[str, float] | None:
+        """After the work, before the commit: return metrics, log artifacts to `tracker`, or
+        raise DifforgeError to refuse the result (the main output is then never committed)."""
+        return None
 
     def metadata(self) -> dict[str, Any]:
         """Entries for the output manifest's `metadata` (merged over the main input's)."""

@@ -76,3 +76,23 @@ def write_grid(ds: Dataset, path: str | None = None, n: int = 64, scale: int = 0
         ).name
     img.save(path)
     return path
+
+
+def captioned_grid(items: list[tuple[bytes | None, str]], tile: int = 96, columns: int = 8):
+    """Tiles (image bytes, caption); bytes that do not decode show as a grey tile."""
+    from PIL import Image, ImageDraw
+
+    from difforge.operators.imaging import decode
+
+    tiles = []
+    for data, caption in items:
+        canvas = Image.new("RGB", (tile, tile + 14), "white")
+        try:
+            img = decode(data).convert("RGB")
+            img.thumbnail((tile, tile))
+        except Exception:
+            img = Image.new("RGB", (tile, tile), (190, 190, 190))
+        canvas.paste(img, ((tile - img.width) // 2, (tile - img.height) // 2))
+        ImageDraw.Draw(canvas).text((2, tile + 1), str(caption)[:16], fill="black")
+        tiles.append(canvas)
+    return grid(tiles, columns=columns)

@@ -1,0 +1,171 @@
+"""`curate.validate`: decode every image; what fails goes to `rejects` with a reason."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from difforge.platform import columns as C
+from difforge.platform.errors import DifforgeError
+from difforge.platform.operator import MAIN, MapOperator, StepOutcome
+from difforge.platform.spec import Resources
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# Reasons, in the order they are checked. Cheap header checks come before any decoding, so a
+# decompression bomb is refused from its header alone.
+REASONS = (
+    "zero_bytes", "not_an_image", "too_large", "too_small", "bad_aspect",
+    "unsupported_mode", "truncated", "corrupt",
+)  # fmt: skip
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_pixels: int = Field(
+        89_478_485, ge=1, description="width x height above which an image is refused unread"
+    )
+    min_size: int = Field(1, ge=1, description="smallest width and height accepted")
+    max_aspect_ratio: float | None = Field(
+        None, ge=1, description="largest long side / short side accepted"
+    )
+    modes: list[str] = Field(
+        ["1", "L", "LA", "P", "RGB", "RGBA"], description="PIL modes accepted as they are"
+    )
+    convert_to: Literal["L", "RGB"] | None = Field(
+        None, description="convert images in other modes to this one (re-encoded as PNG)"
+    )
+    max_reject_fraction: float = Field(
+        0.5, ge=0, le=1, description="fail the step if more than this fraction is rejected"
+    )
+
+
+def check(data: bytes | None, p: Params) -> tuple[str | None, str, Any]:
+    """(reason or None, detail, decoded image or None) for one image's bytes."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        return "zero_bytes", "empty file", None
+    try:
+        img = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, ValueError) as exc:
+        return "not_an_image", str(exc)[:200], None
+    except Image.DecompressionBombError as exc:
+        return "too_large", str(exc)[:200], None
+    except OSError as exc:  # PIL reads some headers past the cut of a truncated file
+        reason = "truncated" if "truncat" in str(exc).lower() else "not_an_image"
+        return reason, str(exc)[:200], None
+    w, h = img.size
+    if w * h > p.max_pixels:
+        return "too_large", f"{w}x{h} is more than {p.max_pixels} pixels", None
+    if min(w, h) < p.min_size:
+        return "too_small", f"{w}x{h} is smaller than {p.min_size}", None
+    if p.max_aspect_ratio and max(w, h) / min(w, h) > p.max_aspect_ratio:
+        return "bad_aspect", f"{w}x{h} exceeds aspect ratio {p.max_aspect_ratio}", None
+    if img.mode not in p.modes and p.convert_to is None:
+        return "unsupported_mode", f"mode {img.mode} (accepted: {', '.join(p.modes)})", None
+    try:
+        img.load()
+    except OSError as exc:
+        reason = "truncated" if "truncat" in str(exc).lower() else "corrupt"
+        return reason, str(exc)[:200], None
+    except Exception as exc:  # any other decoder failure is a property of the file
+        return "corrupt", f"{type(exc).__name__}: {exc}"[:200], None
+    return None, "", img
+
+
+class Validate(MapOperator):
+    """Decodes every image; bad ones go to `rejects` with a reason and their original bytes."""
+
+    name = "curate.validate"
+    version = 1
+    Params = Params
+    resources = Resources(batch_size=1024)
+    reads = (C.ID, C.IMAGE)
+    writes = C.IMAGE_COLUMNS
+    side_outputs: ClassVar[tuple[str, ...]] = ("rejects",)
+
+    def __init__(self, params):
+        super().__init__(params)
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = None  # our own max_pixels check runs first, from the header
+
+    def process(self, batch: pa.Table) -> dict[str, pa.Table]:
+        import pyarrow as pa
+
+        from difforge.operators.imaging import encode_png
+
+        p = self.params
+        keep, reasons, details = [], [], []
+        images, fmts, widths, heights, modes = [], [], [], [], []
+        for data in batch.column(C.IMAGE).to_pylist():
+            reason, detail, img = check(data, p)
+            keep.append(reason is None)
+            if reason is not None:
+                reasons.append(reason)
+                details.append(detail)
+                continue
+            fmt = (img.format or "").lower() or None
+            if p.convert_to and img.mode != p.convert_to:
+                img = img.convert(p.convert_to)
+                data, fmt = encode_png(img), "png"
+            images.append(data)
+            fmts.append(fmt)
+            widths.append(img.width)
+            heights.append(img.height)
+            modes.append(img.mode)
+        mask = pa.array(keep, pa.bool_())
+        good = batch.filter(mask)
+        replace = {
+            C.IMAGE: pa.array(images, pa.binary()),
+            C.FORMAT: pa.array(fmts, pa.string()),
+            C.WIDTH: pa.array(widths, pa.int32()),
+            C.HEIGHT: pa.array(heights, pa.int32()),
+            C.MODE: pa.array(modes, pa.string()),
+        }
+        for name, col in replace.items():
+            if name in good.column_names:
+                good = good.set_column(good.column_names.index(name), name, col)
+            else:
+                good = good.append_column(name, col)
+        rejects = batch.filter(pa.compute.invert(mask))
+        rejects = rejects.append_column(C.REASON, pa.array(reasons, pa.string()))
+        rejects = rejects.append_column("detail", pa.array(details, pa.string()))
+        return {MAIN: good, "rejects": rejects}
+
+    def finalize(self, outcome: StepOutcome, tracker: Any) -> dict[str, float]:
+        rejects = outcome.sides["rejects"]
+        counts = Counter()
+        if rejects.num_rows:
+            counts.update(rejects.to_arrow(columns=[C.REASON]).column(C.REASON).to_pylist())
+            log_reject_grid(rejects, tracker)
+        total = outcome.rows_in or 0
+        fraction = rejects.num_rows / total if total else 0.0
+        metrics = {f"rejected_{r}": float(counts.get(r, 0)) for r in REASONS}
+        metrics["rejected_fraction"] = fraction
+        if fraction > self.params.max_reject_fraction:
+            top = ", ".join(f"{r}: {n}" for r, n in counts.most_common(3))
+            raise DifforgeError(
+                f"curate.validate rejected {rejects.num_rows} of {total} images "
+                f"({fraction:.0%}, more than max_reject_fraction={self.params.max_reject_fraction}"
+                f"; {top}). The rejects, with reasons and original bytes, are at {rejects.uri}"
+            )
+        return metrics
+
+
+def log_reject_grid(rejects, tracker: Any, n: int = 32) -> None:
+    """A grid of rejected images, each captioned with its reason, as an MLflow artifact."""
+    from difforge.platform.show import captioned_grid
+
+    table = next(rejects.iter_batches(columns=[C.IMAGE, C.REASON], batch_size=n), None)
+    if table is None:
+        return
+    items = list(zip(table.column(C.IMAGE).to_pylist(), table.column(C.REASON).to_pylist(),
+                     strict=True))  # fmt: skip
+    tracker.log_image(captioned_grid(items), "rejects.png")
