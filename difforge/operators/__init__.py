@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 from difforge.operators.corrupt.labels import Labels
+from difforge.operators.curate.dedup_exact import DedupExact
+from difforge.operators.curate.dedup_near import DedupNear
 from difforge.operators.curate.filter import Filter
 from difforge.operators.curate.validate import Validate
 from difforge.operators.image.resize import Resize
@@ -20,6 +22,8 @@ BUILTIN = [
     Parquet,
     Validate,
     Filter,
+    DedupExact,
+    DedupNear,
     Labels,
     Resize,
     Classifier,

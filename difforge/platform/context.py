@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from difforge.platform.datasets import Dataset, join, url_to_fs
+from difforge.platform.datasets import Dataset, ShardWriter, join, url_to_fs
 
 if TYPE_CHECKING:
     from difforge.platform.resources import Fitted
@@ -36,6 +36,7 @@ class JobContext:
     artifact_uri: str  # inside this attempt's output: committed with the dataset
     resources: Fitted
     tracker: StepTracker
+    writers: dict[str, ShardWriter] = field(default_factory=dict)  # main and side outputs
     extra: dict[str, Any] = field(default_factory=dict)
 
     def local_work_dir(self) -> str | None:

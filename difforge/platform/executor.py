@@ -268,11 +268,18 @@ class Executor:
             artifact_uri=join(step.uri, attempt, "artifacts"),
             resources=fitted,
             tracker=tracker,
+            writers={
+                MAIN: ShardWriter(step.uri, attempt),
+                **{n: ShardWriter(step.output_uri(n), attempt) for n in step.op_cls.side_outputs},
+            },
         )
         result = step.op_cls(step.params).run(ctx)
-        entry = ShardWriter(step.uri, attempt).write(result.table, "000000")
+        entries = {name: [] for name in ctx.writers}
+        entries.update(result.entries or {})
+        if result.table is not None:
+            entries[MAIN].append(ctx.writers[MAIN].write(result.table, "000000"))
         rows_in = inputs[0].num_rows if inputs else None
-        return {MAIN: [entry]}, rows_in, result.metadata or {}
+        return entries, rows_in, result.metadata or {}
 
     # -- one step --------------------------------------------------------------------------
     def run_step(self, step: PlannedStep) -> StepSummary:

@@ -151,8 +151,10 @@ class MapOperator(Operator):
 class JobResult:
     """What a job operator hands back: its main table and optionally side tables and metadata."""
 
-    table: pa.Table
+    table: pa.Table | None = None
     metadata: dict[str, Any] | None = None
+    #: shards the job wrote itself (through `JobContext.writers`), by output name
+    entries: dict[str, list[dict[str, Any]]] | None = None
 
 
 class JobOperator(Operator):
