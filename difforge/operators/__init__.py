@@ -8,12 +8,14 @@ from difforge.operators.curate.dedup_exact import DedupExact
 from difforge.operators.curate.dedup_near import DedupNear
 from difforge.operators.curate.filter import Filter
 from difforge.operators.curate.validate import Validate
+from difforge.operators.encode.vae import EncodeVAE
 from difforge.operators.image.resize import Resize
 from difforge.operators.ingest.digits import Digits
 from difforge.operators.ingest.fashion_mnist import FashionMnist
 from difforge.operators.ingest.images import Images
 from difforge.operators.ingest.parquet import Parquet
 from difforge.operators.train.classifier import Classifier
+from difforge.operators.train.vae import TrainVAE
 
 BUILTIN = [
     FashionMnist,
@@ -26,5 +28,7 @@ BUILTIN = [
     DedupNear,
     Labels,
     Resize,
+    EncodeVAE,
     Classifier,
+    TrainVAE,
 ]

@@ -329,7 +329,8 @@ class Executor:
                 metadata.update(extra)
             else:
                 entries, rows_in = self._run_on_ray(step, fitted, attempt)
-                metadata.update(step.op_cls(step.params).metadata())
+                inputs = [Dataset(r.uri) for r in step.inputs]
+                metadata.update(step.op_cls(step.params).output_metadata(inputs))
             side_rows, sides = {}, {}
             for name in step.op_cls.side_outputs:
                 m, _ = ds_mod.commit(

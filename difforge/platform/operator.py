@@ -89,6 +89,10 @@ class Operator:
         """Entries for the output manifest's `metadata` (merged over the main input's)."""
         return {}
 
+    def output_metadata(self, inputs: list[Any]) -> dict[str, Any]:
+        """Like `metadata`, given the input datasets (for what depends on them)."""
+        return self.metadata()
+
     @classmethod
     def description(cls) -> str:
         doc = (cls.__doc__ or "").strip()

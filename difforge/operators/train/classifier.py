@@ -37,8 +37,10 @@ class Params(BaseModel):
     )
 
 
-def load_images(files: list[str], mode: str | None = None) -> tuple[np.ndarray, np.ndarray, list]:
-    """Decode a dataset's images to uint8 [N, C, H, W], with labels and ids."""
+def load_images(
+    files: list[str], mode: str | None = None, with_labels: bool = True
+) -> tuple[np.ndarray, np.ndarray | None, list]:
+    """Decode a dataset's images to uint8 [N, C, H, W], with labels (when asked) and ids."""
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -48,13 +50,15 @@ def load_images(files: list[str], mode: str | None = None) -> tuple[np.ndarray, 
     images, labels, ids = [], [], []
     for uri in files:
         fs, path = url_to_fs(uri)
-        t = pq.read_table(path, filesystem=fs, columns=[C.ID, C.IMAGE, C.LABEL])
+        cols = [C.ID, C.IMAGE, *([C.LABEL] if with_labels else [])]
+        t = pq.read_table(path, filesystem=fs, columns=cols)
         ids += t.column(C.ID).to_pylist()
-        labels += t.column(C.LABEL).to_pylist()
+        if with_labels:
+            labels += t.column(C.LABEL).to_pylist()
         images += [to_array(b, mode) for b in t.column(C.IMAGE).to_pylist()]
     arr = np.stack(images) if images else np.zeros((0, 1, 1), np.uint8)
     arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
-    return arr, np.asarray(labels, np.int64), ids
+    return arr, (np.asarray(labels, np.int64) if with_labels else None), ids
 
 
 def _holdout(ids: list[str], fraction: float, seed: int) -> np.ndarray:
@@ -74,6 +78,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch
     import torch.nn.functional as F
 
+    from difforge.operators.train._raytrain import report, restore, unwrap
     from difforge.operators.train.nets import SmallCNN
 
     ctx = ray.train.get_context()
@@ -91,10 +96,8 @@ def train_loop(config: dict[str, Any]) -> None:
     model = SmallCNN(x.shape[1], num_classes, p["width"])
     opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
     start_epoch = 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
+    state = restore()
+    if state:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start_epoch = state["epoch"] + 1
@@ -106,7 +109,7 @@ def train_loop(config: dict[str, Any]) -> None:
         return torch.from_numpy(a).float().div_(127.5).sub_(1.0).to(device)
 
     def evaluate() -> float:
-        net = model.module if hasattr(model, "module") else model
+        net = unwrap(model)
         net.eval()
         correct = 0
         with torch.no_grad():
@@ -117,7 +120,6 @@ def train_loop(config: dict[str, Any]) -> None:
         return correct / max(1, len(ex))
 
     tracker = config["tracker"]
-    step = start_epoch * (len(x) // (per_rank * world))
     for epoch in range(start_epoch, p["epochs"]):
         order = np.random.default_rng([p["seed"], epoch]).permutation(len(x))[rank::world]
         total, count = 0.0, 0
@@ -127,23 +129,14 @@ def train_loop(config: dict[str, Any]) -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, count, step = total + loss.item(), count + 1, step + 1
+            total, count = total + loss.item(), count + 1
         accuracy = evaluate()
         metrics = {"epoch": epoch, "train_loss": total / max(1, count), "accuracy": accuracy}
-        with tempfile.TemporaryDirectory() as d:
-            if rank == 0:
-                net = model.module if hasattr(model, "module") else model
-                torch.save(
-                    {"model": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch},
-                    os.path.join(d, "state.pt"),
-                )
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-                # logged after the checkpoint exists, so a restart never logs an epoch twice
-                tracker.log_metrics(
-                    {"train_loss": metrics["train_loss"], "accuracy": accuracy}, step=epoch
-                )
-            else:
-                ray.train.report(metrics)
+        state = {"model": unwrap(model).state_dict(), "opt": opt.state_dict(), "epoch": epoch}
+        report(metrics, state if rank == 0 else None)
+        if rank == 0:
+            # logged after the checkpoint exists, so a restart never logs an epoch twice
+            tracker.log_metrics({"train_loss": metrics["train_loss"], "accuracy": accuracy}, epoch)
 
 
 class Classifier(JobOperator):
@@ -163,49 +156,23 @@ class Classifier(JobOperator):
 
     def run(self, ctx: JobContext) -> JobResult:
         import pyarrow as pa
-        import ray.train
         import torch
-        from pyarrow.fs import FSSpecHandler, PyFileSystem
-        from ray.train.torch import TorchTrainer
 
+        from difforge.operators.train import _raytrain
         from difforge.platform.datasets import url_to_fs
 
         train = ctx.inputs[0]
         labels = train.to_arrow(columns=[C.LABEL]).column(C.LABEL)
         classes = train.metadata.get("classes")
         num_classes = len(classes) if classes else int(pa.compute.max(labels).as_py()) + 1
-        res = ctx.resources
         config = {
             "params": self.params.model_dump(),
             "train_files": train.file_uris(),
             "eval_files": ctx.inputs[1].file_uris() if len(ctx.inputs) > 1 else [],
             "num_classes": num_classes,
-            "threads": res.num_cpus,
-            "tracker": ctx.tracker,
         }
-        fs, work = url_to_fs(ctx.work_uri)
-        fs.makedirs(work, exist_ok=True)
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config=config,
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=res.num_workers,
-                use_gpu=res.num_gpus > 0,
-                resources_per_worker={
-                    "CPU": res.num_cpus,
-                    **({"GPU": res.num_gpus} if res.num_gpus else {}),
-                },
-            ),
-            run_config=ray.train.RunConfig(
-                name="ray-train",
-                storage_path=work,
-                storage_filesystem=PyFileSystem(FSSpecHandler(fs)),
-                failure_config=ray.train.FailureConfig(max_failures=2),
-            ),
-        )
-        result = trainer.fit()
-        with result.checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
+        result = _raytrain.fit(ctx, train_loop, config)
+        state = _raytrain.final_state(result)
         model_config = {
             "kind": "classifier",
             "architecture": "SmallCNN",

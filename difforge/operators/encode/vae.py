@@ -1,0 +1,152 @@
+"""`encode.vae`: images to latents with a diffusers `AutoencoderKL` (latent diffusion, Rombach
+et al.): encoded once here, so training and sampling work in the smaller latent space."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from difforge.platform import columns as C
+from difforge.platform.errors import DifforgeError
+from difforge.platform.operator import MapOperator
+from difforge.platform.spec import Resources
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pretrained: str | None = Field(
+        None,
+        description="a local folder, an s3:// URI or a hub id; default: the model of the "
+        "second input (a train.vae step)",
+    )
+    subfolder: str | None = Field(None, description="e.g. 'vae' inside a pipeline repository")
+    sample: Literal["mean", "posterior"] = Field(
+        "mean", description="the posterior mean, or a draw from it (seeded by row id)"
+    )
+    seed: int = 0
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bfloat16 on GPUs, float32 on CPUs"
+    )
+
+
+def local_copy(uri: str) -> str:
+    """A model folder on this node: local paths as they are, remote ones copied once to the
+    node's cache in DIFFORGE_HOME (keyed by URI)."""
+    if "://" not in uri or uri.startswith("file://"):
+        return uri.removeprefix("file://")
+    from difforge.platform import settings
+    from difforge.platform.datasets import url_to_fs
+
+    dest = settings.home() / "cache" / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if not (dest / ".complete").exists():
+        fs, path = url_to_fs(uri)
+        dest.mkdir(parents=True, exist_ok=True)
+        fs.get(path.rstrip("/") + "/", str(dest), recursive=True)
+        (dest / ".complete").touch()
+    return str(dest)
+
+
+def resolve_model(params: Params, inputs: list[Any]) -> str:
+    if params.pretrained:
+        return params.pretrained
+    if len(inputs) < 2:
+        raise DifforgeError(
+            "encode.vae needs a VAE: a second input (a train.vae step) or params.pretrained"
+        )
+    row = inputs[1].to_arrow(columns=[C.MODEL_URI]).column(C.MODEL_URI)
+    return row[0].as_py()
+
+
+class EncodeVAE(MapOperator):
+    """Encodes images to VAE latents (`latent`, a fixed-shape tensor column) in an actor pool."""
+
+    name = "encode.vae"
+    version = 1
+    Params = Params
+    stateful = True
+    inputs: ClassVar[tuple[int, int]] = (1, 2)
+    reads = (C.ID, C.IMAGE)
+    writes = (C.LATENT,)
+    resources = Resources(batch_size=256, num_gpus="auto")
+    gpus_when_available = 0.5
+
+    @classmethod
+    def output_columns(cls, params, input_columns):
+        base = set(input_columns[0] or ())
+        return (base - {C.IMAGE}) | {C.LATENT}
+
+    def setup(self, ctx) -> None:
+        import torch
+        from diffusers import AutoencoderKL
+
+        inputs = [ctx.input(i) for i in range(len(ctx.inputs))]
+        uri = resolve_model(self.params, inputs)
+        path = local_copy(uri)
+        kwargs = {"subfolder": self.params.subfolder} if self.params.subfolder else {}
+        self.device = "cuda" if ctx.num_gpus and torch.cuda.is_available() else "cpu"
+        dtype = self.params.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device == "cuda" else "float32"
+        self.dtype = getattr(torch, dtype)
+        self.vae = AutoencoderKL.from_pretrained(path, torch_dtype=self.dtype, **kwargs)
+        self.vae.to(self.device).eval()
+        self.scaling = float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
+        self.channels = self.vae.config.in_channels
+        threads = os.environ.get("OMP_NUM_THREADS")
+        if self.device == "cpu" and threads:
+            torch.set_num_threads(int(threads))
+
+    def encode(self, images: list[bytes], ids: list[str]):
+        """Latents (scaled) as a float32 numpy array [N, C, h, w]."""
+        import numpy as np
+        import torch
+
+        from difforge.operators.imaging import to_array
+
+        mode = "L" if self.channels == 1 else "RGB"
+        arr = np.stack([to_array(b, mode) for b in images])
+        arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
+        x = torch.from_numpy(arr).to(self.device, self.dtype).div_(127.5).sub_(1.0)
+        with torch.no_grad():
+            dist = self.vae.encode(x).latent_dist
+            if self.params.sample == "mean":
+                z = dist.mean
+            else:
+                noise = torch.stack(
+                    [
+                        torch.randn(
+                            dist.mean.shape[1:],
+                            generator=torch.Generator().manual_seed(
+                                int(
+                                    hashlib.sha256(f"{self.params.seed}:{i}".encode()).hexdigest()[
+                                        :15
+                                    ],
+                                    16,
+                                )
+                            ),
+                        )
+                        for i in ids
+                    ]  # fmt: skip
+                ).to(dist.mean.device, dist.mean.dtype)
+                z = dist.mean + dist.std * noise
+        return (z.float() * self.scaling).cpu().numpy()
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        from difforge.platform.tensors import to_column
+
+        z = self.encode(batch.column(C.IMAGE).to_pylist(), batch.column(C.ID).to_pylist())
+        tensor = to_column(z.astype("float32"))
+        out = batch.drop_columns([C.IMAGE])
+        return out.append_column(C.LATENT, tensor)
+
+    def output_metadata(self, inputs: list[Any]) -> dict[str, Any]:
+        uri = resolve_model(self.params, inputs)
+        return {"vae": {"uri": uri, "subfolder": self.params.subfolder,
+                        "sample": self.params.sample}}  # fmt: skip

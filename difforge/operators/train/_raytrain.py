@@ -1,0 +1,83 @@
+"""Running a training loop as a Ray Train job in a step's work folder, resumably.
+
+Checkpoints live in the step's `_work/` folder (local or S3). Ray Train restores the latest
+one when a worker dies (`FailureConfig`), and a rerun of a pipeline whose driver died finds
+the same run by name and storage path and continues it instead of starting over."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from difforge.platform.context import JobContext
+
+
+def fit(
+    ctx: JobContext, loop: Callable[[dict], None], config: dict[str, Any], max_failures: int = 2
+):
+    """Run `loop` on ctx.resources.num_workers Ray Train workers; return the Result."""
+    import ray.train
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+    from ray.train.torch import TorchTrainer
+
+    from difforge.platform.datasets import url_to_fs
+
+    res = ctx.resources
+    fs, work = url_to_fs(ctx.work_uri)
+    fs.makedirs(work, exist_ok=True)
+    per_worker = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={**config, "threads": res.num_cpus, "tracker": ctx.tracker},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=res.num_workers,
+            use_gpu=res.num_gpus > 0,
+            resources_per_worker=per_worker,
+        ),
+        run_config=ray.train.RunConfig(
+            name="ray-train",
+            storage_path=work,
+            storage_filesystem=PyFileSystem(FSSpecHandler(fs)),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        ),
+    )
+    return trainer.fit()
+
+
+def restore(default: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Inside a worker: the state saved by the latest checkpoint, or `default`."""
+    import ray.train
+    import torch
+
+    ckpt = ray.train.get_checkpoint()
+    if not ckpt:
+        return default
+    with ckpt.as_directory() as d:
+        return torch.load(os.path.join(d, "state.pt"), weights_only=False)
+
+
+def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+    """Inside a worker: report metrics; rank 0 passes the state to checkpoint, others None."""
+    import ray.train
+    import torch
+
+    if state is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(state, os.path.join(d, "state.pt"))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def final_state(result) -> dict[str, Any]:
+    import torch
+
+    with result.checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, "state.pt"), weights_only=False)
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model

@@ -1,0 +1,206 @@
+"""`train.vae`: fits a small diffusers `AutoencoderKL` (reconstruction + KL), the first stage of
+latent diffusion (Rombach et al.), so a pipeline gets a real VAE without any download."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from difforge.platform import columns as C
+from difforge.platform.operator import JobOperator, JobResult
+from difforge.platform.spec import Resources
+
+if TYPE_CHECKING:
+    from difforge.platform.context import JobContext
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    latent_channels: int = Field(4, ge=1)
+    block_out_channels: list[int] = Field(
+        [16, 32, 32], min_length=1, description="one per level; latents are 2^(levels-1) smaller"
+    )
+    layers_per_block: int = Field(1, ge=1)
+    norm_num_groups: int | None = Field(
+        None, ge=1, description="default: the first level's width, at most 32"
+    )
+    kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term")
+    max_steps: int = Field(1000, ge=1, description="optimizer steps")
+    batch_size: int = Field(64, ge=1, description="global batch size")
+    lr: float = Field(1e-3, gt=0)
+    seed: int = 0
+    checkpoint_every: int = Field(250, ge=1, description="steps between checkpoints")
+
+    @model_validator(mode="after")
+    def _groups_divide(self) -> Params:
+        g = self.groups
+        bad = [c for c in self.block_out_channels if c % g]
+        if bad:
+            raise ValueError(f"norm_num_groups={g} must divide every block_out_channels {bad}")
+        return self
+
+    @property
+    def groups(self) -> int:
+        return self.norm_num_groups or min(32, self.block_out_channels[0])
+
+
+def build_vae(p: dict[str, Any], channels: int, size: int):
+    from diffusers import AutoencoderKL
+
+    n = len(p["block_out_channels"])
+    return AutoencoderKL(
+        in_channels=channels,
+        out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(p["block_out_channels"]),
+        latent_channels=p["latent_channels"],
+        layers_per_block=p["layers_per_block"],
+        norm_num_groups=p["norm_num_groups"] or min(32, p["block_out_channels"][0]),
+        sample_size=size,
+    )
+
+
+def _objective(vae):
+    """The VAE and its loss terms as one module, so DDP sees (and syncs) the whole forward."""
+    import torch
+
+    class Objective(torch.nn.Module):
+        def __init__(self, vae):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, x):
+            posterior = self.vae.encode(x).latent_dist
+            rec = self.vae.decode(posterior.sample()).sample
+            return torch.nn.functional.mse_loss(rec, x), posterior.kl().mean()
+
+    return Objective(vae)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    import numpy as np
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from difforge.operators.train._raytrain import report, restore, unwrap
+    from difforge.operators.train.classifier import load_images
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config["threads"])))
+    p = config["params"]
+    x, _, _ = load_images(config["files"], with_labels=False)
+    torch.manual_seed(p["seed"])
+    vae = build_vae(p, x.shape[1], x.shape[2])
+    opt = torch.optim.AdamW(vae.parameters(), lr=p["lr"])
+    state = restore()
+    start = 0
+    if state:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    model = ray.train.torch.prepare_model(_objective(vae))
+    device = ray.train.torch.get_device()
+    per_rank = max(1, p["batch_size"] // world)
+    tracker = config["tracker"]
+    losses: list[float] = []
+    for step in range(start, p["max_steps"]):
+        # the batch is a function of (seed, step, rank): a resumed run sees the same data
+        idx = np.random.default_rng([p["seed"], step, rank]).integers(0, len(x), per_rank)
+        batch = torch.from_numpy(x[idx]).float().div_(127.5).sub_(1.0).to(device)
+        mse, kl = model(batch)
+        loss = mse + p["kl_weight"] * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(mse.item())
+        done = step + 1
+        if done % p["checkpoint_every"] == 0 or done == p["max_steps"]:
+            psnr = 10 * math.log10(4.0 / max(1e-10, float(np.mean(losses))))
+            metrics = {"step": done, "mse": float(np.mean(losses)), "psnr": psnr}
+            state = {"model": unwrap(model).vae.state_dict(), "opt": opt.state_dict(), "step": done}
+            report(metrics, state if rank == 0 else None)
+            if rank == 0:
+                # after the checkpoint: a restart replays no logged step
+                tracker.log_metrics({"train_mse": metrics["mse"], "train_psnr": psnr}, step=done)
+            losses = []
+
+
+class TrainVAE(JobOperator):
+    """Fits a small AutoencoderKL on an image dataset; saves a folder `encode.vae` loads."""
+
+    name = "train.vae"
+    version = 1
+    Params = Params
+    reads = (C.ID, C.IMAGE)
+    resources = Resources(num_workers=1, num_cpus=1)
+    gpus_when_available = 1.0
+
+    @classmethod
+    def output_columns(cls, params, input_columns):
+        return {C.ID, C.MODEL_URI, "kind", "psnr", "scaling_factor"}
+
+    def run(self, ctx: JobContext) -> JobResult:
+        import numpy as np
+        import pyarrow as pa
+        import torch
+
+        from difforge.operators.train import _raytrain
+        from difforge.operators.train.classifier import load_images
+        from difforge.platform.datasets import url_to_fs
+
+        data = ctx.inputs[0]
+        result = _raytrain.fit(ctx, train_loop, {"params": self.params.model_dump(),
+                                                 "files": data.file_uris()})  # fmt: skip
+        state = _raytrain.final_state(result)
+        # Held-out check and the latent scale (LDM: scale latents to unit variance).
+        x, _, _ = load_images(data.file_uris()[:4], with_labels=False)
+        x = x[:256]
+        vae = build_vae(self.params.model_dump(), x.shape[1], x.shape[2])
+        vae.load_state_dict(state["model"])
+        vae.eval()
+        with torch.no_grad():
+            batch = torch.from_numpy(x).float().div(127.5).sub(1.0)
+            z = vae.encode(batch).latent_dist.mean
+            rec = vae.decode(z).sample.clamp(-1, 1)
+        mse = float(torch.mean((rec - batch) ** 2))
+        psnr = 10 * math.log10(4.0 / max(mse, 1e-10))
+        scaling = float(1.0 / z.flatten().std())
+        vae.register_to_config(scaling_factor=scaling)
+        pairs = torch.cat([batch[:16], rec[:16]]).add(1).mul(127.5).round().byte()
+        tiles = pairs.permute(0, 2, 3, 1).numpy()
+        from PIL import Image
+
+        from difforge.platform.show import grid
+
+        mode = "L" if tiles.shape[-1] == 1 else "RGB"
+        img = grid([Image.fromarray(t.squeeze(-1) if mode == "L" else t, mode) for t in tiles],
+                   columns=16)  # fmt: skip
+        ctx.tracker.log_image(img.resize((img.width * 3, img.height * 3), 0), "reconstructions.png")
+        ctx.tracker.log_metrics({"holdout_psnr": psnr, "scaling_factor": scaling})
+        with tempfile.TemporaryDirectory() as d:
+            vae.save_pretrained(d)
+            with open(os.path.join(d, "difforge.json"), "w") as f:
+                json.dump({"kind": "vae", "psnr": psnr, "image_shape": list(x.shape[1:])}, f)
+            afs, apath = url_to_fs(ctx.artifact("model"))
+            afs.put(d + "/", apath, recursive=True)
+            ctx.tracker.log_artifacts(d, "model")
+        del np
+        table = pa.table(
+            {
+                C.ID: ["vae"],
+                C.MODEL_URI: [ctx.artifact("model")],
+                "kind": ["vae"],
+                "psnr": [psnr],
+                "scaling_factor": [scaling],
+            }
+        )
+        return JobResult(table, metadata={"vae": {"uri": ctx.artifact("model"), "psnr": psnr}})
