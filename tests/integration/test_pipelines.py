@@ -27,6 +27,8 @@ def quickstart(ray_session, tmp_path_factory):
         "raw_test.params.limit=300",
         "classifier.params.epochs=2",
         "classifier.params.batch_size=64",
+        "vae.params.max_steps=60",
+        "vae.params.checkpoint_every=30",
     ]
     summary = difforge.run(QUICKSTART, overrides)
     return storage, overrides, summary
@@ -36,8 +38,9 @@ def test_quickstart_runs_every_step(quickstart):
     _, _, summary = quickstart
     assert summary.status == "FINISHED"
     rows = {s.step: s.rows_out for s in summary.steps}
-    assert rows == {"raw": 1200, "raw_test": 300, "images": 1200, "test_images": 300,
-                    "classifier": 1}  # fmt: skip
+    assert rows == {"raw": 1200, "raw_test": 300, "clean": 1200, "unique": 1200,
+                    "images": 1200, "noisy": 1200, "test_images": 300, "vae": 1,
+                    "latents": 1200, "classifier": 1}  # fmt: skip
     assert not any(s.cached for s in summary.steps)
     images = open_dataset(summary.step("images").uri)
     assert images.metadata["classes"][0] == "T-shirt/top"
@@ -70,7 +73,8 @@ def test_quickstart_is_tracked_in_mlflow(quickstart):
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{summary.run_id}'"
     )
     by_step = {r.data.tags["difforge.step"]: r for r in children}
-    assert set(by_step) == {"raw", "raw_test", "images", "test_images", "classifier"}
+    assert set(by_step) == {"raw", "raw_test", "clean", "unique", "images", "noisy",
+                            "test_images", "vae", "latents", "classifier"}  # fmt: skip
     images = by_step["images"]
     assert images.data.metrics["rows_in"] == 1200 and images.data.metrics["rows_out"] == 1200
     assert images.data.metrics["rows_per_s"] > 0
@@ -104,14 +108,13 @@ def test_cached_rerun_does_not_start_ray(quickstart):
 
 def test_changed_param_recomputes_exactly_what_depends_on_it(quickstart):
     _, overrides, first = quickstart
-    changed = [*overrides, "images.params.resample=bilinear"]
+    changed = [*overrides, "noisy.params.seed=1"]
     plan = difforge.plan(QUICKSTART, changed)
-    state = {s.id: s.cached for s in plan.steps}
-    assert state == {"raw": True, "raw_test": True, "images": False, "test_images": True,
-                     "classifier": False}  # fmt: skip
-    summary = difforge.run(QUICKSTART, changed, until="images")
-    assert [(s.step, s.cached) for s in summary.steps] == [("raw", True), ("images", False)]
-    assert summary.step("images").uri != first.step("images").uri
+    redo = {s.id for s in plan.steps if not s.cached}
+    assert redo == {"noisy", "latents"}  # the VAE and the classifier do not see the labels
+    summary = difforge.run(QUICKSTART, changed, until="noisy")
+    assert [s.step for s in summary.steps if not s.cached] == ["noisy"]
+    assert summary.step("noisy").uri != first.step("noisy").uri
 
 
 def test_force_recomputes_a_step_and_its_downstream(quickstart):

@@ -14,9 +14,9 @@ QUICKSTART = str(ROOT / "pipelines" / "quickstart.yaml")
 def test_validate_prints_the_plan(tmp_path):
     out = difforge_cli("validate", QUICKSTART, "--set", f"storage={tmp_path}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    for step in ("raw", "raw_test", "images", "test_images", "classifier"):
+    for step in ("raw", "clean", "unique", "noisy", "vae", "latents", "classifier"):
         assert step in out.stdout
-    assert "to run" in out.stdout and "ok: 0 cached, 5 to run" in out.stdout
+    assert "to run" in out.stdout and "ok: 0 cached, 10 to run" in out.stdout
 
 
 def test_validate_json_is_the_resolved_spec(tmp_path):

@@ -276,10 +276,14 @@ def test_fashion_mnist_missing_says_how_to_install(tmp_path):
     assert p.step == "raw" and "apt-get install dataset-fashion-mnist" in p.message
 
 
-def test_every_shipped_pipeline_validates():
+def test_every_shipped_pipeline_validates(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (40, 40)).save(tmp_path / "one.png")
+    needs = {"curate-images.yaml": [f"raw.params.path={tmp_path}"]}  # its data is the user's
     root = Path(__file__).resolve().parents[2] / "pipelines"
     files = sorted(root.rglob("*.yaml"))
     assert files
     for f in files:
         assert f.read_text().startswith("#"), f"{f}: the header comment shows how to run it"
-        difforge.plan(str(f))
+        difforge.plan(str(f), needs.get(f.name, []))
