@@ -18,6 +18,7 @@ from difforge.operators.ingest.images import Images
 from difforge.operators.ingest.parquet import Parquet
 from difforge.operators.ingest.webdataset import WebDataset
 from difforge.operators.train.classifier import Classifier
+from difforge.operators.train.diffusion import DiffusionTraining
 from difforge.operators.train.vae import TrainVAE
 
 BUILTIN = [
@@ -37,4 +38,5 @@ BUILTIN = [
     EncodeText,
     Classifier,
     TrainVAE,
+    DiffusionTraining,
 ]

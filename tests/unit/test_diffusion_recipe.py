@@ -1,0 +1,125 @@
+"""The diffusion training recipe without Ray: DeepSpeed's single-rank set-up on real digits,
+CEP's statistics, and the errors a user can make."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from difforge.operators.train.diffusion import (
+    CEPHook,
+    Params,
+    cep_delta,
+    deepspeed_config,
+    train_locally,
+)
+from difforge.platform import datasets as D
+from difforge.platform.errors import DifforgeError
+from difforge.platform.tensors import to_column
+
+TINY_UNET = {"type": "UNet2DModel", "block_out_channels": [8, 16], "layers_per_block": 1,
+             "down_block_types": ["DownBlock2D", "DownBlock2D"],
+             "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 4}  # fmt: skip
+
+
+def digits_dataset(root) -> D.Dataset:
+    """scikit-learn's real 8x8 digits as a committed image dataset (no Ray needed)."""
+    from sklearn.datasets import load_digits
+
+    from difforge.operators.imaging import encode_png
+
+    d = load_digits()
+    images = (d.images * (255 / 16)).round().astype(np.uint8)
+    table = pa.table({"id": [f"d{i}" for i in range(len(images))],
+                      "image": [encode_png(im) for im in images],
+                      "label": pa.array(d.target, pa.int64())})  # fmt: skip
+    uri = str(root / "digits")
+    D.commit(uri, [D.ShardWriter(uri, D.attempt_id()).write(table, "0")], "digits", {},
+             {"classes": [str(i) for i in range(10)]})  # fmt: skip
+    return D.open_dataset(uri)
+
+
+def run(tmp_path, data, column="image", **params):
+    p = Params(backbone=TINY_UNET, batch_size=32, warmup_steps=2, checkpoint_every=10,
+               **params).model_dump()  # fmt: skip
+    return train_locally({"params": p, "files": data.file_uris(), "column": column,
+                          "num_classes": 10, "threads": 2}, str(tmp_path / "ckpt"))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return digits_dataset(tmp_path_factory.mktemp("digits"))
+
+
+def test_loss_goes_down_on_real_digits(tmp_path, digits):
+    io = run(tmp_path, digits, max_steps=60, lr=1e-3)
+    losses = [m["loss"] for m in io.history]
+    assert [m["step"] for m in io.history] == [10, 20, 30, 40, 50, 60]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_resume_continues_to_exactly_max_steps(tmp_path, digits):
+    run(tmp_path, digits, max_steps=20)
+    io = run(tmp_path, digits, max_steps=30)  # the same folder: continues from step 20
+    assert [m["step"] for m in io.history] == [30]
+
+
+def test_zero3_without_ema_and_cep_uniform(tmp_path, digits):
+    io = run(tmp_path, digits, max_steps=10, ema_decay=None, cep={"kind": "uniform"},
+             deepspeed={"zero_stage": 3})  # fmt: skip
+    assert io.history[-1]["step"] == 10 and np.isfinite(io.history[-1]["loss"])
+
+
+def test_bf16_and_v_prediction(tmp_path, digits):
+    io = run(tmp_path, digits, max_steps=10, prediction_type="v_prediction",
+             deepspeed={"zero_stage": 1, "precision": "bf16"})  # fmt: skip
+    assert np.isfinite(io.history[-1]["loss"])
+
+
+def test_latent_space_training(tmp_path):
+    z = np.random.default_rng(0).standard_normal((64, 4, 4, 4)).astype(np.float32)
+    table = pa.table({"id": [f"z{i}" for i in range(64)], "latent": to_column(z),
+                      "label": pa.array(np.arange(64) % 10, pa.int64())})  # fmt: skip
+    uri = str(tmp_path / "lat")
+    D.commit(uri, [D.ShardWriter(uri, D.attempt_id()).write(table, "0")], "lat", {})
+    unet = {**TINY_UNET, "block_out_channels": [8, 8]}
+    p = Params(backbone=unet, batch_size=16, max_steps=10, checkpoint_every=10).model_dump()
+    io = train_locally({"params": p, "files": D.open_dataset(uri).file_uris(),
+                        "column": "latent", "num_classes": 10}, str(tmp_path / "c"))  # fmt: skip
+    assert io.history[-1]["step"] == 10
+
+
+def test_cep_delta_statistics():
+    d, gamma = 256, 1.0
+    g = torch.Generator().manual_seed(0)
+    gauss = cep_delta((4096, d), "gaussian", gamma, g)
+    assert abs(gauss.std().item() - gamma / d**0.5) < 0.002
+    assert abs(gauss.mean().item()) < 0.001
+    uni = cep_delta((4096, d), "uniform", gamma, g)
+    bound = gamma / d**0.5
+    assert uni.abs().max().item() <= bound
+    assert abs(uni.std().item() - bound / 3**0.5) < 0.002  # U(-a, a) has sd a/sqrt(3)
+    assert torch.count_nonzero(cep_delta((8, d), "none", gamma)) == 0
+
+
+def test_cep_perturbs_training_never_sampling():
+    emb = torch.nn.Embedding(11, 32)
+    emb.register_forward_hook(CEPHook("gaussian", 1.0))
+    labels = torch.arange(10)
+    clean = emb.weight[:10].detach()
+    emb.train()
+    assert not torch.allclose(emb(labels), clean)
+    emb.eval()
+    assert torch.equal(emb(labels), clean)
+
+
+def test_user_errors():
+    with pytest.raises(DifforgeError, match="fp16 is not supported on CPUs"):
+        deepspeed_config(Params(deepspeed={"precision": "fp16"}).model_dump(), 8, 1, False)
+    with pytest.raises(ValueError, match="ema_decay needs full parameters"):
+        Params(deepspeed={"zero_stage": 3})
+    cfg = deepspeed_config(Params(grad_accum=2).model_dump(), 8, 2, False)
+    assert cfg["train_batch_size"] == 32 and "bf16" not in cfg  # auto: fp32 on CPU
+    assert deepspeed_config(Params().model_dump(), 8, 1, True)["bf16"] == {"enabled": True}
