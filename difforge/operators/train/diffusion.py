@@ -527,6 +527,8 @@ class DiffusionTraining(JobOperator):
         if C.LABEL in data.manifest.column_names and not num_classes:
             labels = data.to_arrow(columns=[C.LABEL]).column(C.LABEL)
             num_classes = int(pa.compute.max(labels).as_py()) + 1
+        # refuse what can never run before starting any worker (fp16 on a CPU, say)
+        deepspeed_config(self.params.model_dump(), 1, 1, ctx.resources.num_gpus > 0)
         config = {
             "params": self.params.model_dump(),
             "files": data.file_uris(),

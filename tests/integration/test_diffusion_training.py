@@ -1,0 +1,100 @@
+"""train.diffusion through Ray Train: two workers with ZeRO 2 in fp32, and a worker killed
+mid-run that the job survives from its last checkpoint."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+import difforge
+from tests.unit.test_diffusion_recipe import TINY_UNET
+
+
+def spec(tmp_path, max_steps: int, workers: int, name: str = "diffusion") -> dict:
+    return {
+        "name": name,
+        "storage": str(tmp_path / "s"),
+        "tracking": {"experiment": f"{name}-tests"},
+        "steps": [
+            {"id": "raw", "op": "ingest.digits"},
+            {"id": "model", "op": "train.diffusion", "inputs": ["raw"],
+             "params": {"backbone": TINY_UNET, "batch_size": 32, "max_steps": max_steps,
+                        "checkpoint_every": 10, "warmup_steps": 2, "cep": {"kind": "gaussian"},
+                        "deepspeed": {"zero_stage": 2, "precision": "fp32"}},
+             "resources": {"num_workers": workers, "num_cpus": 1}},
+        ],
+    }  # fmt: skip
+
+
+def test_two_workers_zero2_to_a_registered_model(ray_session, tmp_path):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    summary = difforge.run(spec(tmp_path, max_steps=30, workers=2))
+    out = difforge.open_dataset(summary.step("model").uri).to_arrow().to_pylist()[0]
+    assert out["steps"] == 30
+    uri = out["model_uri"]
+    model = UNet2DModel.from_pretrained(f"{uri}/model")
+    ema = UNet2DModel.from_pretrained(f"{uri}/ema")
+    assert model.config.num_class_embeds == 11  # 10 classes and the null token
+    assert sum(p.numel() for p in ema.parameters()) == sum(p.numel() for p in model.parameters())
+    DDPMScheduler.from_pretrained(f"{uri}/scheduler")
+    client = MlflowClient(summary.tracking_uri)
+    run_id = summary.step("model").run_id
+    history = client.get_metric_history(run_id, "loss")
+    assert [m.step for m in history] == [10, 20, 30]
+    names = {a.path for a in client.list_artifacts(run_id)}
+    assert {"samples.png", "model"} <= names
+    registered = client.get_run(run_id).data.tags["difforge.registered_model"]
+    assert registered.startswith("models:/diffusion-model/")
+    version = client.get_model_version("diffusion-model", registered.rsplit("/", 1)[1])
+    assert version.tags["step"] == "model" and version.run_id == run_id
+
+
+def train_workers() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "RayTrainWorker" in cmd and "ray::" in cmd:
+            found.append(p)
+    return found
+
+
+def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path):
+    result: dict = {}
+
+    def go() -> None:
+        try:
+            result["summary"] = difforge.run(spec(tmp_path, 40, 2, name="fault"))
+        except Exception as exc:  # surfaced by the assertions below
+            result["error"] = exc
+
+    thread = threading.Thread(target=go)
+    thread.start()
+    work = tmp_path / "s" / "fault" / "model"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(work.glob("*/_work/ray-train/checkpoint_*")):
+        time.sleep(0.5)
+    assert list(work.glob("*/_work/ray-train/checkpoint_*")), "no checkpoint appeared"
+    victims = train_workers()
+    assert victims, "no training worker found"
+    victims[-1].kill()  # SIGKILL one rank mid-run
+    thread.join(timeout=600)
+    assert "error" not in result, result.get("error")
+    summary = result["summary"]
+    out = difforge.open_dataset(summary.step("model").uri).to_arrow().to_pylist()[0]
+    assert out["steps"] == 40  # exactly what was asked
+    client = MlflowClient(summary.tracking_uri)
+    steps = [m.step for m in client.get_metric_history(summary.step("model").run_id, "loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 40  # no step logged twice
+
+
+@pytest.mark.parametrize("precision", ["fp16"])
+def test_fp16_on_cpu_is_a_clear_error(ray_session, tmp_path, precision):
+    s = spec(tmp_path, 10, 1, name="fp16")
+    s["steps"][1]["params"]["deepspeed"]["precision"] = precision
+    with pytest.raises(difforge.platform.errors.DifforgeError, match="fp16 is not supported"):
+        difforge.run(s)
