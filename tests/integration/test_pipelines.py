@@ -29,6 +29,8 @@ def quickstart(ray_session, tmp_path_factory):
         "classifier.params.batch_size=64",
         "vae.params.max_steps=60",
         "vae.params.checkpoint_every=30",
+        "model.params.max_steps=10",
+        "model.params.checkpoint_every=10",
     ]
     summary = difforge.run(QUICKSTART, overrides)
     return storage, overrides, summary
@@ -40,7 +42,7 @@ def test_quickstart_runs_every_step(quickstart):
     rows = {s.step: s.rows_out for s in summary.steps}
     assert rows == {"raw": 1200, "raw_test": 300, "clean": 1200, "unique": 1200,
                     "images": 1200, "noisy": 1200, "test_images": 300, "vae": 1,
-                    "latents": 1200, "classifier": 1}  # fmt: skip
+                    "latents": 1200, "classifier": 1, "model": 1}  # fmt: skip
     assert not any(s.cached for s in summary.steps)
     images = open_dataset(summary.step("images").uri)
     assert images.metadata["classes"][0] == "T-shirt/top"
@@ -74,7 +76,7 @@ def test_quickstart_is_tracked_in_mlflow(quickstart):
     )
     by_step = {r.data.tags["difforge.step"]: r for r in children}
     assert set(by_step) == {"raw", "raw_test", "clean", "unique", "images", "noisy",
-                            "test_images", "vae", "latents", "classifier"}  # fmt: skip
+                            "test_images", "vae", "latents", "classifier", "model"}  # fmt: skip
     images = by_step["images"]
     assert images.data.metrics["rows_in"] == 1200 and images.data.metrics["rows_out"] == 1200
     assert images.data.metrics["rows_per_s"] > 0
@@ -111,7 +113,7 @@ def test_changed_param_recomputes_exactly_what_depends_on_it(quickstart):
     changed = [*overrides, "noisy.params.seed=1"]
     plan = difforge.plan(QUICKSTART, changed)
     redo = {s.id for s in plan.steps if not s.cached}
-    assert redo == {"noisy", "latents"}  # the VAE and the classifier do not see the labels
+    assert redo == {"noisy", "latents", "model"}  # the VAE and classifier never see them
     summary = difforge.run(QUICKSTART, changed, until="noisy")
     assert [s.step for s in summary.steps if not s.cached] == ["noisy"]
     assert summary.step("noisy").uri != first.step("noisy").uri

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -337,6 +338,9 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
     tracker = config["tracker"]
     alphas = noise_scheduler.alphas_cumprod.to(device)
     losses: list[float] = []
+    # throughput since this run's first optimizer step (start-up excluded)
+    first_step_at = window_start = None
+    window_steps = 0
     while step < p["max_steps"]:
         for micro_step in range(p["grad_accum"]):
             # every draw is a function of (seed, step, micro step, rank): a resumed run
@@ -367,19 +371,27 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
             engine.step()
             losses.append(loss.item())
         step += 1
+        now = time.time()
+        if first_step_at is None:
+            first_step_at = window_start = now
+        else:
+            window_steps += 1
         if ema is not None:
             with torch.no_grad():
                 d = p["ema_decay"]
                 for pe, pm in zip(ema.parameters(), engine.module.parameters(), strict=True):
                     pe.mul_(d).add_(pm.detach().float(), alpha=1 - d)
         if step % p["checkpoint_every"] == 0 or step == p["max_steps"]:
+            rate = window_steps * p["batch_size"] / max(1e-9, now - window_start)
             metrics = {"step": step, "loss": float(np.mean(losses)),
-                       "lr": scheduler.get_last_lr()[0]}  # fmt: skip
+                       "lr": scheduler.get_last_lr()[0], "samples_per_s": rate,
+                       "first_step_at": first_step_at}  # fmt: skip
             io.save(engine, ema, step, metrics)
             if rank == 0:
                 # logged only once the checkpoint that covers them exists: a restart after a
                 # failure replays steps, never logs them twice
-                tracker.log_metrics({"loss": metrics["loss"], "lr": metrics["lr"]}, step=step)
+                tracker.log_metrics({"loss": metrics["loss"], "lr": metrics["lr"],
+                                     "samples_per_s": rate}, step=step)  # fmt: skip
             losses = []
         if rank == 0 and p["sample_every"] and step % p["sample_every"] == 0:
             io.samples(engine.module, step)
