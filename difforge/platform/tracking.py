@@ -66,7 +66,7 @@ class StepTracker:
         self._c: MlflowClient | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"uri": self.uri, "run_id": self.run_id, "_c": None}
+        return {"uri": self.uri, "run_id": self.run_id, "_c": None, "_last": {}}
 
     @property
     def client(self) -> MlflowClient:
@@ -91,6 +91,22 @@ class StepTracker:
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
         if items:
             self.client.log_batch(self.run_id, metrics=items)
+
+    def log_new(self, metrics: dict[str, float], step: int) -> None:
+        """Log metrics for `step` unless that step was logged before. Training after a failure
+        replays steps from its last checkpoint, and MLflow cannot delete points: so a replayed
+        step is never logged twice, whether or not its checkpoint was registered in time."""
+        last = self.__dict__.setdefault("_last", {})
+        fresh = {}
+        for key, value in metrics.items():
+            if key not in last:
+                history = self.client.get_metric_history(self.run_id, key)
+                last[key] = max((m.step for m in history), default=-1)
+            if step > last[key]:
+                fresh[key] = value
+                last[key] = step
+        if fresh:
+            self.log_metrics(fresh, step)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for k, v in tags.items():

@@ -135,8 +135,8 @@ def train_loop(config: dict[str, Any]) -> None:
         state = {"model": unwrap(model).state_dict(), "opt": opt.state_dict(), "epoch": epoch}
         report(metrics, state if rank == 0 else None)
         if rank == 0:
-            # logged after the checkpoint exists, so a restart never logs an epoch twice
-            tracker.log_metrics({"train_loss": metrics["train_loss"], "accuracy": accuracy}, epoch)
+            # a restart replays epochs from its checkpoint; log_new never logs one twice
+            tracker.log_new({"train_loss": metrics["train_loss"], "accuracy": accuracy}, epoch)
 
 
 class Classifier(JobOperator):

@@ -388,10 +388,9 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
                        "first_step_at": first_step_at}  # fmt: skip
             io.save(engine, ema, step, metrics)
             if rank == 0:
-                # logged only once the checkpoint that covers them exists: a restart after a
-                # failure replays steps, never logs them twice
-                tracker.log_metrics({"loss": metrics["loss"], "lr": metrics["lr"],
-                                     "samples_per_s": rate}, step=step)  # fmt: skip
+                # a restart after a failure replays steps; log_new never logs one twice
+                tracker.log_new({"loss": metrics["loss"], "lr": metrics["lr"],
+                                 "samples_per_s": rate}, step=step)  # fmt: skip
             losses = []
         if rank == 0 and p["sample_every"] and step % p["sample_every"] == 0:
             io.samples(engine.module, step)
@@ -474,6 +473,8 @@ class FolderIO:
 class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         pass
+
+    log_new = log_metrics
 
 
 def train_locally(config: dict[str, Any], folder: str) -> FolderIO:

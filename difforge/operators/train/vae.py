@@ -129,8 +129,8 @@ def train_loop(config: dict[str, Any]) -> None:
             state = {"model": unwrap(model).vae.state_dict(), "opt": opt.state_dict(), "step": done}
             report(metrics, state if rank == 0 else None)
             if rank == 0:
-                # after the checkpoint: a restart replays no logged step
-                tracker.log_metrics({"train_mse": metrics["mse"], "train_psnr": psnr}, step=done)
+                # a restart replays steps from its checkpoint; log_new never logs one twice
+                tracker.log_new({"train_mse": metrics["mse"], "train_psnr": psnr}, step=done)
             losses = []
 
 
