@@ -11,12 +11,15 @@ from difforge.operators.curate.filter import Filter
 from difforge.operators.curate.validate import Validate
 from difforge.operators.encode.text import EncodeText
 from difforge.operators.encode.vae import EncodeVAE
+from difforge.operators.evaluate.fid import FID
 from difforge.operators.image.resize import Resize
 from difforge.operators.ingest.digits import Digits
 from difforge.operators.ingest.fashion_mnist import FashionMnist
 from difforge.operators.ingest.images import Images
 from difforge.operators.ingest.parquet import Parquet
 from difforge.operators.ingest.webdataset import WebDataset
+from difforge.operators.sample.diffusion import SampleDiffusion
+from difforge.operators.sample.plan import SamplePlan
 from difforge.operators.train.classifier import Classifier
 from difforge.operators.train.diffusion import DiffusionTraining
 from difforge.operators.train.vae import TrainVAE
@@ -39,4 +42,7 @@ BUILTIN = [
     Classifier,
     TrainVAE,
     DiffusionTraining,
+    SamplePlan,
+    SampleDiffusion,
+    FID,
 ]

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("difforge")
 
 STATS = "__stats__"
+RESUMABLE_SHARDS = "_work/shards"  # where resumable operators keep finished shards
 
 
 @dataclass
@@ -186,10 +187,29 @@ class _Worker:
         outs = []
         for raw in batch.column("item").to_pylist():
             item = json.loads(raw)
+            done = self._done_marker(item)
+            if done is not None:
+                fs, path = done
+                if fs.exists(path):  # written by an earlier, interrupted run
+                    outs.append(pa.Table.from_pylist(json.loads(fs.cat_file(path))))
+                    continue
+            item_outs = []
             for seq, (result, rows_in) in enumerate(self._results(item)):
                 key = f"{item['index']:06d}-{seq:04d}"
-                outs.append(_write_outputs(result, self.writers, key, rows_in))
+                item_outs.append(_write_outputs(result, self.writers, key, rows_in))
+            table = pa.concat_tables(item_outs) if item_outs else None
+            if done is not None and table is not None:
+                fs, path = done
+                fs.pipe_file(path, json.dumps(table.to_pylist()).encode())
+            if table is not None:
+                outs.append(table)
         return pa.concat_tables(outs) if outs else _write_outputs({}, self.writers, "", 0)
+
+    def _done_marker(self, item: dict):
+        if not getattr(self.op, "resumable", False):
+            return None
+        fs, root = ds_mod.url_to_fs(self.writers[MAIN].dataset_uri)
+        return fs, f"{root}/{RESUMABLE_SHARDS}/item-{item['index']:06d}.done.json"
 
 
 def _task(*args):
@@ -215,6 +235,8 @@ class Executor:
         import ray.data
 
         params = step.params.model_dump(mode="json")
+        if getattr(step.op_cls, "resumable", False):
+            attempt = RESUMABLE_SHARDS  # kept across failed runs, under the fingerprint
         writers = {MAIN: ShardWriter(step.uri, attempt)}
         for name in step.op_cls.side_outputs:
             writers[name] = ShardWriter(step.output_uri(name), attempt)

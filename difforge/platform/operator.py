@@ -142,6 +142,9 @@ class MapOperator(Operator):
 
     #: holds a model: run as an actor pool and call `setup` once per actor
     stateful: ClassVar[bool] = False
+    #: expensive per row (sampling): each input shard's output is kept in the work folder as
+    #: soon as it is written, so a rerun after a crash redoes only the missing shards
+    resumable: ClassVar[bool] = False
 
     def setup(self, ctx: MapContext) -> None:
         """Load models or other state; called once per actor (once per task when stateless)."""

@@ -31,6 +31,9 @@ def quickstart(ray_session, tmp_path_factory):
         "vae.params.checkpoint_every=30",
         "model.params.max_steps=10",
         "model.params.checkpoint_every=10",
+        "plan.params.num_images=40",
+        "samples.params.num_inference_steps=4",
+        "quality.params.kid_subset_size=20",
     ]
     summary = difforge.run(QUICKSTART, overrides)
     return storage, overrides, summary
@@ -42,7 +45,8 @@ def test_quickstart_runs_every_step(quickstart):
     rows = {s.step: s.rows_out for s in summary.steps}
     assert rows == {"raw": 1200, "raw_test": 300, "clean": 1200, "unique": 1200,
                     "images": 1200, "noisy": 1200, "test_images": 300, "vae": 1,
-                    "latents": 1200, "classifier": 1, "model": 1}  # fmt: skip
+                    "latents": 1200, "classifier": 1, "model": 1, "plan": 40,
+                    "samples": 40, "quality": 1}  # fmt: skip
     assert not any(s.cached for s in summary.steps)
     images = open_dataset(summary.step("images").uri)
     assert images.metadata["classes"][0] == "T-shirt/top"
@@ -76,7 +80,8 @@ def test_quickstart_is_tracked_in_mlflow(quickstart):
     )
     by_step = {r.data.tags["difforge.step"]: r for r in children}
     assert set(by_step) == {"raw", "raw_test", "clean", "unique", "images", "noisy",
-                            "test_images", "vae", "latents", "classifier", "model"}  # fmt: skip
+                            "test_images", "vae", "latents", "classifier", "model",
+                            "plan", "samples", "quality"}  # fmt: skip
     images = by_step["images"]
     assert images.data.metrics["rows_in"] == 1200 and images.data.metrics["rows_out"] == 1200
     assert images.data.metrics["rows_per_s"] > 0
@@ -113,7 +118,8 @@ def test_changed_param_recomputes_exactly_what_depends_on_it(quickstart):
     changed = [*overrides, "noisy.params.seed=1"]
     plan = difforge.plan(QUICKSTART, changed)
     redo = {s.id for s in plan.steps if not s.cached}
-    assert redo == {"noisy", "latents", "model"}  # the VAE and classifier never see them
+    # the VAE and the classifier never see the labels
+    assert redo == {"noisy", "latents", "model", "plan", "samples", "quality"}
     summary = difforge.run(QUICKSTART, changed, until="noisy")
     assert [s.step for s in summary.steps if not s.cached] == ["noisy"]
     assert summary.step("noisy").uri != first.step("noisy").uri
@@ -122,7 +128,7 @@ def test_changed_param_recomputes_exactly_what_depends_on_it(quickstart):
 def test_force_recomputes_a_step_and_its_downstream(quickstart):
     _, overrides, first = quickstart
     plan = difforge.plan(QUICKSTART, overrides, force=["test_images"])
-    assert {s.id for s in plan.steps if not s.cached} == {"test_images", "classifier"}
+    assert {s.id for s in plan.steps if not s.cached} == {"test_images", "classifier", "quality"}
     summary = difforge.run(QUICKSTART, overrides, until="test_images", force=["test_images"])
     assert summary.step("test_images").cached is False
     assert summary.step("test_images").uri == first.step("test_images").uri  # same fingerprint

@@ -16,7 +16,7 @@ def test_validate_prints_the_plan(tmp_path):
     assert out.returncode == 0, out.stderr
     for step in ("raw", "clean", "unique", "noisy", "vae", "latents", "classifier"):
         assert step in out.stdout
-    assert "to run" in out.stdout and "ok: 0 cached, 11 to run" in out.stdout
+    assert "to run" in out.stdout and "ok: 0 cached, 14 to run" in out.stdout
 
 
 def test_validate_json_is_the_resolved_spec(tmp_path):

@@ -123,3 +123,35 @@ def test_user_errors():
     cfg = deepspeed_config(Params(grad_accum=2).model_dump(), 8, 2, False)
     assert cfg["train_batch_size"] == 32 and "bf16" not in cfg  # auto: fp32 on CPU
     assert deepspeed_config(Params().model_dump(), 8, 1, True)["bf16"] == {"enabled": True}
+
+
+def test_dit_backbone_class_conditional(tmp_path, digits):
+    dit = {"type": "DiTTransformer2DModel", "num_layers": 1, "num_attention_heads": 2,
+           "attention_head_dim": 8, "patch_size": 2, "norm_num_groups": 1}  # fmt: skip
+    p = Params(backbone=dit, batch_size=16, max_steps=4, checkpoint_every=2,
+               cep={"kind": "gaussian"}).model_dump()  # fmt: skip
+    io = train_locally({"params": p, "files": digits.file_uris(), "column": "image",
+                        "num_classes": 10}, str(tmp_path / "c"))  # fmt: skip
+    assert [m["step"] for m in io.history] == [2, 4]
+
+
+def test_text_conditional_unet_with_cep_on_the_embedding(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (32, 1, 8, 8)).astype(np.float32)
+    from difforge.operators.imaging import encode_png
+
+    images = [encode_png(((im[0] + 1) * 127.5).astype(np.uint8)) for im in x]
+    emb = rng.standard_normal((32, 6, 16)).astype(np.float32)
+    table = pa.table({"id": [f"t{i}" for i in range(32)], "image": images,
+                      "cond_embedding": to_column(emb)})  # fmt: skip
+    uri = str(tmp_path / "txt")
+    D.commit(uri, [D.ShardWriter(uri, D.attempt_id()).write(table, "0")], "txt", {})
+    unet = {"type": "UNet2DConditionModel", "block_out_channels": [8, 16], "layers_per_block": 1,
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "norm_num_groups": 4,
+            "attention_head_dim": 4}  # fmt: skip
+    p = Params(backbone=unet, batch_size=8, max_steps=4, checkpoint_every=4,
+               cep={"kind": "uniform", "gamma": 1.0}).model_dump()  # fmt: skip
+    io = train_locally({"params": p, "files": D.open_dataset(uri).file_uris(), "column": "image",
+                        "num_classes": 0}, str(tmp_path / "c"))  # fmt: skip
+    assert io.history[-1]["step"] == 4 and np.isfinite(io.history[-1]["loss"])
