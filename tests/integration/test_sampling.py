@@ -111,3 +111,25 @@ def test_metrics_order_real_noisy_blurred():
     p_same, r_same = precision_recall(a[:400], b[:400], 3)
     p_noise, _ = precision_recall(a[:400], noisier[:400], 3)
     assert p_same > 0.8 and r_same > 0.8 and p_noise < p_same
+
+
+def test_difforge_sample_command(sampled, tmp_path):
+    from tests.conftest import difforge_cli
+
+    _, summary = sampled
+    model = difforge.open_dataset(summary.step("model").uri).to_arrow().to_pylist()[0]
+    out = difforge_cli("sample", model["model_uri"], "--n", "6", "--class", "3", "--steps", "3",
+                       "--out", str(tmp_path / "s"))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    files = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert files == [
+        "00000-class3.png",
+        "00001-class3.png",
+        "00002-class3.png",
+        "00003-class3.png",
+        "00004-class3.png",
+        "00005-class3.png",
+        "grid.png",
+    ]
+    bad = difforge_cli("sample", model["model_uri"], "--class", "12")
+    assert bad.returncode == 2 and "the model has 10 classes" in bad.stderr

@@ -29,7 +29,9 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     scheduler: Literal["ddpm", "ddim", "dpm_solver_pp", "euler"] = "ddim"
-    num_inference_steps: int = Field(25, ge=1)
+    num_inference_steps: int | None = Field(
+        None, ge=1, description="default: the model's own (a distilled student's), else 25"
+    )
     weights: Literal["ema", "model"] = Field("ema", description="EMA weights where saved")
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
@@ -122,7 +124,8 @@ class SampleDiffusion(MapOperator):
         x = sample_batch(self.model, info["backbone"], self.scheduler, tuple(info["sample_shape"]),
                          batch.column("seed").to_pylist(), labels,
                          batch.column("guidance_scale").to_pylist(),
-                         info["num_classes"] or None, self.params.num_inference_steps,
+                         info["num_classes"] or None,
+                         self.params.num_inference_steps or info.get("num_inference_steps", 25),
                          self.device, self.dtype)  # fmt: skip
         images = to_pil(x, self.vae)
         n = len(images)
