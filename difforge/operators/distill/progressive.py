@@ -190,11 +190,10 @@ class Progressive(JobOperator):
 
     def run(self, ctx: JobContext) -> JobResult:
         import pyarrow as pa
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         from difforge.operators.sample.diffusion import load_model
         from difforge.operators.train import _raytrain
-        from difforge.operators.train.diffusion import import_deepspeed
+        from difforge.operators.train.diffusion import consolidated_state, import_deepspeed
         from difforge.platform.datasets import url_to_fs
 
         teacher_row = ctx.inputs[0].to_arrow().to_pylist()[0]
@@ -208,7 +207,7 @@ class Progressive(JobOperator):
         import_deepspeed()
         model, info, sched_cfg, _ = load_model(teacher_uri)
         with result.checkpoint.as_directory() as d:
-            model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(d, tag="state"))
+            model.load_state_dict(consolidated_state(d))
         steps = self.params.student_steps
         info = {**info, "num_inference_steps": steps, "distilled_from": teacher_uri,
                 "distillation": "progressive"}  # fmt: skip

@@ -378,7 +378,9 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
             window_steps += 1
         if ema is not None:
             with torch.no_grad():
-                d = p["ema_decay"]
+                # warmed-up decay: early on the average must not be dominated by the random
+                # initial weights (0.999^1500 of them would still be 22% of it)
+                d = min(p["ema_decay"], (1 + step) / (10 + step))
                 for pe, pm in zip(ema.parameters(), engine.module.parameters(), strict=True):
                     pe.mul_(d).add_(pm.detach().float(), alpha=1 - d)
         if step % p["checkpoint_every"] == 0 or step == p["max_steps"]:
@@ -573,10 +575,7 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext) -> tuple[st
     from difforge.platform.datasets import url_to_fs
     from difforge.platform.show import grid
 
-    deepspeed = import_deepspeed()
-    del deepspeed
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+    import_deepspeed()
     num_classes = config["num_classes"]
     x_shape = _shape_of(data, config["column"])
     cond_dim = None
@@ -584,8 +583,7 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext) -> tuple[st
         cond_dim = int(data.manifest.schema().field(C.COND_EMBEDDING).type.shape[-1])
     model, _ = build_backbone(p, x_shape[-1], x_shape[0], num_classes, cond_dim)
     with checkpoint.as_directory() as d:
-        state = get_fp32_state_dict_from_zero_checkpoint(d, tag="state")
-        model.load_state_dict(state)
+        model.load_state_dict(consolidated_state(d))
         ema_state = (torch.load(os.path.join(d, "ema.pt"), weights_only=True)
                      if os.path.exists(os.path.join(d, "ema.pt")) else None)  # fmt: skip
     noise_scheduler = DDPMScheduler(num_train_timesteps=p["num_train_timesteps"],
@@ -638,6 +636,20 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext) -> tuple[st
             "samples.png")  # fmt: skip
     _register(ctx, info)
     return ctx.artifact("model"), info
+
+
+def consolidated_state(folder: str, tag: str = "state") -> dict[str, Any]:
+    """Full fp32 weights from a DeepSpeed checkpoint: gathered from ZeRO partitions, or, with
+    ZeRO off (stage 0), the module state DeepSpeed saved whole."""
+    import torch
+
+    states = os.path.join(folder, tag, "mp_rank_00_model_states.pt")
+    saved = torch.load(states, map_location="cpu", weights_only=False)
+    if saved.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) == 0:
+        return {k: v.float() for k, v in saved["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(folder, tag=tag)
 
 
 def _shape_of(data, column: str) -> tuple[int, ...]:
