@@ -9,7 +9,6 @@ from difforge.operators.curate.dedup_exact import DedupExact
 from difforge.operators.curate.dedup_near import DedupNear
 from difforge.operators.curate.filter import Filter
 from difforge.operators.curate.validate import Validate
-from difforge.operators.distill.progressive import Progressive
 from difforge.operators.encode.text import EncodeText
 from difforge.operators.encode.vae import EncodeVAE
 from difforge.operators.evaluate.fid import FID
@@ -43,7 +42,6 @@ BUILTIN = [
     Classifier,
     TrainVAE,
     DiffusionTraining,
-    Progressive,
     SamplePlan,
     SampleDiffusion,
     FID,

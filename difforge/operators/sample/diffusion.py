@@ -30,7 +30,9 @@ class Params(BaseModel):
 
     scheduler: Literal["ddpm", "ddim", "dpm_solver_pp", "euler"] = "ddim"
     num_inference_steps: int | None = Field(
-        None, ge=1, description="default: the model's own (a distilled student's), else 25"
+        None,
+        ge=1,
+        description="default: the model's own (`num_inference_steps` in its difforge.json), else 25",
     )
     weights: Literal["ema", "model"] = Field("ema", description="EMA weights where saved")
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"

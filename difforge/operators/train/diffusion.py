@@ -164,6 +164,16 @@ def forward(model, kind: str, x, t, labels, cond):
     return model(x, t, class_labels=labels).sample
 
 
+def make_noise_scheduler(p: dict[str, Any], column: str):
+    """The DDPM noise schedule. Clipping predicted x0 to [-1, 1] suits pixels only: latents
+    have unit variance, and clipping them wrecks the samples."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=p["num_train_timesteps"],
+                         beta_schedule=p["beta_schedule"], prediction_type=p["prediction_type"],
+                         clip_sample=column == C.IMAGE)  # fmt: skip
+
+
 def deepspeed_config(p: dict[str, Any], micro_batch: int, world: int, on_gpu: bool) -> dict:
     ds = p["deepspeed"]
     precision = ds["precision"]
@@ -299,7 +309,6 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
     plain folder when run without Ray)."""
     import numpy as np
     import torch
-    from diffusers import DDPMScheduler
 
     deepspeed = import_deepspeed()
     p = config["params"]
@@ -318,9 +327,7 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
                                         cond.shape[-1] if cond is not None else None)  # fmt: skip
     if cond_module is not None:
         cond_module.register_forward_hook(CEPHook(p["cep"]["kind"], p["cep"]["gamma"]))
-    noise_scheduler = DDPMScheduler(num_train_timesteps=p["num_train_timesteps"],
-                                    beta_schedule=p["beta_schedule"],
-                                    prediction_type=p["prediction_type"])  # fmt: skip
+    noise_scheduler = make_noise_scheduler(p, config["column"])
     ema = copy.deepcopy(model).eval().requires_grad_(False) if p["ema_decay"] else None
 
     # DeepSpeed engine: a torch AdamW (DeepSpeed's fused Adam would JIT-compile for minutes)
@@ -570,7 +577,6 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext) -> tuple[st
     config, the training input's VAE recorded, a sample grid logged, and the model registered
     in MLflow's registry with its lineage."""
     import torch
-    from diffusers import DDPMScheduler
 
     from difforge.platform.datasets import url_to_fs
     from difforge.platform.show import grid
@@ -586,9 +592,7 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext) -> tuple[st
         model.load_state_dict(consolidated_state(d))
         ema_state = (torch.load(os.path.join(d, "ema.pt"), weights_only=True)
                      if os.path.exists(os.path.join(d, "ema.pt")) else None)  # fmt: skip
-    noise_scheduler = DDPMScheduler(num_train_timesteps=p["num_train_timesteps"],
-                                    beta_schedule=p["beta_schedule"],
-                                    prediction_type=p["prediction_type"])  # fmt: skip
+    noise_scheduler = make_noise_scheduler(p, config["column"])
     vae_info = data.metadata.get("vae")
     info = {
         "kind": "diffusion",
