@@ -41,6 +41,16 @@ def decode(data: bytes) -> Image.Image:
     return img
 
 
+def replace_columns(table, columns: dict):
+    """`table` with these columns set (replaced in place where present, appended otherwise)."""
+    for name, col in columns.items():
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, col)
+        else:
+            table = table.append_column(name, col)
+    return table
+
+
 def to_array(data: bytes, mode: str | None = None) -> np.ndarray:
     import numpy as np
 

@@ -106,19 +106,35 @@ def log_pairs(ctx: JobContext, pairs: list[tuple[str, str]], name: str) -> None:
     ctx.tracker.log_image(captioned_grid(items, columns=8), name)
 
 
-def side_pairs(entries: list[dict[str, Any]], n: int = 16) -> list[tuple[str, str]]:
+def side_pairs(uris: list[str], n: int = 16) -> list[tuple[str, str]]:
     import pyarrow.parquet as pq
 
     from difforge.platform.datasets import url_to_fs
 
     pairs: list[tuple[str, str]] = []
-    for e in entries:
+    for uri in uris:
         if len(pairs) >= n:
             break
-        fs, path = url_to_fs(e["uri"])
+        fs, path = url_to_fs(uri)
         t = pq.read_table(path, filesystem=fs, columns=[C.ID, "duplicate_of"])
         pairs += list(zip(t.column(0).to_pylist(), t.column(1).to_pylist(), strict=True))
     return pairs[:n]
+
+
+def drop_duplicates(ctx: JobContext, files: list[str], dup_entries: list[dict[str, Any]],
+                    flag: str | None, grid_name: str) -> JobResult:  # fmt: skip
+    """Second pass of both dedups: remove (or flag) the listed ids from every shard, and log
+    the pairs removed as an image grid."""
+    from difforge.platform.datasets import join
+    from difforge.platform.parallel import map_files
+
+    res = ctx.resources
+    root = ctx.writers["duplicates"].dataset_uri
+    id_files = [join(root, e["path"]) for e in dup_entries if e["path"]]
+    main = map_files(files, DropIds(id_files, flag), {MAIN: ctx.writers[MAIN]},
+                     res.batch_size, res.num_cpus)[MAIN]  # fmt: skip
+    log_pairs(ctx, side_pairs(id_files), grid_name)
+    return JobResult(entries={MAIN: main, "duplicates": dup_entries})
 
 
 class DedupExact(JobOperator):
@@ -136,8 +152,7 @@ class DedupExact(JobOperator):
         return {C.ID, "duplicate_of", "kind"}
 
     def run(self, ctx: JobContext) -> JobResult:
-        from difforge.platform.datasets import join
-        from difforge.platform.parallel import group_and_write, map_files, read_files
+        from difforge.platform.parallel import group_and_write, read_files
 
         source = ctx.inputs[0]
         res = ctx.resources
@@ -145,13 +160,4 @@ class DedupExact(JobOperator):
                           columns=[C.ID, C.IMAGE])  # fmt: skip
         side = {"duplicates": ctx.writers["duplicates"]}
         dup_entries = group_and_write(sigs, "pixel_hash", pick_first, side)["duplicates"]
-        root = ctx.writers["duplicates"].dataset_uri
-        for e in dup_entries:
-            e["uri"] = join(root, e["path"]) if e["path"] else ""
-        id_files = [e["uri"] for e in dup_entries if e["path"]]
-        main = map_files(source.file_uris(), DropIds(id_files), {MAIN: ctx.writers[MAIN]},
-                         res.batch_size, res.num_cpus)[MAIN]  # fmt: skip
-        log_pairs(ctx, side_pairs([e for e in dup_entries if e["path"]]), "duplicates.png")
-        for e in dup_entries:
-            e.pop("uri")
-        return JobResult(entries={MAIN: main, "duplicates": dup_entries})
+        return drop_duplicates(ctx, source.file_uris(), dup_entries, None, "duplicates.png")

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from difforge.operators.curate.dedup_exact import DropIds, log_pairs, side_pairs
+from difforge.operators.curate.dedup_exact import drop_duplicates
 from difforge.platform import columns as C
-from difforge.platform.operator import MAIN, JobOperator, JobResult
+from difforge.platform.operator import JobOperator, JobResult
 from difforge.platform.spec import Resources
 
 if TYPE_CHECKING:
@@ -130,12 +130,10 @@ class DedupNear(JobOperator):
         return {C.ID, "duplicate_of", "distance"}
 
     def run(self, ctx: JobContext) -> JobResult:
-        from difforge.platform.datasets import join
         from difforge.platform.parallel import (
             as_function,
             default_partitions,
             group_and_write,
-            map_files,
             read_files,
         )
 
@@ -153,14 +151,6 @@ class DedupNear(JobOperator):
         )
         side = {"duplicates": ctx.writers["duplicates"]}
         dup_entries = group_and_write(pairs, C.ID, closest, side)["duplicates"]
-        root = ctx.writers["duplicates"].dataset_uri
-        for e in dup_entries:
-            e["uri"] = join(root, e["path"]) if e["path"] else ""
-        id_files = [e["uri"] for e in dup_entries if e["path"]]
         flag = "near_duplicate" if p.action == "flag" else None
-        main = map_files(ctx.inputs[0].file_uris(), DropIds(id_files, flag),
-                         {MAIN: ctx.writers[MAIN]}, res.batch_size, res.num_cpus)[MAIN]  # fmt: skip
-        log_pairs(ctx, side_pairs([e for e in dup_entries if e["path"]]), "near_duplicates.png")
-        for e in dup_entries:
-            e.pop("uri")
-        return JobResult(entries={MAIN: main, "duplicates": dup_entries})
+        return drop_duplicates(ctx, ctx.inputs[0].file_uris(), dup_entries, flag,
+                               "near_duplicates.png")  # fmt: skip

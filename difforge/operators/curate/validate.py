@@ -99,7 +99,7 @@ class Validate(MapOperator):
     def process(self, batch: pa.Table) -> dict[str, pa.Table]:
         import pyarrow as pa
 
-        from difforge.operators.imaging import encode_png
+        from difforge.operators.imaging import encode_png, replace_columns
 
         p = self.params
         keep, reasons, details = [], [], []
@@ -129,11 +129,7 @@ class Validate(MapOperator):
             C.HEIGHT: pa.array(heights, pa.int32()),
             C.MODE: pa.array(modes, pa.string()),
         }
-        for name, col in replace.items():
-            if name in good.column_names:
-                good = good.set_column(good.column_names.index(name), name, col)
-            else:
-                good = good.append_column(name, col)
+        good = replace_columns(good, replace)
         rejects = batch.filter(pa.compute.invert(mask))
         rejects = rejects.append_column(C.REASON, pa.array(reasons, pa.string()))
         rejects = rejects.append_column("detail", pa.array(details, pa.string()))

@@ -73,7 +73,7 @@ class Resize(MapOperator):
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        from difforge.operators.imaging import decode, encode_png
+        from difforge.operators.imaging import decode, encode_png, replace_columns
 
         out, ok, reasons = [], [], []
         for data in batch.column(C.IMAGE).to_pylist():
@@ -99,11 +99,7 @@ class Resize(MapOperator):
             C.HEIGHT: pa.array([h] * n, pa.int32()),
             C.MODE: pa.array([img.mode for img in out] if out else [mode] * 0, pa.string()),
         }
-        for name, col in replace.items():
-            if name in good.column_names:
-                good = good.set_column(good.column_names.index(name), name, col)
-            else:
-                good = good.append_column(name, col)
+        good = replace_columns(good, replace)
         rejects = batch.filter(pc.invert(mask)).append_column(
             C.REASON, pa.array(reasons, pa.string())
         )
