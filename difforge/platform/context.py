@@ -47,3 +47,11 @@ class JobContext:
 
     def artifact(self, *parts: str) -> str:
         return join(self.artifact_uri, *parts)
+
+    def publish(self, local_dir: str, name: str) -> str:
+        """Copy a local folder into this step's committed artifacts and log it to MLflow."""
+        uri = self.artifact(name)
+        fs, path = url_to_fs(uri)
+        fs.put(local_dir.rstrip("/") + "/", path, recursive=True)
+        self.tracker.log_artifacts(local_dir, name)
+        return uri

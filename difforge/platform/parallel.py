@@ -9,13 +9,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from difforge.platform.datasets import ShardWriter, url_to_fs
+from difforge.platform.executor import STATS
 from difforge.platform.operator import MAIN
 
 if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
-
-STATS = "__stats__"
 
 
 def shard_rows(result: pa.Table | dict[str, pa.Table], writers: dict[str, ShardWriter], key: str):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from difforge.platform.datasets import url_to_fs
 from difforge.platform.errors import DifforgeError
+from difforge.platform.fingerprint import fingerprint
+from difforge.platform.operator import SourceOperator
 
 
 def list_files(
@@ -38,3 +40,23 @@ def _stamp(info: dict[str, Any]) -> str:
         if info.get(key) is not None:
             return str(info[key])
     return ""
+
+
+class PerFileSource(SourceOperator):
+    """A source that reads `params.path` (a file or a folder of them) one file per read task,
+    fingerprinted by the listing (sizes and modification times, or ETags)."""
+
+    extensions: ClassVar[tuple[str, ...]] = ()
+
+    def _listing(self) -> tuple[str, list[dict[str, Any]]]:
+        root, files = list_files(self.params.path, self.extensions)
+        if not files:
+            raise DifforgeError(f"{self.params.path}: no {'/'.join(self.extensions)} files found")
+        return root, files
+
+    def source_fingerprint(self) -> str:
+        return fingerprint({"files": self._listing()[1]})
+
+    def read_tasks(self, rows_per_task: int) -> list[dict[str, Any]]:
+        root, files = self._listing()
+        return [{"root": root, "rel": f["rel"]} for f in files]

@@ -7,12 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from difforge.operators.ingest._listing import list_files
+from difforge.operators.ingest._listing import PerFileSource
 from difforge.platform import columns as C
 from difforge.platform.datasets import url_to_fs
 from difforge.platform.errors import DifforgeError
-from difforge.platform.fingerprint import fingerprint
-from difforge.platform.operator import SourceOperator
 from difforge.platform.spec import Resources
 
 if TYPE_CHECKING:
@@ -31,30 +29,18 @@ class Params(BaseModel):
     )
 
 
-class Parquet(SourceOperator):
+class Parquet(PerFileSource):
     """Rows of existing Parquet files; columns renamed to difforge's vocabulary."""
 
     name = "ingest.parquet"
     version = 1
     Params = Params
+    extensions = (".parquet", ".pq")
     resources = Resources(batch_size=1)  # files per read task
 
     @classmethod
     def output_columns(cls, params, input_columns):
         return None  # known only once the files are read
-
-    def _listing(self) -> tuple[str, list[dict[str, Any]]]:
-        root, files = list_files(self.params.path, (".parquet", ".pq"))
-        if not files:
-            raise DifforgeError(f"{self.params.path}: no .parquet files found")
-        return root, files
-
-    def source_fingerprint(self) -> str:
-        return fingerprint({"files": self._listing()[1]})
-
-    def read_tasks(self, rows_per_task: int) -> list[dict[str, Any]]:
-        root, files = self._listing()
-        return [{"root": root, "rel": f["rel"]} for f in files]
 
     def read(self, task: Mapping[str, Any]) -> Iterator[pa.Table]:
         import pyarrow as pa

@@ -9,12 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from difforge.operators.ingest._listing import list_files
+from difforge.operators.ingest._listing import PerFileSource
 from difforge.platform import columns as C
 from difforge.platform.datasets import url_to_fs
-from difforge.platform.errors import DifforgeError
-from difforge.platform.fingerprint import fingerprint
-from difforge.platform.operator import SourceOperator
 from difforge.platform.spec import Resources
 
 if TYPE_CHECKING:
@@ -50,27 +47,15 @@ def samples(stream) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield current, fields
 
 
-class WebDataset(SourceOperator):
+class WebDataset(PerFileSource):
     """Samples of WebDataset tar shards, read in parallel (one read task per shard)."""
 
     name = "ingest.webdataset"
     version = 1
     Params = Params
+    extensions = (".tar",)
     resources = Resources(batch_size=1)
     writes = (*C.IMAGE_COLUMNS, C.LABEL, C.CAPTION, C.SOURCE)
-
-    def _listing(self):
-        root, files = list_files(self.params.path, (".tar",))
-        if not files:
-            raise DifforgeError(f"{self.params.path}: no .tar shards found")
-        return root, files
-
-    def source_fingerprint(self) -> str:
-        return fingerprint({"files": self._listing()[1]})
-
-    def read_tasks(self, rows_per_task: int) -> list[dict[str, Any]]:
-        root, files = self._listing()
-        return [{"root": root, "rel": f["rel"]} for f in files]
 
     def read(self, task: Mapping[str, Any]) -> Iterator[pa.Table]:
         from difforge.operators.imaging import describe

@@ -159,7 +159,6 @@ class Classifier(JobOperator):
         import torch
 
         from difforge.operators.train import _raytrain
-        from difforge.platform.datasets import url_to_fs
 
         train = ctx.inputs[0]
         labels = train.to_arrow(columns=[C.LABEL]).column(C.LABEL)
@@ -186,9 +185,7 @@ class Classifier(JobOperator):
             torch.save(state["model"], os.path.join(d, "model.pt"))
             with open(os.path.join(d, "config.json"), "w") as f:
                 json.dump(model_config, f, indent=2)
-            afs, apath = url_to_fs(ctx.artifact("model"))
-            afs.put(d + "/", apath, recursive=True)
-            ctx.tracker.log_artifacts(d, "model")
+            ctx.publish(d, "model")
         ctx.tracker.log_metrics({"final_accuracy": result.metrics["accuracy"]})
         table = pa.table(
             {

@@ -79,7 +79,6 @@ class Params(BaseModel):
     batch_size: int = Field(64, ge=1, description="global batch size per optimizer step")
     max_steps: int = Field(1000, ge=1, description="optimizer steps, exactly")
     checkpoint_every: int = Field(250, ge=1)
-    sample_every: int = Field(0, ge=0, description="steps between sample grids (0: at the end)")
     seed: int = 0
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
 
@@ -261,35 +260,6 @@ def load_data(files: list[str], column: str):
     )
 
 
-def generate(model, kind: str, scheduler_config: dict, shape: tuple[int, ...], labels, cond,
-             null_label: int | None, guidance_scale: float = 2.0, steps: int = 25,
-             seed: int = 0, device: str = "cpu"):  # fmt: skip
-    """DDIM sampling with classifier-free guidance, one generator per sample (so a sample
-    depends on its seed, not on the batch it is in)."""
-    import torch
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(scheduler_config)
-    scheduler.set_timesteps(steps)
-    n = shape[0]
-    x = torch.stack([
-        torch.randn(shape[1:], generator=torch.Generator().manual_seed(seed + i)) for i in range(n)
-    ]).to(device)  # fmt: skip
-    guided = guidance_scale != 1.0 and (null_label is not None or cond is not None)
-    for t in scheduler.timesteps:
-        tt = torch.full((n,), int(t), device=device, dtype=torch.long)
-        with torch.no_grad():
-            out = forward(model, kind, x, tt, labels, cond)
-            if guided:
-                if cond is not None:
-                    uncond = forward(model, kind, x, tt, labels, torch.zeros_like(cond))
-                else:
-                    uncond = forward(model, kind, x, tt, torch.full_like(labels, null_label), None)
-                out = uncond + guidance_scale * (out - uncond)
-        x = scheduler.step(out, t, x).prev_sample
-    return x
-
-
 def to_pil(x, vae=None):
     """Model outputs in [-1, 1] (decoded through the VAE for latents) as PIL images."""
     import torch
@@ -401,8 +371,6 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
                 tracker.log_new({"loss": metrics["loss"], "lr": metrics["lr"],
                                  "samples_per_s": rate}, step=step)  # fmt: skip
             losses = []
-        if rank == 0 and p["sample_every"] and step % p["sample_every"] == 0:
-            io.samples(engine.module, step)
 
 
 class RayTrainIO:
@@ -440,9 +408,6 @@ class RayTrainIO:
                     torch.save(ema.state_dict(), os.path.join(d, "ema.pt"))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-    def samples(self, module, step: int) -> None:
-        pass  # the driver draws grids from checkpoints; workers keep training
-
 
 class FolderIO:
     """Checkpoints in a local folder: the recipe run in one process, without Ray (tests,
@@ -474,9 +439,6 @@ class FolderIO:
             with open(os.path.join(self.folder, "progress.json"), "w") as f:
                 json.dump({"step": step}, f)
         self.history.append(metrics)
-
-    def samples(self, module, step: int) -> None:
-        pass
 
 
 class NullTracker:
@@ -578,7 +540,7 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext) -> tuple[st
     in MLflow's registry with its lineage."""
     import torch
 
-    from difforge.platform.datasets import url_to_fs
+    from difforge.operators.sample.diffusion import make_scheduler, sample_batch
     from difforge.platform.show import grid
 
     import_deepspeed()
@@ -616,9 +578,7 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext) -> tuple[st
         noise_scheduler.save_pretrained(os.path.join(d, "scheduler"))
         with open(os.path.join(d, "difforge.json"), "w") as f:
             json.dump(info, f, indent=2)
-        afs, apath = url_to_fs(ctx.artifact("model"))
-        afs.put(d + "/", apath, recursive=True)
-        ctx.tracker.log_artifacts(d, "model")
+        ctx.publish(d, "model")
     # a sample grid: one row per class, fixed seeds
     model.eval()
     vae = None
@@ -632,8 +592,10 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext) -> tuple[st
     if num_classes:
         classes = min(num_classes, 10)
         labels = torch.arange(classes).repeat_interleave(per)
-        imgs = generate(model, p["backbone"]["type"], noise_scheduler.config,
-                        (len(labels), *x_shape), labels, None, num_classes)  # fmt: skip
+        imgs = sample_batch(model, p["backbone"]["type"],
+                            make_scheduler("ddim", noise_scheduler.config), x_shape,
+                            list(range(len(labels))), labels, [2.0] * len(labels),
+                            num_classes, 25)  # fmt: skip
         tiles = to_pil(imgs, vae)
         ctx.tracker.log_image(grid(tiles, columns=per).resize(
             (per * (tiles[0].width + 2) * 3, classes * (tiles[0].height + 2) * 3), 0),

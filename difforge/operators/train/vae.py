@@ -155,7 +155,6 @@ class TrainVAE(JobOperator):
 
         from difforge.operators.train import _raytrain
         from difforge.operators.train.classifier import load_images
-        from difforge.platform.datasets import url_to_fs
 
         data = ctx.inputs[0]
         result = _raytrain.fit(ctx, train_loop, {"params": self.params.model_dump(),
@@ -190,9 +189,7 @@ class TrainVAE(JobOperator):
             vae.save_pretrained(d)
             with open(os.path.join(d, "difforge.json"), "w") as f:
                 json.dump({"kind": "vae", "psnr": psnr, "image_shape": list(x.shape[1:])}, f)
-            afs, apath = url_to_fs(ctx.artifact("model"))
-            afs.put(d + "/", apath, recursive=True)
-            ctx.tracker.log_artifacts(d, "model")
+            ctx.publish(d, "model")
         del np
         table = pa.table(
             {
