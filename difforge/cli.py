@@ -36,6 +36,27 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _cluster(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", help="Ray dashboard URL, http://HEAD:8265 (DIFFORGE_CLUSTER)")
+
+
+def _tags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tag", dest="tags", action="append", default=[], metavar="KEY=VALUE",
+        help="a tag on the pipeline's MLflow run (repeatable)",
+    )  # fmt: skip
+
+
+def _parse_tags(items: list[str]) -> dict[str, str]:
+    tags = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DifforgeError(f"--tag {item}: expected KEY=VALUE")
+        tags[key] = value
+    return tags
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="difforge",
@@ -49,6 +70,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--address", help="attach to this Ray cluster (default: a private local Ray; RAY_ADDRESS)"
     )
+    _tags(p)
+    p.add_argument("--env-file", help="load environment variables (KEY=VALUE lines) before running")
+
+    p = sub.add_parser("submit", help="submit a run to a Ray cluster through the Ray Jobs API")
+    _common(p)
+    _cluster(p)
+    _tags(p)
+    p.add_argument(
+        "--env",
+        dest="forward_env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="forward this environment variable to the job, e.g. AWS_SECRET_ACCESS_KEY "
+        "(repeatable; values never appear in the YAML or the job's metadata)",
+    )
+    p.add_argument("--pip", action="append", default=[], help="extra pip package for the job")
+    p.add_argument("--wait", action="store_true", help="follow the logs until the job ends")
+
+    jobs = sub.add_parser("jobs", help="list, follow and stop jobs on a Ray cluster")
+    jsub = jobs.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
+    _cluster(jsub.add_parser("list", help="every job on the cluster"))
+    for name, text in (("status", "one job's status"), ("stop", "stop a running job")):
+        q = jsub.add_parser(name, help=text)
+        q.add_argument("job_id")
+        _cluster(q)
+    q = jsub.add_parser("logs", help="a job's driver log")
+    q.add_argument("job_id")
+    q.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+    _cluster(q)
+
+    sched = sub.add_parser("schedule", help="recurring runs: add, list, pause, resume, remove")
+    ssub = sched.add_subparsers(dest="schedule_command", metavar="ACTION", required=True)
+    q = ssub.add_parser("add", help="run a pipeline on a cron schedule")
+    q.add_argument("name")
+    q.add_argument("file", help="pipeline YAML (read at each firing, so edits apply)")
+    q.add_argument("--cron", required=True, help='"0 3 * * *"; a 6th field is seconds')
+    q.add_argument("--timezone", default="UTC", help="IANA time zone of the cron (UTC)")
+    q.add_argument("--cluster", help="submit to this Ray cluster (default: run locally)")
+    q.add_argument("--overlap", choices=["skip", "allow"], default="skip",
+                   help="skip: no new run while the previous one runs (default)")  # fmt: skip
+    q.add_argument("--catchup", choices=["none", "latest", "all"], default="latest",
+                   help="slots missed while the scheduler was down: run none, the latest "
+                   "(default) or all")  # fmt: skip
+    q.add_argument("--on-failure", help="shell command run when a firing fails "
+                   "(DIFFORGE_SCHEDULE, DIFFORGE_SLOT, DIFFORGE_JOB_ID, DIFFORGE_MESSAGE set)")  # fmt: skip
+    q.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="STEP.params.FIELD=VALUE")  # fmt: skip
+    q.add_argument("--env", dest="forward_env", action="append", default=[], metavar="NAME",
+                   help="forward this environment variable to cluster runs")  # fmt: skip
+    ssub.add_parser("list", help="schedules with their next firing")
+    for name, text in (("pause", "stop firing"), ("resume", "fire again"), ("remove", "delete")):
+        ssub.add_parser(name, help=text).add_argument("name")
+    q = ssub.add_parser("history", help="every firing of a schedule: slot, job, outcome")
+    q.add_argument("name")
+    for q in ssub.choices.values():
+        q.add_argument("--store", help="schedule store URL (DIFFORGE_SCHEDULES; default SQLite)")
+
+    p = sub.add_parser("scheduler", help="the service that fires schedules (SIGTERM stops it)")
+    p.add_argument("--store", help="schedule store URL (DIFFORGE_SCHEDULES; default SQLite)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between passes")
+    p.add_argument("--grace", type=float, default=60.0,
+                   help="a slot later than this is missed and follows --catchup")  # fmt: skip
 
     p = sub.add_parser("validate", help="dry run: print the resolved plan, or every error")
     _common(p)
@@ -106,10 +190,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import signal
+
     from difforge.platform.executor import run
 
+    def terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # `ray job stop` and schedulers send SIGTERM: end like Ctrl-C
+
+    signal.signal(signal.SIGTERM, terminate)
+    if args.env_file:
+        from difforge.jobs.cluster import read_env_file
+
+        os.environ.update(read_env_file(args.env_file))
     summary = run(
-        args.file, args.overrides, until=args.until, force=args.force, address=args.address
+        args.file,
+        args.overrides,
+        until=args.until,
+        force=args.force,
+        address=args.address,
+        tags=_parse_tags(args.tags),
     )
     print()
     print(summary.table())
@@ -120,6 +219,121 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if summary.tracking_uri.startswith("sqlite:"):
         print("Browse it: difforge ui   (then open http://127.0.0.1:5000)")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from difforge.jobs import cluster
+
+    job = cluster.submit(
+        args.file,
+        args.overrides,
+        cluster=args.cluster,
+        forward_env=args.forward_env,
+        tags=_parse_tags(args.tags),
+        pip=args.pip,
+        until=args.until,
+        force=args.force,
+    )
+    forwarded = ", ".join(job.forwarded) or "none"
+    print(f"submitted job {job.job_id} to {job.cluster} (environment forwarded: {forwarded})")
+    print(f"  follow it:  {job.follow_hint()}")
+    print(f"  dashboard:  {job.cluster}/#/jobs/{job.job_id}")
+    if not args.wait:
+        return 0
+    status = cluster.logs(args.cluster, job.job_id, follow=True)
+    print(f"job {job.job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _when(t: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from difforge.jobs import cluster
+
+    if args.jobs_command == "list":
+        rows = cluster.list_jobs(args.cluster)
+        print(f"{'JOB':44} {'STATUS':10} {'PIPELINE':20} {'STARTED':19} ENDED")
+        for r in rows:
+            print(f"{r['job_id']:44} {r['status']:10} {r['pipeline']:20} "
+                  f"{_when(r['start']):19} {_when(r['end'])}")  # fmt: skip
+        return 0
+    if args.jobs_command == "status":
+        info = cluster.job_info(args.cluster, args.job_id)
+        print(f"{info['job_id']}: {info['status']}")
+        print(f"  pipeline: {info['pipeline']}  started {_when(info['start'])}"
+              f"  ended {_when(info['end'])}")  # fmt: skip
+        if info["message"]:
+            print(f"  {info['message']}")
+        return 0 if info["status"] != "FAILED" else 1
+    if args.jobs_command == "logs":
+        status = cluster.logs(args.cluster, args.job_id, follow=args.follow)
+        if args.follow:
+            print(f"job {args.job_id}: {status}")
+        return 0
+    if args.jobs_command == "stop":
+        stopped = cluster.stop(args.cluster, args.job_id)
+        print(f"job {args.job_id}: {'stop requested' if stopped else 'was not running'}")
+        return 0
+    return 2
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from difforge.jobs.schedules import Schedule, Store, slot_text
+
+    store = Store(args.store)
+    action = args.schedule_command
+    if action == "add":
+        import difforge
+
+        file = str(Path(args.file).resolve())
+        difforge.load_spec(file, args.overrides)  # refuse a broken pipeline now, not at 3 am
+        s = Schedule(
+            name=args.name, file=file, cron=args.cron, timezone=args.timezone,
+            overrides=tuple(args.overrides), cluster=args.cluster,
+            forward_env=tuple(args.forward_env), overlap=args.overlap, catchup=args.catchup,
+            on_failure=args.on_failure,
+        )  # fmt: skip
+        store.add(s)
+        nxt = slot_text(store.get(s.name).next_slot(time.time()), s)
+        print(f"schedule {s.name}: {s.cron} ({s.timezone}), next run {nxt}")
+        print("  `difforge scheduler` fires it; `difforge schedule history " + s.name + "`")
+    elif action == "list":
+        rows = store.schedules()
+        print(f"{'NAME':20} {'CRON':16} {'TZ':14} {'STATE':7} {'WHERE':26} NEXT")
+        for s in rows:
+            where = s.cluster or "local"
+            state = "paused" if s.paused else "active"
+            nxt = "-" if s.paused else slot_text(s.next_slot(time.time()), s)
+            print(f"{s.name:20} {s.cron:16} {s.timezone:14} {state:7} {where:26} {nxt}")
+    elif action in ("pause", "resume"):
+        store.set_paused(args.name, action == "pause")
+        print(f"schedule {args.name}: {'paused' if action == 'pause' else 'active'}")
+    elif action == "remove":
+        store.remove(args.name)
+        print(f"schedule {args.name}: removed (its history stays in the store)")
+    elif action == "history":
+        s = store.get(args.name)
+        print(f"{'SLOT':26} {'STATUS':10} {'JOB':48} MESSAGE")
+        for f in store.firings(args.name):
+            print(
+                f"{slot_text(f.slot, s):26} {f.status:10} {(f.job_id or '-'):48} {f.message or ''}"
+            )
+    return 0
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    from difforge.jobs.schedules import Scheduler, Store
+
+    scheduler = Scheduler(Store(args.store), grace_s=args.grace)
+    scheduler.serve(interval=args.interval)
     return 0
 
 
@@ -230,6 +444,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "run": cmd_run,
+    "submit": cmd_submit,
+    "jobs": cmd_jobs,
+    "schedule": cmd_schedule,
+    "scheduler": cmd_scheduler,
     "validate": cmd_validate,
     "schema": cmd_schema,
     "ops": cmd_ops,
@@ -257,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing half-written is visible; rerun to continue", file=sys.stderr)
+        sys.stderr.flush()
         return 130
 
 

