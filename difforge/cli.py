@@ -320,9 +320,15 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         store.remove(args.name)
         print(f"schedule {args.name}: removed (its history stays in the store)")
     elif action == "history":
-        s = store.get(args.name)
+        firings = store.firings(args.name)
+        if firings:  # a removed schedule's history stays readable (its slots shown in UTC)
+            s = next((x for x in store.schedules() if x.name == args.name), None) or Schedule(
+                name=args.name, file="", cron="* * * * *"
+            )
+        else:
+            s = store.get(args.name)
         print(f"{'SLOT':26} {'STATUS':10} {'JOB':48} MESSAGE")
-        for f in store.firings(args.name):
+        for f in firings:
             print(
                 f"{slot_text(f.slot, s):26} {f.status:10} {(f.job_id or '-'):48} {f.message or ''}"
             )

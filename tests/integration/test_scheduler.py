@@ -97,3 +97,6 @@ def test_scheduler_fires_real_runs_and_reports_failures(tmp_path):
     assert "paused" in out.stdout
     assert difforge_cli("schedule", "remove", "bad", env=env).returncode == 0
     assert "bad" not in difforge_cli("schedule", "list", env=env).stdout
+    assert (
+        "the data went bad overnight" in difforge_cli("schedule", "history", "bad", env=env).stdout
+    )

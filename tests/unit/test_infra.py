@@ -1,0 +1,193 @@
+"""infra/ agrees with the code: every manifest parses; images, entrypoints, ports and
+environment variable names it uses exist and match; services bind to loopback by default."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+import difforge
+from difforge.cli import build_parser
+from difforge.platform import registry
+from difforge.platform.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+INFRA = ROOT / "infra"
+MANIFESTS = sorted(INFRA.glob("**/*.yaml"))
+IMAGE = f"ghcr.io/difforge/difforge:{difforge.__version__}"
+
+
+def docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def walk(node, key: str):
+    """Every value stored under `key`, anywhere in a parsed document."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                yield v
+            yield from walk(v, key)
+    elif isinstance(node, list):
+        for item in node:
+            yield from walk(item, key)
+
+
+def all_docs() -> list[tuple[Path, dict]]:
+    return [(p, d) for p in MANIFESTS for d in docs(p)]
+
+
+def by_kind(kind: str) -> list[dict]:
+    return [d for _, d in all_docs() if d.get("kind") == kind]
+
+
+def test_every_manifest_parses_and_is_typed():
+    assert {p.parent.name for p in MANIFESTS} >= {"kuberay", "mlflow", "ray-cluster"}
+    for path, doc in all_docs():
+        if path.parent.name == "ray-cluster":
+            assert {"cluster_name", "provider", "available_node_types"} <= doc.keys()
+        else:
+            assert doc.get("apiVersion") and doc.get("kind"), path
+
+
+def test_images_are_the_difforge_image_of_this_version_or_pinned():
+    images = {img for _, d in all_docs() for img in walk(d, "image")}
+    ours = {i for i in images if i.startswith("ghcr.io/difforge/")}
+    assert ours <= {IMAGE, f"{IMAGE}-gpu"}, ours
+    for other in images - ours:
+        assert ":" in other and not other.endswith(":latest"), f"unpinned image {other}"
+    dockerfile = (INFRA / "docker" / "Dockerfile").read_text()
+    assert f"-t {IMAGE} " in dockerfile and f"-t {IMAGE}-gpu " in dockerfile
+    # the base image's Ray is the Ray the code is locked to
+    ray_pin = re.search(r"^ray==([\d.]+)$", (ROOT / "requirements.lock").read_text(), re.M)[1]
+    assert f"rayproject/ray:{ray_pin}-py311" in dockerfile
+    for raycluster in by_kind("RayCluster"):
+        assert raycluster["spec"]["rayVersion"] == ray_pin
+    launcher = docs(INFRA / "ray-cluster" / "cluster.yaml")[0]
+    assert f"'{ray_pin}'" in " ".join(launcher["setup_commands"])
+    for src in re.findall(r"^COPY (.+) \./?\S*$", dockerfile, re.M):
+        for name in src.split():
+            assert (ROOT / name).exists(), f"Dockerfile copies {name}, which does not exist"
+
+
+def difforge_commands() -> list[list[str]]:
+    """Every difforge command line the infrastructure runs."""
+    out = []
+    for rayjob in by_kind("RayJob"):
+        out.append(shlex.split(rayjob["spec"]["entrypoint"]))
+    for cron in by_kind("CronJob"):
+        for c in walk(cron, "containers"):
+            for container in c:
+                out.append(container["command"] + container["args"])
+    launcher = docs(INFRA / "ray-cluster" / "cluster.yaml")[0]
+    for line in launcher["setup_commands"]:
+        if line.startswith("difforge "):
+            out.append(shlex.split(line.split(">")[0]))
+    return out
+
+
+def test_entrypoints_are_real_difforge_commands():
+    commands = difforge_commands()
+    assert len(commands) >= 3
+    parser = build_parser()
+    for argv in commands:
+        assert argv[0] == "difforge", argv
+        try:
+            parser.parse_args(argv[1:])
+        except SystemExit as exc:
+            if argv[1:] != ["--help"]:
+                pytest.fail(f"`{shlex.join(argv)}` does not parse (exit {exc.code})")
+
+
+def test_the_pipeline_in_the_configmap_is_valid():
+    (cm,) = by_kind("ConfigMap")
+    text = cm["data"]["pipeline.yaml"]
+    spec = load_spec(text).spec
+    assert str(spec.storage).startswith("s3://")
+    assert spec.tracking.uri == "http://mlflow:5000"
+    for step in spec.steps:
+        registry.get(step.op).Params.model_validate(step.params)
+    # mounted where the RayJob and the CronJob read it
+    for kind in ("RayJob", "CronJob"):
+        (doc,) = by_kind(kind)
+        mounts = [m for ms in walk(doc, "volumeMounts") for m in ms]
+        assert {"name": "pipeline", "mountPath": "/pipelines"} in mounts
+        volumes = [v for vs in walk(doc, "volumes") for v in vs]
+        assert {"name": "pipeline", "configMap": {"name": "difforge-pipeline"}} in volumes
+
+
+def services() -> dict[str, set[int]]:
+    """Service name -> ports, including the head Service KubeRay makes for each RayCluster."""
+    out = {
+        d["metadata"]["name"]: {p["port"] for p in d["spec"]["ports"]} for d in by_kind("Service")
+    }
+    for rc in by_kind("RayCluster"):
+        ports = {p["containerPort"] for c in walk(rc["spec"]["headGroupSpec"], "containers")
+                 for container in c for p in container.get("ports", [])}  # fmt: skip
+        out[f"{rc['metadata']['name']}-head-svc"] = ports
+    return out
+
+
+def test_every_in_cluster_address_names_a_service_and_its_port():
+    known = services()
+    text = "\n".join(p.read_text() for p in MANIFESTS if p.parent.name != "ray-cluster")
+    addresses = set(re.findall(r"(?:http://|@)([a-z][a-z0-9-]*):(\d+)", text))
+    assert {a for a, _ in addresses} >= {"mlflow", "postgres", "difforge-head-svc"}
+    for host, port in addresses:
+        assert host in known, f"{host}:{port} is not a Service in infra/"
+        assert int(port) in known[host], f"{host} does not expose port {port}"
+    # each Service's targetPort is a port its pods declare
+    for svc in by_kind("Service"):
+        selector = svc["spec"]["selector"]
+        pods = [d for _, d in all_docs() if d.get("kind") in ("Deployment", "StatefulSet")
+                and d["spec"]["selector"]["matchLabels"] == selector]  # fmt: skip
+        declared = {p["containerPort"] for pod in pods for c in walk(pod, "containers")
+                    for container in c for p in container.get("ports", [])}  # fmt: skip
+        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= declared, svc["metadata"]
+
+
+def test_environment_variable_names_agree():
+    code = "\n".join(p.read_text() for p in (ROOT / "difforge").rglob("*.py"))
+    names = set()
+    for _, doc in all_docs():
+        for env in walk(doc, "env"):
+            names |= {e["name"] for e in env if isinstance(e, dict)}
+    for name in names:
+        if name.startswith("DIFFORGE_"):
+            assert name in code, f"{name} is set in infra/ but difforge never reads it"
+    # what the CronJob forwards with --env is in the Secret it loads, as documented
+    secret_doc = (INFRA / "kuberay" / "raycluster.yaml").read_text()
+    for argv in difforge_commands():
+        for i, arg in enumerate(argv):
+            if arg == "--env":
+                assert f"--from-literal={argv[i + 1]}=" in secret_doc, argv[i + 1]
+    # the Ray token comes from the Secret the RayCluster authenticates with
+    secret = by_kind("RayCluster")[0]["spec"]["authOptions"]["secretName"]
+    for kind in ("RayJob", "CronJob"):
+        refs = [e["valueFrom"]["secretKeyRef"] for env in walk(by_kind(kind)[0], "env")
+                for e in env if e.get("name") == "RAY_AUTH_TOKEN"]  # fmt: skip
+        assert refs == [{"name": secret, "key": "auth_token"}], kind
+
+
+def test_services_bind_to_loopback_by_default():
+    for script in ("s3.sh", "mlflow.sh", "ray.sh"):
+        text = (INFRA / "local" / script).read_text()
+        assert 'HOST="${DIFFORGE_BIND:-127.0.0.1}"' in text, script
+        assert "0.0.0.0" not in text, script
+    launcher = " ".join(docs(INFRA / "ray-cluster" / "cluster.yaml")[0]["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in launcher
+    # 0.0.0.0 only inside Kubernetes pods, where a Service fronts it
+    for path in MANIFESTS:
+        if "0.0.0.0" in path.read_text():
+            assert path.parent.name in ("kuberay", "mlflow"), path
+
+
+def test_local_scripts_are_valid_shell():
+    for script in sorted((INFRA / "local").glob("*.sh")):
+        done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert done.returncode == 0, f"{script.name}: {done.stderr}"
