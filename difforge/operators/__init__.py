@@ -9,9 +9,11 @@ from difforge.operators.curate.dedup_exact import DedupExact
 from difforge.operators.curate.dedup_near import DedupNear
 from difforge.operators.curate.filter import Filter
 from difforge.operators.curate.validate import Validate
+from difforge.operators.distill.progressive import Guided, Progressive
 from difforge.operators.encode.text import EncodeText
 from difforge.operators.encode.vae import EncodeVAE
 from difforge.operators.evaluate.fid import FID
+from difforge.operators.evaluate.memorization import Memorization
 from difforge.operators.image.resize import Resize
 from difforge.operators.ingest.digits import Digits
 from difforge.operators.ingest.fashion_mnist import FashionMnist
@@ -42,7 +44,10 @@ BUILTIN = [
     Classifier,
     TrainVAE,
     DiffusionTraining,
+    Progressive,
+    Guided,
     SamplePlan,
     SampleDiffusion,
     FID,
+    Memorization,
 ]

@@ -37,6 +37,7 @@ class JobContext:
     resources: Fitted
     tracker: StepTracker
     writers: dict[str, ShardWriter] = field(default_factory=dict)  # main and side outputs
+    storage: str = ""  # the pipeline's storage root (shared caches live under it)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def local_work_dir(self) -> str | None:

@@ -296,6 +296,7 @@ class Executor:
             pipeline=self.plan.name,
             inputs=inputs,
             work_uri=step.work_uri,
+            storage=self.plan.storage,
             artifact_uri=join(step.uri, attempt, "artifacts"),
             resources=fitted,
             tracker=tracker,

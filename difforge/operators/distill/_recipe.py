@@ -1,0 +1,247 @@
+"""The distillation recipe shared by `distill.progressive` and `distill.guided`, read top to
+bottom: teacher -> student (a copy) -> DeepSpeed engine -> resume -> phases -> export.
+
+Phases, in order:
+- `guide` (Meng et al., "On Distillation of Guided Diffusion Models", stage one): the student,
+  which takes the guidance weight w as an extra input, learns to output in one pass what the
+  teacher outputs with classifier-free guidance at w (a conditional and an unconditional pass),
+  at random noise levels and w ~ U[w_min, w_max].
+- `halve` (Salimans and Ho, "Progressive Distillation for Fast Sampling of Diffusion Models"):
+  the student learns to take in one DDIM step what the teacher takes in two, on the teacher's
+  N-step grid; at the end of the phase the student becomes the next phase's teacher, N / 2.
+
+Both match the model's estimate of x0 with the "truncated SNR" weight max(alpha^2/sigma^2, 1)
+of Salimans and Ho, well-posed at every noise level for v-prediction models (an epsilon model's
+x0 estimate divides by alpha, which is ~0 at the noisiest step: distil v-prediction teachers).
+DDIM grids are "trailing" (they start at t = T - 1), as the students' saved schedulers sample.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class GuidanceEmbedding(nn.Module):
+    """Embeds the guidance weight w (sinusoidal features, then an MLP) and adds it to a UNet's
+    time embedding through a forward hook; the last layer starts at zero, so a fresh student is
+    exactly its teacher's conditional model."""
+
+    def __init__(self, dim: int, features: int = 32):
+        super().__init__()
+        self.features = features
+        self.mlp = nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        half = self.features // 2
+        freqs = torch.exp(-math.log(1000.0) * torch.arange(half, device=w.device) / half)
+        angles = w.float()[:, None] * 100.0 * freqs[None]
+        return self.mlp(torch.cat([angles.sin(), angles.cos()], 1))
+
+
+class GuidedStudent(nn.Module):
+    """A diffusers UNet plus a guidance-weight input: `forward(x, t, labels, cond, w)`."""
+
+    def __init__(self, unet: nn.Module, kind: str):
+        super().__init__()
+        if not hasattr(unet, "time_embedding"):
+            raise ValueError(f"guided distillation needs a UNet backbone, not {kind}")
+        self.unet, self.kind = unet, kind
+        self.w_embedding = GuidanceEmbedding(unet.time_embedding.linear_2.out_features)
+        self._w: torch.Tensor | None = None
+        unet.time_embedding.register_forward_hook(self._add_w)
+
+    def _add_w(self, module, inputs, output):
+        return output if self._w is None else output + self.w_embedding(self._w).to(output.dtype)
+
+    def forward(self, x, t, labels, cond, w):
+        from difforge.operators.train.diffusion import forward
+
+        self._w = w
+        try:
+            return forward(self.unet, self.kind, x, t, labels, cond)
+        finally:
+            self._w = None
+
+
+def trailing_grid(num_train_timesteps: int, steps: int) -> list[int]:
+    """The DDIM timesteps of a `trailing` spacing: T-1 first, then every T/steps."""
+    import numpy as np
+
+    grid = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / steps)) - 1
+    return [int(t) for t in grid.astype(np.int64)]
+
+
+def alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor):
+    """sqrt(alpha_bar) and sqrt(1 - alpha_bar) at t, shaped for images; t = -1 is clean data."""
+    ab = torch.where(
+        t >= 0, alphas_cumprod[t.clamp(min=0)], torch.ones_like(t, dtype=torch.float32)
+    )
+    return ab.sqrt()[:, None, None, None], (1 - ab).sqrt()[:, None, None, None]
+
+
+def x0_eps(out, z, a, s, prediction_type: str, clip: bool):
+    """The model's estimates of x0 and of the noise, as diffusers' DDIM computes them."""
+    if prediction_type == "v_prediction":
+        x0, eps = a * z - s * out, a * out + s * z
+    else:
+        x0, eps = (z - s * out) / a, out
+    return (x0.clamp(-1, 1) if clip else x0), eps
+
+
+def teacher_output(teacher, kind, z, t, y, c, w, null_label: int | None, guided_input: bool):
+    """One teacher evaluation: with w as an input (a guided student), or classifier-free
+    guidance from a conditional and an unconditional pass."""
+    from difforge.operators.train.diffusion import forward
+
+    if guided_input:
+        return teacher(z, t, y, c, w).float()
+    if null_label is None or y is None or w is None:
+        return forward(teacher, kind, z, t, y, c).float()
+    both = forward(teacher, kind, torch.cat([z, z]), torch.cat([t, t]),
+                   torch.cat([y, torch.full_like(y, null_label)]),
+                   torch.cat([c, torch.zeros_like(c)]) if c is not None else None).float()  # fmt: skip
+    cond, uncond = both.chunk(2)
+    return uncond + w[:, None, None, None] * (cond - uncond)
+
+
+def phase_at(plan: list[dict[str, Any]], step: int) -> tuple[int, dict[str, Any], int]:
+    """(index, phase, first step of the phase) for a global optimizer step."""
+    start = 0
+    for i, ph in enumerate(plan):
+        if step < start + ph["steps"]:
+            return i, ph, start
+        start += ph["steps"]
+    return len(plan) - 1, plan[-1], start - plan[-1]["steps"]
+
+
+def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
+    import numpy as np
+
+    from difforge.operators.sample.diffusion import load_model
+    from difforge.operators.train.diffusion import (
+        deepspeed_config,
+        forward,
+        import_deepspeed,
+        load_data,
+    )
+
+    deepspeed = import_deepspeed()
+    p, plan = config["params"], config["plan"]
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    on_gpu = torch.cuda.is_available() and config.get("use_gpu", False)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else "cpu"
+
+    # data, teacher, student
+    x, labels, cond = load_data(config["files"], config["column"])
+    base, info, sched_cfg, _ = load_model(config["teacher_uri"], "ema")
+    kind, prediction_type = info["backbone"], info.get("prediction_type", "epsilon")
+    num_classes = info.get("num_classes") or 0
+    null_label = num_classes if num_classes else None
+    clip = bool(sched_cfg.get("clip_sample", False))
+    guided = config["guided"]
+    torch.manual_seed(p["seed"])
+    student = GuidedStudent(copy.deepcopy(base), kind) if guided else copy.deepcopy(base)
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)  # the phase's teacher
+    original = base.eval().requires_grad_(False).to(device)  # the guided teacher of `guide`
+    teacher.to(device)
+    alphas = torch.tensor(sched_cfg_alphas(sched_cfg), dtype=torch.float32, device=device)
+    T = len(alphas)
+
+    micro = max(1, p["batch_size"] // world)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=p["lr"])
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, p["warmup_steps"]))
+    )
+    ds = {**p, "grad_accum": 1}
+    engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
+                                           lr_scheduler=lr_sched,
+                                           config=deepspeed_config(ds, micro, world, on_gpu))  # fmt: skip
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    # the phase's frozen teacher travels in the checkpoints (the IO's extra-module slot)
+    step = io.restore(engine, teacher)
+    total = sum(ph["steps"] for ph in plan)
+    tracker = config["tracker"]
+    losses: list[float] = []
+    while step < total:
+        index, phase, start = phase_at(plan, step)
+        if step == start and phase["kind"] == "halve" and (index > 0 or guided):
+            # a new round: the student so far becomes the teacher (also after a resume here)
+            teacher.load_state_dict(_unwrap(engine).state_dict())
+        g = np.random.default_rng([p["seed"], step, rank])
+        idx = g.integers(0, len(x), micro)
+        x0 = torch.from_numpy(x[idx]).to(device)
+        tg = torch.Generator().manual_seed(int(g.integers(2**62)))
+        noise = torch.randn(x0.shape, generator=tg).to(device)
+        y = torch.from_numpy(labels[idx]).to(device) if labels is not None and num_classes else None
+        c = torch.from_numpy(cond[idx]).to(device) if cond is not None else None
+        w = None
+        if guided or p.get("guidance_scale") is not None:
+            lo, hi = (p["w_min"], p["w_max"]) if guided else (p["guidance_scale"],) * 2
+            w = lo + (hi - lo) * torch.rand(micro, generator=tg).to(device)
+        if phase["kind"] == "guide":
+            t = torch.randint(0, T, (micro,), generator=tg).to(device)
+            a, s = alpha_sigma(alphas, t)
+            z = a * x0 + s * noise
+            with torch.no_grad():
+                out = teacher_output(original, kind, z.to(dtype), t, y, c, w, null_label, False)
+                target, _ = x0_eps(out, z, a, s, prediction_type, clip)
+        else:
+            grid = trailing_grid(T, phase["teacher_steps"]) + [-1]
+            k = 2 * torch.randint(0, phase["teacher_steps"] // 2, (micro,), generator=tg)
+            t, t1, t2 = (torch.tensor(grid, device=device)[k + i] for i in range(3))
+            a, s = alpha_sigma(alphas, t)
+            a1, s1 = alpha_sigma(alphas, t1)
+            a2, s2 = alpha_sigma(alphas, t2)
+            z = a * x0 + s * noise
+            with torch.no_grad():  # two teacher DDIM steps: t -> t1 -> t2
+                use_w = guided  # after `guide`, teachers take w as an input
+                out = teacher_output(teacher, kind, z.to(dtype), t, y, c, w, null_label, use_w)
+                hx, he = x0_eps(out, z, a, s, prediction_type, clip)
+                z1 = a1 * hx + s1 * he
+                out = teacher_output(teacher, kind, z1.to(dtype), t1, y, c, w, null_label, use_w)
+                hx, he = x0_eps(out, z1, a1, s1, prediction_type, clip)
+                z2 = a2 * hx + s2 * he
+                # the x0 whose one DDIM step from (z, t) lands on z2 (Salimans and Ho, eq. 8)
+                ratio = s2 / s
+                target = (z2 - ratio * z) / (a2 - ratio * a)
+        if guided:
+            out = engine(z.to(dtype), t, y, c.to(dtype) if c is not None else None, w).float()
+        else:
+            out = forward(
+                engine, kind, z.to(dtype), t, y, c.to(dtype) if c is not None else None
+            ).float()
+        pred, _ = x0_eps(out, z, a, s, prediction_type, False)
+        weight = torch.clamp((a / s) ** 2, min=1.0)
+        loss = (weight * (pred - target) ** 2).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+        step += 1
+        ends_phase = step == start + phase["steps"]
+        if step % p["checkpoint_every"] == 0 or ends_phase:
+            metrics = {"step": step, "loss": float(np.mean(losses)), "phase": index,
+                       "lr": lr_sched.get_last_lr()[0]}  # fmt: skip
+            io.save(engine, teacher, step, metrics)
+            if rank == 0:
+                tracker.log_new({"loss": metrics["loss"], f"loss_phase_{index}": metrics["loss"]},
+                                step=step)  # fmt: skip
+            losses = []
+
+
+def sched_cfg_alphas(sched_cfg: dict[str, Any]):
+    """alphas_cumprod of the teacher's DDPM noise schedule."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(sched_cfg).alphas_cumprod.numpy()
+
+
+def _unwrap(engine):
+    return engine.module if hasattr(engine, "module") else engine

@@ -1,0 +1,206 @@
+"""`distill.progressive` (Salimans and Ho) and `distill.guided` (Meng et al.): a trained
+diffusion model distilled into a student that samples in fewer steps, on the same DeepSpeed and
+Ray Train machinery, checkpoints and resume as `train.diffusion`. The recipe is in _recipe.py.
+
+Inputs: the teacher (a `train.diffusion` or `distill.*` step) and the data it was trained on.
+The output is a model folder like `train.diffusion`'s: `sample.diffusion` and `difforge sample`
+draw from it with its own step count (and, for a guided student, at any w in its range with
+one network evaluation per step).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from difforge.operators.train.diffusion import DeepSpeedConfig
+from difforge.platform import columns as C
+from difforge.platform.errors import DifforgeError
+from difforge.platform.operator import JobOperator, JobResult
+from difforge.platform.spec import Resources
+
+if TYPE_CHECKING:
+    from difforge.platform.context import JobContext
+
+
+class Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    teacher_steps: int = Field(8, ge=2, description="DDIM steps of the teacher (a power of 2)")
+    rounds: int = Field(
+        2, ge=1, description="halvings: the student samples in teacher_steps / 2^rounds"
+    )
+    steps_per_round: int = Field(500, ge=1, description="optimizer steps per halving")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    checkpoint_every: int = Field(100, ge=1)
+    seed: int = 0
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+
+    @model_validator(mode="after")
+    def _check(self):
+        n = self.teacher_steps
+        if n & (n - 1) or n >> self.rounds < 1:
+            raise ValueError(f"teacher_steps {n} must be a power of 2 of at least 2^rounds "
+                             f"({2**self.rounds})")  # fmt: skip
+        return self
+
+
+class ProgressiveParams(Common):
+    guidance_scale: float | None = Field(
+        None,
+        description="distil the teacher's classifier-free guided output at this w (None: conditional only)",
+    )
+
+
+class GuidedParams(Common):
+    w_min: float = Field(0.0, ge=0, description="the student learns every w in [w_min, w_max]")
+    w_max: float = Field(4.0, ge=0)
+    guide_steps: int = Field(500, ge=1, description="optimizer steps of stage one (w as an input)")
+
+
+def ray_loop(config: dict[str, Any]) -> None:
+    import ray.train
+
+    from difforge.operators.distill._recipe import distill
+    from difforge.operators.train.diffusion import RayTrainIO
+
+    ctx = ray.train.get_context()
+    distill(
+        config, ctx.get_world_rank(), ctx.get_world_size(), RayTrainIO(ctx.get_world_rank(), config)
+    )
+
+
+class _Distill(JobOperator):
+    reads = (C.ID,)
+    resources = Resources(num_workers=1, num_cpus=1, num_gpus="auto")
+    gpus_when_available = 1.0
+    inputs: ClassVar[tuple[int, int]] = (2, 2)
+    guided: ClassVar[bool] = False
+
+    @classmethod
+    def output_columns(cls, params, input_columns):
+        return {C.ID, C.MODEL_URI, "kind", "final_loss", "steps", "num_inference_steps"}
+
+    def plan(self) -> list[dict[str, Any]]:
+        p = self.params
+        phases = [{"kind": "guide", "steps": p.guide_steps}] if self.guided else []
+        for r in range(p.rounds):
+            phases.append({"kind": "halve", "teacher_steps": p.teacher_steps >> r,
+                           "steps": p.steps_per_round})  # fmt: skip
+        return phases
+
+    def run(self, ctx: JobContext) -> JobResult:
+        import pyarrow as pa
+
+        from difforge.operators.sample.diffusion import load_model
+        from difforge.operators.train import _raytrain
+        from difforge.operators.train.diffusion import deepspeed_config
+
+        teacher_ds, data = ctx.inputs
+        row = teacher_ds.to_arrow().to_pylist()[0]
+        if row.get("kind") != "diffusion" or not row.get(C.MODEL_URI):
+            raise DifforgeError(f"{self.name}: the first input must be a train.diffusion or "
+                                "distill step (a diffusion model)")  # fmt: skip
+        _, info, _, _ = load_model(row[C.MODEL_URI])
+        if info.get("guidance_embedding"):
+            raise DifforgeError(f"{self.name}: the teacher is a guided student already")
+        if self.guided and not info.get("num_classes"):
+            raise DifforgeError("distill.guided needs a class-conditional teacher (guidance "
+                                "mixes its conditional and unconditional outputs)")  # fmt: skip
+        if self.guided and not info["backbone"].startswith("UNet"):
+            raise DifforgeError(f"distill.guided needs a UNet teacher, not {info['backbone']}")
+        column = info["column"]
+        if column not in data.manifest.column_names:
+            raise DifforgeError(f"{self.name}: the teacher was trained on `{column}`, which the "
+                                "second input lacks: give it the teacher's training data")  # fmt: skip
+        p = self.params.model_dump()
+        deepspeed_config({**p, "grad_accum": 1}, 1, 1, ctx.resources.num_gpus > 0)
+        config = {"params": p, "plan": self.plan(), "files": data.file_uris(), "column": column,
+                  "teacher_uri": row[C.MODEL_URI], "guided": self.guided,
+                  "use_gpu": ctx.resources.num_gpus > 0}  # fmt: skip
+        result = _raytrain.fit(ctx, ray_loop, config)
+        steps = self.params.teacher_steps >> self.params.rounds
+        model_uri, out_info = self.export(ctx, result.checkpoint, row[C.MODEL_URI], steps)
+        table = pa.table({
+            C.ID: ["model"], C.MODEL_URI: [model_uri], "kind": ["diffusion"],
+            "final_loss": [float(result.metrics["loss"])],
+            "steps": pa.array([int(result.metrics["step"])], pa.int64()),
+            "num_inference_steps": pa.array([steps], pa.int64()),
+        })  # fmt: skip
+        return JobResult(table, metadata={"model": out_info})
+
+    def export(self, ctx: JobContext, checkpoint, teacher_uri: str, steps: int):
+        """The student as a model folder: weights, the teacher's noise schedule with trailing
+        DDIM spacing, its step count, its guidance range; a grid of its samples logged."""
+        import diffusers
+        import torch
+
+        from difforge.operators.distill._recipe import GuidedStudent
+        from difforge.operators.sample.diffusion import load_model, make_scheduler, sample_batch
+        from difforge.operators.train.diffusion import consolidated_state, import_deepspeed, to_pil
+        from difforge.platform.show import grid
+
+        import_deepspeed()
+        base, info, sched_cfg, vae = load_model(teacher_uri, "ema")
+        student = GuidedStudent(copy.deepcopy(base), info["backbone"]) if self.guided else base
+        with checkpoint.as_directory() as d:
+            student.load_state_dict(consolidated_state(d))
+        p = self.params
+        out = {**info, "num_inference_steps": steps, "distilled_from": teacher_uri,
+               "distillation": {"method": self.name, **p.model_dump(mode="json")}}  # fmt: skip
+        if self.guided:
+            out["guidance_embedding"] = {"w_min": p.w_min, "w_max": p.w_max}
+        scheduler = diffusers.DDPMScheduler.from_config(
+            {**sched_cfg, "timestep_spacing": "trailing"}
+        )
+        with tempfile.TemporaryDirectory() as d:
+            unet = student.unet if self.guided else student
+            unet.save_pretrained(os.path.join(d, "model"))
+            if self.guided:
+                torch.save(
+                    student.w_embedding.state_dict(), os.path.join(d, "model", "w_embedding.pt")
+                )
+            scheduler.save_pretrained(os.path.join(d, "scheduler"))
+            with open(os.path.join(d, "difforge.json"), "w") as f:
+                json.dump(out, f, indent=2)
+            ctx.publish(d, "model")
+        classes = info.get("num_classes") or 0
+        if classes:
+            per = 8
+            labels = torch.arange(min(classes, 10)).repeat_interleave(per)
+            w = [
+                float(p.w_max if self.guided else (getattr(p, "guidance_scale", None) or 1.0))
+            ] * len(labels)
+            imgs = sample_batch(student.eval(), info["backbone"], make_scheduler("ddim", scheduler.config),
+                                tuple(info["sample_shape"]), list(range(len(labels))), labels, w,
+                                classes, steps)  # fmt: skip
+            tiles = to_pil(imgs, vae)
+            canvas = grid(tiles, columns=per)
+            ctx.tracker.log_image(canvas.resize((canvas.width * 3, canvas.height * 3), 0),
+                                  f"samples_{steps}_steps.png")  # fmt: skip
+        return ctx.artifact("model"), out
+
+
+class Progressive(_Distill):
+    """Progressive distillation: N DDIM steps into N/2, repeated for `rounds` rounds."""
+
+    name = "distill.progressive"
+    version = 1
+    Params = ProgressiveParams
+
+
+class Guided(_Distill):
+    """Guided distillation: CFG (two passes at w) into one pass that takes w, then progressive."""
+
+    name = "distill.guided"
+    version = 1
+    Params = GuidedParams
+    guided = True

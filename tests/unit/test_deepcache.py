@@ -1,0 +1,79 @@
+"""DeepCache's shallow pass: exact wiring (for the same input it reproduces the full pass), the
+deep blocks really skipped, interval 1 identical to no caching, and clear refusals."""
+
+from __future__ import annotations
+
+import diffusers
+import pytest
+import torch
+
+from difforge.operators.sample.deepcache import DeepCache
+from difforge.operators.sample.diffusion import make_scheduler, sample_batch
+from difforge.platform.errors import DifforgeError
+
+
+def unet(kind: str):
+    torch.manual_seed(0)
+    common = dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16, 16),
+                  layers_per_block=1, norm_num_groups=4)  # fmt: skip
+    if kind == "UNet2DModel":
+        return diffusers.UNet2DModel(
+            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+            num_class_embeds=11, attention_head_dim=4, **common,
+        ).eval()  # fmt: skip
+    return diffusers.UNet2DConditionModel(
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=12, attention_head_dim=4, **common,
+    ).eval()  # fmt: skip
+
+
+def call(model, kind, x, t):
+    if kind == "UNet2DModel":
+        return model(x, t, class_labels=torch.arange(len(x)) % 10).sample
+    return model(x, t, encoder_hidden_states=torch.ones(len(x), 3, 12)).sample
+
+
+@pytest.mark.parametrize("kind", ["UNet2DModel", "UNet2DConditionModel"])
+@pytest.mark.parametrize("branch", [0, 1])
+def test_shallow_pass_reuses_the_deep_feature_exactly(kind, branch):
+    model = unet(kind)
+    x, t = torch.randn(4, 1, 16, 16), torch.full((4,), 300)
+    cache = DeepCache(model, kind, branch)
+    deep = [*model.down_blocks[branch + 1 :], model.mid_block, *model.up_blocks[: cache.mirror]]
+    calls = []
+    for block in deep:
+        block.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        with cache.capture():
+            full = call(model, kind, x, t)
+        n_full = len(calls)
+        with cache.shallow():
+            shallow = call(model, kind, x, t)
+        other = call(model, kind, x * 0.5, t)
+    assert n_full == len(deep)  # a full pass runs every deep block once
+    assert len(calls) == 2 * len(deep)  # ... the shallow pass none of them
+    assert torch.allclose(full, shallow, atol=1e-5)
+    assert not torch.allclose(full, other, atol=1e-3)  # the model does depend on its input
+    assert list(model.up_blocks) == list(cache.model.up_blocks)  # the real blocks are back
+
+
+def test_interval_one_is_no_caching_and_caching_changes_little_per_step():
+    model = unet("UNet2DModel")
+    sch = make_scheduler("ddim", diffusers.DDPMScheduler().config)
+    labels = torch.arange(4)
+    args = (model, "UNet2DModel", sch, (1, 16, 16), [0, 1, 2, 3], labels, [1.0] * 4, 10, 4)
+    plain = sample_batch(*args)
+    assert torch.equal(plain, sample_batch(*args, deepcache=(1, 0)))
+    assert sample_batch(*args, deepcache=(2, 0)).shape == plain.shape
+
+
+def test_refusals_name_the_problem():
+    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8,
+                                          in_channels=1, num_layers=1, sample_size=8,
+                                          patch_size=2, num_embeds_ada_norm=11)  # fmt: skip
+    with pytest.raises(DifforgeError, match="UNet2DModel, UNet2DConditionModel backbones"):
+        DeepCache(dit, "DiTTransformer2DModel", 0)
+    with pytest.raises(DifforgeError, match="3 down blocks, so 0..1"):
+        DeepCache(unet("UNet2DModel"), "UNet2DModel", 2)
