@@ -464,7 +464,9 @@ def train_locally(config: dict[str, Any], folder: str, recipe=None) -> FolderIO:
             os.environ.setdefault(k, v)
         dist.init_process_group("gloo", rank=0, world_size=1)
     io = FolderIO(folder)
-    (recipe or train)({"tracker": NullTracker(), **config}, dist.get_rank(), dist.get_world_size(), io)
+    (recipe or train)(
+        {"tracker": NullTracker(), **config}, dist.get_rank(), dist.get_world_size(), io
+    )
     return io
 
 
