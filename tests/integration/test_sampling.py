@@ -183,7 +183,7 @@ def test_memorization_finds_the_copies(sampled, tmp_path):
     sources = copied.column("id").to_pylist()
     for i in range(20):
         r = rows[f"copy-{i}"]
-        assert r["memorized"] and r["distance"] == 0.0 and r["nearest_id"] == sources[i]
+        assert r["memorized"] and r["distance"] < 1e-2 and r["nearest_id"] == sources[i]
     fresh = [rows[f"fresh-{i}"]["memorized"] for i in range(80)]
     assert sum(fresh) <= 4  # held-out digits are not copies of training digits
     from mlflow.tracking import MlflowClient
