@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "load_spec", "open_dataset", "plan", "run"]
+__all__ = ["__version__", "load_spec", "open_dataset", "plan", "run", "sweep"]
 
 if TYPE_CHECKING:
     from difforge.platform.datasets import open_dataset
@@ -23,6 +23,16 @@ def plan(source: Any, overrides: list[str] | None = None, **kwargs: Any):
     from difforge.platform.spec import load_spec
 
     return build_plan(load_spec(source, overrides), **kwargs)
+
+
+def sweep(source: Any, overrides: list[str] | None = None, **kwargs: Any):
+    """Run every variant of a pipeline's `matrix:`; returns a SweepSummary."""
+    from difforge.platform.sweep import load_sweep, run_sweep
+
+    loaded = load_sweep(source, overrides)
+    if loaded is None:
+        raise ValueError("this pipeline declares no matrix: use difforge.run")
+    return run_sweep(loaded, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

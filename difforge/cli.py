@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples", help="folder for the PNGs and grid.png")
 
+    p = sub.add_parser("report", help="compare a sweep's variants (or an experiment's runs)")
+    p.add_argument("target", help="a sweep's MLflow run id, a pipeline run id, or an experiment")
+    p.add_argument("--out", help="folder for report.md and its plots (default reports/NAME)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local store)")
+    p.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
+
     p = sub.add_parser("ui", help="serve the MLflow UI for the local store on 127.0.0.1")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
@@ -176,9 +182,33 @@ def _print_plan(plan: Any) -> None:
         print(f"  {s.id.ljust(width)}  {s.op.ljust(opw)}  {s.fingerprint}  {state:7}  <- {ins}")
 
 
+def _print_sweep(sweep: Any, until: str | None, force: list[str]) -> None:
+    from difforge.platform.plan import build_plan
+    from difforge.platform.sweep import shared_steps
+
+    plans = {v.name: build_plan(sweep.variant_spec(v), until=until, force=force)
+             for v in sweep.variants}  # fmt: skip
+    first = next(iter(plans.values()))
+    n = len(plans)
+    print(f"sweep {first.name}: {n} variants, storage {first.storage}")
+    for name, plan in plans.items():
+        todo = sum(not s.cached for s in plan.steps)
+        print(f"  {name}: {len(plan.steps) - todo} cached, {todo} to run")
+    print("steps:")
+    for step_id, distinct in shared_steps(plans).items():
+        what = f"shared by all {n}: computed once" if distinct == 1 else f"{distinct} distinct"
+        print(f"  {step_id:20} {what}")
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     import difforge
+    from difforge.platform.sweep import load_sweep
 
+    sweep = load_sweep(args.file, args.overrides)
+    if sweep is not None:
+        _print_sweep(sweep, args.until, args.force)
+        print(f"ok: {len(sweep.variants)} valid variants")
+        return 0
     plan = difforge.plan(args.file, args.overrides, until=args.until, force=args.force)
     if args.json:
         print(json.dumps(plan.resolved(), indent=2))
@@ -202,6 +232,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         from difforge.jobs.cluster import read_env_file
 
         os.environ.update(read_env_file(args.env_file))
+    from difforge.platform.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(args.file, args.overrides)
+    if sweep is not None:
+        result = run_sweep(sweep, until=args.until, force=args.force, address=args.address)
+        print()
+        print(result.table())
+        print(f"\ndone in {result.seconds:.1f}s. MLflow sweep run {result.run_id} (experiment "
+              f"'{result.experiment}'); `difforge report {result.run_id}` compares the variants")  # fmt: skip
+        return 0
     summary = run(
         args.file,
         args.overrides,
@@ -432,6 +472,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from difforge.platform.report import main_table, write_report
+
+    path = write_report(args.target, args.out, args.tracking_uri, log=not args.no_log)
+    print(main_table(path))
+    print(f"\nreport: {path} (plots beside it){'' if args.no_log else '; logged to MLflow'}")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -459,6 +508,7 @@ COMMANDS = {
     "ops": cmd_ops,
     "show": cmd_show,
     "sample": cmd_sample,
+    "report": cmd_report,
     "ui": cmd_ui,
 }
 

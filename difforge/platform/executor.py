@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from difforge.platform import datasets as ds_mod
 from difforge.platform.context import JobContext, MapContext
 from difforge.platform.datasets import Dataset, ShardWriter, attempt_id, join
-from difforge.platform.errors import DifforgeError, StepFailed
+from difforge.platform.errors import DifforgeError, Problem, SpecError, StepFailed
 from difforge.platform.operator import MAIN, JobOperator, SourceOperator, StepOutcome
 from difforge.platform.plan import Plan, PlannedStep, build_plan
 from difforge.platform.resources import Fitted, fit
@@ -456,6 +456,8 @@ def run(
     force: list[str] | None = None,
     address: str | None = None,
     tags: dict[str, str] | None = None,
+    params: dict[str, Any] | None = None,
+    runtime: RayRuntime | None = None,
 ) -> RunSummary:
     """Run a pipeline; return a summary of each step (rows, seconds, cached, output URI).
 
@@ -464,9 +466,13 @@ def run(
     scheduler and `difforge submit` mark their runs with them).
     """
     loaded = source if isinstance(source, LoadedSpec) else load_spec(source, overrides)
+    if loaded.spec.matrix:
+        raise SpecError([Problem("this pipeline declares a matrix: run it as a sweep "
+                                 "(`difforge run` does; from Python, difforge.sweep)", loaded.file)])  # fmt: skip
     plan = build_plan(loaded, until=until, force=force)
     spec = loaded.spec
-    runtime = RayRuntime(address)
+    own_runtime = runtime is None
+    runtime = runtime or RayRuntime(address)
     t0 = time.time()
 
     def start_tracking() -> tuple[Tracker, StepTracker]:
@@ -488,6 +494,7 @@ def run(
                 "overrides": loaded.overrides,
                 "until": until,
                 "force": force,
+                **(params or {}),
                 **{f"fingerprint.{s.id}": s.fingerprint for s in plan.steps},
             }
         )
@@ -531,7 +538,8 @@ def run(
                 parent.log_metrics({"seconds": total, "steps_cached": cached})
                 parent.end(status)
         finally:
-            runtime.shutdown()
+            if own_runtime:
+                runtime.shutdown()
     return RunSummary(
         spec.name, parent.run_id, tracker.uri, tracker.experiment, summaries, total, status
     )

@@ -84,6 +84,30 @@ class PipelineSpec(BaseModel):
     storage: str = Field("./difforge-data", description="local folder or fsspec URI (s3://...)")
     tracking: Tracking = Field(default_factory=Tracking)
     steps: list[StepSpec] = Field(min_length=1)
+    matrix: dict[str, Any] | None = Field(
+        None,
+        description="a sweep: dotted paths (as for --set) to lists of values, plus optional "
+        "`include` and `exclude` lists of {path: value} combinations",
+    )
+
+    @field_validator("matrix")
+    @classmethod
+    def _matrix(cls, m: dict[str, Any] | None) -> dict[str, Any] | None:
+        if m is None:
+            return m
+        for key, values in m.items():
+            if key in ("include", "exclude"):
+                if not isinstance(values, list) or not all(
+                    isinstance(x, dict) and x for x in values
+                ):
+                    raise ValueError(f"matrix.{key}: a list of {{path: value}} mappings")
+            elif not isinstance(values, list) or not values:
+                raise ValueError(f"matrix.{key}: a non-empty list of values")
+            elif "." not in key:
+                raise ValueError(f"matrix.{key}: a dotted path such as STEP.params.FIELD")
+        if not any(k not in ("include", "exclude") for k in m) and not m.get("include"):
+            raise ValueError("matrix: no axis and no include: nothing to sweep")
+        return m
 
 
 @dataclass
