@@ -284,6 +284,14 @@ def test_every_shipped_pipeline_validates(tmp_path):
     root = Path(__file__).resolve().parents[2] / "pipelines"
     files = sorted(root.rglob("*.yaml"))
     assert files
+    from difforge.platform.plan import build_plan
+    from difforge.platform.sweep import load_sweep
+
     for f in files:
         assert f.read_text().startswith("#"), f"{f}: the header comment shows how to run it"
-        difforge.plan(str(f), needs.get(f.name, []))
+        sweep = load_sweep(str(f), needs.get(f.name, []))
+        if sweep is None:
+            difforge.plan(str(f), needs.get(f.name, []))
+        else:  # an experiment: every variant plans
+            for v in sweep.variants:
+                build_plan(sweep.variant_spec(v), check_cache=False)
