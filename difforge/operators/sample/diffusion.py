@@ -6,6 +6,7 @@ latent models decode through the VAE recorded when they were trained."""
 from __future__ import annotations
 
 import json
+import os
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -134,6 +135,9 @@ class SampleDiffusion(MapOperator):
             dtype = "bfloat16" if self.device == "cuda" else "float32"
         self.dtype = getattr(torch, dtype)
         self.model.to(self.device, self.dtype)
+        threads = os.environ.get("OMP_NUM_THREADS")  # Ray sets it to the actor's CPUs
+        if self.device == "cpu" and threads:
+            torch.set_num_threads(int(threads))
         dc = self.params.deepcache
         self.deepcache = (dc.cache_interval, dc.cache_branch) if dc else None
         if dc:

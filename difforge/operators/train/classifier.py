@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,7 +28,10 @@ class Params(BaseModel):
 
     epochs: int = Field(2, ge=1, description="passes over the training set")
     batch_size: int = Field(128, ge=1, description="global batch size (split across workers)")
-    lr: float = Field(2e-3, gt=0, description="AdamW learning rate")
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate (the peak, with one-cycle)")
+    lr_schedule: Literal["onecycle", "constant"] = Field(
+        "onecycle", description="onecycle: warm up for 15% of the steps, then anneal to ~0"
+    )
     weight_decay: float = Field(1e-4, ge=0)
     width: int = Field(32, ge=4, description="channels of the first conv layer")
     seed: int = 0
@@ -95,15 +98,23 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(p["seed"])
     model = SmallCNN(x.shape[1], num_classes, p["width"])
     opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+    per_rank = max(1, p["batch_size"] // world)
+    steps = p["epochs"] * max(1, len(range(rank, len(x), world)) // per_rank)  # this rank's
+    # one-cycle: the weights settle as the rate anneals (a constant rate leaves the held-out
+    # accuracy jumping by 10-40 points from epoch to epoch with this BatchNorm CNN)
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p["lr"], total_steps=steps,
+                                                 pct_start=0.15)
+             if p["lr_schedule"] == "onecycle" else None)  # fmt: skip
     start_epoch = 0
     state = restore()
     if state:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
+        if sched is not None and state.get("sched"):
+            sched.load_state_dict(state["sched"])
         start_epoch = state["epoch"] + 1
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
-    per_rank = max(1, p["batch_size"] // world)
 
     def to_tensor(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).float().div_(127.5).sub_(1.0).to(device)
@@ -129,10 +140,13 @@ def train_loop(config: dict[str, Any]) -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             total, count = total + loss.item(), count + 1
         accuracy = evaluate()
         metrics = {"epoch": epoch, "train_loss": total / max(1, count), "accuracy": accuracy}
-        state = {"model": unwrap(model).state_dict(), "opt": opt.state_dict(), "epoch": epoch}
+        state = {"model": unwrap(model).state_dict(), "opt": opt.state_dict(), "epoch": epoch,
+                 "sched": sched.state_dict() if sched is not None else None}  # fmt: skip
         report(metrics, state if rank == 0 else None)
         if rank == 0:
             # a restart replays epochs from its checkpoint; log_new never logs one twice
@@ -143,7 +157,7 @@ class Classifier(JobOperator):
     """A small CNN image classifier trained with Ray Train; saves its weights and accuracy."""
 
     name = "train.classifier"
-    version = 1
+    version = 2
     Params = Params
     inputs: ClassVar[tuple[int, int]] = (1, 2)
     reads = (C.ID, C.IMAGE, C.LABEL)
