@@ -18,14 +18,17 @@ def test_guided_distillation_pipeline(ray_session, tmp_path):
         "tracking": {"experiment": "distill-tests"},
         "steps": [
             {"id": "raw", "op": "ingest.digits"},
+            {"id": "test", "op": "ingest.digits", "params": {"split": "test"}},
+            {"id": "clf", "op": "train.classifier", "inputs": ["raw", "test"],
+             "params": {"epochs": 2, "batch_size": 64}},
             {"id": "teacher", "op": "train.diffusion", "inputs": ["raw"],
              "params": {"backbone": TINY_UNET, "batch_size": 64, "max_steps": 60, "lr": 1e-3,
                         "prediction_type": "v_prediction", "checkpoint_every": 60,
                         "warmup_steps": 5}},
-            {"id": "student", "op": "distill.guided", "inputs": ["teacher", "raw"],
+            {"id": "student", "op": "distill.guided", "inputs": ["teacher", "raw", "clf", "test"],
              "params": {"teacher_steps": 4, "rounds": 1, "guide_steps": 40,
                         "steps_per_round": 40, "batch_size": 32, "checkpoint_every": 20,
-                        "w_min": 0.0, "w_max": 3.0}},
+                        "w_min": 0.0, "w_max": 3.0, "eval_images": 100}},
             {"id": "plan", "op": "sample.plan", "inputs": ["student"],
              "params": {"num_images": 20, "guidance_scales": [1.0, 3.0]}},  # 20 at each w
             {"id": "samples", "op": "sample.diffusion", "inputs": ["plan"],
@@ -45,7 +48,10 @@ def test_guided_distillation_pipeline(ray_session, tmp_path):
     history = client.get_metric_history(run_id, "loss")
     assert [m.step for m in history] == [20, 40, 60, 80]  # each step once
     names = {a.path for a in client.list_artifacts(run_id)}
-    assert {"samples_2_steps.png", "model"} <= names
+    # a grid and a Fréchet distance after each phase: guidance folded in (4 steps), then halved
+    assert {"samples_2_steps.png", "round_0_4_steps.png", "round_1_2_steps.png", "model"} <= names
+    fd = client.get_metric_history(run_id, "fd")
+    assert [m.step for m in fd] == [40, 80] and all(m.value > 0 for m in fd)
     sampled = difforge_cli("sample", out["model_uri"], "--n", "4", "--guidance", "2.5",
                            "--out", str(tmp_path / "cli"))  # fmt: skip
     assert sampled.returncode == 0, sampled.stderr

@@ -141,7 +141,7 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
 
     # data, teacher, student
     x, labels, cond = load_data(config["files"], config["column"])
-    base, info, sched_cfg, _ = load_model(config["teacher_uri"], "ema")
+    base, info, sched_cfg, vae = load_model(config["teacher_uri"], "ema")
     kind, prediction_type = info["backbone"], info.get("prediction_type", "epsilon")
     num_classes = info.get("num_classes") or 0
     null_label = num_classes if num_classes else None
@@ -226,6 +226,11 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
         losses.append(loss.item())
         step += 1
         ends_phase = step == start + phase["steps"]
+        if ends_phase and rank == 0:
+            # each round: a grid of the student at its new step count (and its FD if asked)
+            after = plan[index + 1]["teacher_steps"] if index + 1 < len(plan) else None
+            steps_now = phase["teacher_steps"] // 2 if phase["kind"] == "halve" else after
+            log_round(config, _unwrap(engine), info, sched_cfg, vae, index, steps_now or 1, step)
         if step % p["checkpoint_every"] == 0 or ends_phase:
             metrics = {"step": step, "loss": float(np.mean(losses)), "phase": index,
                        "lr": lr_sched.get_last_lr()[0]}  # fmt: skip
@@ -234,6 +239,58 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
                 tracker.log_new({"loss": metrics["loss"], f"loss_phase_{index}": metrics["loss"]},
                                 step=step)  # fmt: skip
             losses = []
+
+
+def log_round(config, student, info, sched_cfg, vae, index: int, steps: int, step: int) -> None:
+    """The student after a phase: a sample grid per class at its step count, logged to the
+    step's MLflow run, and, when the operator has an evaluation input, its Fréchet distance
+    (classifier features) against the reference images."""
+    import numpy as np
+
+    from difforge.operators.sample.diffusion import make_scheduler, sample_batch
+    from difforge.operators.train.diffusion import to_pil
+    from difforge.platform.show import grid
+
+    p, tracker = config["params"], config["tracker"]
+    classes = info.get("num_classes") or 0
+    w = float(p.get("w_max") if config["guided"] else (p.get("guidance_scale") or 1.0))
+    scheduler_config = {**sched_cfg, "timestep_spacing": "trailing"}
+    was_training = student.training
+    student.eval()
+
+    def draw(n: int, seed0: int):
+        labels = torch.arange(n) % max(classes, 1)
+        out = []
+        for s in range(0, n, 100):
+            m = min(100, n - s)
+            x = sample_batch(student, info["backbone"], make_scheduler("ddim", scheduler_config),
+                             tuple(info["sample_shape"]), list(range(seed0 + s, seed0 + s + m)),
+                             labels[s : s + m], [w] * m, classes or None, steps)  # fmt: skip
+            out += to_pil(x, vae)
+        return out
+
+    try:
+        tiles = draw(8 * min(max(classes, 1), 10), 0)
+        ordered = sorted(range(len(tiles)), key=lambda i: (i % max(classes, 1), i))
+        canvas = grid([tiles[i] for i in ordered], columns=8)
+        tracker.log_image(canvas.resize((canvas.width * 3, canvas.height * 3), 0),
+                          f"round_{index}_{steps}_steps.png")  # fmt: skip
+        ev = config.get("evaluation")
+        if ev:
+            from difforge.operators.evaluate.fid import classifier_features, frechet_distance
+            from difforge.operators.train.classifier import load_classifier, load_images
+
+            net, cfg = load_classifier(ev["classifier_uri"])
+            mode = "L" if cfg["in_channels"] == 1 else "RGB"
+            real = load_images(ev["reference_files"], mode, with_labels=False)[0][: ev["images"]]
+            arrays = [np.asarray(im.convert(mode)) for im in draw(ev["images"], 10**6)]
+            fake = np.stack([a[None] if a.ndim == 2 else a.transpose(2, 0, 1) for a in arrays])
+            fd = frechet_distance(
+                classifier_features(net, real)[0], classifier_features(net, fake)[0]
+            )
+            tracker.log_metrics({f"fd_{steps}_steps": fd, "fd": fd}, step=step)
+    finally:
+        student.train(was_training)
 
 
 def sched_cfg_alphas(sched_cfg: dict[str, Any]):

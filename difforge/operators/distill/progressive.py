@@ -2,7 +2,8 @@
 diffusion model distilled into a student that samples in fewer steps, on the same DeepSpeed and
 Ray Train machinery, checkpoints and resume as `train.diffusion`. The recipe is in _recipe.py.
 
-Inputs: the teacher (a `train.diffusion` or `distill.*` step) and the data it was trained on.
+Inputs: the teacher (a `train.diffusion` or `distill.*` step) and the data it was trained on;
+optionally a `train.classifier` step and reference images, for a Fréchet distance per round.
 The output is a model folder like `train.diffusion`'s: `sample.diffusion` and `difforge sample`
 draw from it with its own step count (and, for a guided student, at any w in its range with
 one network evaluation per step).
@@ -43,6 +44,8 @@ class Common(BaseModel):
     checkpoint_every: int = Field(100, ge=1)
     seed: int = 0
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    eval_images: int = Field(500, ge=10, description="samples per round for the Fréchet "
+                             "distance, when a classifier and reference images are inputs")  # fmt: skip
 
     @model_validator(mode="after")
     def _check(self):
@@ -82,7 +85,7 @@ class _Distill(JobOperator):
     reads = (C.ID,)
     resources = Resources(num_workers=1, num_cpus=1, num_gpus="auto")
     gpus_when_available = 1.0
-    inputs: ClassVar[tuple[int, int]] = (2, 2)
+    inputs: ClassVar[tuple[int, int]] = (2, 4)  # teacher, data[, classifier, reference images]
     guided: ClassVar[bool] = False
 
     @classmethod
@@ -104,7 +107,17 @@ class _Distill(JobOperator):
         from difforge.operators.train import _raytrain
         from difforge.operators.train.diffusion import deepspeed_config
 
-        teacher_ds, data = ctx.inputs
+        teacher_ds, data = ctx.inputs[:2]
+        evaluation = None
+        if len(ctx.inputs) == 3:
+            raise DifforgeError(f"{self.name}: an evaluation takes two more inputs, a "
+                                "train.classifier step and reference images")  # fmt: skip
+        if len(ctx.inputs) == 4:
+            clf = ctx.inputs[2].to_arrow().to_pylist()[0]
+            if clf.get("kind") != "classifier":
+                raise DifforgeError(f"{self.name}: the third input must be a train.classifier step")
+            evaluation = {"classifier_uri": clf[C.MODEL_URI], "images": self.params.eval_images,
+                          "reference_files": ctx.inputs[3].file_uris()}  # fmt: skip
         row = teacher_ds.to_arrow().to_pylist()[0]
         if row.get("kind") != "diffusion" or not row.get(C.MODEL_URI):
             raise DifforgeError(f"{self.name}: the first input must be a train.diffusion or "
@@ -124,7 +137,7 @@ class _Distill(JobOperator):
         p = self.params.model_dump()
         deepspeed_config({**p, "grad_accum": 1}, 1, 1, ctx.resources.num_gpus > 0)
         config = {"params": p, "plan": self.plan(), "files": data.file_uris(), "column": column,
-                  "teacher_uri": row[C.MODEL_URI], "guided": self.guided,
+                  "teacher_uri": row[C.MODEL_URI], "guided": self.guided, "evaluation": evaluation,
                   "use_gpu": ctx.resources.num_gpus > 0}  # fmt: skip
         result = _raytrain.fit(ctx, ray_loop, config)
         steps = self.params.teacher_steps >> self.params.rounds
