@@ -442,10 +442,15 @@ class FolderIO:
 
 
 class NullTracker:
+    """Where a recipe run without a pipeline (tests, benchmarks) logs: nowhere."""
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         pass
 
     log_new = log_metrics
+
+    def log_image(self, image: Any, name: str) -> None:
+        pass
 
 
 def train_locally(config: dict[str, Any], folder: str, recipe=None) -> FolderIO:
