@@ -10,6 +10,7 @@ which `difforge run --env-file` reads on the cluster.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import secrets
@@ -43,9 +44,15 @@ def cluster_address(cluster: str | None) -> str:
 
 
 def client(cluster: str | None):
+    """The Jobs API client of a cluster: one per address and process (making one is an HTTP
+    round trip, and the scheduler asks about running jobs every second)."""
+    return _client(cluster_address(cluster))
+
+
+@functools.lru_cache(maxsize=16)
+def _client(address: str):
     from ray.job_submission import JobSubmissionClient
 
-    address = cluster_address(cluster)
     try:
         return JobSubmissionClient(address)
     except Exception as exc:  # connection refused, 401 without a token, not a Ray dashboard

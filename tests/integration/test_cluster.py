@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import tempfile
 import textwrap
-import time
 import urllib.request
 from pathlib import Path
 
@@ -203,13 +202,11 @@ def test_a_local_run_does_not_join_the_cluster(ray_cluster, tmp_path):
     spec.write_text(
         f"name: local\nstorage: {tmp_path / 'storage'}\nsteps:\n  - id: raw\n    op: ingest.digits\n"
     )
-    t0 = time.time()
     out = difforge_cli("run", str(spec), timeout=300)
     assert out.returncode == 0, out.stderr
     assert "starting Ray (address=local)" in out.stderr
     after = jobs.list_jobs(ray_cluster)
     assert {j["job_id"] for j in after} == before, "a local run showed up on the cluster"
-    assert time.time() - t0 < 300
 
 
 def test_submit_refuses_tracking_the_cluster_cannot_reach(tmp_path, monkeypatch):

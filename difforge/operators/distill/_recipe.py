@@ -19,6 +19,7 @@ DDIM grids are "trailing" (they start at t = T - 1), as the students' saved sche
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 from typing import Any
@@ -278,19 +279,27 @@ def log_round(config, student, info, sched_cfg, vae, index: int, steps: int, ste
         ev = config.get("evaluation")
         if ev:
             from difforge.operators.evaluate.fid import classifier_features, frechet_distance
-            from difforge.operators.train.classifier import load_classifier, load_images
 
-            net, cfg = load_classifier(ev["classifier_uri"])
-            mode = "L" if cfg["in_channels"] == 1 else "RGB"
-            real = load_images(ev["reference_files"], mode, with_labels=False)[0][: ev["images"]]
+            net, mode, f_real = _reference(ev["classifier_uri"], tuple(ev["reference_files"]),
+                                           ev["images"])  # fmt: skip
             arrays = [np.asarray(im.convert(mode)) for im in draw(ev["images"], 10**6)]
             fake = np.stack([a[None] if a.ndim == 2 else a.transpose(2, 0, 1) for a in arrays])
-            fd = frechet_distance(
-                classifier_features(net, real)[0], classifier_features(net, fake)[0]
-            )
+            fd = frechet_distance(f_real, classifier_features(net, fake)[0])
             tracker.log_metrics({f"fd_{steps}_steps": fd, "fd": fd}, step=step)
     finally:
         student.train(was_training)
+
+
+@functools.lru_cache(maxsize=2)
+def _reference(classifier_uri: str, files: tuple[str, ...], images: int):
+    """The judge and the reference side's features, loaded once per worker, not every round."""
+    from difforge.operators.evaluate.fid import classifier_features
+    from difforge.operators.train.classifier import load_classifier, load_images
+
+    net, cfg = load_classifier(classifier_uri)
+    mode = "L" if cfg["in_channels"] == 1 else "RGB"
+    real = load_images(list(files), mode, with_labels=False)[0][:images]
+    return net, mode, classifier_features(net, real)[0]
 
 
 def sched_cfg_alphas(sched_cfg: dict[str, Any]):

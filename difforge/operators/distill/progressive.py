@@ -103,7 +103,7 @@ class _Distill(JobOperator):
     def run(self, ctx: JobContext) -> JobResult:
         import pyarrow as pa
 
-        from difforge.operators.sample.diffusion import load_model
+        from difforge.operators.sample.diffusion import model_info
         from difforge.operators.train import _raytrain
         from difforge.operators.train.diffusion import deepspeed_config
 
@@ -122,7 +122,7 @@ class _Distill(JobOperator):
         if row.get("kind") != "diffusion" or not row.get(C.MODEL_URI):
             raise DifforgeError(f"{self.name}: the first input must be a train.diffusion or "
                                 "distill step (a diffusion model)")  # fmt: skip
-        _, info, _, _ = load_model(row[C.MODEL_URI])
+        info = model_info(row[C.MODEL_URI])
         if info.get("guidance_embedding"):
             raise DifforgeError(f"{self.name}: the teacher is a guided student already")
         if self.guided and not info.get("num_classes"):

@@ -111,13 +111,19 @@ def inception_path(weights: str | None) -> str:
     return path
 
 
-def inception_features(path: str, images: np.ndarray, batch: int = 64) -> np.ndarray:
-    """2048-d pool features of uint8 [N, C, H, W] images, resized to 299x299 (bilinear) and
-    scaled as the TensorFlow FID network expects (v / 128 - 1)."""
+def load_inception(path: str):
+    import torch
+
+    return torch.jit.load(path, map_location="cpu").eval()
+
+
+def inception_features(net, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """2048-d pool features (from the network `load_inception` gives) of uint8 [N, C, H, W]
+    images, resized to 299x299 (bilinear) and scaled as the TensorFlow FID network expects
+    (v / 128 - 1)."""
     import numpy as np
     import torch
 
-    net = torch.jit.load(path, map_location="cpu").eval()
     feats = []
     with torch.no_grad():
         for s in range(0, len(images), batch):
@@ -224,9 +230,10 @@ class FID(JobOperator):
         if p.features == "inception":
             weights = inception_path(p.inception_weights)
             extractor = {"inception": _file_digest(weights)}
+            inception = load_inception(weights)  # once, for both sides
 
             def features(x):
-                return inception_features(weights, x)
+                return inception_features(inception, x)
         else:
             extractor = {"classifier": clf.manifest.fingerprint}
 
@@ -249,8 +256,10 @@ class FID(JobOperator):
             f_real, cached = cached_features(ctx, key, reference_features)
         else:
             f_real, cached = reference_features(), False
-        f_fake = features(fake)
-        pred = classifier_features(net, fake)[1] if net is not None else None
+        pred = None
+        if net is not None:  # one classifier pass gives the samples' features and predictions
+            f_clf, pred = classifier_features(net, fake)
+        f_fake = f_clf if p.features == "classifier" else features(fake)
         metrics: dict[str, Any] = {
             "reference_cached": float(cached),
             "fid": frechet_distance(f_real, f_fake),

@@ -200,6 +200,14 @@ class SampleDiffusion(MapOperator):
         return {"images": float(len(rows))}
 
 
+def model_info(uri: str) -> dict[str, Any]:
+    """A model folder's difforge.json alone (no weights loaded)."""
+    from difforge.platform.datasets import join, url_to_fs
+
+    fs, path = url_to_fs(join(uri, "difforge.json"))
+    return json.loads(fs.cat_file(path))
+
+
 def load_model(uri: str, weights: str = "ema"):
     """A trained model folder: the network, its difforge.json, its scheduler, its VAE."""
     import os
