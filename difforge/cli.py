@@ -173,13 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_plan(plan: Any) -> None:
+    from difforge.platform.plan import passes
+
     print(f"pipeline {plan.name}: {len(plan.steps)} steps, storage {plan.storage}")
     width = max(len(s.id) for s in plan.steps)
     opw = max(len(s.op) for s in plan.steps)
+    fused = {s.id: g[0].id for g in passes(plan.steps) if len(g) > 1 for s in g[1:]}
     for s in plan.steps:
         state = "forced" if s.forced else ("cached" if s.cached else "to run")
         ins = ", ".join(r.text for r in s.inputs) or "-"
-        print(f"  {s.id.ljust(width)}  {s.op.ljust(opw)}  {s.fingerprint}  {state:7}  <- {ins}")
+        note = f"  (in one pass with {fused[s.id]})" if s.id in fused else ""
+        print(
+            f"  {s.id.ljust(width)}  {s.op.ljust(opw)}  {s.fingerprint}  {state:7}  <- {ins}{note}"
+        )
 
 
 def _print_sweep(sweep: Any, until: str | None, force: list[str]) -> None:

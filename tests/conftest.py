@@ -192,26 +192,23 @@ class Slow(MapOperator):
 '''
 
 
-def slow_pipeline(tmp_path: Path, seconds_per_batch: float = 1.5) -> tuple[Path, dict]:
-    """A pipeline whose second step takes a while, with the plugin that provides it."""
+def slow_pipeline(
+    tmp_path: Path, seconds_per_batch: float = 1.5, fused: bool = False
+) -> tuple[Path, dict]:
+    """A pipeline whose last step takes a while, with the plugin that provides it. By default
+    a job (exact dedup) stands between the source and the slow step, which therefore runs in a
+    pass of its own; `fused=True` has it read the source directly, in one pass with it."""
     plugin_root = tmp_path / "plugin"
     plugin_root.mkdir()
     env = make_plugin(plugin_root, SLOW_PLUGIN, "test.slow = difforge_plugin:Slow")
     path = tmp_path / "slow.yaml"
-    path.write_text(
-        textwrap.dedent(f"""
-        # difforge run slow.yaml
-        name: slow
-        storage: {tmp_path / "storage"}
-        tracking: {{experiment: slow-tests}}
-        steps:
-          - id: raw
-            op: ingest.digits
-          - id: slow
-            op: test.slow
-            inputs: [raw]
-            params: {{seconds_per_batch: {seconds_per_batch}}}
-            resources: {{batch_size: 100}}
-        """).lstrip()
+    steps = ["  - {id: raw, op: ingest.digits, resources: {batch_size: 200}}"]
+    if not fused:
+        steps.append("  - {id: dedup, op: curate.dedup_exact, inputs: [raw]}")
+    steps.append(
+        f"  - {{id: slow, op: test.slow, inputs: [{'raw' if fused else 'dedup'}], "
+        f"params: {{seconds_per_batch: {seconds_per_batch}}}, resources: {{batch_size: 100}}}}"
     )
+    head = f"# difforge run slow.yaml\nname: slow\nstorage: {tmp_path / 'storage'}\n"
+    path.write_text(head + "tracking: {experiment: slow-tests}\nsteps:\n" + "\n".join(steps) + "\n")
     return path, env

@@ -33,12 +33,26 @@ def describe(data: bytes) -> tuple[str | None, int | None, int | None, str | Non
 
 
 def decode(data: bytes) -> Image.Image:
-    """Decode fully (raises on truncated or invalid data)."""
+    """Decode fully (raises on truncated or invalid data). In a pass of fused steps, an image
+    an earlier step decoded is not decoded again: the result is shared, never change it in
+    place (PIL's convert, resize and the like return new images)."""
     from PIL import Image
 
-    img = Image.open(io.BytesIO(data))
-    img.load()
+    from difforge.platform import batch_cache
+
+    img = batch_cache.recall(data)
+    if img is None:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        remember_decoded(data, img)
     return img
+
+
+def remember_decoded(data: bytes, img: Image.Image) -> None:
+    """Offer a fully decoded image to later steps of a fused pass (see `decode`)."""
+    from difforge.platform import batch_cache
+
+    batch_cache.remember(data, img, img.width * img.height * len(img.getbands()))
 
 
 def replace_columns(table, columns: dict):

@@ -20,9 +20,19 @@ class MapContext:
     inputs: list[str]  # URIs of all inputs; the first is the one being mapped
     work_uri: str
     num_gpus: float = 0.0
+    #: the first input's metadata when an earlier step of the same pass is still writing it
+    pending_metadata: dict[str, Any] | None = None
 
     def input(self, index: int) -> Dataset:
+        """A committed input (in a pass of fused steps, the first input is not committed yet:
+        use `metadata(0)` for what it records)."""
         return Dataset(self.inputs[index])
+
+    def metadata(self, index: int = 0) -> dict[str, Any]:
+        """An input's manifest metadata (class names, corruption, encoders ...)."""
+        if index == 0 and self.pending_metadata is not None:
+            return self.pending_metadata
+        return self.input(index).metadata
 
 
 @dataclass

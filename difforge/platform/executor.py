@@ -8,6 +8,8 @@ Ray is private to this process (`address="local"`): a cluster started on the sam
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import logging
 import os
@@ -15,6 +17,7 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +28,7 @@ from difforge.platform.context import JobContext, MapContext
 from difforge.platform.datasets import Dataset, ShardWriter, attempt_id, join
 from difforge.platform.errors import DifforgeError, Problem, SpecError, StepFailed
 from difforge.platform.operator import MAIN, JobOperator, SourceOperator, StepOutcome
-from difforge.platform.plan import Plan, PlannedStep, build_plan
+from difforge.platform.plan import Plan, PlannedStep, build_plan, passes
 from difforge.platform.resources import Fitted, fit
 from difforge.platform.spec import LoadedSpec, PipelineSpec, load_spec
 from difforge.platform.tracking import StepTracker, Tracker, git_commit
@@ -161,34 +164,96 @@ def _write_outputs(
     return pa.Table.from_pylist(rows)
 
 
+@dataclass
+class _Stage:
+    """One step of a pass, as the workers see it (picklable)."""
+
+    step: str
+    op_cls: type
+    params: dict
+    writers: dict[str, ShardWriter]
+    ctx: MapContext | None
+    batch_size: int
+
+
 class _Worker:
-    """Runs on Ray workers: one operator instance per task (or per actor, set up once) that
-    turns work items into committed-to-be shards. A source reads its task; a map operator reads
-    one input shard and processes it in batches. Reading inside the worker means no separate
-    read tasks compete with an actor pool for CPUs, and shard names follow the input's order."""
+    """Runs on Ray workers: one pass over work items for one step or for a chain of fused steps.
 
-    def __init__(self, op_cls, params: dict, writers: dict[str, ShardWriter],
-                 ctx: MapContext | None, batch_size: int):  # fmt: skip
-        self.op = op_cls(op_cls.Params.model_validate(params))
-        self.source = issubclass(op_cls, SourceOperator)
-        if not self.source:
-            self.op.setup(ctx)
-        self.writers = writers
-        self.batch_size = batch_size
+    The head step reads its item itself (a source its read task, a map operator one input
+    shard, in batches); each later step of the chain takes the batch the step before it
+    produced, still in memory. Every step writes its own shards, so each step's dataset is
+    committed as if it had run alone. Reading inside the worker means no separate read tasks
+    compete with an actor pool for CPUs, and shard names follow the input's order. Each output
+    row describes a shard (or, for `STATS`, the rows a step took in and its seconds of work).
+    """
 
-    def _results(self, item: dict):
+    def __init__(self, stages: list[_Stage], markers: str | None = None):
+        self.stages = stages
+        self.markers = markers  # where each finished item's shard list is kept, if resumable
+        self.source = issubclass(stages[0].op_cls, SourceOperator)
+        self.ops = []
+        for k, s in enumerate(stages):
+            op = s.op_cls(s.op_cls.Params.model_validate(s.params))
+            if not (k == 0 and self.source):
+                try:
+                    op.setup(s.ctx)
+                except Exception as exc:
+                    exc.add_note(f"{STEP_NOTE}{s.step}")  # which step of the pass
+                    raise
+            self.ops.append(op)
+
+    def _head_batches(self, item: dict) -> Iterator[pa.Table]:
+        """The head step's input batches (for a source: its output tables, read)."""
         if self.source:
-            for table in self.op.read(item):
-                yield table, 0
+            yield from self.ops[0].read(item)
             return
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         fs, path = ds_mod.url_to_fs(item["file"])
         with fs.open(path, "rb") as f:
-            for rb in pq.ParquetFile(f).iter_batches(batch_size=self.batch_size):
-                batch = pa.Table.from_batches([rb])
-                yield self.op.process(batch), batch.num_rows
+            for rb in pq.ParquetFile(f).iter_batches(batch_size=self.stages[0].batch_size):
+                yield pa.Table.from_batches([rb])
+
+    def _stage(self, k: int, batch: pa.Table, key: str, started: float, out: list) -> None:
+        """Step k on one batch (`started`: when fetching it began); then the next step on the
+        main output, in slices of at most its batch size."""
+        if k == 0 and self.source:
+            result, rows_in = batch, 0
+        else:
+            try:
+                result, rows_in = self.ops[k].process(batch), batch.num_rows
+            except Exception as exc:
+                exc.add_note(f"{STEP_NOTE}{self.stages[k].step}")  # which step of the pass
+                raise
+        tables = result if isinstance(result, dict) else {MAIN: result}
+        described = _write_outputs(tables, self.stages[k].writers, key, rows_in)
+        out.append(_tag(described, k, time.perf_counter() - started))
+        main = tables.get(MAIN)
+        if k + 1 == len(self.stages) or main is None:
+            return
+        size = self.stages[k + 1].batch_size
+        for c, start in enumerate(range(0, main.num_rows, size)):
+            self._stage(k + 1, main.slice(start, size), f"{key}-{c:04d}", time.perf_counter(), out)
+
+    def _item(self, item: dict) -> list[pa.Table]:
+        from difforge.platform import batch_cache
+
+        out: list[pa.Table] = []
+        batches = self._head_batches(item)
+        for seq in itertools.count():
+            started = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            key = f"{item['index']:06d}-{seq:04d}"
+            if len(self.stages) == 1:
+                self._stage(0, batch, key, started, out)
+                continue
+            # what one step decoded, the next need not decode again, while this batch lasts
+            with batch_cache.scope():
+                self._stage(0, batch, key, started, out)
+        return out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import pyarrow as pa
@@ -202,27 +267,47 @@ class _Worker:
                 if fs.exists(path):  # written by an earlier, interrupted run
                     outs.append(pa.Table.from_pylist(json.loads(fs.cat_file(path))))
                     continue
-            item_outs = []
-            for seq, (result, rows_in) in enumerate(self._results(item)):
-                key = f"{item['index']:06d}-{seq:04d}"
-                item_outs.append(_write_outputs(result, self.writers, key, rows_in))
+            item_outs = self._item(item)
             table = pa.concat_tables(item_outs) if item_outs else None
             if done is not None and table is not None:
                 fs, path = done
+                fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
                 fs.pipe_file(path, json.dumps(table.to_pylist()).encode())
             if table is not None:
                 outs.append(table)
-        return pa.concat_tables(outs) if outs else _write_outputs({}, self.writers, "", 0)
+        if outs:
+            return pa.concat_tables(outs)
+        return _tag(_write_outputs({}, self.stages[0].writers, "", 0), 0, 0.0)
 
     def _done_marker(self, item: dict):
-        if not getattr(self.op, "resumable", False):
+        if self.markers is None:
             return None
-        fs, root = ds_mod.url_to_fs(self.writers[MAIN].dataset_uri)
-        return fs, f"{root}/{RESUMABLE_SHARDS}/item-{item['index']:06d}.done.json"
+        fs, root = ds_mod.url_to_fs(self.markers)
+        return fs, f"{root}/item-{item['index']:06d}.done.json"
+
+
+def _count_markers(markers: str | None) -> int:
+    if markers is None:
+        return 0
+    fs, root = ds_mod.url_to_fs(markers)
+    try:
+        return sum(1 for p in fs.ls(root, detail=False) if p.endswith(".done.json"))
+    except FileNotFoundError:
+        return 0
+
+
+def _tag(described: pa.Table, stage: int, seconds: float) -> pa.Table:
+    """A step's shard descriptions, marked with its place in the chain; its STATS row (the
+    first) carries the seconds the step spent on the batch."""
+    import pyarrow as pa
+
+    n = described.num_rows
+    described = described.append_column("stage", pa.array([stage] * n, pa.int32()))
+    return described.append_column("seconds", pa.array([seconds] + [0.0] * (n - 1), pa.float64()))
 
 
 def _task(*args):
-    """A stateless operator as a plain function: Ray Data runs it as tasks, not actors."""
+    """A stateless chain as a plain function: Ray Data runs it as tasks, not actors."""
 
     def run(batch: pa.Table) -> pa.Table:
         return _Worker(*args)(batch)
@@ -230,48 +315,92 @@ def _task(*args):
     return run
 
 
+@dataclass
+class _Started:
+    """A step whose MLflow run is open and whose work is about to run."""
+
+    step: PlannedStep
+    run: StepTracker
+    fitted: Fitted
+    attempt: str
+
+
 class Executor:
-    def __init__(self, plan: Plan, tracker: Tracker, ray_runtime: RayRuntime):
+    def __init__(self, plan: Plan, tracker: Tracker, ray_runtime: RayRuntime, fuse: bool = True):
         self.plan = plan
         self.tracker = tracker
         self.ray = ray_runtime
+        self.fuse = fuse
         self.run_started = time.time()
 
-    # -- map-shaped steps ------------------------------------------------------------------
+    def passes(self) -> list[list[PlannedStep]]:
+        return passes(self.plan.steps, self.fuse)
+
+    # -- map-shaped steps: one Ray Data pass for one step or a fused chain --------------------
     def _run_on_ray(
-        self, step: PlannedStep, fitted: Fitted, attempt: str
-    ) -> tuple[dict[str, list[dict]], int | None]:
+        self, chain: list[_Started]
+    ) -> tuple[list[dict[str, list[dict]]], list[int | None], list[float], int]:
+        """Run the chain; per step: its shard entries by output, rows in and seconds of work;
+        and how many input shards an earlier, interrupted run had finished."""
         import ray.data
 
-        params = step.params.model_dump(mode="json")
-        if getattr(step.op_cls, "resumable", False):
-            attempt = RESUMABLE_SHARDS  # kept across failed runs, under the fingerprint
-        writers = {MAIN: ShardWriter(step.uri, attempt)}
-        for name in step.op_cls.side_outputs:
-            writers[name] = ShardWriter(step.output_uri(name), attempt)
+        # A pass keeps each input shard's results as soon as they are written (and a rerun
+        # redoes only the missing ones) when its operator asks for it, and always when it
+        # chains steps: their results become visible only when the whole pass ends.
+        head = chain[0].step
+        resumable = len(chain) > 1 or getattr(head.op_cls, "resumable", False)
+        markers = None
+        if resumable:
+            markers = join(head.uri, RESUMABLE_SHARDS)
+            if len(chain) > 1:  # these very steps: another chain's markers are not ours
+                key = hashlib.sha256(" ".join(s.step.fingerprint for s in chain).encode())
+                markers = join(markers, f"pass-{key.hexdigest()[:16]}")
+        stages = []
+        pending = None  # the metadata the previous step of the chain will commit
+        for k, s in enumerate(chain):
+            step = s.step
+            if k == 0:
+                inputs = [Dataset(r.uri) for r in step.inputs]
+                meta = inputs[0].metadata if inputs else {}
+            else:
+                inputs, meta = [], pending  # plain maps' metadata depends on params alone
+            pending = {**meta, **step.op_cls(step.params).output_metadata(inputs)}
+            attempt = RESUMABLE_SHARDS if resumable else s.attempt
+            writers = {MAIN: ShardWriter(step.uri, attempt)}
+            for name in step.op_cls.side_outputs:
+                writers[name] = ShardWriter(step.output_uri(name), attempt)
+            ctx = None
+            if not (k == 0 and issubclass(step.op_cls, SourceOperator)):
+                ctx = MapContext(
+                    step=step.id,
+                    inputs=[r.uri for r in step.inputs],
+                    work_uri=step.work_uri,
+                    num_gpus=s.fitted.num_gpus,
+                    pending_metadata=meta if k > 0 else None,
+                )
+            params = step.params.model_dump(mode="json")
+            stages.append(_Stage(step.id, step.op_cls, params, writers, ctx, s.fitted.batch_size))
+        fitted = chain[0].fitted
         common: dict[str, Any] = {"batch_format": "pyarrow", "num_cpus": fitted.num_cpus}
         if fitted.num_gpus:
             common["num_gpus"] = fitted.num_gpus
-        if issubclass(step.op_cls, SourceOperator):
-            items = step.op_cls(step.params).read_tasks(fitted.batch_size)
-            ctx, rows_in = None, None
+        rows_in: list[int | None] = [None] + [0] * (len(chain) - 1)
+        if issubclass(head.op_cls, SourceOperator):
+            items = head.op_cls(head.params).read_tasks(fitted.batch_size)
         else:
-            source = Dataset(step.inputs[0].uri)
+            source = Dataset(head.inputs[0].uri)
             items = [{"file": uri} for uri in source.file_uris()]
-            rows_in = source.num_rows
-            ctx = MapContext(
-                step=step.id,
-                inputs=[r.uri for r in step.inputs],
-                work_uri=step.work_uri,
-                num_gpus=fitted.num_gpus,
-            )
+            rows_in[0] = source.num_rows
         rows = [{"item": json.dumps({**t, "index": i})} for i, t in enumerate(items)]
+        resumed = _count_markers(markers)
+        if resumed:
+            log.info("%s: %d of %d input shards already done by an earlier run",
+                     "+".join(s.step.id for s in chain), resumed, len(rows))  # fmt: skip
         data = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-        args = (step.op_cls, params, writers, ctx, fitted.batch_size)
-        if getattr(step.op_cls, "stateful", False):
+        if getattr(head.op_cls, "stateful", False):
             data = data.map_batches(
                 _Worker,
-                fn_constructor_args=args,
+                fn_constructor_args=(stages, markers),
                 batch_size=1,
                 compute=ray.data.ActorPoolStrategy(
                     min_size=fitted.min_actors, max_size=fitted.max_actors
@@ -279,12 +408,18 @@ class Executor:
                 **common,
             )
         else:
-            data = data.map_batches(_task(*args), batch_size=1, **common)
-        entries: dict[str, list[dict]] = {name: [] for name in writers}
+            data = data.map_batches(_task(stages, markers), batch_size=1, **common)
+        entries: list[dict[str, list[dict]]] = [{n: [] for n in s.writers} for s in stages]
+        work = [0.0] * len(chain)
         for row in data.iter_rows():
-            if row["output"] != STATS:
-                entries[row["output"]].append(row)
-        return entries, rows_in
+            k = row["stage"]
+            if row["output"] == STATS:
+                work[k] += row["seconds"]
+                if k > 0:
+                    rows_in[k] += row["rows"]
+            else:
+                entries[k][row["output"]].append(row)
+        return entries, rows_in, work, resumed
 
     # -- job-shaped steps ------------------------------------------------------------------
     def _run_job(
@@ -313,15 +448,9 @@ class Executor:
         rows_in = inputs[0].num_rows if inputs else None
         return entries, rows_in, result.metadata or {}
 
-    # -- one step --------------------------------------------------------------------------
-    def run_step(self, step: PlannedStep) -> StepSummary:
-        producer = {
-            "pipeline": self.plan.name,
-            "step": step.id,
-            "op": step.op,
-            "op_version": step.op_cls.version,
-        }
-        tags = {
+    # -- steps -----------------------------------------------------------------------------
+    def _tags(self, step: PlannedStep) -> dict[str, str]:
+        return {
             "difforge.pipeline": self.plan.name,
             "difforge.step": step.id,
             "difforge.op": step.op,
@@ -330,16 +459,21 @@ class Executor:
             "difforge.inputs": json.dumps({r.text: r.fingerprint for r in step.inputs}),
             "difforge.uri": step.uri,
         }
-        if step.cached:
-            manifest = ds_mod.read_manifest(step.uri)
-            run = self.tracker.start_step(step.id, {**tags, "difforge.cached": "true"})
-            run.log_metrics({"rows_out": manifest.num_rows, "cached": 1})
-            run.end()
-            return StepSummary(
-                step.id, step.op, None, manifest.num_rows, 0.0, True, step.uri, run_id=run.run_id
-            )
 
-        run = self.tracker.start_step(step.id, {**tags, "difforge.cached": "false"})
+    def _cached(self, step: PlannedStep) -> StepSummary:
+        manifest = ds_mod.read_manifest(step.uri)
+        run = self.tracker.start_step(step.id, {**self._tags(step), "difforge.cached": "true"})
+        run.log_metrics({"rows_out": manifest.num_rows, "cached": 1})
+        run.end()
+        return StepSummary(
+            step.id, step.op, None, manifest.num_rows, 0.0, True, step.uri, run_id=run.run_id
+        )
+
+    def _start(self, step: PlannedStep, fused_with: list[str]) -> _Started:
+        tags = {**self._tags(step), "difforge.cached": "false"}
+        if len(fused_with) > 1:
+            tags["difforge.pass"] = "+".join(fused_with)
+        run = self.tracker.start_step(step.id, tags)
         try:
             run.log_params(step.params.model_dump(mode="json"), prefix="")
             cluster = self.ray.ensure()
@@ -350,78 +484,152 @@ class Executor:
                 ds_mod.uncommit(step.uri)
                 for name in step.op_cls.side_outputs:
                     ds_mod.uncommit(step.output_uri(name))
-            attempt = attempt_id()
+        except BaseException as exc:
+            run.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        return _Started(step, run, fitted, attempt_id())
+
+    def run_pass(self, group: list[PlannedStep]) -> list[StepSummary]:
+        """Run one pass: a cached step, a job, or one Ray Data pass over a chain of map steps
+        (each step still committed, finalized and tracked as its own)."""
+        if group[0].cached:
+            return [self._cached(group[0])]
+        ids = [s.id for s in group]
+        started: list[_Started] = []
+        done: list[StepSummary] = []
+        try:
+            for step in group:
+                started.append(self._start(step, ids))
             t0 = time.time()
-            log.info("step %s (%s): running", step.id, step.op)
-            metadata: dict[str, Any] = {}
-            if step.inputs:
-                metadata.update(Dataset(step.inputs[0].uri).metadata)
-            if issubclass(step.op_cls, JobOperator):
-                entries, rows_in, extra = self._run_job(step, fitted, attempt, run)
-                metadata.update(extra)
+            if len(group) > 1:
+                log.info("steps %s: running in one pass", ", ".join(
+                    f"{s.id} ({s.op})" for s in group))  # fmt: skip
             else:
-                entries, rows_in = self._run_on_ray(step, fitted, attempt)
-                inputs = [Dataset(r.uri) for r in step.inputs]
-                metadata.update(step.op_cls(step.params).output_metadata(inputs))
-            side_rows, sides = {}, {}
-            for name in step.op_cls.side_outputs:
-                m, _ = ds_mod.commit(
-                    step.output_uri(name),
-                    entries[name],
-                    step.fingerprint,
-                    {**producer, "output": name},
+                log.info("step %s (%s): running", group[0].id, group[0].op)
+            head = started[0]
+            if issubclass(head.step.op_cls, JobOperator):
+                entries, rows_in, extra = self._run_job(
+                    head.step, head.fitted, head.attempt, head.run
                 )
-                side_rows[name] = m.num_rows
-                sides[name] = Dataset(step.output_uri(name), m)
-            # the operator's last word: metrics, artifacts, or a refusal (before the commit)
-            outcome = StepOutcome(
-                rows_in=rows_in,
-                rows_out=sum(e["rows"] for e in entries[MAIN]),
-                main_files=[join(step.uri, e["path"]) for e in entries[MAIN] if e["path"]],
-                sides=sides,
+                results = [(entries, rows_in, time.time() - t0, extra)]
+            else:
+                if len(group) > 1 and any(s.forced for s in group):
+                    for s in group:  # the pass's kept results include the forced step's
+                        ds_mod.remove_work(s.work_uri)
+                entries_k, rows_k, work, resumed = self._run_on_ray(started)
+                if resumed:
+                    for s in started:
+                        s.run.log_metrics({"input_shards_resumed": resumed})
+                wall, total = time.time() - t0, sum(work)
+                # the pass's wall time, split by each step's share of the measured work
+                shares = [w / total if total > 0 else 1 / len(work) for w in work]
+                results = [
+                    (e, r, wall * f, None)
+                    for e, r, f in zip(entries_k, rows_k, shares, strict=True)
+                ]
+            for s, (entries, rows_in, seconds, extra) in zip(started, results, strict=True):
+                done.append(self._finish(s, entries, rows_in, seconds, extra))
+            return done
+        except BaseException as exc:
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            for s in started[len(done) :]:
+                s.run.end(status)
+            if isinstance(exc, (KeyboardInterrupt, DifforgeError)):
+                raise
+            failed = _failed_step(exc, group) if len(done) == 0 else started[len(done)].step
+            where = f" (in one pass with {', '.join(ids)})" if len(group) > 1 else ""
+            raise StepFailed(
+                f"step '{failed.id}' ({failed.op}){where} failed: {_cause(exc)}"
+            ) from exc
+
+    def _finish(
+        self,
+        s: _Started,
+        entries: dict[str, list[dict]],
+        rows_in: int | None,
+        seconds: float,
+        extra: dict | None,
+    ) -> StepSummary:
+        """Commit a step's outputs (side outputs, then the operator's last word, then the main
+        output), log its metrics and end its run."""
+        step, run = s.step, s.run
+        t0 = time.time()
+        producer = {
+            "pipeline": self.plan.name,
+            "step": step.id,
+            "op": step.op,
+            "op_version": step.op_cls.version,
+        }
+        metadata: dict[str, Any] = {}
+        if step.inputs:
+            metadata.update(Dataset(step.inputs[0].uri).metadata)
+        if extra is not None:  # a job's own metadata
+            metadata.update(extra)
+        else:
+            inputs = [Dataset(r.uri) for r in step.inputs]
+            metadata.update(step.op_cls(step.params).output_metadata(inputs))
+        side_rows, sides = {}, {}
+        for name in step.op_cls.side_outputs:
+            m, _ = ds_mod.commit(
+                step.output_uri(name), entries[name], step.fingerprint, {**producer, "output": name}
             )
-            op_metrics = step.op_cls(step.params).finalize(outcome, run) or {}
-            manifest, ours = ds_mod.commit(
-                step.uri, entries[MAIN], step.fingerprint, producer, metadata
-            )
-            if ours:
-                ds_mod.remove_stale_attempts(step.uri, manifest, self.run_started)
-            seconds = time.time() - t0
-            metrics = {
-                "rows_out": manifest.num_rows,
-                "seconds": seconds,
-                "cached": 0,
-                **{f"rows_{k}": v for k, v in side_rows.items()},
-                **op_metrics,
-            }
-            if rows_in is not None:
-                metrics["rows_in"] = rows_in
-                metrics["rows_per_s"] = rows_in / seconds if seconds > 0 else 0.0
-            elif manifest.num_rows:
-                metrics["rows_per_s"] = manifest.num_rows / seconds if seconds > 0 else 0.0
-            run.log_metrics(metrics)
-            run.log_dict(manifest.model_dump(mode="json"), "manifest.json")
-            run.end()
-            return StepSummary(
-                step.id,
-                step.op,
-                rows_in,
-                manifest.num_rows,
-                seconds,
-                False,
-                step.uri,
-                side_rows,
-                run.run_id,
-            )
-        except KeyboardInterrupt:
-            run.end("KILLED")
-            raise
-        except DifforgeError:
-            run.end("FAILED")
-            raise
-        except Exception as exc:
-            run.end("FAILED")
-            raise StepFailed(f"step '{step.id}' ({step.op}) failed: {_cause(exc)}") from exc
+            side_rows[name] = m.num_rows
+            sides[name] = Dataset(step.output_uri(name), m)
+        # the operator's last word: metrics, artifacts, or a refusal (before the commit)
+        outcome = StepOutcome(
+            rows_in=rows_in,
+            rows_out=sum(e["rows"] for e in entries[MAIN]),
+            main_files=[join(step.uri, e["path"]) for e in entries[MAIN] if e["path"]],
+            sides=sides,
+        )
+        op_metrics = step.op_cls(step.params).finalize(outcome, run) or {}
+        manifest, ours = ds_mod.commit(
+            step.uri, entries[MAIN], step.fingerprint, producer, metadata
+        )
+        if ours:
+            ds_mod.remove_stale_attempts(step.uri, manifest, self.run_started)
+        seconds += time.time() - t0
+        metrics = {
+            "rows_out": manifest.num_rows,
+            "seconds": seconds,
+            "cached": 0,
+            **{f"rows_{k}": v for k, v in side_rows.items()},
+            **op_metrics,
+        }
+        if rows_in is not None:
+            metrics["rows_in"] = rows_in
+            metrics["rows_per_s"] = rows_in / seconds if seconds > 0 else 0.0
+        elif manifest.num_rows:
+            metrics["rows_per_s"] = manifest.num_rows / seconds if seconds > 0 else 0.0
+        run.log_metrics(metrics)
+        run.log_dict(manifest.model_dump(mode="json"), "manifest.json")
+        run.end()
+        return StepSummary(
+            step.id,
+            step.op,
+            rows_in,
+            manifest.num_rows,
+            seconds,
+            False,
+            step.uri,
+            side_rows,
+            run.run_id,
+        )
+
+
+STEP_NOTE = "difforge step: "
+
+
+def _failed_step(exc: BaseException, group: list[PlannedStep]) -> PlannedStep:
+    """The step of a pass whose operator raised (named in a note on the worker's error)."""
+    text, inner = str(exc), exc
+    for _ in range(8):
+        inner = getattr(inner, "cause", None) or inner.__cause__ or inner.__context__
+        if inner is None:
+            break
+        text += "\n" + str(inner) + "\n" + "\n".join(getattr(inner, "__notes__", []))
+    named = re.findall(re.escape(STEP_NOTE) + r"(\S+)", text)
+    return next((s for s in group if named and s.id == named[-1]), group[0])
 
 
 def _cause(exc: BaseException) -> str:
@@ -441,7 +649,10 @@ def _cause(exc: BaseException) -> str:
     for e in chain:
         for line in str(e).splitlines():
             line = line.strip()
-            if re.match(r"^[\w.]+(Error|Exception)\b[^:]*:", line) and not line.startswith("ray."):
+            if line.startswith("ray."):
+                continue
+            # an exception line: SomeError: ..., or one of difforge's own (DatasetNotCommitted)
+            if re.match(r"^([\w.]+(Error|Exception)\b[^:]*|difforge\.[\w.]+):", line):
                 found.append(line)
     if found:
         return found[-1]
@@ -458,12 +669,14 @@ def run(
     tags: dict[str, str] | None = None,
     params: dict[str, Any] | None = None,
     runtime: RayRuntime | None = None,
+    fuse: bool | None = None,
 ) -> RunSummary:
     """Run a pipeline; return a summary of each step (rows, seconds, cached, output URI).
 
     `source` is a YAML path, YAML text, a dict or a PipelineSpec. `overrides` are `--set`
     strings (`STEP.params.FIELD=VALUE`). `tags` go on the pipeline's MLflow run (the
-    scheduler and `difforge submit` mark their runs with them).
+    scheduler and `difforge submit` mark their runs with them). `fuse=False` (or
+    DIFFORGE_FUSE=0) runs every step in a pass of its own, never fused with its input.
     """
     loaded = source if isinstance(source, LoadedSpec) else load_spec(source, overrides)
     if loaded.spec.matrix:
@@ -471,6 +684,8 @@ def run(
                                  "(`difforge run` does; from Python, difforge.sweep)", loaded.file)])  # fmt: skip
     plan = build_plan(loaded, until=until, force=force)
     spec = loaded.spec
+    if fuse is None:
+        fuse = os.environ.get("DIFFORGE_FUSE", "1") != "0"
     own_runtime = runtime is None
     runtime = runtime or RayRuntime(address)
     t0 = time.time()
@@ -515,17 +730,17 @@ def run(
             if any(not s.cached for s in plan.steps):
                 runtime.ensure()
             tracker, parent = tracking.result()
-        executor = Executor(plan, tracker, runtime)
-        for step in plan.steps:
-            summaries.append(executor.run_step(step))
-            s = summaries[-1]
-            log.info(
-                "step %s: %s rows in %.1fs%s",
-                s.step,
-                s.rows_out,
-                s.seconds,
-                " (cached)" if s.cached else "",
-            )
+        executor = Executor(plan, tracker, runtime, fuse=fuse)
+        for group in executor.passes():
+            for s in executor.run_pass(group):
+                summaries.append(s)
+                log.info(
+                    "step %s: %s rows in %.1fs%s",
+                    s.step,
+                    s.rows_out,
+                    s.seconds,
+                    " (cached)" if s.cached else "",
+                )
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -540,6 +755,8 @@ def run(
         finally:
             if own_runtime:
                 runtime.shutdown()
+    order = {s.id: i for i, s in enumerate(plan.steps)}  # the pipeline's order, not the passes'
+    summaries.sort(key=lambda s: order[s.step])
     return RunSummary(
         spec.name, parent.run_id, tracker.uri, tracker.experiment, summaries, total, status
     )

@@ -1,8 +1,10 @@
-"""A run killed mid-step resumes from the last committed step; Ctrl-C stops cleanly."""
+"""A run killed mid-step resumes from the last committed step, and a pass of fused steps from
+its finished input shards; Ctrl-C stops cleanly."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -30,7 +32,7 @@ def step_dir(tmp_path: Path, step: str) -> Path:
 
 def slow_step_started(tmp_path: Path) -> bool:
     base = tmp_path / "storage" / "slow" / "slow"
-    return base.exists() and any(base.glob("*/attempt-*/part-*.parquet"))
+    return base.exists() and any(base.glob("*/**/part-*.parquet"))
 
 
 def ray_processes_of(session: int) -> list[str]:
@@ -57,13 +59,47 @@ def test_killed_run_resumes_from_last_committed_step(tmp_path):
     rerun = start(path, env, home)
     out, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, out
-    lines = [line for line in out.splitlines() if line.startswith(("raw ", "slow "))]
-    assert lines[0].split()[-2] == "yes"  # raw: cached, not recomputed
-    assert lines[1].split()[-2] == "no"
+    lines = [line for line in out.splitlines() if line.startswith(("raw ", "dedup ", "slow "))]
+    assert [line.split()[-2] for line in lines] == ["yes", "yes", "no"]  # only slow recomputed
     from difforge.platform.datasets import open_dataset
 
     ids = open_dataset(str(step_dir(tmp_path, "slow"))).to_arrow(columns=["id"]).column("id")
     assert len(ids) == 1797 and len(set(ids.to_pylist())) == 1797  # each row exactly once
+
+
+def test_killed_pass_of_fused_steps_redoes_only_unfinished_shards(tmp_path):
+    """ingest.digits and the slow step share a pass: nothing is committed until it ends, but
+    each input shard's results are kept as soon as they are written."""
+    path, env = slow_pipeline(tmp_path, seconds_per_batch=1.0, fused=True)
+    home = tmp_path / "home"
+    proc = start(path, env, home)
+    raw = tmp_path / "storage" / "slow" / "raw"
+    try:
+        wait_for(lambda: any(raw.glob("*/_work/shards/pass-*/item-*.done.json")), 120, "a shard")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert not (step_dir(tmp_path, "raw") / "_manifest.json").exists()
+    done_before = len(list(raw.glob("*/_work/shards/pass-*/item-*.done.json")))
+    assert 1 <= done_before < 9  # 1,797 rows in input shards of 200
+
+    rerun = start(path, env, home)
+    out, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, out
+    # (a worker of the killed run may still finish the shard it was writing)
+    found = re.search(r"raw\+slow: (\d) of 9 input shards already done by an earlier run", out)
+    assert found and done_before <= int(found[1]) < 9, out
+    from difforge.platform.datasets import open_dataset
+
+    for step in ("raw", "slow"):
+        ids = open_dataset(str(step_dir(tmp_path, step))).to_arrow(columns=["id"]).column("id")
+        assert len(ids) == 1797 and len(set(ids.to_pylist())) == 1797  # each row exactly once
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    exp = client.get_experiment_by_name("slow-tests")
+    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")
+    resumed = {r.data.tags.get("difforge.step"): r.data.metrics.get("input_shards_resumed")
+               for r in runs if r.data.tags.get("difforge.step")}  # fmt: skip
+    assert resumed == {"raw": int(found[1]), "slow": int(found[1])}
 
 
 def test_ctrl_c_stops_cleanly_and_marks_the_run_killed(tmp_path):
@@ -85,5 +121,10 @@ def test_ctrl_c_stops_cleanly_and_marks_the_run_killed(tmp_path):
     exp = client.get_experiment_by_name("slow-tests")
     runs = client.search_runs([exp.experiment_id])
     status = {r.data.tags.get("difforge.step", "pipeline"): r.info.status for r in runs}
-    assert status == {"pipeline": "KILLED", "raw": "FINISHED", "slow": "KILLED"}
+    assert status == {
+        "pipeline": "KILLED",
+        "raw": "FINISHED",
+        "dedup": "FINISHED",
+        "slow": "KILLED",
+    }
     wait_for(lambda: ray_processes_of(proc.pid) == [], 30, "Ray's processes to exit")

@@ -62,7 +62,7 @@ class Labels(MapOperator):
     def setup(self, ctx) -> None:
         n = self.params.num_classes
         if n is None:
-            classes = ctx.input(0).metadata.get("classes")
+            classes = ctx.metadata(0).get("classes")
             if not classes:
                 raise DifforgeError(
                     "corrupt.labels: the input records no `classes`; set params.num_classes"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections import Counter
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -49,12 +50,15 @@ def check(data: bytes | None, p: Params) -> tuple[str | None, str, Any]:
     """(reason or None, detail, decoded image or None) for one image's bytes."""
     from PIL import Image, UnidentifiedImageError
 
+    from difforge.operators.imaging import remember_decoded
+
     if not data:
         return "zero_bytes", "empty file", None
     try:
         img = Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, ValueError) as exc:
-        return "not_an_image", str(exc)[:200], None
+        # PIL names the in-memory file by its address: not part of a reproducible dataset
+        return "not_an_image", re.sub(r" <_io\.BytesIO object at \w+>", "", str(exc))[:200], None
     except Image.DecompressionBombError as exc:
         return "too_large", str(exc)[:200], None
     except OSError as exc:  # PIL reads some headers past the cut of a truncated file
@@ -76,6 +80,7 @@ def check(data: bytes | None, p: Params) -> tuple[str | None, str, Any]:
         return reason, str(exc)[:200], None
     except Exception as exc:  # any other decoder failure is a property of the file
         return "corrupt", f"{type(exc).__name__}: {exc}"[:200], None
+    remember_decoded(data, img)
     return None, "", img
 
 
@@ -83,7 +88,7 @@ class Validate(MapOperator):
     """Decodes every image; bad ones go to `rejects` with a reason and their original bytes."""
 
     name = "curate.validate"
-    version = 1
+    version = 2
     Params = Params
     resources = Resources(batch_size=1024)
     reads = (C.ID, C.IMAGE)
