@@ -352,9 +352,12 @@ class Executor:
         markers = None
         if resumable:
             markers = join(head.uri, RESUMABLE_SHARDS)
-            if len(chain) > 1:  # these very steps: another chain's markers are not ours
-                key = hashlib.sha256(" ".join(s.step.fingerprint for s in chain).encode())
-                markers = join(markers, f"pass-{key.hexdigest()[:16]}")
+            if len(chain) > 1:
+                # these very steps, over the same input shards (a source's read tasks depend
+                # on its batch size): another pass's markers are not ours
+                what = [s.step.fingerprint for s in chain] + [str(chain[0].fitted.batch_size)]
+                key = hashlib.sha256(" ".join(what).encode()).hexdigest()[:16]
+                markers = join(markers, f"pass-{key}")
         stages = []
         pending = None  # the metadata the previous step of the chain will commit
         for k, s in enumerate(chain):
