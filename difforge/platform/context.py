@@ -28,6 +28,22 @@ class MapContext:
         use `metadata(0)` for what it records)."""
         return Dataset(self.inputs[index])
 
+    def torch_device(self, dtype: str = "auto") -> tuple[str, Any]:
+        """(device, torch dtype) for a model this actor holds: CUDA where it was given a GPU,
+        else the CPU, with torch using as many threads as Ray gave it CPUs (OMP_NUM_THREADS);
+        dtype "auto" is bfloat16 on a GPU, float32 on a CPU."""
+        import os
+
+        import torch
+
+        device = "cuda" if self.num_gpus and torch.cuda.is_available() else "cpu"
+        if dtype == "auto":
+            dtype = "bfloat16" if device == "cuda" else "float32"
+        threads = os.environ.get("OMP_NUM_THREADS")
+        if device == "cpu" and threads:
+            torch.set_num_threads(int(threads))
+        return device, getattr(torch, dtype)
+
     def metadata(self, index: int = 0) -> dict[str, Any]:
         """An input's manifest metadata (class names, corruption, encoders ...)."""
         if index == 0 and self.pending_metadata is not None:

@@ -30,6 +30,7 @@ from difforge.platform.errors import DifforgeError, Problem, SpecError, StepFail
 from difforge.platform.operator import MAIN, JobOperator, SourceOperator, StepOutcome
 from difforge.platform.plan import Plan, PlannedStep, build_plan, passes
 from difforge.platform.resources import Fitted, fit
+from difforge.platform.show import text_table
 from difforge.platform.spec import LoadedSpec, PipelineSpec, load_spec
 from difforge.platform.tracking import StepTracker, Tracker, git_commit
 
@@ -84,13 +85,7 @@ class RunSummary:
                     s.uri,
                 ]
             )
-        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-
-        def fmt(r: list[str]) -> str:
-            return "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-
-        lines = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)]
-        return "\n".join(lines)
+        return text_table(head, rows)
 
 
 class RayRuntime:
@@ -623,14 +618,21 @@ class Executor:
 STEP_NOTE = "difforge step: "
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """An error and what caused it, outermost first (Ray's wrappers keep theirs in `cause`)."""
+    chain, inner = [exc], exc
+    for _ in range(8):
+        nxt = getattr(inner, "cause", None) or inner.__cause__ or inner.__context__
+        if nxt is None or nxt is inner:
+            break
+        chain.append(nxt)
+        inner = nxt
+    return chain
+
+
 def _failed_step(exc: BaseException, group: list[PlannedStep]) -> PlannedStep:
     """The step of a pass whose operator raised (named in a note on the worker's error)."""
-    text, inner = str(exc), exc
-    for _ in range(8):
-        inner = getattr(inner, "cause", None) or inner.__cause__ or inner.__context__
-        if inner is None:
-            break
-        text += "\n" + str(inner) + "\n" + "\n".join(getattr(inner, "__notes__", []))
+    text = "\n".join(str(e) + "\n" + "\n".join(getattr(e, "__notes__", [])) for e in _chain(exc))
     named = re.findall(re.escape(STEP_NOTE) + r"(\S+)", text)
     return next((s for s in group if named and s.id == named[-1]), group[0])
 
@@ -641,13 +643,8 @@ def _cause(exc: BaseException) -> str:
     A Ray task error carries the remote traceback in its text; the user's own exception is
     its last "SomeError: message" line that is not one of Ray's wrappers.
     """
-    chain, inner = [exc], exc
-    for _ in range(8):
-        nxt = getattr(inner, "cause", None) or inner.__cause__ or inner.__context__
-        if nxt is None or nxt is inner:
-            break
-        chain.append(nxt)
-        inner = nxt
+    chain = _chain(exc)
+    inner = chain[-1]
     found = []
     for e in chain:
         for line in str(e).splitlines():

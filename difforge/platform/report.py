@@ -42,10 +42,9 @@ def _children(client, exp_id: str, run_id: str) -> list[Any]:
     return client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{run_id}'", max_results=5000)
 
 
-def collect(target: str, tracking_uri: str | None = None) -> tuple[str, str | None, list[Row]]:
+def collect(target: str, client) -> tuple[str, str | None, list[Row]]:
     """(title, run to log the report to, rows) for a sweep run id, a pipeline run id or an
-    experiment name."""
-    client = _client(tracking_uri)
+    experiment name, read through an MLflow client."""
     variants: list[Any]
     log_to = None
     if re.fullmatch(r"[0-9a-f]{32}", target):
@@ -81,6 +80,8 @@ def collect(target: str, tracking_uri: str | None = None) -> tuple[str, str | No
         row = Row(name, v.info.run_id, params, {"seconds": v.data.metrics.get("seconds", math.nan)})
         for step in _children(client, exp_id, v.info.run_id):
             op = step.data.tags.get("difforge.op", "")
+            if op not in ("evaluate.fid", "sample.diffusion"):
+                continue  # the steps the report has columns for (a cached one costs a query)
             metrics = _computed_metrics(client, exp_id, step)
             sid = step.data.tags.get("difforge.step", "")
             if op == "evaluate.fid":
@@ -175,14 +176,15 @@ def plots(rows: list[Row], out: Path) -> list[Path]:
 def write_report(target: str, out: str | Path | None = None, tracking_uri: str | None = None,
                  log: bool = True) -> Path:  # fmt: skip
     """Write report.md and its plots into `out` (default ./reports/TITLE); log them to MLflow."""
-    title, log_to, rows = collect(target, tracking_uri)
+    client = _client(tracking_uri)
+    title, log_to, rows = collect(target, client)
     out = Path(out or Path("reports") / re.sub(r"[^A-Za-z0-9_.-]+", "-", title))
     out.mkdir(parents=True, exist_ok=True)
     params = sorted({k for r in rows for k in r.params})
     metrics = sorted({m for r in rows for m in r.metrics if m != "seconds"})
     head = ["variant", *params, *metrics, "seconds"]
     lines = [f"# {title}", "",
-             f"{len(rows)} variants, read from MLflow ({_client(tracking_uri).tracking_uri}).", "",
+             f"{len(rows)} variants, read from MLflow ({client.tracking_uri}).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for r in rows:
         cells = [r.variant, *(r.params.get(p, "-") for p in params),
@@ -194,7 +196,6 @@ def write_report(target: str, out: str | Path | None = None, tracking_uri: str |
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     if log:
-        client = _client(tracking_uri)
         run_id = log_to
         if run_id is None:
             exp = client.get_experiment(client.get_run(rows[0].run_id).info.experiment_id)

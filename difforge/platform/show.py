@@ -1,4 +1,5 @@
-"""Looking at a committed dataset: its manifest, schema, first rows and a grid of its images."""
+"""Looking at things: a committed dataset (its manifest, schema, first rows and a grid of its
+images) and the plain-text tables the CLI prints."""
 
 from __future__ import annotations
 
@@ -10,6 +11,16 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from difforge.platform.datasets import Dataset
+
+
+def text_table(head: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell, a rule under the head (what the CLI prints)."""
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+
+    def fmt(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)])
 
 
 def describe(ds: Dataset, rows: int = 5) -> str:

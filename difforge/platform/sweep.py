@@ -134,16 +134,15 @@ class SweepSummary:
     seconds: float
 
     def table(self) -> str:
-        rows = [["variant", "steps run", "cached", "seconds", "MLflow run"]]
+        from difforge.platform.show import text_table
+
+        rows = []
         for name, s in self.variants.items():
             run = sum(not x.cached for x in s.steps)
             rows.append(
                 [name, str(run), str(len(s.steps) - run), f"{s.seconds:.1f}", s.run_id or "-"]
             )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return text_table(["variant", "steps run", "cached", "seconds", "MLflow run"], rows)
 
 
 def run_sweep(sweep: Sweep, until: str | None = None, force: list[str] | None = None,

@@ -42,16 +42,12 @@ class EncodeText(MapOperator):
     gpus_when_available = 0.25
 
     def setup(self, ctx) -> None:
-        import torch
         from transformers import AutoModel, AutoTokenizer
 
         path = local_copy(self.params.model)
-        self.device = "cuda" if ctx.num_gpus and torch.cuda.is_available() else "cpu"
-        dtype = self.params.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if self.device == "cuda" else "float32"
+        self.device, dtype = ctx.torch_device(self.params.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype))
+        model = AutoModel.from_pretrained(path, dtype=dtype)
         # encoder-decoder models (T5): the encoder alone
         if getattr(model.config, "is_encoder_decoder", False):
             model = model.get_encoder()

@@ -4,7 +4,6 @@ et al.): encoded once here, so training and sampling work in the smaller latent 
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -83,25 +82,17 @@ class EncodeVAE(MapOperator):
         return (base - {C.IMAGE}) | {C.LATENT}
 
     def setup(self, ctx) -> None:
-        import torch
         from diffusers import AutoencoderKL
 
         inputs = [ctx.input(i) for i in range(len(ctx.inputs))]
         uri = resolve_model(self.params, inputs)
         path = local_copy(uri)
         kwargs = {"subfolder": self.params.subfolder} if self.params.subfolder else {}
-        self.device = "cuda" if ctx.num_gpus and torch.cuda.is_available() else "cpu"
-        dtype = self.params.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if self.device == "cuda" else "float32"
-        self.dtype = getattr(torch, dtype)
+        self.device, self.dtype = ctx.torch_device(self.params.dtype)
         self.vae = AutoencoderKL.from_pretrained(path, torch_dtype=self.dtype, **kwargs)
         self.vae.to(self.device).eval()
         self.scaling = float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
         self.channels = self.vae.config.in_channels
-        threads = os.environ.get("OMP_NUM_THREADS")
-        if self.device == "cpu" and threads:
-            torch.set_num_threads(int(threads))
 
     def encode(self, images: list[bytes], ids: list[str]):
         """Latents (scaled) as a float32 numpy array [N, C, h, w]."""

@@ -123,21 +123,13 @@ class SampleDiffusion(MapOperator):
     gpus_when_available = 1.0
 
     def setup(self, ctx) -> None:
-        import torch
 
         plan = ctx.input(0)
         uri = plan.to_arrow(columns=[C.MODEL_URI]).column(0)[0].as_py()
         self.model, self.info, config, self.vae = load_model(uri, self.params.weights)
         self.scheduler = make_scheduler(self.params.scheduler, config)
-        self.device = "cuda" if ctx.num_gpus and torch.cuda.is_available() else "cpu"
-        dtype = self.params.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if self.device == "cuda" else "float32"
-        self.dtype = getattr(torch, dtype)
+        self.device, self.dtype = ctx.torch_device(self.params.dtype)
         self.model.to(self.device, self.dtype)
-        threads = os.environ.get("OMP_NUM_THREADS")  # Ray sets it to the actor's CPUs
-        if self.device == "cpu" and threads:
-            torch.set_num_threads(int(threads))
         dc = self.params.deepcache
         self.deepcache = (dc.cache_interval, dc.cache_branch) if dc else None
         if dc:
@@ -210,7 +202,6 @@ def model_info(uri: str) -> dict[str, Any]:
 
 def load_model(uri: str, weights: str = "ema"):
     """A trained model folder: the network, its difforge.json, its scheduler, its VAE."""
-    import os
 
     import diffusers
 
