@@ -7,8 +7,8 @@
     per-image work on the same images; and, for comparison, of the two steps each in a pass
     of its own (`fuse=False`);
 (b) images/s of `encode.vae` against a bare torch loop with the same VAE and batch size;
-(c) peak resident memory (the driver and every process of its private Ray, sampled every 0.2 s) of the curation
-    steps at 20k and at `--rows` rows.
+(c) peak resident memory (the driver and every process of its private Ray, sampled every
+    0.2 s) of the curation steps at 20k and at `--rows` rows.
 
 Writes benchmarks/results/data.json and prints each figure with its ratio.
 """
