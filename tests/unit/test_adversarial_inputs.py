@@ -1,0 +1,128 @@
+"""Adversarial specs, sources and manifests: each is refused with a clear error (or detected),
+never a traceback, a hang or a wrong cache hit. Runs without Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+import difforge
+from difforge.platform import datasets as D
+from difforge.platform.errors import DifforgeError, SpecError
+
+
+def write_dataset(uri: str, table: pa.Table, fingerprint: str) -> D.Manifest:
+    """A committed one-shard dataset, through the platform's own writer."""
+    try:  # the dataset-output API
+        from difforge.platform.outputs import write_dataset as write
+    except ImportError:  # before it
+        entry = D.ShardWriter(uri, D.attempt_id()).write(table, "0")
+        return D.commit(uri, [entry], fingerprint, {})[0]
+    return write(uri, table, fingerprint)
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(textwrap.dedent(text).lstrip())
+    return str(path)
+
+
+def spec_problems(tmp_path: Path, text: str) -> list:
+    with pytest.raises(SpecError) as info:
+        difforge.plan(write(tmp_path, text))
+    return info.value.problems
+
+
+@pytest.mark.xfail(strict=True, reason="reliability #2: no content verification for sources")
+def test_a_file_rewritten_with_the_same_size_and_mtime_is_detected_with_verify_content(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (8, 8), np.uint8)).save(folder / f"{i}.png")
+    text = f"""
+        name: verify
+        storage: {tmp_path / "s"}
+        steps:
+          - id: raw
+            op: ingest.images
+            params: {{path: {folder}, verify: content}}
+        """
+    before = difforge.plan(write(tmp_path, text)).step("raw").fingerprint
+    target = folder / "1.png"
+    st = target.stat()
+    data = bytearray(target.read_bytes())
+    data[-20] ^= 0xFF  # same size, other content
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # `touch -r`: the old mtime back
+    assert target.stat().st_size == st.st_size and target.stat().st_mtime_ns == st.st_mtime_ns
+    assert difforge.plan(write(tmp_path, text)).step("raw").fingerprint != before
+
+
+@pytest.mark.xfail(strict=True, reason="reliability #6: manifest paths may leave the dataset")
+def test_a_manifest_naming_a_file_outside_its_dataset_is_refused(tmp_path):
+    outside = tmp_path / "other"
+    secret = write_dataset(str(outside), pa.table({"id": ["secret"]}), "fp").files[0]
+    uri = str(tmp_path / "ds")
+    write_dataset(uri, pa.table({"id": ["a"]}), "fp")
+    manifest = json.loads((tmp_path / "ds" / "_manifest.json").read_text())
+    manifest["files"][0]["path"] = f"../other/{secret.path}"
+    (tmp_path / "ds" / "_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DifforgeError, match=r"\.\./other/.*leaves the dataset"):
+        D.open_dataset(uri).to_arrow()
+
+
+@pytest.mark.xfail(strict=True, reason="reliability #13: YAML aliases expand without bound")
+def test_a_yaml_alias_bomb_is_a_spec_error(tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    for k in range(1, 7):  # 9**7 (4.8 million) strings once expanded, from a few hundred bytes
+        lines.append(f"a{k}: &a{k} [{', '.join([f'*a{k - 1}'] * 9)}]")
+    text = "\n".join(lines) + "\nname: bomb\nstorage: s\nsteps: *a6\n"
+    (p,) = spec_problems(tmp_path, text)
+    assert "alias" in p.message
+
+
+@pytest.mark.xfail(strict=True, reason="reliability #14: duplicate YAML keys: last one wins")
+def test_duplicate_keys_are_refused_with_both_lines(tmp_path):
+    text = """
+        name: dup
+        storage: s
+        steps:
+          - {id: raw, op: ingest.digits}
+        steps:
+          - {id: other, op: ingest.digits}
+        """
+    (p,) = spec_problems(tmp_path, text)
+    assert "steps" in p.message and "line 3" in p.message and "line 5" in p.message
+
+
+@pytest.mark.xfail(strict=True, reason="reliability #15: lengths are not limited")
+def test_overlong_names_are_refused_at_validation(tmp_path):
+    long_id = "s" * 300
+    found = spec_problems(tmp_path, f"""
+        name: {"n" * 300}
+        storage: s
+        steps:
+          - {{id: {long_id}, op: ingest.digits}}
+        """)  # fmt: skip
+    text = " ".join(p.message for p in found)
+    assert "at most" in text and "name" in text and long_id[:20] in text
+
+
+@pytest.mark.xfail(strict=True, reason="reliability #16: non-persistent storage is accepted")
+@pytest.mark.parametrize("storage", ["memory://x", "''"])
+def test_storage_that_does_not_persist_is_refused(tmp_path, storage):
+    (p,) = spec_problems(tmp_path, f"""
+        name: mem
+        storage: {storage}
+        steps:
+          - {{id: raw, op: ingest.digits}}
+        """)  # fmt: skip
+    assert "storage" in p.message
