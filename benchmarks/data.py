@@ -217,14 +217,14 @@ def main() -> None:
             break
         files.append(f)
         take += f.rows
-    from difforge.platform import datasets as D
+    from difforge.platform.outputs import open_output
 
     entries = [{"path": f.path, "rows": f.rows, "bytes": f.bytes,
                 "schema": ds.manifest.arrow_schema} for f in files]  # fmt: skip
     import shutil
 
     shutil.copytree(images_uri, padded, ignore=shutil.ignore_patterns("_manifest.json", "rejects"))
-    D.commit(padded, entries, "bench-padded", {"benchmark": "data"})
+    open_output(padded).commit(entries, "bench-padded", {"benchmark": "data"})
     vae_dir = save_vae(str(work / "vae"))
     batch = 256
     bare_enc = bare_encode(padded, vae_dir, batch)

@@ -36,11 +36,11 @@ def make_input(uri: str, rows: int) -> None:
 
     from difforge.operators.imaging import encode_png
     from difforge.operators.ingest.fashion_mnist import DEFAULT_ROOT, FILES, _load
-    from difforge.platform import datasets as D
+    from difforge.platform.outputs import open_output
 
     images, labels = _load(*(os.path.join(DEFAULT_ROOT, f) for f in FILES["train"]))
     pngs = [encode_png(images[i]) for i in range(len(images))]
-    writer, attempt = D.ShardWriter(uri, D.attempt_id()), None
+    out = open_output(uri)
     entries = []
     for start in range(0, rows, 5000):
         idx = [i % len(pngs) for i in range(start, min(start + 5000, rows))]
@@ -56,9 +56,8 @@ def make_input(uri: str, rows: int) -> None:
                 "label": pa.array(labels[idx], pa.int64()),
             }
         )
-        entries.append(writer.write(table, f"{start:08d}"))
-    del attempt
-    D.commit(uri, entries, f"bench-input-{rows}", {"benchmark": "engine"})
+        entries.append(out.write(table, f"{start:08d}"))
+    out.commit(entries, f"bench-input-{rows}", {"benchmark": "engine"})
 
 
 def bare_loop(input_uri: str, out_dir: str) -> float:

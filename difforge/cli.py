@@ -166,10 +166,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local store)")
     p.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
 
+    p = sub.add_parser(
+        "gc", help="remove unused attempt folders, finished work folders and old versions"
+    )
+    p.add_argument("storage", help="a storage root (or any folder under it): a path or s3://...")
+    p.add_argument(
+        "--older-than",
+        default="24h",
+        type=_duration,
+        help="leave anything younger than this alone (90s, 30m, 24h, 7d; default 24h)",
+    )
+    p.add_argument(
+        "--keep-last",
+        type=int,
+        metavar="N",
+        help="keep only each step's N newest committed versions",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print what would go; remove nothing")
+
     p = sub.add_parser("ui", help="serve the MLflow UI for the local store on 127.0.0.1")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     return parser
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1:] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (try 90s, 30m, 24h, 7d)"
+        ) from None
 
 
 def _print_plan(plan: Any) -> None:
@@ -434,6 +464,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from difforge.platform.outputs import collect_garbage
+
+    report = collect_garbage(args.storage, args.older_than, args.keep_last, args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for path in report.removed:
+        print(f"{verb} {path}")
+    print(f"{verb} {len(report.removed)} folder(s); {report.kept} committed dataset(s) kept")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -515,6 +556,7 @@ COMMANDS = {
     "show": cmd_show,
     "sample": cmd_sample,
     "report": cmd_report,
+    "gc": cmd_gc,
     "ui": cmd_ui,
 }
 
@@ -539,6 +581,10 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: nothing half-written is visible; rerun to continue", file=sys.stderr)
         sys.stderr.flush()
         return 130
+    except BrokenPipeError:  # `difforge validate f.yaml | head -1`: the reader left; so do we
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from difforge.platform.datasets import Dataset, ShardWriter, join, url_to_fs
+from difforge.platform.datasets import Dataset, join, url_to_fs
+from difforge.platform.outputs import MAIN, Output
 
 if TYPE_CHECKING:
     from difforge.platform.resources import Fitted
@@ -59,10 +60,10 @@ class JobContext:
     pipeline: str
     inputs: list[Dataset]
     work_uri: str  # kept across failed runs: checkpoints live here
-    artifact_uri: str  # inside this attempt's output: committed with the dataset
     resources: Fitted
     tracker: StepTracker
-    writers: dict[str, ShardWriter] = field(default_factory=dict)  # main and side outputs
+    #: this attempt's main and side outputs: write shards with `write`, return their entries
+    outputs: dict[str, Output] = field(default_factory=dict)
     storage: str = ""  # the pipeline's storage root (shared caches live under it)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -71,6 +72,11 @@ class JobContext:
         fs, path = url_to_fs(self.work_uri)
         proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         return path if proto in ("file", "local") else None
+
+    @property
+    def artifact_uri(self) -> str:
+        """Inside this attempt's main output: committed with the dataset."""
+        return self.outputs[MAIN].artifact()
 
     def artifact(self, *parts: str) -> str:
         return join(self.artifact_uri, *parts)

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 from difforge.platform import datasets as ds_mod
 from difforge.platform.context import JobContext, MapContext
-from difforge.platform.datasets import Dataset, ShardWriter, attempt_id, join
+from difforge.platform.datasets import Dataset, join, read_shard
 from difforge.platform.errors import DifforgeError, Problem, SpecError, StepFailed
 from difforge.platform.operator import MAIN, JobOperator, SourceOperator, StepOutcome
+from difforge.platform.outputs import STATS, Output, new_attempt, write_batch
 from difforge.platform.plan import Plan, PlannedStep, build_plan, passes
 from difforge.platform.resources import Fitted, fit
 from difforge.platform.show import text_table
@@ -39,8 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("difforge")
 
-STATS = "__stats__"
-RESUMABLE_SHARDS = "_work/shards"  # where resumable operators keep finished shards
+PASSES = "passes"  # in a head step's work folder: which input shards a pass has finished
 
 
 @dataclass
@@ -127,38 +127,6 @@ class RayRuntime:
             self.started = False
 
 
-def _write_outputs(
-    result: pa.Table | dict[str, pa.Table],
-    writers: dict[str, ShardWriter],
-    key: str,
-    rows_in: int,
-) -> pa.Table:
-    """Write a batch's outputs as shards; return a small table describing them."""
-    import pyarrow as pa
-
-    tables = result if isinstance(result, dict) else {MAIN: result}
-    unknown = set(tables) - set(writers)
-    if unknown:
-        raise DifforgeError(f"operator returned undeclared outputs: {sorted(unknown)}")
-    rows: list[dict[str, Any]] = [
-        {"output": STATS, "path": "", "rows": rows_in, "bytes": 0, "schema": ""}
-    ]
-    for name, table in tables.items():
-        if table is None:
-            continue
-        if table.num_rows == 0:
-            entry = {
-                "path": "",
-                "rows": 0,
-                "bytes": 0,
-                "schema": ds_mod.encode_schema(table.schema),
-            }
-        else:
-            entry = writers[name].write(table, key)
-        rows.append({"output": name, **entry})
-    return pa.Table.from_pylist(rows)
-
-
 @dataclass
 class _Stage:
     """One step of a pass, as the workers see it (picklable)."""
@@ -166,7 +134,7 @@ class _Stage:
     step: str
     op_cls: type
     params: dict
-    writers: dict[str, ShardWriter]
+    outputs: dict[str, Output]
     ctx: MapContext | None
     batch_size: int
 
@@ -205,10 +173,9 @@ class _Worker:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        fs, path = ds_mod.url_to_fs(item["file"])
-        with fs.open(path, "rb") as f:
-            for rb in pq.ParquetFile(f).iter_batches(batch_size=self.stages[0].batch_size):
-                yield pa.Table.from_batches([rb])
+        shard = pq.ParquetFile(read_shard(item["file"], item["bytes"], item["sha256"]))
+        for rb in shard.iter_batches(batch_size=self.stages[0].batch_size):
+            yield pa.Table.from_batches([rb])
 
     def _stage(self, k: int, batch: pa.Table, key: str, started: float, out: list) -> None:
         """Step k on one batch (`started`: when fetching it began); then the next step on the
@@ -222,7 +189,7 @@ class _Worker:
                 exc.add_note(f"{STEP_NOTE}{self.stages[k].step}")  # which step of the pass
                 raise
         tables = result if isinstance(result, dict) else {MAIN: result}
-        described = _write_outputs(tables, self.stages[k].writers, key, rows_in)
+        described = write_batch(tables, self.stages[k].outputs, key, rows_in)
         out.append(_tag(described, k, time.perf_counter() - started))
         main = tables.get(MAIN)
         if k + 1 == len(self.stages) or main is None:
@@ -258,9 +225,9 @@ class _Worker:
             item = json.loads(raw)
             done = self._done_marker(item)
             if done is not None:
-                fs, path = done
-                if fs.exists(path):  # written by an earlier, interrupted run
-                    outs.append(pa.Table.from_pylist(json.loads(fs.cat_file(path))))
+                kept = self._kept(*done)
+                if kept is not None:  # finished by an earlier, interrupted run
+                    outs.append(kept)
                     continue
             item_outs = self._item(item)
             table = pa.concat_tables(item_outs) if item_outs else None
@@ -272,7 +239,25 @@ class _Worker:
                 outs.append(table)
         if outs:
             return pa.concat_tables(outs)
-        return _tag(_write_outputs({}, self.stages[0].writers, "", 0), 0, 0.0)
+        return _tag(write_batch({}, self.stages[0].outputs, "", 0), 0, 0.0)
+
+    def _kept(self, fs, path: str) -> pa.Table | None:
+        """An item's shard descriptions kept by an earlier run, if all its shards still exist
+        (they live in that run's attempt folders, in the datasets' own folders)."""
+        import pyarrow as pa
+
+        try:
+            rows = json.loads(fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+        for row in rows:
+            if row["path"]:
+                out_fs, root = ds_mod.url_to_fs(
+                    self.stages[row["stage"]].outputs[row["output"]].uri
+                )
+                if not out_fs.exists(f"{root}/{row['path']}"):
+                    return None
+        return pa.Table.from_pylist(rows)
 
     def _done_marker(self, item: dict):
         if self.markers is None:
@@ -346,13 +331,11 @@ class Executor:
         resumable = len(chain) > 1 or getattr(head.op_cls, "resumable", False)
         markers = None
         if resumable:
-            markers = join(head.uri, RESUMABLE_SHARDS)
-            if len(chain) > 1:
-                # these very steps, over the same input shards (a source's read tasks depend
-                # on its batch size): another pass's markers are not ours
-                what = [s.step.fingerprint for s in chain] + [str(chain[0].fitted.batch_size)]
-                key = hashlib.sha256(" ".join(what).encode()).hexdigest()[:16]
-                markers = join(markers, f"pass-{key}")
+            # these very steps, over the same input shards (a source's read tasks depend on its
+            # batch size): another pass's markers are not ours
+            what = [s.step.fingerprint for s in chain] + [str(chain[0].fitted.batch_size)]
+            key = hashlib.sha256(" ".join(what).encode()).hexdigest()[:16]
+            markers = join(head.work_uri, PASSES, f"pass-{key}")
         stages = []
         pending = None  # the metadata the previous step of the chain will commit
         for k, s in enumerate(chain):
@@ -362,11 +345,8 @@ class Executor:
                 meta = inputs[0].metadata if inputs else {}
             else:
                 inputs, meta = [], pending  # plain maps' metadata depends on params alone
-            pending = {**meta, **step.op_cls(step.params).output_metadata(inputs)}
-            attempt = RESUMABLE_SHARDS if resumable else s.attempt
-            writers = {MAIN: ShardWriter(step.uri, attempt)}
-            for name in step.op_cls.side_outputs:
-                writers[name] = ShardWriter(step.output_uri(name), attempt)
+            pending = {**meta, **step.operator.output_metadata(inputs)}
+            outputs = {name: Output(step.output_uri(name), s.attempt) for name in _names(step)}
             ctx = None
             if not (k == 0 and issubclass(step.op_cls, SourceOperator)):
                 ctx = MapContext(
@@ -377,17 +357,17 @@ class Executor:
                     pending_metadata=meta if k > 0 else None,
                 )
             params = step.params.model_dump(mode="json")
-            stages.append(_Stage(step.id, step.op_cls, params, writers, ctx, s.fitted.batch_size))
+            stages.append(_Stage(step.id, step.op_cls, params, outputs, ctx, s.fitted.batch_size))
         fitted = chain[0].fitted
         common: dict[str, Any] = {"batch_format": "pyarrow", "num_cpus": fitted.num_cpus}
         if fitted.num_gpus:
             common["num_gpus"] = fitted.num_gpus
         rows_in: list[int | None] = [None] + [0] * (len(chain) - 1)
         if issubclass(head.op_cls, SourceOperator):
-            items = head.op_cls(head.params).read_tasks(fitted.batch_size)
+            items = head.operator.read_tasks(fitted.batch_size)
         else:
             source = Dataset(head.inputs[0].uri)
-            items = [{"file": uri} for uri in source.file_uris()]
+            items = source.shards()
             rows_in[0] = source.num_rows
         rows = [{"item": json.dumps({**t, "index": i})} for i, t in enumerate(items)]
         resumed = _count_markers(markers)
@@ -407,7 +387,7 @@ class Executor:
             )
         else:
             data = data.map_batches(_task(stages, markers), batch_size=1, **common)
-        entries: list[dict[str, list[dict]]] = [{n: [] for n in s.writers} for s in stages]
+        entries: list[dict[str, list[dict]]] = [{n: [] for n in s.outputs} for s in stages]
         work = [0.0] * len(chain)
         for row in data.iter_rows():
             k = row["stage"]
@@ -430,19 +410,15 @@ class Executor:
             inputs=inputs,
             work_uri=step.work_uri,
             storage=self.plan.storage,
-            artifact_uri=join(step.uri, attempt, "artifacts"),
             resources=fitted,
             tracker=tracker,
-            writers={
-                MAIN: ShardWriter(step.uri, attempt),
-                **{n: ShardWriter(step.output_uri(n), attempt) for n in step.op_cls.side_outputs},
-            },
+            outputs={name: Output(step.output_uri(name), attempt) for name in _names(step)},
         )
-        result = step.op_cls(step.params).run(ctx)
-        entries = {name: [] for name in ctx.writers}
+        result = step.operator.run(ctx)
+        entries = {name: [] for name in ctx.outputs}
         entries.update(result.entries or {})
         if result.table is not None:
-            entries[MAIN].append(ctx.writers[MAIN].write(result.table, "000000"))
+            entries[MAIN].append(ctx.outputs[MAIN].write_batch(result.table, "000000"))
         rows_in = inputs[0].num_rows if inputs else None
         return entries, rows_in, result.metadata or {}
 
@@ -477,15 +453,13 @@ class Executor:
             cluster = self.ray.ensure()
             fitted = fit(step.id, step.resources, cluster, step.op_cls.gpus_when_available)
             if step.forced:
-                # forced: start over, checkpoints included
+                # forced: start over, checkpoints included; the old commit stays visible until
+                # the new one replaces it
                 ds_mod.remove_work(step.work_uri)
-                ds_mod.uncommit(step.uri)
-                for name in step.op_cls.side_outputs:
-                    ds_mod.uncommit(step.output_uri(name))
         except BaseException as exc:
             run.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
-        return _Started(step, run, fitted, attempt_id())
+        return _Started(step, run, fitted, new_attempt())
 
     def run_pass(self, group: list[PlannedStep]) -> list[StepSummary]:
         """Run one pass: a cached step, a job, or one Ray Data pass over a chain of map steps
@@ -493,6 +467,10 @@ class Executor:
         if group[0].cached:
             return [self._cached(group[0])]
         ids = [s.id for s in group]
+        # a pass that keeps each input shard's results keeps its attempt's files on failure
+        keeps_progress = not issubclass(group[0].op_cls, JobOperator) and (
+            len(group) > 1 or getattr(group[0].op_cls, "resumable", False)
+        )
         started: list[_Started] = []
         done: list[StepSummary] = []
         try:
@@ -532,6 +510,9 @@ class Executor:
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
             for s in started[len(done) :]:
                 s.run.end(status)
+                if not keeps_progress:  # what this attempt wrote is of no use now
+                    for name in _names(s.step):
+                        Output(s.step.output_uri(name), s.attempt).abort()
             if isinstance(exc, (KeyboardInterrupt, DifforgeError)):
                 raise
             failed = _failed_step(exc, group) if len(done) == 0 else started[len(done)].step
@@ -552,6 +533,15 @@ class Executor:
         output), log its metrics and end its run."""
         step, run = s.step, s.run
         t0 = time.time()
+        rows_out = sum(e["rows"] for e in entries[MAIN])
+        if step.min_rows is not None and rows_out < step.min_rows:
+            raise DifforgeError(
+                f"step '{step.id}' ({step.op}) wrote {rows_out} rows, fewer than its "
+                f"min_rows: {step.min_rows}; nothing was committed"
+            )
+        if rows_out == 0:
+            log.warning("step %s (%s): its output has 0 rows (set min_rows to make this an "
+                        "error)", step.id, step.op)  # fmt: skip
         producer = {
             "pipeline": self.plan.name,
             "step": step.id,
@@ -565,27 +555,27 @@ class Executor:
             metadata.update(extra)
         else:
             inputs = [Dataset(r.uri) for r in step.inputs]
-            metadata.update(step.op_cls(step.params).output_metadata(inputs))
+            metadata.update(step.operator.output_metadata(inputs))
         side_rows, sides = {}, {}
+        outputs = {name: Output(step.output_uri(name), s.attempt) for name in _names(step)}
+        commit = {"replace": step.forced, "stale_before": self.run_started}
         for name in step.op_cls.side_outputs:
-            m, _ = ds_mod.commit(
-                step.output_uri(name), entries[name], step.fingerprint, {**producer, "output": name}
+            m, _ = outputs[name].commit(
+                entries[name], step.fingerprint, {**producer, "output": name}, **commit
             )
             side_rows[name] = m.num_rows
             sides[name] = Dataset(step.output_uri(name), m)
         # the operator's last word: metrics, artifacts, or a refusal (before the commit)
         outcome = StepOutcome(
             rows_in=rows_in,
-            rows_out=sum(e["rows"] for e in entries[MAIN]),
+            rows_out=rows_out,
             main_files=[join(step.uri, e["path"]) for e in entries[MAIN] if e["path"]],
             sides=sides,
         )
-        op_metrics = step.op_cls(step.params).finalize(outcome, run) or {}
-        manifest, ours = ds_mod.commit(
-            step.uri, entries[MAIN], step.fingerprint, producer, metadata
+        op_metrics = step.operator.finalize(outcome, run) or {}
+        manifest, _ = outputs[MAIN].commit(
+            entries[MAIN], step.fingerprint, producer, metadata, **commit
         )
-        if ours:
-            ds_mod.remove_stale_attempts(step.uri, manifest, self.run_started)
         seconds += time.time() - t0
         metrics = {
             "rows_out": manifest.num_rows,
@@ -613,6 +603,11 @@ class Executor:
             side_rows,
             run.run_id,
         )
+
+
+def _names(step: PlannedStep) -> list[str]:
+    """A step's outputs: the main one, then its side outputs."""
+    return [MAIN, *step.op_cls.side_outputs]
 
 
 STEP_NOTE = "difforge step: "

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from difforge.platform.outputs import MAIN as MAIN  # re-exported: operators import it from here
 from difforge.platform.spec import Resources
 
 if TYPE_CHECKING:
@@ -32,9 +33,6 @@ if TYPE_CHECKING:
 
 class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-MAIN = "main"
 
 
 @dataclass
@@ -57,6 +55,13 @@ class StepOutcome:
             fs, path = url_to_fs(uri)
             tables.append(pq.read_table(path, filesystem=fs, columns=columns))
         return pa.concat_tables(tables) if tables else None
+
+
+def passthrough(input_columns: list[set[str] | None], add=(), remove=()) -> set[str] | None:
+    """The main input's columns, less `remove`, plus `add`; unknown if the input's are."""
+    if not input_columns or input_columns[0] is None:
+        return None
+    return (set(input_columns[0]) - set(remove)) | set(add)
 
 
 class Operator:
@@ -104,10 +109,12 @@ class Operator:
         return set(cls.reads)
 
     @classmethod
-    def output_columns(cls, params: BaseModel, input_columns: list[set[str] | None]) -> set[str]:
-        """Columns of the main output, given the inputs' columns (None: unknown)."""
-        base = input_columns[0] if input_columns and input_columns[0] is not None else set()
-        return base | set(cls.writes)
+    def output_columns(
+        cls, params: BaseModel, input_columns: list[set[str] | None]
+    ) -> set[str] | None:
+        """Columns of the main output, given the inputs' columns (None: unknown until run
+        time, checked then)."""
+        return passthrough(input_columns, add=cls.writes)
 
     @classmethod
     def side_output_columns(cls, params: BaseModel, name: str) -> set[str] | None:
@@ -160,7 +167,7 @@ class JobResult:
 
     table: pa.Table | None = None
     metadata: dict[str, Any] | None = None
-    #: shards the job wrote itself (through `JobContext.writers`), by output name
+    #: shards the job wrote itself (through `JobContext.outputs`), by output name
     entries: dict[str, list[dict[str, Any]]] | None = None
 
 

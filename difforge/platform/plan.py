@@ -5,6 +5,7 @@ cache consulted. This is all `difforge validate` does, and it imports neither to
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,10 +52,17 @@ class PlannedStep:
     forced: bool = False
     columns: set[str] | None = None
     upstream: set[str] = field(default_factory=set)
+    min_rows: int | None = None  # fewer rows in the main output fail the step
 
     @property
     def op(self) -> str:
         return self.op_cls.name
+
+    @functools.cached_property
+    def operator(self) -> Operator:
+        """The step's operator, made once per plan: a source lists what it reads once, and
+        that listing is both its fingerprint and what its read tasks read."""
+        return self.op_cls(self.params)
 
     @property
     def work_uri(self) -> str:
@@ -234,7 +242,7 @@ def build_plan(
                         )
             refs.append(ref)
         resources = op_cls.resources.merged(s.resources)
-        planned[sid] = PlannedStep(sid, op_cls, params, resources, refs)
+        planned[sid] = PlannedStep(sid, op_cls, params, resources, refs, min_rows=s.min_rows)
 
     if problems:
         raise SpecError(problems)
@@ -314,7 +322,7 @@ def build_plan(
         }
         if issubclass(step.op_cls, SourceOperator) and sid in selected:
             try:
-                payload["source"] = step.op_cls(step.params).source_fingerprint()
+                payload["source"] = step.operator.source_fingerprint()
             except DifforgeError as exc:
                 problems.append(loaded.problem(str(exc), ("steps", i), step=sid))
                 continue

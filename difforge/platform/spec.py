@@ -17,6 +17,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from difforge.platform.errors import Problem, SpecError
 
 STEP_ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
+#: names become MLflow param keys (at most 250 characters, with a prefix) and folder names
+MAX_NAME = 100
+#: a spec is a small document: bigger files, or aliases that expand past this many YAML nodes,
+#: are refused before anything builds them in memory
+MAX_SPEC_BYTES = 1 << 20
+MAX_SPEC_NODES = 100_000
+MAX_STEPS = 2_000
+#: fsspec protocols whose data does not outlive the process (a commit there would be a lie)
+NOT_PERSISTENT = ("memory",)
+
+
+def _name(value: str, what: str) -> str:
+    if len(value) > MAX_NAME:
+        raise ValueError(
+            f"{what} of {len(value)} characters ({value[:20]}...): at most {MAX_NAME}, as it "
+            "names MLflow params and folders"
+        )
+    return value
 
 
 class Resources(BaseModel):
@@ -67,12 +85,24 @@ class StepSpec(BaseModel):
 
     id: str = Field(pattern=STEP_ID_PATTERN, description="unique within the pipeline")
     op: str = Field(description="a registered operator name; `difforge ops` lists them")
+
+    @field_validator("id")
+    @classmethod
+    def _id_length(cls, v: str) -> str:
+        return _name(v, "step id")
+
     inputs: list[str] = Field(
         default_factory=list,
         description="earlier step ids, `step.side_output`, or URIs of committed datasets",
     )
     params: dict[str, Any] = Field(default_factory=dict, description="validated by the operator")
     resources: Resources | None = None
+    min_rows: int | None = Field(
+        None,
+        ge=0,
+        description="fail the step (nothing committed) if its main output has fewer rows; "
+        "without it, an empty output is committed with a warning",
+    )
 
 
 class PipelineSpec(BaseModel):
@@ -83,12 +113,30 @@ class PipelineSpec(BaseModel):
     name: str = Field(pattern=STEP_ID_PATTERN)
     storage: str = Field("./difforge-data", description="local folder or fsspec URI (s3://...)")
     tracking: Tracking = Field(default_factory=Tracking)
-    steps: list[StepSpec] = Field(min_length=1)
+    steps: list[StepSpec] = Field(min_length=1, max_length=MAX_STEPS)
     matrix: dict[str, Any] | None = Field(
         None,
         description="a sweep: dotted paths (as for --set) to lists of values, plus optional "
         "`include` and `exclude` lists of {path: value} combinations",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _name_length(cls, v: str) -> str:
+        return _name(v, "pipeline name")
+
+    @field_validator("storage")
+    @classmethod
+    def _persistent(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("storage is empty: give a local folder or a URI (s3://bucket/prefix)")
+        protocol = v.split("://", 1)[0] if "://" in v else "file"
+        if protocol in NOT_PERSISTENT:
+            raise ValueError(
+                f"storage {v!r}: {protocol}:// does not outlive this process, so a commit there "
+                "would be lost; use a local folder or a URI such as s3://bucket/prefix"
+            )
+        return v
 
     @field_validator("matrix")
     @classmethod
@@ -151,10 +199,60 @@ def _node_lines(node: yaml.Node, path: tuple, out: dict[tuple, int]) -> None:
             _node_lines(item, (*path, i), out)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key that appears twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key '{key}' on line {line} repeats the one on line {seen[key]} of the same "
+                    "mapping; the second would silently replace the first",
+                    key_node.start_mark,
+                )
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many nodes `node` stands for once its aliases are expanded (each shared node
+    counted once per use), without expanding them."""
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    sizes[id(node)] = 1  # a recursive alias counts once; the loader refuses it later anyway
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    total = 1
+    for child in children:
+        total += _expanded_size(child, sizes)
+        if total > MAX_SPEC_NODES:
+            break
+    sizes[id(node)] = total
+    return total
+
+
 def _parse_yaml(text: str, file: str | None) -> tuple[Any, dict[tuple, int]]:
+    if len(text) > MAX_SPEC_BYTES:
+        msg = f"{len(text):,} characters: a pipeline spec is at most {MAX_SPEC_BYTES:,}"
+        raise SpecError([Problem(msg, file=file)])
     try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_Loader)
+        if node is not None and _expanded_size(node, {}) > MAX_SPEC_NODES:
+            raise SpecError([Problem(
+                f"its YAML aliases expand to more than {MAX_SPEC_NODES:,} values: refused "
+                "(an alias bomb?); write the steps out, or use fewer nested aliases", file=file,
+            )])  # fmt: skip
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
@@ -223,7 +321,7 @@ def _pydantic_problems(exc: ValidationError, loaded: LoadedSpec, raw: dict) -> l
             step = item.get("id") if isinstance(item, dict) else None
             step = step or f"#{loc[1] + 1}"
             fld = ".".join(str(p) for p in loc[2:]) or None
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             parent = PipelineSpec
             if loc[0] == "steps":

@@ -95,7 +95,6 @@ def planned_before(monkeypatch):
     return install
 
 
-@pytest.mark.xfail(strict=True, reason="reliability #3: a losing run rewrites committed shards")
 def test_a_racing_run_never_rewrites_committed_files(
     ray_session, tmp_path, fail_if, planned_before
 ):
@@ -114,7 +113,6 @@ def test_a_racing_run_never_rewrites_committed_files(
     assert difforge.open_dataset(loser.step("check").uri).num_rows == 1797
 
 
-@pytest.mark.xfail(strict=True, reason="reliability #4: fused passes commit shards under _work/")
 def test_committed_data_lives_outside_the_work_folder(ray_session, tmp_path, fail_if):
     summary = difforge.run(digits_spec(tmp_path / "s", tmp_path / "flag"))
     for step in ("raw", "check"):
@@ -125,7 +123,6 @@ def test_committed_data_lives_outside_the_work_folder(ray_session, tmp_path, fai
         assert difforge.open_dataset(uri).to_arrow().num_rows == 1797
 
 
-@pytest.mark.xfail(strict=True, reason="reliability #5: --force uncommits before recomputing")
 def test_a_forced_step_that_fails_leaves_the_old_commit_visible(ray_session, tmp_path, fail_if):
     flag = tmp_path / "flag"
     first = difforge.run(digits_spec(tmp_path / "s", flag))
@@ -146,7 +143,6 @@ def test_a_forced_step_that_fails_leaves_the_old_commit_visible(ray_session, tmp
     )
 
 
-@pytest.mark.xfail(strict=True, reason="reliability #7: losing runs leave attempt folders")
 def test_a_losing_run_leaves_no_attempt_folder_behind(
     ray_session, tmp_path, fail_if, planned_before
 ):
@@ -183,7 +179,6 @@ def classes_spec(storage: Path, folder: Path) -> dict:
     }  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason="reliability #1: each read task lists the folder again")
 def test_a_source_changed_after_listing_never_commits_what_its_fingerprint_denies(
     ray_session, tmp_path, planned_before
 ):

@@ -156,10 +156,9 @@ def test_model_samples_score_between_real_data_and_noise(sampled):
 
 
 def committed(uri: str, table) -> str:
-    from difforge.platform import datasets as D
+    from difforge.platform.outputs import write_dataset
 
-    entry = D.ShardWriter(uri, D.attempt_id()).write(table, "000000")
-    D.commit(uri, [entry], "test", {"step": "test"})
+    write_dataset(uri, table, "test", {"step": "test"})
     return uri
 
 

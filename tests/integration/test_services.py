@@ -34,10 +34,10 @@ def test_storage_on_s3(ray_session, s3_server, tmp_path):
     again = difforge.run(spec)
     assert all(s.cached for s in again.steps)
     # the manifest is the commit: a second writer of the same dataset loses, cleanly
-    from difforge.platform import datasets as D
+    from difforge.platform.outputs import open_output
 
-    entries = [D.ShardWriter(uri, D.attempt_id()).write(table.slice(0, 3), "x")]
-    manifest, ours = D.commit(uri, entries, "other", {"run": "late"})
+    late = open_output(uri)
+    manifest, ours = late.commit([late.write(table.slice(0, 3), "x")], "other", {"run": "late"})
     assert not ours and manifest.num_rows == 400
     assert difforge.open_dataset(uri).num_rows == 400
 

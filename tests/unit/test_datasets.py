@@ -4,16 +4,18 @@ of two concurrent writers commits, and nothing else is visible."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pyarrow as pa
 import pytest
 
 from difforge.platform import datasets as D
 from difforge.platform.errors import DatasetNotCommitted, DifforgeError
+from difforge.platform.outputs import Output, collect_garbage, new_attempt, open_output
 
 
 def shards(uri: str, attempt: str, n: int = 3) -> list[dict]:
-    w = D.ShardWriter(uri, attempt)
+    w = Output(uri, attempt)
     return [
         w.write(pa.table({"id": [f"r{i}-{k}" for k in range(4)], "x": list(range(4))}), f"s{i}")
         for i in range(n)
@@ -22,7 +24,7 @@ def shards(uri: str, attempt: str, n: int = 3) -> list[dict]:
 
 def test_uncommitted_dataset_does_not_exist(tmp_path):
     uri = str(tmp_path / "ds")
-    shards(uri, D.attempt_id())
+    shards(uri, new_attempt())
     assert not D.is_committed(uri)
     with pytest.raises(DatasetNotCommitted, match="no committed dataset here"):
         D.open_dataset(uri)
@@ -30,8 +32,8 @@ def test_uncommitted_dataset_does_not_exist(tmp_path):
 
 def test_commit_then_read_back(tmp_path):
     uri = str(tmp_path / "ds")
-    entries = shards(uri, D.attempt_id())
-    manifest, ours = D.commit(uri, entries, "fp1", {"step": "s"}, {"classes": ["a"]})
+    out = open_output(uri)
+    manifest, ours = out.commit(shards(uri, out.attempt), "fp1", {"step": "s"}, {"classes": ["a"]})
     assert ours and manifest.num_rows == 12
     ds = D.open_dataset(uri)
     assert ds.num_rows == 12 and ds.metadata == {"classes": ["a"]}
@@ -44,18 +46,21 @@ def test_commit_then_read_back(tmp_path):
 
 def test_retried_shards_are_counted_once(tmp_path):
     uri = str(tmp_path / "ds")
-    attempt = D.attempt_id()
-    entries = shards(uri, attempt) + shards(uri, attempt)  # a task retried writes again
-    manifest, _ = D.commit(uri, entries, "fp", {})
+    out = open_output(uri)
+    entries = shards(uri, out.attempt) + shards(uri, out.attempt)  # a task retried writes again
+    manifest, _ = out.commit(entries, "fp", {})
     assert manifest.num_rows == 12 and len(manifest.files) == 3
 
 
 def test_second_commit_loses_and_gets_the_first(tmp_path):
     uri = str(tmp_path / "ds")
-    first, ours1 = D.commit(uri, shards(uri, D.attempt_id(), 1), "fp", {"run": 1})
-    second, ours2 = D.commit(uri, shards(uri, D.attempt_id(), 2), "fp", {"run": 2})
+    a, b = open_output(uri), open_output(uri)
+    first, ours1 = a.commit(shards(uri, a.attempt, 1), "fp", {"run": 1})
+    second, ours2 = b.commit(shards(uri, b.attempt, 2), "fp", {"run": 2})
     assert ours1 and not ours2
     assert second.producer == {"run": 1} and D.open_dataset(uri).num_rows == 4
+    assert not (tmp_path / "ds" / b.attempt).exists()  # the loser's files are gone
+    assert (tmp_path / "ds" / a.attempt).exists()
 
 
 def test_concurrent_commits_exactly_one_wins(tmp_path):
@@ -63,9 +68,10 @@ def test_concurrent_commits_exactly_one_wins(tmp_path):
     results, barrier = [], threading.Barrier(8)
 
     def writer(k: int) -> None:
-        entries = shards(uri, D.attempt_id() + f"-{k}", k % 3 + 1)
+        out = open_output(uri)
+        entries = shards(uri, out.attempt, k % 3 + 1)
         barrier.wait()
-        results.append(D.commit(uri, entries, "fp", {"writer": k}))
+        results.append(out.commit(entries, "fp", {"writer": k}))
 
     threads = [threading.Thread(target=writer, args=(k,)) for k in range(8)]
     for t in threads:
@@ -78,36 +84,93 @@ def test_concurrent_commits_exactly_one_wins(tmp_path):
     assert committed.producer == winners[0].producer
     assert all(m.producer == committed.producer for m, _ in results)
     assert D.open_dataset(uri).to_arrow().num_rows == committed.num_rows
+    folders = {p.name for p in (tmp_path / "ds").iterdir() if p.name.startswith("attempt-")}
+    assert folders == set(committed.attempts())  # the seven losers cleaned up after themselves
 
 
 def test_inconsistent_schemas_are_refused(tmp_path):
     uri = str(tmp_path / "ds")
-    w = D.ShardWriter(uri, D.attempt_id())
+    w = open_output(uri)
     a = w.write(pa.table({"id": ["a"], "x": [1]}), "a")
     b = w.write(pa.table({"id": ["b"], "x": ["one"]}), "b")
     with pytest.raises(DifforgeError, match="different schemas"):
-        D.commit(uri, [a, b], "fp", {"step": "s", "op": "o"})
+        w.commit([a, b], "fp", {"step": "s", "op": "o"})
     assert not D.is_committed(uri)
 
 
 def test_empty_dataset_keeps_its_schema(tmp_path):
     uri = str(tmp_path / "ds")
     schema = pa.schema([("id", pa.string()), ("x", pa.int64())])
-    entry = {"path": "", "rows": 0, "bytes": 0, "schema": D.encode_schema(schema)}
-    D.commit(uri, [entry], "fp", {})
+    open_output(uri).commit([Output.empty(schema)], "fp", {})
     table = D.open_dataset(uri).to_arrow()
     assert table.num_rows == 0 and table.schema == schema
 
 
-def test_uncommit_and_stale_attempts(tmp_path):
+def test_stale_attempts_go_and_a_replace_keeps_the_old_commit_until_its_swap(tmp_path):
     import time
 
     uri = str(tmp_path / "ds")
-    old = "attempt-20000101T000000-deadbeef"
+    old = "attempt-20000101T000000-deadbeef"  # a crashed run's
     shards(uri, old)
-    manifest, _ = D.commit(uri, shards(uri, D.attempt_id()), "fp", {})
-    D.remove_stale_attempts(uri, manifest, time.time())
+    first = open_output(uri)
+    manifest, _ = first.commit(shards(uri, first.attempt), "fp", {}, stale_before=time.time())
     assert not (tmp_path / "ds" / old).exists()
     assert D.open_dataset(uri).num_rows == 12
-    D.uncommit(uri)
-    assert not D.is_committed(uri)
+    forced = open_output(uri)
+    entries = shards(uri, forced.attempt, 1)
+    assert D.open_dataset(uri).num_rows == 12  # visible until the new commit replaces it
+    replaced, ours = forced.commit(entries, "fp", {"run": "forced"}, replace=True)
+    assert ours and D.open_dataset(uri).num_rows == 4
+    assert (tmp_path / "ds" / first.attempt).exists()  # a reader of the old commit may be busy
+
+
+def test_a_shard_changed_after_its_commit_is_detected(tmp_path):
+    uri = str(tmp_path / "ds")
+    out = open_output(uri)
+    manifest, _ = out.commit(shards(uri, out.attempt, 1), "fp", {})
+    path = tmp_path / "ds" / manifest.files[0].path
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DifforgeError, match="checksum differs"):
+        D.open_dataset(uri).to_arrow()
+    path.write_bytes(bytes(data[:-1]))
+    with pytest.raises(DifforgeError, match="changed after its commit"):
+        D.open_dataset(uri).to_arrow()
+
+
+def test_gc_removes_what_no_commit_uses_and_keeps_what_a_rerun_needs(tmp_path):
+    from tests.conftest import difforge_cli
+
+    storage = tmp_path / "storage"
+    step = storage / "pipe" / "step"
+    v1, v2 = str(step / "00000000000000a1"), str(step / "00000000000000a2")
+    out = open_output(v1)
+    out.commit(shards(v1, out.attempt), "a1", {})
+    crashed = "attempt-20000101T000000-deadbeef"
+    shards(v1, crashed)
+    racing = open_output(v1).attempt  # a run still writing: young
+    shards(v1, racing)
+    (step / "00000000000000a1" / "_work").mkdir()
+    unfinished = storage / "pipe" / "other" / "00000000000000b1"
+    shards(str(unfinished), crashed)
+    (unfinished / "_work").mkdir()  # a crashed run's checkpoints: a rerun resumes from them
+
+    done = difforge_cli("gc", str(storage), "--older-than", "1h")
+    assert done.returncode == 0, done.stderr
+    assert "removed 2 folder(s); 1 committed dataset(s) kept" in done.stdout
+    assert (
+        not (step / "00000000000000a1" / crashed).exists() and not (unfinished / crashed).exists()
+    )
+    assert (step / "00000000000000a1" / racing).exists() and (unfinished / "_work").exists()
+
+    dry = difforge_cli("gc", str(storage), "--older-than", "0", "--dry-run")
+    assert "would remove 2 folder(s)" in dry.stdout, dry.stdout  # the racing attempt, _work
+    assert (step / "00000000000000a1" / racing).exists()
+
+    out2 = open_output(v2)
+    out2.commit(shards(v2, out2.attempt), "a2", {})
+    report = collect_garbage(str(storage), older_than=0, keep_last=1, now=time.time() + 1)
+    assert D.open_dataset(v2).num_rows == 12 and not D.is_committed(v1)
+    assert report.kept == 1 and not (step / "00000000000000a1").exists()
+    assert (unfinished / "_work").exists()

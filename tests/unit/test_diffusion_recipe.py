@@ -17,6 +17,7 @@ from difforge.operators.train.diffusion import (
 )
 from difforge.platform import datasets as D
 from difforge.platform.errors import DifforgeError
+from difforge.platform.outputs import write_dataset
 from difforge.platform.tensors import to_column
 
 TINY_UNET = {"type": "UNet2DModel", "block_out_channels": [8, 16], "layers_per_block": 1,
@@ -36,8 +37,7 @@ def digits_dataset(root) -> D.Dataset:
                       "image": [encode_png(im) for im in images],
                       "label": pa.array(d.target, pa.int64())})  # fmt: skip
     uri = str(root / "digits")
-    D.commit(uri, [D.ShardWriter(uri, D.attempt_id()).write(table, "0")], "digits", {},
-             {"classes": [str(i) for i in range(10)]})  # fmt: skip
+    write_dataset(uri, table, "digits", metadata={"classes": [str(i) for i in range(10)]})
     return D.open_dataset(uri)
 
 
@@ -83,7 +83,7 @@ def test_latent_space_training(tmp_path):
     table = pa.table({"id": [f"z{i}" for i in range(64)], "latent": to_column(z),
                       "label": pa.array(np.arange(64) % 10, pa.int64())})  # fmt: skip
     uri = str(tmp_path / "lat")
-    D.commit(uri, [D.ShardWriter(uri, D.attempt_id()).write(table, "0")], "lat", {})
+    write_dataset(uri, table, "lat")
     unet = {**TINY_UNET, "block_out_channels": [8, 8]}
     p = Params(backbone=unet, batch_size=16, max_steps=10, checkpoint_every=10).model_dump()
     io = train_locally({"params": p, "files": D.open_dataset(uri).file_uris(),
@@ -145,7 +145,7 @@ def test_text_conditional_unet_with_cep_on_the_embedding(tmp_path):
     table = pa.table({"id": [f"t{i}" for i in range(32)], "image": images,
                       "cond_embedding": to_column(emb)})  # fmt: skip
     uri = str(tmp_path / "txt")
-    D.commit(uri, [D.ShardWriter(uri, D.attempt_id()).write(table, "0")], "txt", {})
+    write_dataset(uri, table, "txt")
     unet = {"type": "UNet2DConditionModel", "block_out_channels": [8, 16], "layers_per_block": 1,
             "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "norm_num_groups": 4,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from difforge.platform import columns as C
-from difforge.platform.operator import MAIN, JobOperator, JobResult, StepOutcome
+from difforge.platform.operator import MAIN, JobOperator, JobResult, StepOutcome, passthrough
 from difforge.platform.spec import Resources
 
 if TYPE_CHECKING:
@@ -141,22 +141,23 @@ class Captions(JobOperator):
 
     @classmethod
     def output_columns(cls, params, input_columns):
-        return set(input_columns[0] or ()) | set(cls.writes)
+        return passthrough(input_columns, add=cls.writes)
 
     def run(self, ctx: JobContext) -> JobResult:
-        from difforge.platform.datasets import ShardWriter, attempt_id, join
+        from difforge.platform.datasets import join
+        from difforge.platform.outputs import open_output
         from difforge.platform.parallel import group_and_write, map_files, read_files
 
         p, res = self.params.model_dump(), ctx.resources
-        files = ctx.inputs[0].file_uris()
+        files = ctx.inputs[0].shards()
         swap_files: list[str] = []
         if p["mode"] == "swap":
             chosen = read_files(files, SelectForSwap(p), res.batch_size, res.num_cpus,
                                 columns=[C.ID, C.CAPTION])  # fmt: skip
-            writer = ShardWriter(join(ctx.work_uri, "swaps"), attempt_id())
-            entries = group_and_write(chosen, "bucket", pair_up, {"swaps": writer})["swaps"]
-            swap_files = [join(writer.dataset_uri, e["path"]) for e in entries if e["path"]]
-        main = map_files(files, Apply(p, swap_files), {MAIN: ctx.writers[MAIN]},
+            swaps = open_output(join(ctx.work_uri, "swaps"))  # working data, never committed
+            entries = group_and_write(chosen, "bucket", pair_up, {"swaps": swaps})["swaps"]
+            swap_files = [join(swaps.uri, e["path"]) for e in entries if e["path"]]
+        main = map_files(files, Apply(p, swap_files), {MAIN: ctx.outputs[MAIN]},
                          res.batch_size, res.num_cpus)[MAIN]  # fmt: skip
         return JobResult(entries={MAIN: main})
 

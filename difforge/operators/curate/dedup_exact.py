@@ -121,7 +121,7 @@ def side_pairs(uris: list[str], n: int = 16) -> list[tuple[str, str]]:
     return pairs[:n]
 
 
-def drop_duplicates(ctx: JobContext, files: list[str], dup_entries: list[dict[str, Any]],
+def drop_duplicates(ctx: JobContext, files: list, dup_entries: list[dict[str, Any]],
                     flag: str | None, grid_name: str) -> JobResult:  # fmt: skip
     """Second pass of both dedups: remove (or flag) the listed ids from every shard, and log
     the pairs removed as an image grid."""
@@ -129,9 +129,9 @@ def drop_duplicates(ctx: JobContext, files: list[str], dup_entries: list[dict[st
     from difforge.platform.parallel import map_files
 
     res = ctx.resources
-    root = ctx.writers["duplicates"].dataset_uri
+    root = ctx.outputs["duplicates"].uri
     id_files = [join(root, e["path"]) for e in dup_entries if e["path"]]
-    main = map_files(files, DropIds(id_files, flag), {MAIN: ctx.writers[MAIN]},
+    main = map_files(files, DropIds(id_files, flag), {MAIN: ctx.outputs[MAIN]},
                      res.batch_size, res.num_cpus)[MAIN]  # fmt: skip
     log_pairs(ctx, side_pairs(id_files), grid_name)
     return JobResult(entries={MAIN: main, "duplicates": dup_entries})
@@ -156,8 +156,8 @@ class DedupExact(JobOperator):
 
         source = ctx.inputs[0]
         res = ctx.resources
-        sigs = read_files(source.file_uris(), signatures, res.batch_size, res.num_cpus,
+        sigs = read_files(source.shards(), signatures, res.batch_size, res.num_cpus,
                           columns=[C.ID, C.IMAGE])  # fmt: skip
-        side = {"duplicates": ctx.writers["duplicates"]}
+        side = {"duplicates": ctx.outputs["duplicates"]}
         dup_entries = group_and_write(sigs, "pixel_hash", pick_first, side)["duplicates"]
-        return drop_duplicates(ctx, source.file_uris(), dup_entries, None, "duplicates.png")
+        return drop_duplicates(ctx, source.shards(), dup_entries, None, "duplicates.png")

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from difforge.operators.curate.dedup_exact import drop_duplicates
 from difforge.platform import columns as C
-from difforge.platform.operator import JobOperator, JobResult
+from difforge.platform.operator import JobOperator, JobResult, passthrough
 from difforge.platform.spec import Resources
 
 if TYPE_CHECKING:
@@ -120,10 +120,8 @@ class DedupNear(JobOperator):
 
     @classmethod
     def output_columns(cls, params, input_columns):
-        base = set(input_columns[0] or ())
-        return base | (
-            {"near_duplicate", "near_duplicate_id"} if params.action == "flag" else set()
-        )
+        flagged = ("near_duplicate", "near_duplicate_id") if params.action == "flag" else ()
+        return passthrough(input_columns, add=flagged)
 
     @classmethod
     def side_output_columns(cls, params, name):
@@ -139,18 +137,18 @@ class DedupNear(JobOperator):
 
         p, res = self.params, ctx.resources
         cols = [C.ID, C.IMAGE]
-        sigs = read_files(ctx.inputs[0].file_uris(), Signatures("main", p.threshold),
+        sigs = read_files(ctx.inputs[0].shards(), Signatures("main", p.threshold),
                           res.batch_size, res.num_cpus, cols)  # fmt: skip
         if len(ctx.inputs) > 1:
-            ref = read_files(ctx.inputs[1].file_uris(), Signatures("ref", p.threshold),
+            ref = read_files(ctx.inputs[1].shards(), Signatures("ref", p.threshold),
                              res.batch_size, res.num_cpus, cols)  # fmt: skip
             sigs = sigs.union(ref)
         pairs = sigs.groupby("band", num_partitions=default_partitions()).map_groups(
             as_function(NearPairs(p.threshold, reference=len(ctx.inputs) > 1)),
             batch_format="pyarrow",
         )
-        side = {"duplicates": ctx.writers["duplicates"]}
+        side = {"duplicates": ctx.outputs["duplicates"]}
         dup_entries = group_and_write(pairs, C.ID, closest, side)["duplicates"]
         flag = "near_duplicate" if p.action == "flag" else None
-        return drop_duplicates(ctx, ctx.inputs[0].file_uris(), dup_entries, flag,
+        return drop_duplicates(ctx, ctx.inputs[0].shards(), dup_entries, flag,
                                "near_duplicates.png")  # fmt: skip

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
-from difforge.platform.operator import MapOperator
+from difforge.platform.operator import MapOperator, passthrough
 from difforge.platform.spec import Resources
 
 if TYPE_CHECKING:
@@ -78,8 +78,7 @@ class EncodeVAE(MapOperator):
 
     @classmethod
     def output_columns(cls, params, input_columns):
-        base = set(input_columns[0] or ())
-        return (base - {C.IMAGE}) | {C.LATENT}
+        return passthrough(input_columns, add=(C.LATENT,), remove=(C.IMAGE,))
 
     def setup(self, ctx) -> None:
         from diffusers import AutoencoderKL

@@ -156,6 +156,7 @@ def cached_features(ctx: JobContext, key: dict[str, Any], compute) -> tuple[np.n
     import pyarrow as pa
 
     from difforge.platform import datasets as D
+    from difforge.platform.outputs import open_output
     from difforge.platform.tensors import to_column, to_numpy
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -165,9 +166,9 @@ def cached_features(ctx: JobContext, key: dict[str, Any], compute) -> tuple[np.n
     feats = compute()
     table = pa.table({"row": pa.array(range(len(feats)), pa.int64()),
                       "features": to_column(feats.astype("float32"))})  # fmt: skip
-    entry = D.ShardWriter(uri, D.attempt_id()).write(table, "000000")
+    out = open_output(uri)
     producer = {"pipeline": ctx.pipeline, "step": ctx.step, "op": "evaluate.fid", "key": key}
-    D.commit(uri, [entry], digest, producer, metadata={"reference_features": key})
+    out.commit([out.write(table, "000000")], digest, producer, {"reference_features": key})
     return feats, False
 
 

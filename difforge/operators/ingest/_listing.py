@@ -1,38 +1,67 @@
-"""Listing source files on any fsspec filesystem, with what identifies their content."""
+"""Listing source files on any fsspec filesystem, and reading exactly what was listed.
+
+A file source lists its files once, when the run is planned: that listing is its fingerprint
+and the only thing its read tasks read. A file that vanished or changed between the listing and
+its read fails the step with its name, so nothing is committed under a fingerprint that does not
+describe what was read (a rerun lists again and reads the folder as it is then).
+
+What a listing detects (`verify`):
+- `size+mtime` (the default): a file added, removed or renamed, or rewritten with another size
+  or modification time (ETag on S3). A rewrite that keeps both is not seen.
+- `content`: also any change of bytes; every file is read and hashed (SHA-256) when the run is
+  planned, and again when it is read.
+"""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import hashlib
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
 
 from difforge.platform.datasets import url_to_fs
 from difforge.platform.errors import DifforgeError
 from difforge.platform.fingerprint import fingerprint
 from difforge.platform.operator import SourceOperator
 
+Verify = Literal["size+mtime", "content"]
+
+VERIFY_FIELD = Field(
+    "size+mtime",
+    description="what the listing that fingerprints the files records: size+mtime (sizes and "
+    "modification times, or ETags), or content (SHA-256 of every file: slower, exact)",
+)
+
 
 def list_files(
-    uri: str, extensions: tuple[str, ...] | None = None
+    uri: str, extensions: tuple[str, ...] | None = None, verify: Verify = "size+mtime"
 ) -> tuple[str, list[dict[str, Any]]]:
-    """(root path, [{rel, size, stamp}]) sorted by rel; stamp is the ETag or modification time."""
+    """(root path, [{rel, size, stamp[, sha256]}]) sorted by rel; stamp is the ETag or
+    modification time."""
     fs, root = url_to_fs(uri)
     if not fs.exists(root):
         raise DifforgeError(f"{uri}: no such file or folder")
     if fs.isfile(root):
         info = fs.info(root)
         parent, name = root.rsplit("/", 1) if "/" in root else ("", root)
-        return parent, [{"rel": name, "size": info.get("size"), "stamp": _stamp(info)}]
-    found = fs.find(root, detail=True)
-    files = []
-    for path, info in found.items():
-        rel = path[len(root.rstrip("/")) + 1 :]
-        name = rel.rsplit("/", 1)[-1]
-        if name.startswith((".", "_")):
-            continue
-        if extensions and not name.lower().endswith(extensions):
-            continue
-        files.append({"rel": rel, "size": info.get("size"), "stamp": _stamp(info)})
-    files.sort(key=lambda f: f["rel"])
-    return root, files
+        files = [{"rel": name, "size": info.get("size"), "stamp": _stamp(info)}]
+    else:
+        files = []
+        for path, info in fs.find(root, detail=True).items():
+            rel = path[len(root.rstrip("/")) + 1 :]
+            name = rel.rsplit("/", 1)[-1]
+            if name.startswith((".", "_")):
+                continue
+            if extensions and not name.lower().endswith(extensions):
+                continue
+            files.append({"rel": rel, "size": info.get("size"), "stamp": _stamp(info)})
+        files.sort(key=lambda f: f["rel"])
+        parent = root.rstrip("/")
+    if verify == "content":
+        paths = [f"{parent}/{f['rel']}" if parent else f["rel"] for f in files]
+        for f, path in zip(files, paths, strict=True):
+            f["sha256"] = hashlib.sha256(fs.cat_file(path)).hexdigest()
+    return parent, files
 
 
 def _stamp(info: dict[str, Any]) -> str:
@@ -42,21 +71,77 @@ def _stamp(info: dict[str, Any]) -> str:
     return ""
 
 
+def _gone(uri: str) -> DifforgeError:
+    return DifforgeError(
+        f"{uri}: listed when the run was planned, gone when read; nothing was committed: "
+        "run again to read the folder as it is now"
+    )
+
+
+def _changed(uri: str, listed: int, found: int) -> DifforgeError:
+    return DifforgeError(
+        f"{uri}: changed between the run's listing and its read ({listed} bytes listed, "
+        f"{found} found); nothing was committed: run again to read it as it is now"
+    )
+
+
+def check_listed(uri: str, listed: dict[str, Any], data: bytes | BaseException | None) -> bytes:
+    """The bytes read for a listed file, refused if the file vanished or changed since the run
+    listed it. Other read errors (permissions, a broken file) give empty bytes: curation then
+    rejects the row with a reason."""
+    if isinstance(data, FileNotFoundError) or data is None:
+        raise _gone(uri)
+    if isinstance(data, BaseException):
+        return b""
+    if len(data) != listed["size"] or (
+        listed.get("sha256") and hashlib.sha256(data).hexdigest() != listed["sha256"]
+    ):
+        raise _changed(uri, listed["size"], len(data))
+    return data
+
+
+def check_size(fs: Any, path: str, listed: dict[str, Any]) -> None:
+    """Refuse a listed file, about to be streamed, that vanished or changed size since."""
+    uri = fs.unstrip_protocol(path)
+    try:
+        size = fs.info(path)["size"]
+    except FileNotFoundError:
+        raise _gone(uri) from None
+    if size != listed["size"]:
+        raise _changed(uri, listed["size"], size)
+
+
 class PerFileSource(SourceOperator):
     """A source that reads `params.path` (a file or a folder of them) one file per read task,
-    fingerprinted by the listing (sizes and modification times, or ETags)."""
+    fingerprinted by its listing, taken once when the run is planned."""
 
     extensions: ClassVar[tuple[str, ...]] = ()
+    _listed: tuple[str, list[dict[str, Any]]] | None = None
 
     def _listing(self) -> tuple[str, list[dict[str, Any]]]:
-        root, files = list_files(self.params.path, self.extensions)
-        if not files:
-            raise DifforgeError(f"{self.params.path}: no {'/'.join(self.extensions)} files found")
-        return root, files
+        if self._listed is None:  # once per plan: the fingerprint and the read tasks agree
+            verify = getattr(self.params, "verify", "size+mtime")
+            root, files = list_files(self.params.path, self.extensions, verify)
+            if not files:
+                what = "/".join(self.extensions)
+                raise DifforgeError(f"{self.params.path}: no {what} files found")
+            self._listed = (root, files)
+        return self._listed
 
     def source_fingerprint(self) -> str:
         return fingerprint({"files": self._listing()[1]})
 
     def read_tasks(self, rows_per_task: int) -> list[dict[str, Any]]:
         root, files = self._listing()
-        return [{"root": root, "rel": f["rel"]} for f in files]
+        return [{"root": root, **f} for f in files]
+
+    def read_listed(self, task: dict[str, Any]) -> tuple[str, bytes]:
+        """A task's file (its URI, its bytes), checked against the listing."""
+        fs, _ = url_to_fs(self.params.path)
+        path = f"{task['root']}/{task['rel']}" if task["root"] else task["rel"]
+        try:
+            data: bytes | BaseException = fs.cat_file(path)
+        except Exception as exc:  # noqa: BLE001 - judged by check_listed
+            data = exc
+        uri = fs.unstrip_protocol(path)
+        return uri, check_listed(uri, task, data)

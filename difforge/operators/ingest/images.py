@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from difforge.operators.ingest._listing import list_files
+from difforge.operators.ingest._listing import VERIFY_FIELD, Verify, check_listed, list_files
 from difforge.platform import columns as C
 from difforge.platform.datasets import url_to_fs
 from difforge.platform.errors import DifforgeError
@@ -37,13 +37,14 @@ class Params(BaseModel):
         "`caption` columns",
     )
     extensions: list[str] = Field(list(EXTENSIONS), description="file name endings to read")
+    verify: Verify = VERIFY_FIELD
 
 
 class Images(SourceOperator):
     """Image files from a folder; original bytes kept, labels from folders or a sidecar."""
 
     name = "ingest.images"
-    version = 1
+    version = 2  # 2: read tasks read the plan's listing (labels from it too); `verify`
     Params = Params
     resources = Resources(batch_size=1000)
     writes = (*C.IMAGE_COLUMNS, C.SOURCE)
@@ -57,22 +58,33 @@ class Images(SourceOperator):
             cols.add(C.CAPTION)
         return cols
 
-    def _listing(self) -> tuple[str, list[dict[str, Any]]]:
-        root, files = list_files(self.params.path, tuple(e.lower() for e in self.params.extensions))
-        if not files:
-            raise DifforgeError(f"{self.params.path}: no image files found")
-        return root, files
+    _listed: tuple[str, list[dict[str, Any]], list[dict[str, Any]] | None] | None = None
+
+    def _listing(self) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]] | None]:
+        """(root, files, sidecar listing), taken once: the fingerprint and the read tasks agree
+        on what there is to read (a folder changed later fails the read, naming the file)."""
+        if self._listed is None:
+            p = self.params
+            root, files = list_files(p.path, tuple(e.lower() for e in p.extensions), p.verify)
+            if not files:
+                raise DifforgeError(f"{p.path}: no image files found")
+            side = list_files(p.sidecar, verify=p.verify)[1] if p.sidecar else None
+            self._listed = (root, files, side)
+        return self._listed
 
     def source_fingerprint(self) -> str:
-        root, files = self._listing()
-        side = list_files(self.params.sidecar)[1] if self.params.sidecar else None
+        root, files, side = self._listing()
         return fingerprint({"files": files, "sidecar": side})
 
-    def _sidecar(self) -> dict[str, dict[str, Any]]:
-        if not self.params.sidecar:
+    def _sidecar(self, listed: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+        if not self.params.sidecar or listed is None:
             return {}
         fs, path = url_to_fs(self.params.sidecar)
-        text = fs.cat_file(path).decode()
+        try:
+            raw: bytes | BaseException = fs.cat_file(path)
+        except Exception as exc:  # noqa: BLE001 - judged by check_listed
+            raw = exc
+        text = check_listed(self.params.sidecar, listed, raw).decode()
         if path.endswith((".jsonl", ".json")):
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
@@ -85,9 +97,19 @@ class Images(SourceOperator):
         return sorted({f["rel"].split("/", 1)[0] for f in files if "/" in f["rel"]})
 
     def read_tasks(self, rows_per_task: int) -> list[dict[str, Any]]:
-        root, files = self._listing()
-        rels = [f["rel"] for f in files]
-        return [{"files": rels[s : s + rows_per_task]} for s in range(0, len(rels), rows_per_task)]
+        root, files, side = self._listing()
+        classes = {c: i for i, c in enumerate(self.classes(files))}
+        listed = []
+        for f in files:
+            entry = {k: f[k] for k in ("rel", "size", "sha256") if k in f}
+            if self.params.labels == "folders" and "/" in f["rel"]:
+                entry["label"] = classes[f["rel"].split("/", 1)[0]]
+            listed.append(entry)
+        sidecar = side[0] if side else None
+        return [
+            {"files": listed[s : s + rows_per_task], "sidecar": sidecar}
+            for s in range(0, len(listed), rows_per_task)
+        ]
 
     def read(self, task: Mapping[str, Any]) -> Iterator[pa.Table]:
         import pyarrow as pa
@@ -96,12 +118,7 @@ class Images(SourceOperator):
 
         fs, root = url_to_fs(self.params.path)
         root = root.rstrip("/")
-        sidecar = self._sidecar()
-        classes = (
-            {c: i for i, c in enumerate(self.metadata()["classes"])}
-            if self.params.labels == "folders"
-            else {}
-        )
+        sidecar = self._sidecar(task.get("sidecar"))
         rows: dict[str, list] = {
             k: []
             for k in (
@@ -116,17 +133,16 @@ class Images(SourceOperator):
                 C.CAPTION,
             )
         }
-        paths = [f"{root}/{rel}" for rel in task["files"]]
+        paths = [f"{root}/{f['rel']}" for f in task["files"]]
         contents = fs.cat(paths, on_error="return")
-        for rel, path in zip(task["files"], paths, strict=True):
-            data = contents.get(path)
-            if isinstance(data, Exception):
-                data = b""  # unreadable: kept with empty bytes; curation rejects it with a reason
+        for listed, path in zip(task["files"], paths, strict=True):
+            rel = listed["rel"]
+            # vanished or changed since listed: the step fails, naming it; unreadable: kept
+            # with empty bytes, and curation rejects it with a reason
+            data = check_listed(fs.unstrip_protocol(path), listed, contents.get(path))
             fmt, w, h, mode = describe(data) if data else (None, None, None, None)
             extra = sidecar.get(rel, {})
-            label = extra.get("label")
-            if self.params.labels == "folders" and "/" in rel:
-                label = classes.get(rel.split("/", 1)[0])
+            label = listed.get("label", extra.get("label"))
             rows[C.ID].append(rel)
             rows[C.IMAGE].append(data)
             rows[C.FORMAT].append(fmt)

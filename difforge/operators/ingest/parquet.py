@@ -7,9 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from difforge.operators.ingest._listing import PerFileSource
+from difforge.operators.ingest._listing import VERIFY_FIELD, PerFileSource, Verify
 from difforge.platform import columns as C
-from difforge.platform.datasets import url_to_fs
 from difforge.platform.errors import DifforgeError
 from difforge.platform.spec import Resources
 
@@ -27,13 +26,14 @@ class Params(BaseModel):
     id_column: str | None = Field(
         None, description="source column holding a stable row id (default: file and row number)"
     )
+    verify: Verify = VERIFY_FIELD
 
 
 class Parquet(PerFileSource):
     """Rows of existing Parquet files; columns renamed to difforge's vocabulary."""
 
     name = "ingest.parquet"
-    version = 1
+    version = 2  # 2: read tasks read the plan's listing; `verify`
     Params = Params
     extensions = (".parquet", ".pq")
     resources = Resources(batch_size=1)  # files per read task
@@ -48,8 +48,13 @@ class Parquet(PerFileSource):
 
         from difforge.operators.imaging import describe
 
-        fs, _ = url_to_fs(self.params.path)
-        table = pq.read_table(f"{task['root']}/{task['rel']}", filesystem=fs)
+        uri, data = self.read_listed(task)
+        try:
+            table = pq.read_table(pa.BufferReader(data))
+        except (pa.ArrowException, OSError) as exc:
+            raise DifforgeError(
+                f"{uri}: not a readable Parquet file ({len(data):,} bytes): {exc}"
+            ) from None
         names = [self.params.columns.get(n, n) for n in table.column_names]
         table = table.rename_columns(names)
         if self.params.id_column:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from collections.abc import Iterator, Mapping
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from difforge.operators.ingest._listing import PerFileSource
+from difforge.operators.ingest._listing import VERIFY_FIELD, PerFileSource, Verify, check_size
 from difforge.platform import columns as C
 from difforge.platform.datasets import url_to_fs
 from difforge.platform.spec import Resources
@@ -25,6 +26,7 @@ class Params(BaseModel):
 
     path: str = Field(description="a .tar shard, or a folder of them (local path or fsspec URI)")
     rows_per_batch: int = Field(1000, ge=1, description="rows per written shard")
+    verify: Verify = VERIFY_FIELD
 
 
 def samples(stream) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -51,7 +53,7 @@ class WebDataset(PerFileSource):
     """Samples of WebDataset tar shards, read in parallel (one read task per shard)."""
 
     name = "ingest.webdataset"
-    version = 1
+    version = 2  # 2: read tasks read the plan's listing; `verify`
     Params = Params
     extensions = (".tar",)
     resources = Resources(batch_size=1)
@@ -63,7 +65,12 @@ class WebDataset(PerFileSource):
         fs, _ = url_to_fs(self.params.path)
         path = f"{task['root']}/{task['rel']}" if task["root"] else task["rel"]
         rows: list[dict[str, Any]] = []
-        with fs.open(path, "rb") as f:
+        if self.params.verify == "content":  # hashed whole, then read from memory
+            stream = io.BytesIO(self.read_listed(task)[1])
+        else:  # streamed; its size checked against the listing first
+            check_size(fs, path, task)
+            stream = fs.open(path, "rb")
+        with stream as f:
             for key, fields in samples(f):
                 ext = next((e for e in IMAGE_EXTS if e in fields), None)
                 data = fields.get(ext, b"") if ext else b""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from difforge.platform import columns as C
-from difforge.platform.operator import MapOperator
+from difforge.platform.operator import MapOperator, passthrough
 from difforge.platform.spec import Resources
 
 if TYPE_CHECKING:
@@ -167,8 +167,9 @@ class SampleDiffusion(MapOperator):
 
     @classmethod
     def output_columns(cls, params, input_columns):
-        base = set(input_columns[0] or ()) - {C.MODEL_URI}
-        return base | {C.IMAGE, C.FORMAT, C.WIDTH, C.HEIGHT, C.MODE}
+        return passthrough(
+            input_columns, add=(C.IMAGE, C.FORMAT, C.WIDTH, C.HEIGHT, C.MODE), remove=(C.MODEL_URI,)
+        )
 
     def finalize(self, outcome, tracker) -> dict[str, float]:
         """A grid per class, as MLflow images."""

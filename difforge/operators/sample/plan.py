@@ -60,5 +60,5 @@ class SamplePlan(JobOperator):
         entries = []
         for s in range(0, len(rows), p.rows_per_shard):
             table = pa.Table.from_pylist(rows[s : s + p.rows_per_shard], schema=schema)
-            entries.append(ctx.writers[MAIN].write(table, f"{s // p.rows_per_shard:06d}"))
+            entries.append(ctx.outputs[MAIN].write(table, f"{s // p.rows_per_shard:06d}"))
         return JobResult(entries={MAIN: entries}, metadata={"model": info})
