@@ -33,3 +33,41 @@ DESCRIPTIONS = {
     MODEL_URI: "folder of a trained model",
     REASON: "why a row was rejected",
 }
+
+#: the Arrow type family each column of the vocabulary must have, where it has one
+TYPES = {
+    ID: "string",
+    IMAGE: "binary",
+    FORMAT: "string",
+    WIDTH: "integer",
+    HEIGHT: "integer",
+    MODE: "string",
+    LABEL: "integer",
+    CAPTION: "string",
+    SOURCE: "string",
+    MODEL_URI: "string",
+    REASON: "string",
+}
+
+
+def type_problems(schema, names) -> list[str]:
+    """What is wrong with the types of `names` in an Arrow schema, against the vocabulary."""
+    import pyarrow as pa
+
+    check = {
+        "string": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
+        "binary": lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
+        "integer": pa.types.is_integer,
+    }
+    problems = []
+    for name in sorted(names):
+        kind = TYPES.get(name)
+        if kind is None or name not in schema.names:
+            continue
+        typ = schema.field(name).type
+        if not (pa.types.is_null(typ) or check[kind](typ)):
+            what = DESCRIPTIONS.get(name, name)
+            problems.append(
+                f"column '{name}' holds {typ} values, where a{'n' if kind[0] in 'aeiou' else ''} {kind} ({what}) is expected"
+            )
+    return problems

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difforge.platform import datasets as ds_mod
+from difforge.platform.columns import type_problems
 from difforge.platform.context import JobContext, MapContext
 from difforge.platform.datasets import Dataset, join, read_shard
 from difforge.platform.errors import DifforgeError, Problem, SpecError, StepFailed
@@ -34,6 +35,7 @@ from difforge.platform.resources import Fitted, fit
 from difforge.platform.show import text_table
 from difforge.platform.spec import LoadedSpec, PipelineSpec, load_spec
 from difforge.platform.tracking import StepTracker, Tracker, git_commit
+from difforge.platform.watchdog import process_identity, reap_dead_runs, start_watchdog
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -94,6 +96,7 @@ class RayRuntime:
     def __init__(self, address: str | None):
         self.address = address or os.environ.get("RAY_ADDRESS") or "local"
         self.started = False
+        self.watchdog = None
 
     def ensure(self) -> dict[str, float]:
         import ray
@@ -102,17 +105,25 @@ class RayRuntime:
             log.info("starting Ray (address=%s)", self.address)
             main = threading.current_thread() is threading.main_thread()
             previous = signal.getsignal(signal.SIGTERM) if main else None
-            ray.init(
-                address=self.address,
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-                configure_logging=True,
-            )
+            try:
+                ray.init(
+                    address=self.address,
+                    include_dashboard=False,
+                    logging_level=logging.WARNING,
+                    configure_logging=True,
+                )
+            except Exception as exc:
+                where = "a private local Ray" if self.address == "local" else self.address
+                raise DifforgeError(
+                    f"Ray could not start ({where}): {type(exc).__name__}: {exc}"
+                ) from exc
             # ray.init makes SIGTERM exit at once; keep the caller's handler (the CLI ends the
             # run like Ctrl-C, so its MLflow runs say KILLED) where there was one.
             if callable(previous):
                 signal.signal(signal.SIGTERM, previous)
             self.started = True
+            if self.address == "local":  # ends Ray's processes if this driver is killed
+                self.watchdog = start_watchdog()
             from ray.data import DataContext
 
             ctx = DataContext.get_current()
@@ -125,6 +136,9 @@ class RayRuntime:
 
             ray.shutdown()
             self.started = False
+            if self.watchdog is not None:
+                self.watchdog.terminate()
+                self.watchdog = None
 
 
 @dataclass
@@ -154,9 +168,10 @@ class _Worker:
         self.stages = stages
         self.markers = markers  # where each finished item's shard list is kept, if resumable
         self.source = issubclass(stages[0].op_cls, SourceOperator)
-        self.ops = []
+        self.ops, self.reads = [], []
         for k, s in enumerate(stages):
             op = s.op_cls(s.op_cls.Params.model_validate(s.params))
+            self.reads.append(s.op_cls.required_columns(op.params))
             if not (k == 0 and self.source):
                 try:
                     op.setup(s.ctx)
@@ -164,6 +179,16 @@ class _Worker:
                     exc.add_note(f"{STEP_NOTE}{s.step}")  # which step of the pass
                     raise
             self.ops.append(op)
+
+    def _check_types(self, k: int, batch: pa.Table) -> None:
+        """The columns step k reads have the vocabulary's types (a `label` of strings is
+        refused here, naming the column, not deep inside the operator)."""
+        stage = self.stages[k]
+        problems = type_problems(batch.schema, self.reads[k])
+        if problems:
+            raise DifforgeError(
+                f"step '{stage.step}' ({stage.op_cls.name}): its input's " + "; ".join(problems)
+            )
 
     def _head_batches(self, item: dict) -> Iterator[pa.Table]:
         """The head step's input batches (for a source: its output tables, read)."""
@@ -183,6 +208,7 @@ class _Worker:
         if k == 0 and self.source:
             result, rows_in = batch, 0
         else:
+            self._check_types(k, batch)
             try:
                 result, rows_in = self.ops[k].process(batch), batch.num_rows
             except Exception as exc:
@@ -404,6 +430,12 @@ class Executor:
         self, step: PlannedStep, fitted: Fitted, attempt: str, tracker: StepTracker
     ) -> tuple[dict[str, list[dict]], int | None, dict]:
         inputs = [Dataset(r.uri) for r in step.inputs]
+        if inputs:
+            problems = type_problems(inputs[0].schema, step.op_cls.required_columns(step.params))
+            if problems:
+                raise DifforgeError(
+                    f"step '{step.id}' ({step.op}): its input's " + "; ".join(problems)
+                )
         ctx = JobContext(
             step=step.id,
             pipeline=self.plan.name,
@@ -687,9 +719,15 @@ def run(
 
     def start_tracking() -> tuple[Tracker, StepTracker]:
         tracker = Tracker(spec.tracking.uri, spec.tracking.experiment or spec.name)
+        try:  # runs whose driver was killed would otherwise stay RUNNING forever
+            for dead in reap_dead_runs(tracker.client, tracker.experiment_id):
+                log.info("run %s: its driver is gone; marked FAILED", dead)
+        except Exception as exc:  # noqa: BLE001 - housekeeping never fails a run
+            log.debug("could not check for dead runs: %s", exc)
         parent = tracker.start_pipeline(
             spec.name,
             {
+                **process_identity(),
                 "difforge.pipeline": spec.name,
                 "difforge.storage": plan.storage,
                 "difforge.git_commit": git_commit(),
@@ -722,9 +760,11 @@ def run(
     try:
         with ThreadPoolExecutor(1) as pool:
             tracking = pool.submit(start_tracking)
-            if any(not s.cached for s in plan.steps):
-                runtime.ensure()
-            tracker, parent = tracking.result()
+            try:
+                if any(not s.cached for s in plan.steps):
+                    runtime.ensure()
+            finally:  # the pipeline's run exists either way, and is ended below
+                tracker, parent = tracking.result()
         executor = Executor(plan, tracker, runtime, fuse=fuse)
         for group in executor.passes():
             for s in executor.run_pass(group):

@@ -253,6 +253,8 @@ def _parse_yaml(text: str, file: str | None) -> tuple[Any, dict[tuple, int]]:
                 "(an alias bomb?); write the steps out, or use fewer nested aliases", file=file,
             )])  # fmt: skip
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
+    except RecursionError:
+        raise SpecError([Problem("nested too deeply to read", file=file)]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
@@ -260,7 +262,10 @@ def _parse_yaml(text: str, file: str | None) -> tuple[Any, dict[tuple, int]]:
         raise SpecError([Problem(f"not valid YAML: {msg}", file=file, line=line)]) from None
     lines: dict[tuple, int] = {}
     if node is not None:
-        _node_lines(node, (), lines)
+        try:
+            _node_lines(node, (), lines)
+        except RecursionError:
+            raise SpecError([Problem("nested too deeply to read", file=file)]) from None
     return data, lines
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet
 import pytest
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
@@ -215,3 +216,40 @@ def test_a_source_changed_after_listing_never_commits_what_its_fingerprint_denie
     assert len(labels) == 36
     assert {labels["cat/cat00.png"], labels["dog/dog05.png"], labels["emu/emu00.png"]} == {0, 1, 2}
     assert labels["dog/dog05.png"] == 1
+
+
+@pytest.mark.parametrize(
+    "op, params",
+    [("curate.dedup_exact", {}), ("corrupt.captions", {"corruption_ratio": 0.5, "buckets": 2})],
+)
+def test_a_shuffle_job_hit_by_a_bad_shard_fails_cleanly_and_reruns(
+    ray_session, tmp_path, op, params
+):
+    """Bit rot in one committed input shard, met inside the job's shuffle: the step fails
+    naming the shard, commits nothing, leaves no attempt behind; mended, it runs."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(3):
+        ids = [f"f{k}-{i}" for i in range(20)]
+        table = pa.table({"id": ids, "image": [bytes([i % 4]) * 8 for i in range(20)],
+                          "caption": [f"caption {i}" for i in ids]})  # fmt: skip
+        pa.parquet.write_table(table, folder / f"{k}.parquet")
+    spec = {"name": "shuffle", "storage": str(tmp_path / "s"), "steps": [
+        {"id": "raw", "op": "ingest.parquet", "params": {"path": str(folder)}},
+        {"id": "job", "op": op, "inputs": ["raw"], "params": params}]}  # fmt: skip
+    raw = difforge.run(spec, until="raw").step("raw").uri
+    shard = Path(raw) / difforge.open_dataset(raw).manifest.files[1].path
+    good = shard.read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF
+    shard.write_bytes(bytes(bad))
+    with pytest.raises(DifforgeError) as err:
+        difforge.run(spec)
+    assert f"step 'job' ({op}) failed" in str(err.value)
+    assert f"{shard.name}: its checksum differs" in str(err.value)
+    job = tmp_path / "s" / "shuffle" / "job"
+    assert not list(job.glob("*/**/_manifest.json")) and not list(job.glob("*/**/attempt-*"))
+    shard.write_bytes(good)
+    done = difforge.run(spec)
+    expected = 4 if op == "curate.dedup_exact" else 60  # 4 distinct images in all
+    assert done.step("job").rows_out == expected

@@ -45,20 +45,35 @@ def ray_processes_of(session: int) -> list[str]:
 
 
 def test_killed_run_resumes_from_last_committed_step(tmp_path):
+    """kill -9 of the driver alone: its Ray's processes end with it (none stays orphaned), and
+    the next run marks the killed run FAILED in MLflow, then continues its work."""
     path, env = slow_pipeline(tmp_path, seconds_per_batch=1.5)
     home = tmp_path / "home"
     proc = start(path, env, home)
     try:
         wait_for(lambda: slow_step_started(tmp_path), 120, "the slow step")
         assert (step_dir(tmp_path, "raw") / "_manifest.json").exists()
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-step, without warning
+        os.kill(proc.pid, signal.SIGKILL)  # the driver dies mid-step, without warning
         proc.wait(timeout=30)
+        wait_for(lambda: ray_processes_of(proc.pid) == [], 30, "Ray's processes to end")
+    finally:
+        if ray_processes_of(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
     assert not (step_dir(tmp_path, "slow") / "_manifest.json").exists()  # nothing half-visible
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    exp = client.get_experiment_by_name("slow-tests")
+    runs = client.search_runs([exp.experiment_id], "tags.`difforge.pipeline` = 'slow'")
+    (killed,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert killed.info.status == "RUNNING"  # nobody could tell it was killed, yet
 
     rerun = start(path, env, home)
     out, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, out
+    assert client.get_run(killed.info.run_id).info.status == "FAILED"
+    steps = client.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{killed.info.run_id}'"
+    )
+    assert {r.data.tags["difforge.step"]: r.info.status for r in steps}["slow"] == "FAILED"
     lines = [line for line in out.splitlines() if line.startswith(("raw ", "dedup ", "slow "))]
     assert [line.split()[-2] for line in lines] == ["yes", "yes", "no"]  # only slow recomputed
     from difforge.platform.datasets import open_dataset

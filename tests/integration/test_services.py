@@ -61,3 +61,36 @@ def test_tracking_on_an_mlflow_server(ray_session, mlflow_server, tmp_path):
     assert {r.data.tags["difforge.step"] for r in children} == {"raw", "small"}
     small = next(r for r in children if r.data.tags["difforge.step"] == "small")
     assert small.data.metrics["rows_out"] == 400
+
+
+def test_the_commit_protocol_on_s3(s3_server):
+    """Create-if-absent, replace conditional on the old manifest's ETag, checksums: on S3."""
+    import pyarrow as pa
+    import pytest
+
+    from difforge.platform.errors import DifforgeError
+    from difforge.platform.outputs import _replace, open_output, write_dataset
+
+    uri = f"s3://datasets/{uuid.uuid4().hex[:8]}/ds"
+    first = write_dataset(uri, pa.table({"id": ["a", "b"]}), "fp")
+    forced = open_output(uri)
+    entries = [forced.write(pa.table({"id": ["c"]}), "0")]
+    assert difforge.open_dataset(uri).num_rows == 2  # the old commit, while the new is written
+    manifest, ours = forced.commit(entries, "fp", {"run": "forced"}, replace=True)
+    assert ours and difforge.open_dataset(uri).to_arrow().column("id").to_pylist() == ["c"]
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    assert fs.exists(f"{uri}/{first.files[0].path}")  # kept until gc
+    # a replace that raced another one (the ETag it read is stale) loses
+    path = uri.removeprefix("s3://") + "/_manifest.json"
+    stale = fs.info(path)["ETag"]
+    fs.pipe_file(path, fs.cat_file(path) + b"\n")  # someone else's replace
+    fs.invalidate_cache()
+    bucket, key, _ = fs.split_path(path)
+    with pytest.raises(OSError):
+        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=b"{}", IfMatch=stale)
+    assert _replace(fs, path, fs.cat_file(path))  # with a fresh look, it goes through
+    data = bytearray(fs.cat_file(f"{uri}/{manifest.files[0].path}"))
+    data[-12] ^= 0xFF
+    fs.pipe_file(f"{uri}/{manifest.files[0].path}", bytes(data))
+    with pytest.raises(DifforgeError, match="checksum differs"):
+        difforge.open_dataset(uri).to_arrow()

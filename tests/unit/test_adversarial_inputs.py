@@ -154,3 +154,47 @@ def test_cli_errors_stay_one_clear_line(tmp_path):
     )  # fmt: skip
     assert piped.stdout.startswith("pipeline many: 1200 steps")
     assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr, piped.stderr
+
+
+def sidecar_plan(tmp_path: Path, sidecar: bytes, name: str = "labels.csv"):
+    folder = tmp_path / "imgs"
+    folder.mkdir(exist_ok=True)
+    for i in range(3):
+        Image.new("L", (4, 4), i).save(folder / f"{i}.png")
+    (tmp_path / name).write_bytes(sidecar)
+    return write(tmp_path, f"""
+        name: side
+        storage: {tmp_path / "s"}
+        steps:
+          - id: raw
+            op: ingest.images
+            params: {{path: {folder}, sidecar: {tmp_path / name}}}
+        """)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "sidecar, message",
+    [
+        (b"file,label\n0.png,1\n1.png,\xff\xfe\n", r"labels\.csv: line 3: not UTF-8"),
+        (
+            b"file,label\n0.png,1\n1.png,cat\n",
+            r"labels\.csv: line 3: label 'cat' is not an integer",
+        ),
+        (b"file,label\n0.png,1\n0.png,2\n", r"labels\.csv: lines 2 and 3 both describe 0\.png"),
+        (b"name,label\n0.png,1\n", r"labels\.csv: line 2: needs a `file` value"),
+    ],
+)
+def test_a_bad_sidecar_is_refused_naming_its_file_and_line(tmp_path, sidecar, message):
+    with pytest.raises(SpecError, match=message):
+        difforge.plan(sidecar_plan(tmp_path, sidecar))
+
+
+def test_sidecar_and_folder_disagreements_are_counted_and_logged(tmp_path, caplog):
+    import logging
+
+    text = b"file,label\n0.png,1\n0.png,1\ngone.png,2\nalso-gone.png,0\n"
+    with caplog.at_level(logging.WARNING, logger="difforge"):
+        difforge.plan(sidecar_plan(tmp_path, text))
+    assert "labels.csv: 2 entries name no image in" in caplog.text
+    assert "(first: also-gone.png, row 5)" in caplog.text
+    assert "labels.csv: 2 image(s) of" in caplog.text and "(first: 1.png)" in caplog.text

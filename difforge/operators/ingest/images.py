@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -20,6 +21,8 @@ from difforge.platform.spec import Resources
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+log = logging.getLogger("difforge")
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -40,11 +43,54 @@ class Params(BaseModel):
     verify: Verify = VERIFY_FIELD
 
 
+def parse_sidecar(uri: str, data: bytes) -> dict[str, dict[str, Any]]:
+    """A sidecar's rows by file, each with its row number (`_row`, 1 = the first data row).
+    Refused, naming the file and the row: bytes that are not UTF-8, no `file` column, a label
+    that is not an integer class index, and one file listed twice with different values."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DifforgeError(f"{uri}: line {line}: not UTF-8 text ({exc.reason})") from None
+    if uri.endswith((".jsonl", ".json")):
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except ValueError as exc:
+                    raise DifforgeError(f"{uri}: line {n}: not a JSON object ({exc})") from None
+    else:  # CSV: the header is line 1
+        rows = [(n, r) for n, r in enumerate(csv.DictReader(io.StringIO(text)), 2)]
+    out: dict[str, dict[str, Any]] = {}
+    for n, row in rows:
+        if not isinstance(row, dict) or not row.get("file"):
+            raise DifforgeError(f"{uri}: line {n}: needs a `file` value (the image's path)")
+        label = row.get("label")
+        if label not in (None, ""):
+            try:
+                row["label"] = int(label)
+            except (TypeError, ValueError):
+                raise DifforgeError(
+                    f"{uri}: line {n}: label {label!r} is not an integer class index"
+                ) from None
+        key = str(row["file"])
+        earlier = out.get(key)
+        if earlier is not None:
+            a = {k: v for k, v in earlier.items() if k != "_row"}
+            if a != row:
+                raise DifforgeError(
+                    f"{uri}: lines {earlier['_row']} and {n} both describe {key}, differently"
+                )
+        out[key] = {**row, "_row": n}
+    return out
+
+
 class Images(SourceOperator):
     """Image files from a folder; original bytes kept, labels from folders or a sidecar."""
 
     name = "ingest.images"
-    version = 2  # 2: read tasks read the plan's listing (labels from it too); `verify`
+    version = 2  # 2: reads the plan's listing (labels too); `verify`; sidecars checked
     Params = Params
     resources = Resources(batch_size=1000)
     writes = (*C.IMAGE_COLUMNS, C.SOURCE)
@@ -69,6 +115,8 @@ class Images(SourceOperator):
             if not files:
                 raise DifforgeError(f"{p.path}: no image files found")
             side = list_files(p.sidecar, verify=p.verify)[1] if p.sidecar else None
+            if side:
+                self._check_sidecar(files, side)
             self._listed = (root, files, side)
         return self._listed
 
@@ -84,14 +132,27 @@ class Images(SourceOperator):
             raw: bytes | BaseException = fs.cat_file(path)
         except Exception as exc:  # noqa: BLE001 - judged by check_listed
             raw = exc
-        text = check_listed(self.params.sidecar, listed, raw).decode()
-        if path.endswith((".jsonl", ".json")):
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            rows = list(csv.DictReader(io.StringIO(text)))
-        if rows and "file" not in rows[0]:
-            raise DifforgeError(f"{self.params.sidecar}: needs a `file` column")
-        return {str(r["file"]): r for r in rows}
+        return parse_sidecar(self.params.sidecar, check_listed(self.params.sidecar, listed, raw))
+
+    def _check_sidecar(self, files: list[dict[str, Any]], side: list[dict[str, Any]]) -> None:
+        """At plan time: the sidecar parses, and what it and the folder disagree on is counted
+        and logged (entries naming no listed image; images it does not mention)."""
+        rows = self._sidecar(side[0])
+        listed = {f["rel"] for f in files}
+        missing = sorted(set(rows) - listed)
+        if missing:
+            log.warning(
+                "%s: %d entr%s name no image in %s and are ignored (first: %s, row %d)",
+                self.params.sidecar, len(missing), "y" if len(missing) == 1 else "ies",
+                self.params.path, missing[0], rows[missing[0]]["_row"],
+            )  # fmt: skip
+        absent = sorted(listed - set(rows))
+        if absent:
+            what = "label and caption" if self.params.labels != "folders" else "caption"
+            log.warning(
+                "%s: %d image(s) of %s have no entry, so no %s (first: %s)",
+                self.params.sidecar, len(absent), self.params.path, what, absent[0],
+            )  # fmt: skip
 
     def classes(self, files: list[dict[str, Any]]) -> list[str]:
         return sorted({f["rel"].split("/", 1)[0] for f in files if "/" in f["rel"]})
