@@ -427,6 +427,11 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _type_name(annotation: Any) -> str:
+    """A parameter's type as a user writes it: `one of: a, b` for a Literal."""
+    import typing
+
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of: " + ", ".join(str(v) for v in typing.get_args(annotation))
     text = getattr(annotation, "__name__", None) or str(annotation)
     return text.replace("typing.", "")
 
@@ -434,12 +439,10 @@ def _type_name(annotation: Any) -> str:
 def cmd_ops(args: argparse.Namespace) -> int:
     from difforge.platform import registry
 
-    reg = registry.registry()
-    names = [args.name] if args.name else sorted(reg)
+    names = [args.name] if args.name else registry.names()
     for name in names:
         op = registry.get(name)
-        kind = op.__mro__[1].__name__.replace("Operator", "").lower() or "op"
-        print(f"{name}  (v{op.version}, {kind})  {op.description()}")
+        print(f"{name}  (v{op.version}, {op.kind})  {op.description()}")
         for field, info in op.Params.model_fields.items():
             default = "required" if info.is_required() else f"default {info.default!r}"
             desc = f"  {info.description}" if info.description else ""

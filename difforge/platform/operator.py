@@ -68,6 +68,8 @@ class Operator:
     """Base of every operator. Subclass one of the three shapes below."""
 
     name: ClassVar[str]
+    #: the shape of its work (source, map, job), shown by `difforge ops`
+    kind: ClassVar[str] = "operator"
     version: ClassVar[int] = 1
     Params: ClassVar[type[BaseModel]] = NoParams
     resources: ClassVar[Resources] = Resources()
@@ -125,6 +127,8 @@ class Operator:
 class SourceOperator(Operator):
     """Reads external data. Fingerprints what it reads so changed data is never served stale."""
 
+    kind: ClassVar[str] = "source"
+
     inputs: ClassVar[tuple[int, int]] = (0, 0)
 
     @classmethod
@@ -146,6 +150,8 @@ class SourceOperator(Operator):
 
 class MapOperator(Operator):
     """Arrow batch in, Arrow batch (and side outputs) out. Must be retry-safe."""
+
+    kind: ClassVar[str] = "map"
 
     #: holds a model: run as an actor pool and call `setup` once per actor
     stateful: ClassVar[bool] = False
@@ -173,6 +179,8 @@ class JobResult:
 
 class JobOperator(Operator):
     """A whole dataset in, artifacts out (a model folder referred to by a small dataset)."""
+
+    kind: ClassVar[str] = "job"
 
     def run(self, ctx: JobContext) -> JobResult:
         raise NotImplementedError

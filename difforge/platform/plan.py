@@ -224,7 +224,7 @@ def build_plan(
                 elif ref.step == sid:
                     problems.append(loaded.problem("a step cannot read its own output", iloc, sid))
                 else:
-                    other = registry.registry().get(by_id[ref.step][1].op)
+                    other = registry.find(by_id[ref.step][1].op)
                     if (
                         other is not None
                         and ref.output != MAIN

@@ -51,6 +51,25 @@ def test_validate_and_help_import_neither_torch_nor_ray():
     assert "HEAVY []" in out.stdout
 
 
+def test_validating_imports_only_the_operators_a_spec_names(tmp_path):
+    spec = tmp_path / "p.yaml"
+    spec.write_text(
+        "name: p\nstorage: s\nsteps:\n  - {id: raw, op: ingest.digits}\n"
+        "  - {id: small, op: image.resize, inputs: [raw], params: {size: 8}}\n"
+    )
+    code = (
+        f"import sys; from difforge.cli import main; main(['validate', {str(spec)!r}]);"
+        "print('OPS', sorted(m for m in sys.modules if m.startswith('difforge.operators.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("OPS ")]
+    loaded = eval(line[4:])  # a printed list of module names
+    assert "difforge.operators.ingest.digits" in loaded
+    assert "difforge.operators.image.resize" in loaded
+    assert not [m for m in loaded if m.split(".")[2] in ("train", "sample", "evaluate", "distill")]
+
+
 def test_ops_lists_operators_with_params():
     out = difforge_cli("ops")
     assert out.returncode == 0

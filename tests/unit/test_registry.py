@@ -79,7 +79,7 @@ def test_entry_point_plugins_join_the_registry(tmp_path):
 
 
 def test_plugin_clashing_with_a_builtin_is_refused(tmp_path):
-    env = make_plugin(tmp_path, name="x = difforge_plugin:Hello")
+    env = make_plugin(tmp_path, name="image.resize = difforge_plugin:Hello")
     (tmp_path / "difforge_plugin.py").write_text(
         (tmp_path / "difforge_plugin.py").read_text().replace("plugin.hello", "image.resize")
     )
@@ -88,5 +88,18 @@ def test_plugin_clashing_with_a_builtin_is_refused(tmp_path):
         capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip
     assert out.returncode == 2
-    assert "'image.resize' is already registered" in out.stderr
+    assert "operator name 'image.resize' is already registered by difforge entry point" in (
+        out.stderr
+    )
+    assert "difforge-plugin entry point 'image.resize = difforge_plugin:Hello'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_an_entry_point_must_be_named_as_its_operator(tmp_path):
+    env = make_plugin(tmp_path, name="plugin.hi = difforge_plugin:Hello")
+    out = subprocess.run(
+        [sys.executable, "-m", "difforge.cli", "ops", "plugin.hi"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "loads operator 'plugin.hello', not 'plugin.hi'" in out.stderr
