@@ -75,8 +75,8 @@ def bare_curation(input_uri: str) -> float:
     from difforge.operators.curate.validate import check
     from difforge.operators.image.resize import Params as RP
     from difforge.operators.image.resize import Resize
-    from difforge.operators.imaging import encode_png
     from difforge.platform.datasets import open_dataset
+    from difforge.platform.imaging import encode_png
 
     vp, resize = VP(), Resize(RP(size=32, method="pad"))
     out_dir = tempfile.mkdtemp()
@@ -126,8 +126,8 @@ def bare_encode(input_uri: str, vae_dir: str, batch_size: int) -> float:
     import torch
     from diffusers import AutoencoderKL
 
-    from difforge.operators.imaging import to_array
     from difforge.platform.datasets import open_dataset
+    from difforge.platform.imaging import to_array
 
     torch.set_num_threads(os.cpu_count() or 1)
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()

@@ -34,8 +34,8 @@ def make_input(uri: str, rows: int) -> None:
     """A committed dataset of `rows` 28x28 PNGs, cycled from Fashion-MNIST, 5,000 per shard."""
     import pyarrow as pa
 
-    from difforge.operators.imaging import encode_png
     from difforge.operators.ingest.fashion_mnist import DEFAULT_ROOT, FILES, _load
+    from difforge.platform.imaging import encode_png
     from difforge.platform.outputs import open_output
 
     images, labels = _load(*(os.path.join(DEFAULT_ROOT, f) for f in FILES["train"]))
@@ -66,8 +66,8 @@ def bare_loop(input_uri: str, out_dir: str) -> float:
     import pyarrow.parquet as pq
 
     from difforge.operators.image.resize import Params, Resize
-    from difforge.operators.imaging import decode, encode_png
     from difforge.platform.datasets import open_dataset
+    from difforge.platform.imaging import decode, encode_png
 
     op = Resize(Params(size=32, method="pad"))
     ds = open_dataset(input_uri)

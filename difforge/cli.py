@@ -203,7 +203,7 @@ def _duration(text: str) -> float:
 
 
 def _print_plan(plan: Any) -> None:
-    from difforge.platform.plan import passes
+    from difforge.platform.fusion import passes
 
     print(f"pipeline {plan.name}: {len(plan.steps)} steps, storage {plan.storage}")
     width = max(len(s.id) for s in plan.steps)

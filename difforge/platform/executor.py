@@ -8,16 +8,10 @@ Ray is private to this process (`address="local"`): a cluster started on the sam
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import logging
 import os
-import re
-import signal
-import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,24 +19,26 @@ from typing import TYPE_CHECKING, Any
 
 from difforge.platform import datasets as ds_mod
 from difforge.platform.columns import type_problems
-from difforge.platform.context import JobContext, MapContext
-from difforge.platform.datasets import Dataset, join, read_shard
+from difforge.platform.context import JobContext
+from difforge.platform.datasets import Dataset, join
 from difforge.platform.errors import DifforgeError, Problem, SpecError, StepFailed
-from difforge.platform.operator import MAIN, JobOperator, SourceOperator, StepOutcome
-from difforge.platform.outputs import STATS, Output, new_attempt, write_batch
-from difforge.platform.plan import Plan, PlannedStep, build_plan, passes
+from difforge.platform.failures import cause, failed_step
+from difforge.platform.fusion import passes
+from difforge.platform.operator import MAIN, JobOperator, StepOutcome
+from difforge.platform.outputs import Output, new_attempt
+from difforge.platform.passes import PassStep, keeps_progress, output_names, run_map_pass
+from difforge.platform.plan import Plan, PlannedStep, build_plan
 from difforge.platform.resources import Fitted, fit
+from difforge.platform.runtime import RayRuntime
 from difforge.platform.show import text_table
 from difforge.platform.spec import LoadedSpec, PipelineSpec, load_spec
 from difforge.platform.tracking import StepTracker, Tracker, git_commit
-from difforge.platform.watchdog import process_identity, reap_dead_runs, start_watchdog
+from difforge.platform.watchdog import process_identity, reap_dead_runs
 
 if TYPE_CHECKING:
-    import pyarrow as pa
+    pass
 
 log = logging.getLogger("difforge")
-
-PASSES = "passes"  # in a head step's work folder: which input shards a pass has finished
 
 
 @dataclass
@@ -90,237 +86,6 @@ class RunSummary:
         return text_table(head, rows)
 
 
-class RayRuntime:
-    """Starts Ray on first use; shuts it down only if it started it."""
-
-    def __init__(self, address: str | None):
-        self.address = address or os.environ.get("RAY_ADDRESS") or "local"
-        self.started = False
-        self.watchdog = None
-
-    def ensure(self) -> dict[str, float]:
-        import ray
-
-        if not ray.is_initialized():
-            log.info("starting Ray (address=%s)", self.address)
-            main = threading.current_thread() is threading.main_thread()
-            previous = signal.getsignal(signal.SIGTERM) if main else None
-            try:
-                ray.init(
-                    address=self.address,
-                    include_dashboard=False,
-                    logging_level=logging.WARNING,
-                    configure_logging=True,
-                )
-            except Exception as exc:
-                where = "a private local Ray" if self.address == "local" else self.address
-                raise DifforgeError(
-                    f"Ray could not start ({where}): {type(exc).__name__}: {exc}"
-                ) from exc
-            # ray.init makes SIGTERM exit at once; keep the caller's handler (the CLI ends the
-            # run like Ctrl-C, so its MLflow runs say KILLED) where there was one.
-            if callable(previous):
-                signal.signal(signal.SIGTERM, previous)
-            self.started = True
-            if self.address == "local":  # ends Ray's processes if this driver is killed
-                self.watchdog = start_watchdog()
-            from ray.data import DataContext
-
-            ctx = DataContext.get_current()
-            ctx.enable_progress_bars = True
-        return dict(ray.cluster_resources())
-
-    def shutdown(self) -> None:
-        if self.started:
-            import ray
-
-            ray.shutdown()
-            self.started = False
-            if self.watchdog is not None:
-                self.watchdog.terminate()
-                self.watchdog = None
-
-
-@dataclass
-class _Stage:
-    """One step of a pass, as the workers see it (picklable)."""
-
-    step: str
-    op_cls: type
-    params: dict
-    outputs: dict[str, Output]
-    ctx: MapContext | None
-    batch_size: int
-
-
-class _Worker:
-    """Runs on Ray workers: one pass over work items for one step or for a chain of fused steps.
-
-    The head step reads its item itself (a source its read task, a map operator one input
-    shard, in batches); each later step of the chain takes the batch the step before it
-    produced, still in memory. Every step writes its own shards, so each step's dataset is
-    committed as if it had run alone. Reading inside the worker means no separate read tasks
-    compete with an actor pool for CPUs, and shard names follow the input's order. Each output
-    row describes a shard (or, for `STATS`, the rows a step took in and its seconds of work).
-    """
-
-    def __init__(self, stages: list[_Stage], markers: str | None = None):
-        self.stages = stages
-        self.markers = markers  # where each finished item's shard list is kept, if resumable
-        self.source = issubclass(stages[0].op_cls, SourceOperator)
-        self.ops, self.reads = [], []
-        for k, s in enumerate(stages):
-            op = s.op_cls(s.op_cls.Params.model_validate(s.params))
-            self.reads.append(s.op_cls.required_columns(op.params))
-            if not (k == 0 and self.source):
-                try:
-                    op.setup(s.ctx)
-                except Exception as exc:
-                    exc.add_note(f"{STEP_NOTE}{s.step}")  # which step of the pass
-                    raise
-            self.ops.append(op)
-
-    def _check_types(self, k: int, batch: pa.Table) -> None:
-        """The columns step k reads have the vocabulary's types (a `label` of strings is
-        refused here, naming the column, not deep inside the operator)."""
-        stage = self.stages[k]
-        problems = type_problems(batch.schema, self.reads[k])
-        if problems:
-            raise DifforgeError(
-                f"step '{stage.step}' ({stage.op_cls.name}): its input's " + "; ".join(problems)
-            )
-
-    def _head_batches(self, item: dict) -> Iterator[pa.Table]:
-        """The head step's input batches (for a source: its output tables, read)."""
-        if self.source:
-            yield from self.ops[0].read(item)
-            return
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        shard = pq.ParquetFile(read_shard(item["file"], item["bytes"], item["sha256"]))
-        for rb in shard.iter_batches(batch_size=self.stages[0].batch_size):
-            yield pa.Table.from_batches([rb])
-
-    def _stage(self, k: int, batch: pa.Table, key: str, started: float, out: list) -> None:
-        """Step k on one batch (`started`: when fetching it began); then the next step on the
-        main output, in slices of at most its batch size."""
-        if k == 0 and self.source:
-            result, rows_in = batch, 0
-        else:
-            self._check_types(k, batch)
-            try:
-                result, rows_in = self.ops[k].process(batch), batch.num_rows
-            except Exception as exc:
-                exc.add_note(f"{STEP_NOTE}{self.stages[k].step}")  # which step of the pass
-                raise
-        tables = result if isinstance(result, dict) else {MAIN: result}
-        described = write_batch(tables, self.stages[k].outputs, key, rows_in)
-        out.append(_tag(described, k, time.perf_counter() - started))
-        main = tables.get(MAIN)
-        if k + 1 == len(self.stages) or main is None:
-            return
-        size = self.stages[k + 1].batch_size
-        for c, start in enumerate(range(0, main.num_rows, size)):
-            self._stage(k + 1, main.slice(start, size), f"{key}-{c:04d}", time.perf_counter(), out)
-
-    def _item(self, item: dict) -> list[pa.Table]:
-        from difforge.platform import batch_cache
-
-        out: list[pa.Table] = []
-        batches = self._head_batches(item)
-        for seq in itertools.count():
-            started = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
-                break
-            key = f"{item['index']:06d}-{seq:04d}"
-            if len(self.stages) == 1:
-                self._stage(0, batch, key, started, out)
-                continue
-            # what one step decoded, the next need not decode again, while this batch lasts
-            with batch_cache.scope():
-                self._stage(0, batch, key, started, out)
-        return out
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        import pyarrow as pa
-
-        outs = []
-        for raw in batch.column("item").to_pylist():
-            item = json.loads(raw)
-            done = self._done_marker(item)
-            if done is not None:
-                kept = self._kept(*done)
-                if kept is not None:  # finished by an earlier, interrupted run
-                    outs.append(kept)
-                    continue
-            item_outs = self._item(item)
-            table = pa.concat_tables(item_outs) if item_outs else None
-            if done is not None and table is not None:
-                fs, path = done
-                fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-                fs.pipe_file(path, json.dumps(table.to_pylist()).encode())
-            if table is not None:
-                outs.append(table)
-        if outs:
-            return pa.concat_tables(outs)
-        return _tag(write_batch({}, self.stages[0].outputs, "", 0), 0, 0.0)
-
-    def _kept(self, fs, path: str) -> pa.Table | None:
-        """An item's shard descriptions kept by an earlier run, if all its shards still exist
-        (they live in that run's attempt folders, in the datasets' own folders)."""
-        import pyarrow as pa
-
-        try:
-            rows = json.loads(fs.cat_file(path))
-        except FileNotFoundError:
-            return None
-        for row in rows:
-            if row["path"]:
-                out_fs, root = ds_mod.url_to_fs(
-                    self.stages[row["stage"]].outputs[row["output"]].uri
-                )
-                if not out_fs.exists(f"{root}/{row['path']}"):
-                    return None
-        return pa.Table.from_pylist(rows)
-
-    def _done_marker(self, item: dict):
-        if self.markers is None:
-            return None
-        fs, root = ds_mod.url_to_fs(self.markers)
-        return fs, f"{root}/item-{item['index']:06d}.done.json"
-
-
-def _count_markers(markers: str | None) -> int:
-    if markers is None:
-        return 0
-    fs, root = ds_mod.url_to_fs(markers)
-    try:
-        return sum(1 for p in fs.ls(root, detail=False) if p.endswith(".done.json"))
-    except FileNotFoundError:
-        return 0
-
-
-def _tag(described: pa.Table, stage: int, seconds: float) -> pa.Table:
-    """A step's shard descriptions, marked with its place in the chain; its STATS row (the
-    first) carries the seconds the step spent on the batch."""
-    import pyarrow as pa
-
-    n = described.num_rows
-    described = described.append_column("stage", pa.array([stage] * n, pa.int32()))
-    return described.append_column("seconds", pa.array([seconds] + [0.0] * (n - 1), pa.float64()))
-
-
-def _task(*args):
-    """A stateless chain as a plain function: Ray Data runs it as tasks, not actors."""
-
-    def run(batch: pa.Table) -> pa.Table:
-        return _Worker(*args)(batch)
-
-    return run
-
-
 @dataclass
 class _Started:
     """A step whose MLflow run is open and whose work is about to run."""
@@ -342,89 +107,6 @@ class Executor:
     def passes(self) -> list[list[PlannedStep]]:
         return passes(self.plan.steps, self.fuse)
 
-    # -- map-shaped steps: one Ray Data pass for one step or a fused chain --------------------
-    def _run_on_ray(
-        self, chain: list[_Started]
-    ) -> tuple[list[dict[str, list[dict]]], list[int | None], list[float], int]:
-        """Run the chain; per step: its shard entries by output, rows in and seconds of work;
-        and how many input shards an earlier, interrupted run had finished."""
-        import ray.data
-
-        # A pass keeps each input shard's results as soon as they are written (and a rerun
-        # redoes only the missing ones) when its operator asks for it, and always when it
-        # chains steps: their results become visible only when the whole pass ends.
-        head = chain[0].step
-        resumable = len(chain) > 1 or getattr(head.op_cls, "resumable", False)
-        markers = None
-        if resumable:
-            # these very steps, over the same input shards (a source's read tasks depend on its
-            # batch size): another pass's markers are not ours
-            what = [s.step.fingerprint for s in chain] + [str(chain[0].fitted.batch_size)]
-            key = hashlib.sha256(" ".join(what).encode()).hexdigest()[:16]
-            markers = join(head.work_uri, PASSES, f"pass-{key}")
-        stages = []
-        pending = None  # the metadata the previous step of the chain will commit
-        for k, s in enumerate(chain):
-            step = s.step
-            if k == 0:
-                inputs = [Dataset(r.uri) for r in step.inputs]
-                meta = inputs[0].metadata if inputs else {}
-            else:
-                inputs, meta = [], pending  # plain maps' metadata depends on params alone
-            pending = {**meta, **step.operator.output_metadata(inputs)}
-            outputs = {name: Output(step.output_uri(name), s.attempt) for name in _names(step)}
-            ctx = None
-            if not (k == 0 and issubclass(step.op_cls, SourceOperator)):
-                ctx = MapContext(
-                    step=step.id,
-                    inputs=[r.uri for r in step.inputs],
-                    work_uri=step.work_uri,
-                    num_gpus=s.fitted.num_gpus,
-                    pending_metadata=meta if k > 0 else None,
-                )
-            params = step.params.model_dump(mode="json")
-            stages.append(_Stage(step.id, step.op_cls, params, outputs, ctx, s.fitted.batch_size))
-        fitted = chain[0].fitted
-        common: dict[str, Any] = {"batch_format": "pyarrow", "num_cpus": fitted.num_cpus}
-        if fitted.num_gpus:
-            common["num_gpus"] = fitted.num_gpus
-        rows_in: list[int | None] = [None] + [0] * (len(chain) - 1)
-        if issubclass(head.op_cls, SourceOperator):
-            items = head.operator.read_tasks(fitted.batch_size)
-        else:
-            source = Dataset(head.inputs[0].uri)
-            items = source.shards()
-            rows_in[0] = source.num_rows
-        rows = [{"item": json.dumps({**t, "index": i})} for i, t in enumerate(items)]
-        resumed = _count_markers(markers)
-        if resumed:
-            log.info("%s: %d of %d input shards already done by an earlier run",
-                     "+".join(s.step.id for s in chain), resumed, len(rows))  # fmt: skip
-        data = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-        if getattr(head.op_cls, "stateful", False):
-            data = data.map_batches(
-                _Worker,
-                fn_constructor_args=(stages, markers),
-                batch_size=1,
-                compute=ray.data.ActorPoolStrategy(
-                    min_size=fitted.min_actors, max_size=fitted.max_actors
-                ),
-                **common,
-            )
-        else:
-            data = data.map_batches(_task(stages, markers), batch_size=1, **common)
-        entries: list[dict[str, list[dict]]] = [{n: [] for n in s.outputs} for s in stages]
-        work = [0.0] * len(chain)
-        for row in data.iter_rows():
-            k = row["stage"]
-            if row["output"] == STATS:
-                work[k] += row["seconds"]
-                if k > 0:
-                    rows_in[k] += row["rows"]
-            else:
-                entries[k][row["output"]].append(row)
-        return entries, rows_in, work, resumed
-
     # -- job-shaped steps ------------------------------------------------------------------
     def _run_job(
         self, step: PlannedStep, fitted: Fitted, attempt: str, tracker: StepTracker
@@ -444,7 +126,7 @@ class Executor:
             storage=self.plan.storage,
             resources=fitted,
             tracker=tracker,
-            outputs={name: Output(step.output_uri(name), attempt) for name in _names(step)},
+            outputs={name: Output(step.output_uri(name), attempt) for name in output_names(step)},
         )
         result = step.operator.run(ctx)
         entries = {name: [] for name in ctx.outputs}
@@ -499,10 +181,7 @@ class Executor:
         if group[0].cached:
             return [self._cached(group[0])]
         ids = [s.id for s in group]
-        # a pass that keeps each input shard's results keeps its attempt's files on failure
-        keeps_progress = not issubclass(group[0].op_cls, JobOperator) and (
-            len(group) > 1 or getattr(group[0].op_cls, "resumable", False)
-        )
+        keep = keeps_progress(group)  # then a failed attempt's files stay, for the rerun
         started: list[_Started] = []
         done: list[StepSummary] = []
         try:
@@ -524,7 +203,9 @@ class Executor:
                 if len(group) > 1 and any(s.forced for s in group):
                     for s in group:  # the pass's kept results include the forced step's
                         ds_mod.remove_work(s.work_uri)
-                entries_k, rows_k, work, resumed = self._run_on_ray(started)
+                entries_k, rows_k, work, resumed = run_map_pass(
+                    [PassStep(s.step, s.fitted, s.attempt) for s in started]
+                )
                 if resumed:
                     for s in started:
                         s.run.log_metrics({"input_shards_resumed": resumed})
@@ -542,15 +223,15 @@ class Executor:
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
             for s in started[len(done) :]:
                 s.run.end(status)
-                if not keeps_progress:  # what this attempt wrote is of no use now
-                    for name in _names(s.step):
+                if not keep:  # what this attempt wrote is of no use now
+                    for name in output_names(s.step):
                         Output(s.step.output_uri(name), s.attempt).abort()
             if isinstance(exc, (KeyboardInterrupt, DifforgeError)):
                 raise
-            failed = _failed_step(exc, group) if len(done) == 0 else started[len(done)].step
+            failed = failed_step(exc, group) if len(done) == 0 else started[len(done)].step
             where = f" (in one pass with {', '.join(ids)})" if len(group) > 1 else ""
             raise StepFailed(
-                f"step '{failed.id}' ({failed.op}){where} failed: {_cause(exc)}"
+                f"step '{failed.id}' ({failed.op}){where} failed: {cause(exc)}"
             ) from exc
 
     def _finish(
@@ -589,7 +270,7 @@ class Executor:
             inputs = [Dataset(r.uri) for r in step.inputs]
             metadata.update(step.operator.output_metadata(inputs))
         side_rows, sides = {}, {}
-        outputs = {name: Output(step.output_uri(name), s.attempt) for name in _names(step)}
+        outputs = {name: Output(step.output_uri(name), s.attempt) for name in output_names(step)}
         commit = {"replace": step.forced, "stale_before": self.run_started}
         for name in step.op_cls.side_outputs:
             m, _ = outputs[name].commit(
@@ -635,56 +316,6 @@ class Executor:
             side_rows,
             run.run_id,
         )
-
-
-def _names(step: PlannedStep) -> list[str]:
-    """A step's outputs: the main one, then its side outputs."""
-    return [MAIN, *step.op_cls.side_outputs]
-
-
-STEP_NOTE = "difforge step: "
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    """An error and what caused it, outermost first (Ray's wrappers keep theirs in `cause`)."""
-    chain, inner = [exc], exc
-    for _ in range(8):
-        nxt = getattr(inner, "cause", None) or inner.__cause__ or inner.__context__
-        if nxt is None or nxt is inner:
-            break
-        chain.append(nxt)
-        inner = nxt
-    return chain
-
-
-def _failed_step(exc: BaseException, group: list[PlannedStep]) -> PlannedStep:
-    """The step of a pass whose operator raised (named in a note on the worker's error)."""
-    text = "\n".join(str(e) + "\n" + "\n".join(getattr(e, "__notes__", [])) for e in _chain(exc))
-    named = re.findall(re.escape(STEP_NOTE) + r"(\S+)", text)
-    return next((s for s in group if named and s.id == named[-1]), group[0])
-
-
-def _cause(exc: BaseException) -> str:
-    """The user-facing cause of a failure, unwrapped from Ray's task and Ray Data errors.
-
-    A Ray task error carries the remote traceback in its text; the user's own exception is
-    its last "SomeError: message" line that is not one of Ray's wrappers.
-    """
-    chain = _chain(exc)
-    inner = chain[-1]
-    found = []
-    for e in chain:
-        for line in str(e).splitlines():
-            line = line.strip()
-            if line.startswith("ray."):
-                continue
-            # an exception line: SomeError: ..., or one of difforge's own (DatasetNotCommitted)
-            if re.match(r"^([\w.]+(Error|Exception)\b[^:]*|difforge\.[\w.]+):", line):
-                found.append(line)
-    if found:
-        return found[-1]
-    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
-    return f"{type(inner).__name__}: {lines[-1]}" if lines else type(inner).__name__
 
 
 def run(

@@ -198,7 +198,7 @@ def build_manifest(
 ) -> Manifest:
     import pyarrow as pa
 
-    from difforge import __version__
+    from difforge._version import __version__
 
     entries = list(entries)
     seen: dict[str, Mapping[str, Any]] = {}

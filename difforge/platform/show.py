@@ -64,7 +64,7 @@ def grid(images: list[Image.Image], columns: int = 8, pad: int = 2) -> Image.Ima
 
 
 def write_grid(ds: Dataset, path: str | None = None, n: int = 64, scale: int = 0) -> str:
-    from difforge.operators.imaging import decode
+    from difforge.platform.imaging import decode
 
     images = []
     for batch in ds.iter_batches(columns=["image"], batch_size=n):
@@ -93,7 +93,7 @@ def captioned_grid(items: list[tuple[bytes | None, str]], tile: int = 96, column
     """Tiles (image bytes, caption); bytes that do not decode show as a grey tile."""
     from PIL import Image, ImageDraw
 
-    from difforge.operators.imaging import decode
+    from difforge.platform.imaging import decode
 
     tiles = []
     for data, caption in items:

@@ -148,7 +148,8 @@ class SweepSummary:
 def run_sweep(sweep: Sweep, until: str | None = None, force: list[str] | None = None,
               address: str | None = None) -> SweepSummary:  # fmt: skip
     """Run every variant in turn on one Ray, each a pipeline run nested under the sweep's run."""
-    from difforge.platform.executor import RayRuntime, run
+    from difforge.platform.executor import run
+    from difforge.platform.runtime import RayRuntime
     from difforge.platform.tracking import Tracker
 
     spec = sweep.base.spec

@@ -14,8 +14,8 @@ from ray import cloudpickle
 import difforge
 from difforge.platform import registry
 from difforge.platform.errors import StepFailed
+from difforge.platform.fusion import passes
 from difforge.platform.operator import MapOperator
-from difforge.platform.plan import passes
 from difforge.platform.settings import default_tracking_uri
 from tests.integration.test_curate import make_bad_folder
 

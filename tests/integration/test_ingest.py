@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 import difforge
-from difforge.operators.imaging import encode_png
+from difforge.platform.imaging import encode_png
 
 
 def make_folder(root):

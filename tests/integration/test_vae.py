@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKL
 
 import difforge
-from difforge.operators.imaging import to_array
+from difforge.platform.imaging import to_array
 from difforge.platform.tensors import to_numpy
 
 PSNR_FLOOR = 20.0  # dB; an untrained VAE scores about 5

@@ -29,7 +29,7 @@ def digits_dataset(root) -> D.Dataset:
     """scikit-learn's real 8x8 digits as a committed image dataset (no Ray needed)."""
     from sklearn.datasets import load_digits
 
-    from difforge.operators.imaging import encode_png
+    from difforge.platform.imaging import encode_png
 
     d = load_digits()
     images = (d.images * (255 / 16)).round().astype(np.uint8)
@@ -138,7 +138,7 @@ def test_dit_backbone_class_conditional(tmp_path, digits):
 def test_text_conditional_unet_with_cep_on_the_embedding(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (32, 1, 8, 8)).astype(np.float32)
-    from difforge.operators.imaging import encode_png
+    from difforge.platform.imaging import encode_png
 
     images = [encode_png(((im[0] + 1) * 127.5).astype(np.uint8)) for im in x]
     emb = rng.standard_normal((32, 6, 16)).astype(np.float32)

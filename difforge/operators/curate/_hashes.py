@@ -14,7 +14,7 @@ def content_hash(data: bytes) -> str:
 def pixel_hash(data: bytes) -> str:
     """A hash of the decoded pixels (mode and size included): re-encodings of one image agree.
     Falls back to the bytes' hash for data that does not decode."""
-    from difforge.operators.imaging import decode
+    from difforge.platform.imaging import decode
 
     try:
         img = decode(data)
@@ -32,7 +32,7 @@ def phash(data: bytes) -> int | None:
     from PIL import Image
     from scipy.fft import dctn
 
-    from difforge.operators.imaging import decode
+    from difforge.platform.imaging import decode
 
     try:
         img = decode(data).convert("L").resize((32, 32), Image.Resampling.LANCZOS)

@@ -50,7 +50,7 @@ def check(data: bytes | None, p: Params) -> tuple[str | None, str, Any]:
     """(reason or None, detail, decoded image or None) for one image's bytes."""
     from PIL import Image, UnidentifiedImageError
 
-    from difforge.operators.imaging import remember_decoded
+    from difforge.platform.imaging import remember_decoded
 
     if not data:
         return "zero_bytes", "empty file", None
@@ -104,7 +104,7 @@ class Validate(MapOperator):
     def process(self, batch: pa.Table) -> dict[str, pa.Table]:
         import pyarrow as pa
 
-        from difforge.operators.imaging import encode_png, replace_columns
+        from difforge.platform.imaging import encode_png, replace_columns
 
         p = self.params
         keep, reasons, details = [], [], []

@@ -98,7 +98,7 @@ class EncodeVAE(MapOperator):
         import numpy as np
         import torch
 
-        from difforge.operators.imaging import to_array
+        from difforge.platform.imaging import to_array
 
         mode = "L" if self.channels == 1 else "RGB"
         arr = np.stack([to_array(b, mode) for b in images])

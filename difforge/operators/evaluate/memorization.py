@@ -84,8 +84,8 @@ class Memorization(JobOperator):
         import pyarrow as pa
 
         from difforge.operators.evaluate.fid import classifier_features
-        from difforge.operators.imaging import decode
         from difforge.operators.train.classifier import load_classifier, load_images
+        from difforge.platform.imaging import decode
         from difforge.platform.show import grid
 
         p = self.params

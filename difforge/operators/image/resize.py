@@ -73,7 +73,7 @@ class Resize(MapOperator):
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        from difforge.operators.imaging import decode, encode_png, replace_columns
+        from difforge.platform.imaging import decode, encode_png, replace_columns
 
         out, ok, reasons = [], [], []
         for data in batch.column(C.IMAGE).to_pylist():

@@ -57,7 +57,7 @@ class Digits(SourceOperator):
         import pyarrow as pa
         from sklearn.datasets import load_digits
 
-        from difforge.operators.imaging import encode_png
+        from difforge.platform.imaging import encode_png
 
         digits = load_digits()
         idx = task["indices"]

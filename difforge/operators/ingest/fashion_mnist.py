@@ -93,7 +93,7 @@ class FashionMnist(SourceOperator):
     def read(self, task: Mapping[str, Any]) -> Iterator[pa.Table]:
         import pyarrow as pa
 
-        from difforge.operators.imaging import encode_png
+        from difforge.platform.imaging import encode_png
 
         images, labels = _load(*self._paths())
         start, stop = task["start"], task["stop"]

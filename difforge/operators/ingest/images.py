@@ -175,7 +175,7 @@ class Images(SourceOperator):
     def read(self, task: Mapping[str, Any]) -> Iterator[pa.Table]:
         import pyarrow as pa
 
-        from difforge.operators.imaging import describe
+        from difforge.platform.imaging import describe
 
         fs, root = url_to_fs(self.params.path)
         root = root.rstrip("/")

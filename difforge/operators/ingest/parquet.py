@@ -46,7 +46,7 @@ class Parquet(PerFileSource):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from difforge.operators.imaging import describe
+        from difforge.platform.imaging import describe
 
         uri, data = self.read_listed(task)
         try:

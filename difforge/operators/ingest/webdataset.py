@@ -60,7 +60,7 @@ class WebDataset(PerFileSource):
     writes = (*C.IMAGE_COLUMNS, C.LABEL, C.CAPTION, C.SOURCE)
 
     def read(self, task: Mapping[str, Any]) -> Iterator[pa.Table]:
-        from difforge.operators.imaging import describe
+        from difforge.platform.imaging import describe
 
         fs, _ = url_to_fs(self.params.path)
         path = f"{task['root']}/{task['rel']}" if task["root"] else task["rel"]

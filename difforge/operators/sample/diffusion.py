@@ -143,8 +143,8 @@ class SampleDiffusion(MapOperator):
         import pyarrow as pa
         import torch
 
-        from difforge.operators.imaging import encode_png
         from difforge.operators.train.diffusion import to_pil
+        from difforge.platform.imaging import encode_png
 
         info = self.info
         labels = torch.tensor(batch.column(C.LABEL).to_pylist(), device=self.device)
@@ -175,7 +175,7 @@ class SampleDiffusion(MapOperator):
         """A grid per class, as MLflow images."""
         from PIL import Image
 
-        from difforge.operators.imaging import decode
+        from difforge.platform.imaging import decode
         from difforge.platform.show import grid
 
         table = outcome.read_main([C.LABEL, C.IMAGE, "guidance_scale"])

@@ -47,8 +47,8 @@ def load_images(
     import numpy as np
     import pyarrow.parquet as pq
 
-    from difforge.operators.imaging import to_array
     from difforge.platform.datasets import url_to_fs
+    from difforge.platform.imaging import to_array
 
     images, labels, ids = [], [], []
     for uri in files:

@@ -232,8 +232,8 @@ def load_data(files: list[str], column: str):
     import numpy as np
     import pyarrow.parquet as pq
 
-    from difforge.operators.imaging import to_array
     from difforge.platform.datasets import url_to_fs
+    from difforge.platform.imaging import to_array
     from difforge.platform.tensors import to_numpy
 
     xs, labels, conds = [], [], []
@@ -630,7 +630,7 @@ def _shape_of(data, column: str) -> tuple[int, ...]:
     if column == C.LATENT:
         return tuple(data.manifest.schema().field(C.LATENT).type.shape)
     row = next(data.iter_batches(columns=[C.IMAGE], batch_size=1)).to_pylist()[0]
-    from difforge.operators.imaging import to_array
+    from difforge.platform.imaging import to_array
 
     arr = to_array(row[C.IMAGE])
     return (1, *arr.shape) if arr.ndim == 2 else (arr.shape[2], arr.shape[0], arr.shape[1])

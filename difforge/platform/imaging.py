@@ -1,4 +1,4 @@
-"""Image helpers shared by operators: decode, describe, encode. Pillow only, imported lazily."""
+"""Image helpers of the operator SDK: decode, describe, encode, to arrays (Pillow, lazily)."""
 
 from __future__ import annotations
 

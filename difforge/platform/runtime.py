@@ -1,0 +1,69 @@
+"""The Ray a run uses: started on first use, private to the driver unless told otherwise.
+
+By default Ray is private to this process (`address="local"`): a cluster started on the same
+machine with `ray start` is never joined by accident; `address=` (or RAY_ADDRESS) attaches to
+one. A private Ray gets a watchdog that ends its processes if the driver is killed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+from difforge.platform.errors import DifforgeError
+from difforge.platform.watchdog import start_watchdog
+
+log = logging.getLogger("difforge")
+
+
+class RayRuntime:
+    """Starts Ray on first use; shuts it down only if it started it."""
+
+    def __init__(self, address: str | None):
+        self.address = address or os.environ.get("RAY_ADDRESS") or "local"
+        self.started = False
+        self.watchdog = None
+
+    def ensure(self) -> dict[str, float]:
+        import ray
+
+        if not ray.is_initialized():
+            log.info("starting Ray (address=%s)", self.address)
+            main = threading.current_thread() is threading.main_thread()
+            previous = signal.getsignal(signal.SIGTERM) if main else None
+            try:
+                ray.init(
+                    address=self.address,
+                    include_dashboard=False,
+                    logging_level=logging.WARNING,
+                    configure_logging=True,
+                )
+            except Exception as exc:
+                where = "a private local Ray" if self.address == "local" else self.address
+                raise DifforgeError(
+                    f"Ray could not start ({where}): {type(exc).__name__}: {exc}"
+                ) from exc
+            # ray.init makes SIGTERM exit at once; keep the caller's handler (the CLI ends the
+            # run like Ctrl-C, so its MLflow runs say KILLED) where there was one.
+            if callable(previous):
+                signal.signal(signal.SIGTERM, previous)
+            self.started = True
+            if self.address == "local":  # ends Ray's processes if this driver is killed
+                self.watchdog = start_watchdog()
+            from ray.data import DataContext
+
+            ctx = DataContext.get_current()
+            ctx.enable_progress_bars = True
+        return dict(ray.cluster_resources())
+
+    def shutdown(self) -> None:
+        if self.started:
+            import ray
+
+            ray.shutdown()
+            self.started = False
+            if self.watchdog is not None:
+                self.watchdog.terminate()
+                self.watchdog = None
