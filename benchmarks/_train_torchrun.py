@@ -9,7 +9,8 @@ import sys
 
 import torch.distributed as dist
 
-from difforge.operators.train.diffusion import FolderIO, NullTracker, train
+from difforge.diffusion.training import FolderIO, NullTracker
+from difforge.operators.train.diffusion import train
 
 
 def main() -> None:

@@ -114,7 +114,8 @@ def curation_spec(storage: str, input_uri: str) -> dict:
 
 
 def save_vae(folder: str) -> str:
-    from difforge.operators.train.vae import Params, build_vae
+    from difforge.models.vae import build_vae
+    from difforge.operators.train.vae import Params
 
     build_vae(Params().model_dump(), 1, 32).save_pretrained(folder)
     return folder

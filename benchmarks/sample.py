@@ -47,7 +47,7 @@ def bare_loop(model_dir: str, n: int, steps: int, batch: int, guidance: float) -
     unet = diffusers.UNet2DModel.from_pretrained(os.path.join(model_dir, "ema")).eval()
     config = diffusers.DDPMScheduler.load_config(os.path.join(model_dir, "scheduler"))
     scheduler = diffusers.DDIMScheduler.from_config(config)
-    from difforge.operators.encode.vae import local_copy
+    from difforge.models.resolve import local_copy
 
     vae = diffusers.AutoencoderKL.from_pretrained(local_copy(info["vae"]["uri"])).eval()
     null = info["num_classes"]
@@ -91,11 +91,13 @@ def main() -> None:
     import torch
 
     import difforge
-    from difforge.operators.encode.vae import local_copy
-    from difforge.operators.evaluate.fid import classifier_features, frechet_distance
-    from difforge.operators.sample.deepcache import DeepCache
-    from difforge.operators.sample.diffusion import load_model, make_scheduler, sample_batch
-    from difforge.operators.train.classifier import load_classifier, load_images
+    from difforge.diffusion.deepcache import DeepCache
+    from difforge.diffusion.model_folder import load_model
+    from difforge.diffusion.sampling import sample_batch
+    from difforge.diffusion.schedules import make_scheduler
+    from difforge.models.classifier import classifier_features, load_classifier, load_images
+    from difforge.models.metrics import frechet_distance
+    from difforge.models.resolve import local_copy
 
     ray.init(address="local", include_dashboard=False)
     qs = str(ROOT / "pipelines" / "quickstart.yaml")
@@ -166,7 +168,7 @@ def main() -> None:
     real = classifier_features(
         net, load_images(difforge.open_dataset(test_uri).file_uris(), "L", with_labels=False)[0]
     )[0]
-    from difforge.operators.train.diffusion import to_pil
+    from difforge.diffusion.sampling import to_pil
 
     rows = []
     for interval in (1, 2, 3, 5):

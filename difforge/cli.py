@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Declarative pipelines for diffusion models: curate, encode, train, "
         "distill, sample, evaluate. On Ray, tracked in MLflow.",
     )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="show Ray's, Ray Data's, Ray Train's and MLflow's own logs and progress bars",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("run", help="run a pipeline (embedded Ray unless --address)")
@@ -483,18 +487,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     import torch
 
-    from difforge.operators.sample.diffusion import load_model, make_scheduler, sample_batch
-    from difforge.operators.train.diffusion import to_pil
+    from difforge.diffusion.model_folder import load_model
+    from difforge.diffusion.sampling import sample_batch, to_pil
+    from difforge.diffusion.schedules import make_scheduler
     from difforge.platform.errors import DifforgeError
     from difforge.platform.show import grid
 
-    uri = args.model
-    if uri.startswith("models:/"):
-        from mlflow.artifacts import download_artifacts
-
-        uri = download_artifacts(artifact_uri=uri)
     try:
-        model, info, config, vae = load_model(uri)
+        model, info, config, vae = load_model(args.model)
     except (FileNotFoundError, OSError) as exc:
         raise DifforgeError(f"{args.model}: not a difforge model folder ({exc})") from None
     classes = info.get("num_classes") or 0
@@ -570,9 +570,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s difforge %(message)s", datefmt="%H:%M:%S"
-    )
+    if args.verbose:
+        os.environ["DIFFORGE_VERBOSE"] = "1"  # for Ray's start-up, here and in submitted jobs
+    # difforge's own lines on the console; the libraries' go to a log file (progress.py)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    ours = logging.getLogger("difforge")
+    ours.handlers, ours.propagate = [handler], False
+    ours.setLevel(logging.INFO)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     try:
         return COMMANDS[args.command](args)
     except DifforgeError as exc:

@@ -53,6 +53,15 @@ class StepSummary:
     side_rows: dict[str, int] = field(default_factory=dict)
     run_id: str | None = None
 
+    def line(self) -> str:
+        """The one line a step ends with on the console."""
+        if self.cached:
+            return f"step {self.step} ({self.op}): cached, {self.rows_out} rows"
+        sides = "".join(f" (+{n} {k})" for k, n in self.side_rows.items())
+        rows = self.rows_in if self.rows_in is not None else self.rows_out
+        rate = f", {rows / self.seconds:,.0f} rows/s" if self.seconds > 0 and rows else ""
+        return f"step {self.step} ({self.op}): {self.rows_out} rows{sides} in {self.seconds:.1f}s{rate}"
+
 
 @dataclass
 class RunSummary:
@@ -166,6 +175,13 @@ class Executor:
             run.log_params(step.params.model_dump(mode="json"), prefix="")
             cluster = self.ray.ensure()
             fitted = fit(step.id, step.resources, cluster, step.op_cls.gpus_when_available)
+            ran_on = "cuda" if fitted.num_gpus else "cpu"
+            if step.device is not None and step.device != ran_on:
+                raise DifforgeError(
+                    f"step '{step.id}' ({step.op}): its `auto` precision was planned for "
+                    f"{step.device} (part of its fingerprint) but it would run on {ran_on}; set "
+                    f"DIFFORGE_DEVICE_CLASS={ran_on}, or an explicit dtype/precision"
+                )
             if step.forced:
                 # forced: start over, checkpoints included; the old commit stays visible until
                 # the new one replaces it
@@ -260,7 +276,10 @@ class Executor:
             "step": step.id,
             "op": step.op,
             "op_version": step.op_cls.version,
+            "device": "cuda" if s.fitted.num_gpus else "cpu",
         }
+        if step.device is not None:  # what its `auto` precision resolved to
+            producer["auto_precision"] = "bfloat16" if step.device == "cuda" else "float32"
         metadata: dict[str, Any] = {}
         if step.inputs:
             metadata.update(Dataset(step.inputs[0].uri).metadata)
@@ -400,13 +419,7 @@ def run(
         for group in executor.passes():
             for s in executor.run_pass(group):
                 summaries.append(s)
-                log.info(
-                    "step %s: %s rows in %.1fs%s",
-                    s.step,
-                    s.rows_out,
-                    s.seconds,
-                    " (cached)" if s.cached else "",
-                )
+                log.info("%s", s.line())
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

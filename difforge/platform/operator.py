@@ -168,6 +168,54 @@ class MapOperator(Operator):
 
 
 @dataclass
+class Verdicts:
+    """A filter's judgement of a batch, row by row."""
+
+    #: per row: None to keep it, else the reason it is rejected (a short, stable word)
+    reasons: list[str | None]
+    #: per row, optional: a longer explanation kept beside the reason in `rejects`
+    details: list[str | None] | None = None
+    #: new values for columns of the kept rows, in their order (an image re-encoded, ...)
+    replace: dict[str, Any] | None = None
+
+
+class FilterOperator(MapOperator):
+    """Keeps or rejects each row with a reason. `judge` decides; the split into the main output
+    and `rejects` (the rejected rows as they came, plus `reason`, and `detail` where given) is
+    written once, here, and one bad row never fails the step."""
+
+    kind: ClassVar[str] = "filter"
+    side_outputs: ClassVar[tuple[str, ...]] = ("rejects",)
+
+    def judge(self, batch: pa.Table) -> Verdicts:
+        raise NotImplementedError
+
+    def process(self, batch: pa.Table) -> dict[str, pa.Table]:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from difforge.platform import columns as C
+        from difforge.platform.imaging import replace_columns
+
+        v = self.judge(batch)
+        if len(v.reasons) != batch.num_rows:
+            raise ValueError(
+                f"{self.name}: judge gave {len(v.reasons)} verdicts for {batch.num_rows} rows"
+            )
+        keep = pa.array([r is None for r in v.reasons], pa.bool_())
+        kept = batch.filter(keep)
+        if v.replace:
+            kept = replace_columns(kept, v.replace)
+        rejects = batch.filter(pc.invert(keep))
+        reasons = [r for r in v.reasons if r is not None]
+        rejects = rejects.append_column(C.REASON, pa.array(reasons, pa.string()))
+        if v.details is not None:
+            details = [d for d, r in zip(v.details, v.reasons, strict=True) if r is not None]
+            rejects = rejects.append_column("detail", pa.array(details, pa.string()))
+        return {MAIN: kept, "rejects": rejects}
+
+
+@dataclass
 class JobResult:
     """What a job operator hands back: its main table and optionally side tables and metadata."""
 

@@ -28,6 +28,7 @@ from difforge.platform.failures import STEP_NOTE
 from difforge.platform.operator import MAIN, SourceOperator
 from difforge.platform.outputs import STATS, Output, write_batch
 from difforge.platform.plan import PlannedStep
+from difforge.platform.progress import Progress
 from difforge.platform.resources import Fitted
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("difforge")
 
 PASSES = "passes"  # in a head step's work folder: which input shards a pass has finished
+ITEM_DONE = "__item_done__"  # a row a worker returns per input shard (or read task) it finished
 
 
 @dataclass
@@ -171,6 +173,7 @@ class PassWorker:
         outs = []
         for raw in batch.column("item").to_pylist():
             item = json.loads(raw)
+            outs.append(self._item_done())  # counted by the driver's progress bar
             done = self._done_marker(item)
             if done is not None:
                 kept = self._kept(*done)
@@ -188,6 +191,12 @@ class PassWorker:
         if outs:
             return pa.concat_tables(outs)
         return _tag(write_batch({}, self.stages[0].outputs, "", 0), 0, 0.0)
+
+    def _item_done(self) -> pa.Table:
+        import pyarrow as pa
+
+        row = _tag(write_batch({}, self.stages[0].outputs, "", 0), 0, 0.0)
+        return row.set_column(row.column_names.index("output"), "output", pa.array([ITEM_DONE]))
 
     def _kept(self, fs, path: str) -> pa.Table | None:
         """An item's shard descriptions kept by an earlier run, if all its shards still exist
@@ -311,12 +320,24 @@ def run_map_pass(
         data = data.map_batches(_task(stages, markers), batch_size=1, **common)
     entries: list[dict[str, list[dict]]] = [{n: [] for n in s.outputs} for s in stages]
     work = [0.0] * len(chain)
-    for row in data.iter_rows():
-        k = row["stage"]
-        if row["output"] == STATS:
-            work[k] += row["seconds"]
-            if k > 0:
-                rows_in[k] += row["rows"]
-        else:
-            entries[k][row["output"]].append(row)
+    unit = "read tasks" if issubclass(head.op_cls, SourceOperator) else "shards"
+    progress = Progress("+".join(s.step.id for s in chain), len(rows), unit)
+    try:
+        for row in data.iter_rows():
+            _account(row, entries, rows_in, work, progress)
+    finally:
+        progress.close()
     return entries, rows_in, work, resumed
+
+
+def _account(row: dict, entries: list, rows_in: list, work: list, progress: Progress) -> None:
+    """One row of a pass's output: a finished item, a step's work on a batch, or a shard."""
+    k = row["stage"]
+    if row["output"] == ITEM_DONE:
+        progress.update()
+    elif row["output"] == STATS:
+        work[k] += row["seconds"]
+        if k > 0:
+            rows_in[k] += row["rows"]
+    else:
+        entries[k][row["output"]].append(row)

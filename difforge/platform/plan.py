@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from difforge.platform import registry
+from difforge.platform.columns import type_problems
 from difforge.platform.datasets import (
     MANIFEST,
     WORK,
@@ -21,6 +22,7 @@ from difforge.platform.datasets import (
     read_manifest,
     url_to_fs,
 )
+from difforge.platform.devices import device_class, uses_auto_precision
 from difforge.platform.errors import DifforgeError, Problem, SpecError
 from difforge.platform.fingerprint import fingerprint
 from difforge.platform.operator import MAIN, Operator, SourceOperator
@@ -53,6 +55,7 @@ class PlannedStep:
     columns: set[str] | None = None
     upstream: set[str] = field(default_factory=set)
     min_rows: int | None = None  # fewer rows in the main output fail the step
+    device: str | None = None  # the device class its `auto` precisions resolve for, if any
 
     @property
     def op(self) -> str:
@@ -116,6 +119,16 @@ def _parse_input(text: str, step_ids: set[str]) -> InputRef:
         return InputRef(text=text, uri=normalize_uri(text))
     step, _, output = text.partition(".")
     return InputRef(text=text, step=step, output=output or MAIN)
+
+
+def planned_device(step: PlannedStep) -> str:
+    """The device class a step will run on: CUDA when it asks for GPUs (or for them where
+    present) and this machine's device class is CUDA."""
+    gpus = step.resources.num_gpus
+    wants = (gpus == "auto" and step.op_cls.gpus_when_available > 0) or (
+        isinstance(gpus, float | int) and gpus > 0
+    )
+    return "cuda" if wants and device_class() == "cuda" else "cpu"
 
 
 def _toposort(deps: dict[str, list[str]], order: list[str]) -> tuple[list[str], list[str] | None]:
@@ -298,6 +311,14 @@ def build_plan(
                     ) from None
                 ref.fingerprint = m.fingerprint
                 ref.columns = set(m.column_names)
+                if j == 0:  # a committed input's types are known now: check them now
+                    for text in type_problems(
+                        m.schema(), step.op_cls.required_columns(step.params)
+                    ):
+                        problems.append(loaded.problem(
+                            f"'{step.op}' cannot read input '{ref.text}': its {text}",
+                            ("steps", i, "inputs", j), sid, "inputs",
+                        ))  # fmt: skip
             input_fps.append(ref.fingerprint)
             input_cols.append(ref.columns)
         if step.inputs and input_cols[0] is not None:
@@ -320,6 +341,10 @@ def build_plan(
             "params": step.params.model_dump(mode="json"),
             "inputs": [[r.output, fp] for r, fp in zip(step.inputs, input_fps, strict=True)],
         }
+        if uses_auto_precision(payload["params"]):
+            # `auto` is bf16 on GPUs and fp32 on CPUs: the device class decides what runs
+            step.device = planned_device(step)
+            payload["device"] = step.device
         if issubclass(step.op_cls, SourceOperator) and sid in selected:
             try:
                 payload["source"] = step.operator.source_fingerprint()

@@ -2,6 +2,7 @@
 
 A request the cluster can never meet is an error at start, never a silent wait. `num_gpus:
 auto` takes GPUs where the cluster has them, so one YAML serves a laptop and a GPU cluster.
+A training job with no `num_cpus` takes the largest node's CPUs, divided by its workers.
 Actor pools never starve the tasks that feed them (FACTS.md: on a 2-CPU node, two 1-CPU
 actors behind a Ray Data read leave no CPU for reading and wait forever). difforge's workers
 read their own input shards, so no read tasks compete for CPUs; the pool is still capped so
@@ -44,7 +45,15 @@ def fit(step: str, res: Resources, cluster: dict[str, float], gpus_when_availabl
         raise ResourceError(
             f"step '{step}' asks for num_gpus={num_gpus} per worker; the cluster has {gpus:g}"
         )
-    num_cpus = float(res.num_cpus) if res.num_cpus is not None else 1.0
+    node_cpus = float(cluster.get("node_cpus", cpus))
+    if res.num_cpus is not None:
+        num_cpus = float(res.num_cpus)
+    elif res.num_workers is not None:
+        # a training job: its workers share the largest node's CPUs (its input is in memory,
+        # so it needs none of its own); torch then runs as many threads as each worker got
+        num_cpus = float(max(1, int(node_cpus // res.num_workers)))
+    else:
+        num_cpus = 1.0
     if num_cpus > cpus:
         raise ResourceError(
             f"step '{step}' asks for num_cpus={num_cpus:g} per worker; the cluster has {cpus:g}"

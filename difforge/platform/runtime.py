@@ -13,6 +13,7 @@ import signal
 import threading
 
 from difforge.platform.errors import DifforgeError
+from difforge.platform.progress import quiet_libraries, verbose
 from difforge.platform.watchdog import start_watchdog
 
 log = logging.getLogger("difforge")
@@ -33,12 +34,15 @@ class RayRuntime:
             log.info("starting Ray (address=%s)", self.address)
             main = threading.current_thread() is threading.main_thread()
             previous = signal.getsignal(signal.SIGTERM) if main else None
+            loud = verbose()
+            logs = quiet_libraries()  # before Ray starts: its workers inherit the settings
             try:
                 ray.init(
                     address=self.address,
                     include_dashboard=False,
-                    logging_level=logging.WARNING,
-                    configure_logging=True,
+                    logging_level=logging.INFO if loud else logging.WARNING,
+                    configure_logging=loud,
+                    log_to_driver=loud,  # workers' output: in Ray's session logs unless -v
                 )
             except Exception as exc:
                 where = "a private local Ray" if self.address == "local" else self.address
@@ -52,11 +56,21 @@ class RayRuntime:
             self.started = True
             if self.address == "local":  # ends Ray's processes if this driver is killed
                 self.watchdog = start_watchdog()
+            import ray.train  # noqa: F401 - its loggers exist before they are quietened
             from ray.data import DataContext
 
-            ctx = DataContext.get_current()
-            ctx.enable_progress_bars = True
-        return dict(ray.cluster_resources())
+            DataContext.get_current().enable_progress_bars = loud  # difforge draws its own
+            quiet_libraries()  # importing Ray Data and Ray Train set up loggers of their own
+            if logs is not None:
+                workers = ""
+                if self.address == "local":
+                    session = ray._private.worker.global_worker.node.get_session_dir_path()
+                    workers = f" (Ray's worker logs: {session}/logs)"
+                log.info("Ray's and libraries' logs: %s%s; -v shows them", logs, workers)
+        resources = dict(ray.cluster_resources())
+        nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+        resources["node_cpus"] = max(nodes, default=resources.get("CPU", 0.0))
+        return resources
 
     def shutdown(self) -> None:
         if self.started:

@@ -57,7 +57,7 @@ def test_quickstart_runs_every_step(quickstart):
 
 
 def test_quickstart_classifier_learns(quickstart):
-    from difforge.operators.train.classifier import load_classifier
+    from difforge.models.classifier import load_classifier
 
     _, _, summary = quickstart
     model = open_dataset(summary.step("classifier").uri).to_arrow().to_pylist()[0]

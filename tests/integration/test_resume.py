@@ -104,6 +104,11 @@ def test_killed_pass_of_fused_steps_redoes_only_unfinished_shards(tmp_path):
     # (a worker of the killed run may still finish the shard it was writing)
     found = re.search(r"raw\+slow: (\d) of 9 input shards already done by an earlier run", out)
     assert found and done_before <= int(found[1]) < 9, out
+    # a quiet console: difforge's own lines; Ray's and the libraries' in a file it names
+    logs = re.search(r"Ray's and libraries' logs: (\S+\.log)", out)
+    assert logs and Path(logs[1]).exists(), out
+    internals = ("streaming_executor", "(TrainController", "(raylet)", "MapBatches", "INFO mlflow")
+    assert not [line for line in out.splitlines() if any(x in line for x in internals)], out
     from difforge.platform.datasets import open_dataset
 
     for step in ("raw", "slow"):

@@ -198,3 +198,21 @@ def test_sidecar_and_folder_disagreements_are_counted_and_logged(tmp_path, caplo
     assert "labels.csv: 2 entries name no image in" in caplog.text
     assert "(first: also-gone.png, row 5)" in caplog.text
     assert "labels.csv: 2 image(s) of" in caplog.text and "(first: 1.png)" in caplog.text
+
+
+def test_a_committed_input_of_the_wrong_type_is_refused_at_validation(tmp_path):
+    from difforge.platform.outputs import write_dataset
+
+    uri = str(tmp_path / "labels-as-words")
+    write_dataset(uri, pa.table({"id": ["a", "b"], "label": ["cat", "dog"]}), "words")
+    (p,) = spec_problems(tmp_path, f"""
+        name: types
+        storage: {tmp_path / "s"}
+        steps:
+          - id: noisy
+            op: corrupt.labels
+            inputs: ["{uri}"]
+            params: {{corruption_ratio: 0.1, num_classes: 2}}
+        """)  # fmt: skip
+    assert p.line == 6 and p.step == "noisy"
+    assert "its column 'label' holds string values, where an integer (class index)" in p.message

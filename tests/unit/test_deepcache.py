@@ -7,8 +7,9 @@ import diffusers
 import pytest
 import torch
 
-from difforge.operators.sample.deepcache import DeepCache
-from difforge.operators.sample.diffusion import make_scheduler, sample_batch
+from difforge.diffusion.deepcache import DeepCache
+from difforge.diffusion.sampling import sample_batch
+from difforge.diffusion.schedules import make_scheduler
 from difforge.platform.errors import DifforgeError
 
 

@@ -8,13 +8,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from difforge.operators.train.diffusion import (
-    CEPHook,
-    Params,
-    cep_delta,
-    deepspeed_config,
-    train_locally,
-)
+from difforge.diffusion.backbones import CEPHook, cep_delta
+from difforge.diffusion.training import deepspeed_config, train_locally
+from difforge.operators.train.diffusion import Params, train
 from difforge.platform import datasets as D
 from difforge.platform.errors import DifforgeError
 from difforge.platform.outputs import write_dataset
@@ -45,7 +41,7 @@ def run(tmp_path, data, column="image", **params):
     p = Params(backbone=TINY_UNET, batch_size=32, warmup_steps=2, checkpoint_every=10,
                **params).model_dump()  # fmt: skip
     return train_locally({"params": p, "files": data.file_uris(), "column": column,
-                          "num_classes": 10, "threads": 2}, str(tmp_path / "ckpt"))  # fmt: skip
+                          "num_classes": 10, "threads": 2}, str(tmp_path / "ckpt"), train)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +60,20 @@ def test_resume_continues_to_exactly_max_steps(tmp_path, digits):
     run(tmp_path, digits, max_steps=20)
     io = run(tmp_path, digits, max_steps=30)  # the same folder: continues from step 20
     assert [m["step"] for m in io.history] == [30]
+
+
+def test_a_resumed_run_replays_cep_on_class_embeddings_exactly(tmp_path, digits):
+    """CEP's perturbations of class embeddings come from each step's own generator: stopped
+    at step 10 and resumed, a run ends with the very weights of an uninterrupted one."""
+    from difforge.diffusion.training import consolidated_state
+
+    cep = {"kind": "gaussian", "gamma": 1.0}
+    run(tmp_path / "straight", digits, max_steps=20, cep=cep)
+    run(tmp_path / "resumed", digits, max_steps=10, cep=cep)
+    run(tmp_path / "resumed", digits, max_steps=20, cep=cep)
+    a = consolidated_state(str(tmp_path / "straight" / "ckpt"))
+    b = consolidated_state(str(tmp_path / "resumed" / "ckpt"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_zero3_without_ema_and_cep_uniform(tmp_path, digits):
@@ -87,7 +97,7 @@ def test_latent_space_training(tmp_path):
     unet = {**TINY_UNET, "block_out_channels": [8, 8]}
     p = Params(backbone=unet, batch_size=16, max_steps=10, checkpoint_every=10).model_dump()
     io = train_locally({"params": p, "files": D.open_dataset(uri).file_uris(),
-                        "column": "latent", "num_classes": 10}, str(tmp_path / "c"))  # fmt: skip
+                        "column": "latent", "num_classes": 10}, str(tmp_path / "c"), train)  # fmt: skip
     assert io.history[-1]["step"] == 10
 
 
@@ -131,7 +141,7 @@ def test_dit_backbone_class_conditional(tmp_path, digits):
     p = Params(backbone=dit, batch_size=16, max_steps=4, checkpoint_every=2,
                cep={"kind": "gaussian"}).model_dump()  # fmt: skip
     io = train_locally({"params": p, "files": digits.file_uris(), "column": "image",
-                        "num_classes": 10}, str(tmp_path / "c"))  # fmt: skip
+                        "num_classes": 10}, str(tmp_path / "c"), train)  # fmt: skip
     assert [m["step"] for m in io.history] == [2, 4]
 
 
@@ -153,5 +163,5 @@ def test_text_conditional_unet_with_cep_on_the_embedding(tmp_path):
     p = Params(backbone=unet, batch_size=8, max_steps=4, checkpoint_every=4,
                cep={"kind": "uniform", "gamma": 1.0}).model_dump()  # fmt: skip
     io = train_locally({"params": p, "files": D.open_dataset(uri).file_uris(), "column": "image",
-                        "num_classes": 0}, str(tmp_path / "c"))  # fmt: skip
+                        "num_classes": 0}, str(tmp_path / "c"), train)  # fmt: skip
     assert io.history[-1]["step"] == 4 and np.isfinite(io.history[-1]["loss"])

@@ -12,16 +12,15 @@ import diffusers
 import pytest
 import torch
 
-from difforge.operators.distill._recipe import GuidedStudent, distill, trailing_grid
+from difforge.diffusion.backbones import build_backbone
+from difforge.diffusion.guided import GuidedStudent
+from difforge.diffusion.model_folder import load_model
+from difforge.diffusion.sampling import sample_batch
+from difforge.diffusion.schedules import make_noise_scheduler, make_scheduler, trailing_grid
+from difforge.diffusion.training import consolidated_state, train_locally
+from difforge.operators.distill._recipe import distill
 from difforge.operators.distill.progressive import GuidedParams, ProgressiveParams
-from difforge.operators.sample.diffusion import load_model, make_scheduler, sample_batch
-from difforge.operators.train.diffusion import (
-    Params,
-    build_backbone,
-    consolidated_state,
-    make_noise_scheduler,
-    train_locally,
-)
+from difforge.operators.train.diffusion import Params, train
 from tests.unit.test_diffusion_recipe import TINY_UNET, digits_dataset
 
 
@@ -33,7 +32,7 @@ def teacher(tmp_path_factory):
     p = Params(backbone=TINY_UNET, batch_size=64, warmup_steps=10, checkpoint_every=400,
                max_steps=400, prediction_type="v_prediction", lr=1e-3, ema_decay=None).model_dump()  # fmt: skip
     train_locally({"params": p, "files": data.file_uris(), "column": "image", "num_classes": 10,
-                   "threads": 2}, str(root / "ckpt"))  # fmt: skip
+                   "threads": 2}, str(root / "ckpt"), train)  # fmt: skip
     model, _ = build_backbone(p, 8, 1, 10, None)
     model.load_state_dict(consolidated_state(str(root / "ckpt")))
     model.save_pretrained(str(root / "model" / "model"))

@@ -6,8 +6,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -87,7 +85,6 @@ def test_the_engine_has_no_import_cycles():
     assert engine_cycles == []
 
 
-@pytest.mark.xfail(strict=True, reason="redesign #3: no shared diffusion and model cores yet")
 def test_operators_never_import_one_another():
     graph = import_graph()
     bad = {}
@@ -95,7 +92,7 @@ def test_operators_never_import_one_another():
         if module.startswith("difforge.operators."):
             family = module.split(".")[2]
             others = [d for d in deps if d.startswith("difforge.operators.")
-                      and d.split(".")[2] != family and not d.split(".")[-1].startswith("_")]  # fmt: skip
+                      and d.split(".")[2] != family]  # fmt: skip
             if others:
                 bad[module] = sorted(others)
     assert bad == {}

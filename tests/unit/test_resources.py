@@ -36,3 +36,12 @@ def test_more_workers_than_cpus_is_an_error():
         fit("train", Resources(num_workers=3, num_cpus=1), CPU2, 0)
     with pytest.raises(ResourceError, match="num_cpus=4"):
         fit("train", Resources(num_cpus=4), CPU2, 0)
+
+
+def test_a_training_job_without_num_cpus_takes_the_node_divided_by_its_workers():
+    cluster = {"CPU": 16.0, "node_cpus": 8.0}  # two nodes of 8
+    assert fit("t", Resources(num_workers=1), cluster, 0.0).num_cpus == 8
+    assert fit("t", Resources(num_workers=3), cluster, 0.0).num_cpus == 2
+    assert fit("t", Resources(num_workers=1, num_cpus=3), cluster, 0.0).num_cpus == 3
+    assert fit("t", Resources(num_workers=1), {"CPU": 2.0}, 0.0).num_cpus == 2
+    assert fit("m", Resources(), {"CPU": 2.0}, 0.0).num_cpus == 1  # a map task: one

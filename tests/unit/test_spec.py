@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import difforge
-from difforge.platform.errors import SpecError
+from difforge.platform.errors import DifforgeError, SpecError
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -295,3 +295,27 @@ def test_every_shipped_pipeline_validates(tmp_path):
         else:  # an experiment: every variant plans
             for v in sweep.variants:
                 build_plan(sweep.variant_spec(v), check_cache=False)
+
+
+def test_auto_precision_puts_the_device_class_in_the_fingerprint(tmp_path, monkeypatch):
+    """`dtype: auto` is bf16 on GPUs and fp32 on CPUs: the same spec planned for a CUDA
+    machine and for a CPU one describes two different computations."""
+    steps = [
+        {"id": "raw", "op": "ingest.digits"},
+        {"id": "lat", "op": "encode.vae", "inputs": ["raw"],
+         "params": {"pretrained": str(tmp_path), "dtype": "auto"}},
+        {"id": "lat32", "op": "encode.vae", "inputs": ["raw"],
+         "params": {"pretrained": str(tmp_path), "dtype": "float32"}},
+    ]  # fmt: skip
+    spec = {"name": "dev", "storage": str(tmp_path / "s"), "steps": steps}
+    monkeypatch.setenv("DIFFORGE_DEVICE_CLASS", "cpu")
+    cpu = difforge.plan(spec)
+    monkeypatch.setenv("DIFFORGE_DEVICE_CLASS", "cuda")
+    cuda = difforge.plan(spec)
+    assert cpu.step("lat").fingerprint != cuda.step("lat").fingerprint
+    assert (cpu.step("lat").device, cuda.step("lat").device) == ("cpu", "cuda")
+    assert cpu.step("lat32").fingerprint == cuda.step("lat32").fingerprint  # explicit: same
+    assert cpu.step("raw").fingerprint == cuda.step("raw").fingerprint
+    monkeypatch.setenv("DIFFORGE_DEVICE_CLASS", "tpu")
+    with pytest.raises(DifforgeError, match="DIFFORGE_DEVICE_CLASS='tpu'"):
+        difforge.plan(spec)

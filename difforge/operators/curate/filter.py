@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from difforge.platform import columns as C
-from difforge.platform.operator import MAIN, MapOperator, StepOutcome
+from difforge.platform.operator import FilterOperator, StepOutcome, Verdicts
 from difforge.platform.spec import Resources
 
 if TYPE_CHECKING:
@@ -33,14 +33,13 @@ SIZE = ("min_width", "max_width", "min_height", "max_height", "min_aspect", "max
 CAPTION = ("min_caption_words", "max_caption_words")
 
 
-class Filter(MapOperator):
+class Filter(FilterOperator):
     """Keeps rows that pass every configured filter; the others go to `rejects`, named by filter."""
 
     name = "curate.filter"
     version = 1
     Params = Params
     resources = Resources(batch_size=4096)
-    side_outputs: ClassVar[tuple[str, ...]] = ("rejects",)
 
     @classmethod
     def required_columns(cls, params: Params) -> set[str]:
@@ -73,15 +72,9 @@ class Filter(MapOperator):
                 return name
         return None
 
-    def process(self, batch: pa.Table) -> dict[str, pa.Table]:
-        import pyarrow as pa
-
+    def judge(self, batch: pa.Table) -> Verdicts:
         cols = [c for c in (C.WIDTH, C.HEIGHT, C.LABEL, C.CAPTION) if c in batch.column_names]
-        failed = [self._failed(r) for r in batch.select(cols).to_pylist()]
-        mask = pa.array([f is None for f in failed], pa.bool_())
-        rejects = batch.filter(pa.compute.invert(mask))
-        reasons = pa.array([f for f in failed if f is not None], pa.string())
-        return {MAIN: batch.filter(mask), "rejects": rejects.append_column(C.REASON, reasons)}
+        return Verdicts([self._failed(r) for r in batch.select(cols).to_pylist()])
 
     def finalize(self, outcome: StepOutcome, tracker: Any) -> dict[str, float]:
         rejects = outcome.sides["rejects"]

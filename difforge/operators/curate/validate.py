@@ -5,13 +5,13 @@ from __future__ import annotations
 import io
 import re
 from collections import Counter
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
-from difforge.platform.operator import MAIN, MapOperator, StepOutcome
+from difforge.platform.operator import FilterOperator, StepOutcome, Verdicts
 from difforge.platform.spec import Resources
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def check(data: bytes | None, p: Params) -> tuple[str | None, str, Any]:
     return None, "", img
 
 
-class Validate(MapOperator):
+class Validate(FilterOperator):
     """Decodes every image; bad ones go to `rejects` with a reason and their original bytes."""
 
     name = "curate.validate"
@@ -93,7 +93,6 @@ class Validate(MapOperator):
     resources = Resources(batch_size=1024)
     reads = (C.ID, C.IMAGE)
     writes = C.IMAGE_COLUMNS
-    side_outputs: ClassVar[tuple[str, ...]] = ("rejects",)
 
     def __init__(self, params):
         super().__init__(params)
@@ -101,20 +100,19 @@ class Validate(MapOperator):
 
         Image.MAX_IMAGE_PIXELS = None  # our own max_pixels check runs first, from the header
 
-    def process(self, batch: pa.Table) -> dict[str, pa.Table]:
+    def judge(self, batch: pa.Table) -> Verdicts:
         import pyarrow as pa
 
-        from difforge.platform.imaging import encode_png, replace_columns
+        from difforge.platform.imaging import encode_png
 
         p = self.params
-        keep, reasons, details = [], [], []
+        reasons, details = [], []
         images, fmts, widths, heights, modes = [], [], [], [], []
         for data in batch.column(C.IMAGE).to_pylist():
             reason, detail, img = check(data, p)
-            keep.append(reason is None)
+            reasons.append(reason)
+            details.append(detail if reason is not None else None)
             if reason is not None:
-                reasons.append(reason)
-                details.append(detail)
                 continue
             fmt = (img.format or "").lower() or None
             if p.convert_to and img.mode != p.convert_to:
@@ -125,8 +123,6 @@ class Validate(MapOperator):
             widths.append(img.width)
             heights.append(img.height)
             modes.append(img.mode)
-        mask = pa.array(keep, pa.bool_())
-        good = batch.filter(mask)
         replace = {
             C.IMAGE: pa.array(images, pa.binary()),
             C.FORMAT: pa.array(fmts, pa.string()),
@@ -134,11 +130,7 @@ class Validate(MapOperator):
             C.HEIGHT: pa.array(heights, pa.int32()),
             C.MODE: pa.array(modes, pa.string()),
         }
-        good = replace_columns(good, replace)
-        rejects = batch.filter(pa.compute.invert(mask))
-        rejects = rejects.append_column(C.REASON, pa.array(reasons, pa.string()))
-        rejects = rejects.append_column("detail", pa.array(details, pa.string()))
-        return {MAIN: good, "rejects": rejects}
+        return Verdicts(reasons, details, replace)
 
     def finalize(self, outcome: StepOutcome, tracker: Any) -> dict[str, float]:
         rejects = outcome.sides["rejects"]

@@ -20,97 +20,13 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import os
 from typing import Any
 
 import torch
-from torch import nn
 
-
-class GuidanceEmbedding(nn.Module):
-    """Embeds the guidance weight w (sinusoidal features, then an MLP) and adds it to a UNet's
-    time embedding through a forward hook; the last layer starts at zero, so a fresh student is
-    exactly its teacher's conditional model."""
-
-    def __init__(self, dim: int, features: int = 32):
-        super().__init__()
-        self.features = features
-        self.mlp = nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim))
-        nn.init.zeros_(self.mlp[2].weight)
-        nn.init.zeros_(self.mlp[2].bias)
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        half = self.features // 2
-        freqs = torch.exp(-math.log(1000.0) * torch.arange(half, device=w.device) / half)
-        angles = w.float()[:, None] * 100.0 * freqs[None]
-        return self.mlp(torch.cat([angles.sin(), angles.cos()], 1))
-
-
-class GuidedStudent(nn.Module):
-    """A diffusers UNet plus a guidance-weight input: `forward(x, t, labels, cond, w)`."""
-
-    def __init__(self, unet: nn.Module, kind: str):
-        super().__init__()
-        if not hasattr(unet, "time_embedding"):
-            raise ValueError(f"guided distillation needs a UNet backbone, not {kind}")
-        self.unet, self.kind = unet, kind
-        self.w_embedding = GuidanceEmbedding(unet.time_embedding.linear_2.out_features)
-        self._w: torch.Tensor | None = None
-        unet.time_embedding.register_forward_hook(self._add_w)
-
-    def _add_w(self, module, inputs, output):
-        return output if self._w is None else output + self.w_embedding(self._w).to(output.dtype)
-
-    def forward(self, x, t, labels, cond, w):
-        from difforge.operators.train.diffusion import forward
-
-        self._w = w
-        try:
-            return forward(self.unet, self.kind, x, t, labels, cond)
-        finally:
-            self._w = None
-
-
-def trailing_grid(num_train_timesteps: int, steps: int) -> list[int]:
-    """The DDIM timesteps of a `trailing` spacing: T-1 first, then every T/steps."""
-    import numpy as np
-
-    grid = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / steps)) - 1
-    return [int(t) for t in grid.astype(np.int64)]
-
-
-def alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor):
-    """sqrt(alpha_bar) and sqrt(1 - alpha_bar) at t, shaped for images; t = -1 is clean data."""
-    ab = torch.where(
-        t >= 0, alphas_cumprod[t.clamp(min=0)], torch.ones_like(t, dtype=torch.float32)
-    )
-    return ab.sqrt()[:, None, None, None], (1 - ab).sqrt()[:, None, None, None]
-
-
-def x0_eps(out, z, a, s, prediction_type: str, clip: bool):
-    """The model's estimates of x0 and of the noise, as diffusers' DDIM computes them."""
-    if prediction_type == "v_prediction":
-        x0, eps = a * z - s * out, a * out + s * z
-    else:
-        x0, eps = (z - s * out) / a, out
-    return (x0.clamp(-1, 1) if clip else x0), eps
-
-
-def teacher_output(teacher, kind, z, t, y, c, w, null_label: int | None, guided_input: bool):
-    """One teacher evaluation: with w as an input (a guided student), or classifier-free
-    guidance from a conditional and an unconditional pass."""
-    from difforge.operators.train.diffusion import forward
-
-    if guided_input:
-        return teacher(z, t, y, c, w).float()
-    if null_label is None or y is None or w is None:
-        return forward(teacher, kind, z, t, y, c).float()
-    both = forward(teacher, kind, torch.cat([z, z]), torch.cat([t, t]),
-                   torch.cat([y, torch.full_like(y, null_label)]),
-                   torch.cat([c, torch.zeros_like(c)]) if c is not None else None).float()  # fmt: skip
-    cond, uncond = both.chunk(2)
-    return uncond + w[:, None, None, None] * (cond - uncond)
+from difforge.diffusion.guided import GuidedStudent, teacher_output
+from difforge.diffusion.schedules import alpha_sigma, trailing_grid, x0_eps
 
 
 def phase_at(plan: list[dict[str, Any]], step: int) -> tuple[int, dict[str, Any], int]:
@@ -126,13 +42,10 @@ def phase_at(plan: list[dict[str, Any]], step: int) -> tuple[int, dict[str, Any]
 def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
     import numpy as np
 
-    from difforge.operators.sample.diffusion import load_model
-    from difforge.operators.train.diffusion import (
-        deepspeed_config,
-        forward,
-        import_deepspeed,
-        load_data,
-    )
+    from difforge.diffusion.backbones import forward
+    from difforge.diffusion.data import InMemorySource
+    from difforge.diffusion.model_folder import load_model
+    from difforge.diffusion.training import deepspeed_config, import_deepspeed
 
     deepspeed = import_deepspeed()
     p, plan = config["params"], config["plan"]
@@ -141,7 +54,7 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else "cpu"
 
     # data, teacher, student
-    x, labels, cond = load_data(config["files"], config["column"])
+    data = InMemorySource(config["files"], config["column"])
     base, info, sched_cfg, vae = load_model(config["teacher_uri"], "ema")
     kind, prediction_type = info["backbone"], info.get("prediction_type", "epsilon")
     num_classes = info.get("num_classes") or 0
@@ -177,12 +90,16 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
             # a new round: the student so far becomes the teacher (also after a resume here)
             teacher.load_state_dict(_unwrap(engine).state_dict())
         g = np.random.default_rng([p["seed"], step, rank])
-        idx = g.integers(0, len(x), micro)
-        x0 = torch.from_numpy(x[idx]).to(device)
+        batch = data.batch(g, micro)
+        x0 = torch.from_numpy(batch.x0).to(device)
         tg = torch.Generator().manual_seed(int(g.integers(2**62)))
         noise = torch.randn(x0.shape, generator=tg).to(device)
-        y = torch.from_numpy(labels[idx]).to(device) if labels is not None and num_classes else None
-        c = torch.from_numpy(cond[idx]).to(device) if cond is not None else None
+        y = (
+            torch.from_numpy(batch.labels).to(device)
+            if batch.labels is not None and num_classes
+            else None
+        )
+        c = torch.from_numpy(batch.cond).to(device) if batch.cond is not None else None
         w = None
         if guided or p.get("guidance_scale") is not None:
             lo, hi = (p["w_min"], p["w_max"]) if guided else (p["guidance_scale"],) * 2
@@ -248,8 +165,8 @@ def log_round(config, student, info, sched_cfg, vae, index: int, steps: int, ste
     (classifier features) against the reference images."""
     import numpy as np
 
-    from difforge.operators.sample.diffusion import make_scheduler, sample_batch
-    from difforge.operators.train.diffusion import to_pil
+    from difforge.diffusion.sampling import sample_batch, to_pil
+    from difforge.diffusion.schedules import make_scheduler
     from difforge.platform.show import grid
 
     p, tracker = config["params"], config["tracker"]
@@ -278,7 +195,8 @@ def log_round(config, student, info, sched_cfg, vae, index: int, steps: int, ste
                           f"round_{index}_{steps}_steps.png")  # fmt: skip
         ev = config.get("evaluation")
         if ev:
-            from difforge.operators.evaluate.fid import classifier_features, frechet_distance
+            from difforge.models.classifier import classifier_features
+            from difforge.models.metrics import frechet_distance
 
             net, mode, f_real = _reference(ev["classifier_uri"], tuple(ev["reference_files"]),
                                            ev["images"])  # fmt: skip
@@ -293,8 +211,7 @@ def log_round(config, student, info, sched_cfg, vae, index: int, steps: int, ste
 @functools.lru_cache(maxsize=2)
 def _reference(classifier_uri: str, files: tuple[str, ...], images: int):
     """The judge and the reference side's features, loaded once per worker, not every round."""
-    from difforge.operators.evaluate.fid import classifier_features
-    from difforge.operators.train.classifier import load_classifier, load_images
+    from difforge.models.classifier import classifier_features, load_classifier, load_images
 
     net, cfg = load_classifier(classifier_uri)
     mode = "L" if cfg["in_channels"] == 1 else "RGB"

@@ -12,14 +12,12 @@ one network evaluation per step).
 from __future__ import annotations
 
 import copy
-import json
-import os
 import tempfile
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from difforge.operators.train.diffusion import DeepSpeedConfig
+from difforge.diffusion.training import DeepSpeedConfig
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
 from difforge.platform.operator import JobOperator, JobResult
@@ -72,8 +70,8 @@ class GuidedParams(Common):
 def ray_loop(config: dict[str, Any]) -> None:
     import ray.train
 
+    from difforge.diffusion.training import RayTrainIO
     from difforge.operators.distill._recipe import distill
-    from difforge.operators.train.diffusion import RayTrainIO
 
     ctx = ray.train.get_context()
     distill(
@@ -83,7 +81,7 @@ def ray_loop(config: dict[str, Any]) -> None:
 
 class _Distill(JobOperator):
     reads = (C.ID,)
-    resources = Resources(num_workers=1, num_cpus=1, num_gpus="auto")
+    resources = Resources(num_workers=1, num_gpus="auto")
     gpus_when_available = 1.0
     inputs: ClassVar[tuple[int, int]] = (2, 4)  # teacher, data[, classifier, reference images]
     guided: ClassVar[bool] = False
@@ -103,9 +101,9 @@ class _Distill(JobOperator):
     def run(self, ctx: JobContext) -> JobResult:
         import pyarrow as pa
 
-        from difforge.operators.sample.diffusion import model_info
-        from difforge.operators.train import _raytrain
-        from difforge.operators.train.diffusion import deepspeed_config
+        from difforge.diffusion.model_folder import model_info
+        from difforge.diffusion.training import deepspeed_config
+        from difforge.platform import raytrain as _raytrain
 
         teacher_ds, data = ctx.inputs[:2]
         evaluation = None
@@ -139,7 +137,8 @@ class _Distill(JobOperator):
         config = {"params": p, "plan": self.plan(), "files": data.file_uris(), "column": column,
                   "teacher_uri": row[C.MODEL_URI], "guided": self.guided, "evaluation": evaluation,
                   "use_gpu": ctx.resources.num_gpus > 0}  # fmt: skip
-        result = _raytrain.fit(ctx, ray_loop, config)
+        total = sum(phase["steps"] for phase in config["plan"])
+        result = _raytrain.fit(ctx, ray_loop, config, progress=("loss", total, "steps"))
         steps = self.params.teacher_steps >> self.params.rounds
         model_uri, out_info = self.export(ctx, result.checkpoint, row[C.MODEL_URI], steps)
         table = pa.table({
@@ -156,9 +155,11 @@ class _Distill(JobOperator):
         import diffusers
         import torch
 
-        from difforge.operators.distill._recipe import GuidedStudent
-        from difforge.operators.sample.diffusion import load_model, make_scheduler, sample_batch
-        from difforge.operators.train.diffusion import consolidated_state, import_deepspeed, to_pil
+        from difforge.diffusion.guided import GuidedStudent
+        from difforge.diffusion.model_folder import ModelInfo, load_model, write_model_folder
+        from difforge.diffusion.sampling import sample_batch, to_pil
+        from difforge.diffusion.schedules import make_scheduler
+        from difforge.diffusion.training import consolidated_state, import_deepspeed
         from difforge.platform.show import grid
 
         import_deepspeed()
@@ -176,14 +177,8 @@ class _Distill(JobOperator):
         )
         with tempfile.TemporaryDirectory() as d:
             unet = student.unet if self.guided else student
-            unet.save_pretrained(os.path.join(d, "model"))
-            if self.guided:
-                torch.save(
-                    student.w_embedding.state_dict(), os.path.join(d, "model", "w_embedding.pt")
-                )
-            scheduler.save_pretrained(os.path.join(d, "scheduler"))
-            with open(os.path.join(d, "difforge.json"), "w") as f:
-                json.dump(out, f, indent=2)
+            extras = {"w_embedding": student.w_embedding.state_dict()} if self.guided else None
+            write_model_folder(d, ModelInfo(**out), unet, scheduler, extras=extras)
             ctx.publish(d, "model")
         classes = info.get("num_classes") or 0
         if classes:

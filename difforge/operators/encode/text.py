@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from difforge.operators.encode.vae import local_copy
+from difforge.models.resolve import resolve
 from difforge.platform import columns as C
 from difforge.platform.operator import MapOperator
 from difforge.platform.spec import Resources
@@ -44,7 +44,7 @@ class EncodeText(MapOperator):
     def setup(self, ctx) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        path = local_copy(self.params.model)
+        path = resolve(self.params.model, "text encoder")
         self.device, dtype = ctx.torch_device(self.params.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModel.from_pretrained(path, dtype=dtype)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from difforge.models.resolve import resolve
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
 from difforge.platform.operator import MapOperator, passthrough
@@ -33,23 +34,6 @@ class Params(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="auto: bfloat16 on GPUs, float32 on CPUs"
     )
-
-
-def local_copy(uri: str) -> str:
-    """A model folder on this node: local paths as they are, remote ones copied once to the
-    node's cache in DIFFORGE_HOME (keyed by URI)."""
-    if "://" not in uri or uri.startswith("file://"):
-        return uri.removeprefix("file://")
-    from difforge.platform import settings
-    from difforge.platform.datasets import url_to_fs
-
-    dest = settings.home() / "cache" / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if not (dest / ".complete").exists():
-        fs, path = url_to_fs(uri)
-        dest.mkdir(parents=True, exist_ok=True)
-        fs.get(path.rstrip("/") + "/", str(dest), recursive=True)
-        (dest / ".complete").touch()
-    return str(dest)
 
 
 def resolve_model(params: Params, inputs: list[Any]) -> str:
@@ -85,7 +69,7 @@ class EncodeVAE(MapOperator):
 
         inputs = [ctx.input(i) for i in range(len(ctx.inputs))]
         uri = resolve_model(self.params, inputs)
-        path = local_copy(uri)
+        path = resolve(uri, "VAE")
         kwargs = {"subfolder": self.params.subfolder} if self.params.subfolder else {}
         self.device, self.dtype = ctx.torch_device(self.params.dtype)
         self.vae = AutoencoderKL.from_pretrained(path, torch_dtype=self.dtype, **kwargs)

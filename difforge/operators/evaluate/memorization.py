@@ -83,8 +83,7 @@ class Memorization(JobOperator):
         import numpy as np
         import pyarrow as pa
 
-        from difforge.operators.evaluate.fid import classifier_features
-        from difforge.operators.train.classifier import load_classifier, load_images
+        from difforge.models.classifier import classifier_features, load_classifier, load_images
         from difforge.platform.imaging import decode
         from difforge.platform.show import grid
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+import re
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from difforge.platform import columns as C
-from difforge.platform.operator import MAIN, MapOperator
+from difforge.platform.operator import FilterOperator, Verdicts
 from difforge.platform.spec import Resources
 
 if TYPE_CHECKING:
@@ -31,16 +32,15 @@ class Params(BaseModel):
     resample: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bicubic"
 
 
-class Resize(MapOperator):
+class Resize(FilterOperator):
     """Resize, pad or centre-crop images to one size (e.g. pad 28x28 to 32x32 for a UNet)."""
 
     name = "image.resize"
-    version = 1
+    version = 2  # 2: reasons of rejects no longer carry a memory address (not reproducible)
     Params = Params
     resources = Resources(batch_size=2048)
     reads = (C.ID, C.IMAGE)
     writes = C.IMAGE_COLUMNS
-    side_outputs: ClassVar[tuple[str, ...]] = ("rejects",)
 
     @classmethod
     def side_output_columns(cls, params, name):
@@ -69,28 +69,26 @@ class Resize(MapOperator):
         canvas.paste(img, ((w - img.width) // 2, (h - img.height) // 2))
         return canvas
 
-    def process(self, batch: pa.Table) -> dict[str, pa.Table]:
+    def judge(self, batch: pa.Table) -> Verdicts:
         import pyarrow as pa
-        import pyarrow.compute as pc
 
-        from difforge.platform.imaging import decode, encode_png, replace_columns
+        from difforge.platform.imaging import decode, encode_png
 
-        out, ok, reasons = [], [], []
+        out, reasons = [], []
         for data in batch.column(C.IMAGE).to_pylist():
             try:
                 if not data:
                     raise ValueError("empty image bytes")
                 img = self.transform(decode(data))
             except Exception as exc:  # one bad image never fails the step: it is rejected
-                ok.append(False)
-                reasons.append(f"cannot decode: {type(exc).__name__}: {exc}"[:500])
+                # PIL names the in-memory file by its address: not part of a reproducible dataset
+                text = re.sub(r" <_io\.BytesIO object at \w+>", "", str(exc))
+                reasons.append(f"cannot decode: {type(exc).__name__}: {text}"[:500])
                 continue
-            ok.append(True)
+            reasons.append(None)
             out.append(img)
-        mask = pa.array(ok, pa.bool_())
-        good = batch.filter(mask)
         h, w = self._target()
-        n = good.num_rows
+        n = len(out)
         mode = out[0].mode if out else (self.params.mode or "L")
         replace = {
             C.IMAGE: pa.array([encode_png(img) for img in out], pa.binary()),
@@ -99,8 +97,4 @@ class Resize(MapOperator):
             C.HEIGHT: pa.array([h] * n, pa.int32()),
             C.MODE: pa.array([img.mode for img in out] if out else [mode] * 0, pa.string()),
         }
-        good = replace_columns(good, replace)
-        rejects = batch.filter(pc.invert(mask)).append_column(
-            C.REASON, pa.array(reasons, pa.string())
-        )
-        return {MAIN: good, "rejects": rejects}
+        return Verdicts(reasons, replace=replace)

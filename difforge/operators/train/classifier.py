@@ -40,30 +40,6 @@ class Params(BaseModel):
     )
 
 
-def load_images(
-    files: list[str], mode: str | None = None, with_labels: bool = True
-) -> tuple[np.ndarray, np.ndarray | None, list]:
-    """Decode a dataset's images to uint8 [N, C, H, W], with labels (when asked) and ids."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    from difforge.platform.datasets import url_to_fs
-    from difforge.platform.imaging import to_array
-
-    images, labels, ids = [], [], []
-    for uri in files:
-        fs, path = url_to_fs(uri)
-        cols = [C.ID, C.IMAGE, *([C.LABEL] if with_labels else [])]
-        t = pq.read_table(path, filesystem=fs, columns=cols)
-        ids += t.column(C.ID).to_pylist()
-        if with_labels:
-            labels += t.column(C.LABEL).to_pylist()
-        images += [to_array(b, mode) for b in t.column(C.IMAGE).to_pylist()]
-    arr = np.stack(images) if images else np.zeros((0, 1, 1), np.uint8)
-    arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
-    return arr, (np.asarray(labels, np.int64) if with_labels else None), ids
-
-
 def _holdout(ids: list[str], fraction: float, seed: int) -> np.ndarray:
     import hashlib
 
@@ -81,8 +57,8 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch
     import torch.nn.functional as F
 
-    from difforge.operators.train._raytrain import report, restore, unwrap
-    from difforge.operators.train.nets import SmallCNN
+    from difforge.models.classifier import SmallCNN, load_images
+    from difforge.platform.raytrain import report, restore, unwrap
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -161,7 +137,7 @@ class Classifier(JobOperator):
     Params = Params
     inputs: ClassVar[tuple[int, int]] = (1, 2)
     reads = (C.ID, C.IMAGE, C.LABEL)
-    resources = Resources(num_workers=1, num_cpus=1)
+    resources = Resources(num_workers=1)
     gpus_when_available = 1.0
 
     @classmethod
@@ -172,7 +148,7 @@ class Classifier(JobOperator):
         import pyarrow as pa
         import torch
 
-        from difforge.operators.train import _raytrain
+        from difforge.platform import raytrain as _raytrain
 
         train = ctx.inputs[0]
         labels = train.to_arrow(columns=[C.LABEL]).column(C.LABEL)
@@ -184,7 +160,8 @@ class Classifier(JobOperator):
             "eval_files": ctx.inputs[1].file_uris() if len(ctx.inputs) > 1 else [],
             "num_classes": num_classes,
         }
-        result = _raytrain.fit(ctx, train_loop, config)
+        progress = ("accuracy", self.params.epochs - 1, "epochs")  # logged per epoch, from 0
+        result = _raytrain.fit(ctx, train_loop, config, progress=progress)
         state = _raytrain.final_state(result)
         model_config = {
             "kind": "classifier",
@@ -211,19 +188,3 @@ class Classifier(JobOperator):
             }
         )
         return JobResult(table, metadata={"model": model_config})
-
-
-def load_classifier(model_uri: str, device: str = "cpu"):
-    """The trained network and its config, from a `train.classifier` model folder."""
-    import torch
-
-    from difforge.operators.train.nets import SmallCNN
-    from difforge.platform.datasets import url_to_fs
-
-    fs, path = url_to_fs(model_uri)
-    config = json.loads(fs.cat_file(f"{path}/config.json"))
-    with fs.open(f"{path}/model.pt", "rb") as f:
-        state = torch.load(f, map_location=device, weights_only=True)
-    net = SmallCNN(config["in_channels"], config["num_classes"], config["width"])
-    net.load_state_dict(state)
-    return net.eval().to(device), config

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from difforge.models.vae import build_vae
 from difforge.platform import columns as C
 from difforge.platform.operator import JobOperator, JobResult
 from difforge.platform.spec import Resources
@@ -50,23 +51,6 @@ class Params(BaseModel):
         return self.norm_num_groups or min(32, self.block_out_channels[0])
 
 
-def build_vae(p: dict[str, Any], channels: int, size: int):
-    from diffusers import AutoencoderKL
-
-    n = len(p["block_out_channels"])
-    return AutoencoderKL(
-        in_channels=channels,
-        out_channels=channels,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(p["block_out_channels"]),
-        latent_channels=p["latent_channels"],
-        layers_per_block=p["layers_per_block"],
-        norm_num_groups=p["norm_num_groups"] or min(32, p["block_out_channels"][0]),
-        sample_size=size,
-    )
-
-
 def _objective(vae):
     """The VAE and its loss terms as one module, so DDP sees (and syncs) the whole forward."""
     import torch
@@ -90,8 +74,8 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from difforge.operators.train._raytrain import report, restore, unwrap
-    from difforge.operators.train.classifier import load_images
+    from difforge.models.classifier import load_images
+    from difforge.platform.raytrain import report, restore, unwrap
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -141,7 +125,7 @@ class TrainVAE(JobOperator):
     version = 1
     Params = Params
     reads = (C.ID, C.IMAGE)
-    resources = Resources(num_workers=1, num_cpus=1)
+    resources = Resources(num_workers=1)
     gpus_when_available = 1.0
 
     @classmethod
@@ -153,12 +137,13 @@ class TrainVAE(JobOperator):
         import pyarrow as pa
         import torch
 
-        from difforge.operators.train import _raytrain
-        from difforge.operators.train.classifier import load_images
+        from difforge.models.classifier import load_images
+        from difforge.platform import raytrain as _raytrain
 
         data = ctx.inputs[0]
         result = _raytrain.fit(ctx, train_loop, {"params": self.params.model_dump(),
-                                                 "files": data.file_uris()})  # fmt: skip
+                                                 "files": data.file_uris()},
+                               progress=("train_mse", self.params.max_steps, "steps"))  # fmt: skip
         state = _raytrain.final_state(result)
         # Held-out check and the latent scale (LDM: scale latents to unit variance).
         x, _, _ = load_images(data.file_uris()[:4], with_labels=False)

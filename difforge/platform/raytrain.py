@@ -6,19 +6,29 @@ the same run by name and storage path and continues it instead of starting over.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from difforge.platform.progress import MetricProgress
+
 if TYPE_CHECKING:
     from difforge.platform.context import JobContext
 
+log = logging.getLogger("difforge")
+
 
 def fit(
-    ctx: JobContext, loop: Callable[[dict], None], config: dict[str, Any], max_failures: int = 2
+    ctx: JobContext,
+    loop: Callable[[dict], None],
+    config: dict[str, Any],
+    max_failures: int = 2,
+    progress: tuple[str, int, str] | None = None,
 ):
-    """Run `loop` on ctx.resources.num_workers Ray Train workers; return the Result."""
+    """Run `loop` on ctx.resources.num_workers Ray Train workers; return the Result.
+    `progress`: (metric, total, unit): the metric rank 0 logs with its step, for the bar."""
     import ray.train
     from pyarrow.fs import FSSpecHandler, PyFileSystem
     from ray.train.torch import TorchTrainer
@@ -29,6 +39,9 @@ def fit(
     fs, work = url_to_fs(ctx.work_uri)
     fs.makedirs(work, exist_ok=True)
     per_worker = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}
+    log.info("step %s: %d training worker(s) x %g CPU(s)%s; torch uses %d thread(s) each",
+             ctx.step, res.num_workers, res.num_cpus,
+             f" + {res.num_gpus:g} GPU" if res.num_gpus else "", max(1, int(res.num_cpus)))  # fmt: skip
     trainer = TorchTrainer(
         loop,
         train_loop_config={**config, "threads": res.num_cpus, "tracker": ctx.tracker},
@@ -44,7 +57,11 @@ def fit(
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
     )
-    return trainer.fit()
+    if progress is None:
+        return trainer.fit()
+    metric, total, unit = progress
+    with MetricProgress(ctx.tracker, ctx.step, metric, total, unit):
+        return trainer.fit()
 
 
 def restore(default: dict[str, Any] | None = None) -> dict[str, Any] | None:

@@ -1,0 +1,195 @@
+"""The pieces of a training recipe: the DeepSpeed config and import (with the CPU pitfalls
+handled), the learning-rate schedule, checkpoint I/O through Ray Train or a plain folder,
+consolidated weights from a DeepSpeed checkpoint, and running a recipe in one process."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from difforge.platform.errors import DifforgeError
+
+
+class DeepSpeedConfig(BaseModel):
+    """Merged over sane defaults; anything else DeepSpeed accepts goes in `extra`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs, fp32 on CPUs (bf16 is emulated there)"
+    )
+    extra: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config keys")
+
+
+def deepspeed_config(p: dict[str, Any], micro_batch: int, world: int, on_gpu: bool) -> dict:
+    ds = p["deepspeed"]
+    precision = ds["precision"]
+    if precision == "auto":
+        precision = "bf16" if on_gpu else "fp32"
+    if precision == "fp16" and not on_gpu:
+        raise DifforgeError("deepspeed.precision fp16 is not supported on CPUs; use fp32 (or "
+                            "bf16, which CPUs without AVX-512 BF16 emulate slowly)")  # fmt: skip
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": p["grad_accum"],
+        "train_batch_size": micro_batch * p["grad_accum"] * world,
+        "zero_optimization": {"stage": ds["zero_stage"]},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if p["grad_clip"]:
+        config["gradient_clipping"] = p["grad_clip"]
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        config["fp16"] = {"enabled": True}
+    config.update(ds["extra"])
+    return config
+
+
+def lr_lambda(p: dict[str, Any]):
+    def f(step: int) -> float:
+        if step < p["warmup_steps"]:
+            return (step + 1) / p["warmup_steps"]
+        if p["lr_schedule"] == "cosine":
+            done = (step - p["warmup_steps"]) / max(1, p["max_steps"] - p["warmup_steps"])
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+        return 1.0
+
+    return f
+
+
+def import_deepspeed():
+    """DeepSpeed with the CPU pitfalls handled (FACTS.md): the accelerator chosen before the
+    import, and the shared-memory comm op (a 3-4 minute JIT compile) skipped; gloo is used."""
+    import sys
+
+    import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+    import deepspeed.comm.torch  # noqa: F401
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    return deepspeed
+
+
+def consolidated_state(folder: str, tag: str = "state") -> dict[str, Any]:
+    """Full fp32 weights from a DeepSpeed checkpoint: gathered from ZeRO partitions, or, with
+    ZeRO off (stage 0), the module state DeepSpeed saved whole."""
+    import torch
+
+    states = os.path.join(folder, tag, "mp_rank_00_model_states.pt")
+    saved = torch.load(states, map_location="cpu", weights_only=False)
+    if saved.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) == 0:
+        return {k: v.float() for k, v in saved["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(folder, tag=tag)
+
+
+class RayTrainIO:
+    """Checkpoints through Ray Train: each rank saves its DeepSpeed shard, Ray merges them into
+    one checkpoint folder under the step's work folder."""
+
+    def __init__(self, rank: int, config: dict[str, Any]):
+        self.rank, self.config = rank, config
+
+    def restore(self, engine, ema) -> int:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if not ckpt:
+            return 0
+        with ckpt.as_directory() as d:
+            engine.load_checkpoint(d, tag="state")
+            if ema is not None and os.path.exists(os.path.join(d, "ema.pt")):
+                import torch
+
+                ema.load_state_dict(torch.load(os.path.join(d, "ema.pt"), weights_only=True))
+            with open(os.path.join(d, "progress.json")) as f:
+                return json.load(f)["step"]
+
+    def save(self, engine, ema, step: int, metrics: dict[str, Any]) -> None:
+        import ray.train
+        import torch
+
+        with tempfile.TemporaryDirectory() as d:
+            engine.save_checkpoint(d, tag="state")
+            if self.rank == 0:
+                with open(os.path.join(d, "progress.json"), "w") as f:
+                    json.dump({"step": step}, f)
+                if ema is not None:
+                    torch.save(ema.state_dict(), os.path.join(d, "ema.pt"))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+class FolderIO:
+    """Checkpoints in a local folder: the recipe run in one process, without Ray (tests,
+    debugging, and the baseline of benchmarks/train.py under torchrun)."""
+
+    def __init__(self, folder: str, rank: int = 0):
+        self.folder, self.rank = folder, rank
+        self.history: list[dict[str, Any]] = []
+
+    def restore(self, engine, ema) -> int:
+        progress = os.path.join(self.folder, "progress.json")
+        if not os.path.exists(progress):
+            return 0
+        engine.load_checkpoint(self.folder, tag="state")
+        if ema is not None:
+            import torch
+
+            ema.load_state_dict(torch.load(os.path.join(self.folder, "ema.pt"), weights_only=True))
+        with open(progress) as f:
+            return json.load(f)["step"]
+
+    def save(self, engine, ema, step: int, metrics: dict[str, Any]) -> None:
+        import torch
+
+        engine.save_checkpoint(self.folder, tag="state")
+        if self.rank == 0:
+            if ema is not None:
+                torch.save(ema.state_dict(), os.path.join(self.folder, "ema.pt"))
+            with open(os.path.join(self.folder, "progress.json"), "w") as f:
+                json.dump({"step": step}, f)
+        self.history.append(metrics)
+
+
+class NullTracker:
+    """Where a recipe run without a pipeline (tests, benchmarks) logs: nowhere."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    log_new = log_metrics
+
+    def log_image(self, image: Any, name: str) -> None:
+        pass
+
+
+def train_locally(config: dict[str, Any], folder: str, recipe) -> FolderIO:
+    """Run the recipe (`train.diffusion`'s, or another with its signature, such as distillation's) in this
+    process as rank 0 of 1 (DeepSpeed's single-rank set-up)."""
+    import socket
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():  # fmt: skip
+            os.environ.setdefault(k, v)
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    io = FolderIO(folder)
+    recipe({"tracker": NullTracker(), **config}, dist.get_rank(), dist.get_world_size(), io)
+    return io

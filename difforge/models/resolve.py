@@ -1,0 +1,88 @@
+"""One resolver for every model reference a user writes, to a folder on this node.
+
+- a local folder: as it is;
+- a URI (`s3://bucket/models/vae`, any fsspec protocol): copied once into this node's cache in
+  `DIFFORGE_HOME/cache/models/` (keyed by URI; a partial copy is never used);
+- `models:/NAME/VERSION`: a model registered in MLflow's registry (difforge registers every
+  trained model), downloaded into the same cache;
+- a Hugging Face hub id (`stabilityai/sd-vae-ft-mse`): passed to `from_pretrained`, which
+  downloads it; on a machine without the hub (`HF_HUB_OFFLINE=1`) a clear error says how to
+  pass a local folder instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+from difforge.platform.errors import DifforgeError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _cache(ref: str) -> Path:
+    from difforge.platform import settings
+
+    return settings.home() / "cache" / "models" / hashlib.sha256(ref.encode()).hexdigest()[:16]
+
+
+def local_copy(uri: str) -> str:
+    """A model folder on this node: local paths as they are, remote ones copied once to the
+    node's cache (keyed by URI)."""
+    if "://" not in uri or uri.startswith("file://"):
+        return uri.removeprefix("file://")
+    from difforge.platform.datasets import url_to_fs
+
+    dest = _cache(uri)
+    if not (dest / ".complete").exists():
+        fs, path = url_to_fs(uri)
+        if not fs.exists(path):
+            raise DifforgeError(f"{uri}: no such model folder")
+        dest.mkdir(parents=True, exist_ok=True)
+        fs.get(path.rstrip("/") + "/", str(dest), recursive=True)
+        (dest / ".complete").touch()
+    return str(dest)
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def resolve(ref: str, what: str = "model") -> str:
+    """A local folder (or, online, a hub id) for `ref`; a DifforgeError naming `ref` and what to
+    do when it cannot be had."""
+    if ref.startswith("models:/"):
+        dest = _cache(ref)
+        if not (dest / ".complete").exists():
+            from mlflow.artifacts import download_artifacts
+
+            from difforge.platform import settings
+
+            tracking = os.environ.get("MLFLOW_TRACKING_URI") or settings.default_tracking_uri()
+            dest.mkdir(parents=True, exist_ok=True)
+            try:
+                path = download_artifacts(
+                    artifact_uri=ref, dst_path=str(dest), tracking_uri=tracking
+                )
+            except Exception as exc:  # MLflow's own errors: no such model or version, no server
+                raise DifforgeError(
+                    f"{ref}: not found in MLflow's model registry ({exc})"
+                ) from None
+            (dest / ".complete").write_text(path)
+        return (dest / ".complete").read_text() or str(dest)
+    if "://" in ref:
+        return local_copy(ref)
+    path = os.path.expanduser(ref)
+    if os.path.isdir(path):
+        return path
+    if HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+        if hub_offline():
+            raise DifforgeError(
+                f"{what} '{ref}': not a local folder, and the Hugging Face hub is offline "
+                f"(HF_HUB_OFFLINE=1). Download it where there is network "
+                f"(`hf download {ref} --local-dir DIR`) and pass DIR, or an s3:// copy of it"
+            )
+        return ref
+    raise DifforgeError(f"{what} '{ref}': no such folder")

@@ -1,0 +1,141 @@
+"""What a run shows while it works, and where Ray's own chatter goes.
+
+On a terminal, a pass over the data and a training job each draw one progress bar (tqdm) with
+its ETA; off a terminal (CI, a job's log) they write at most one progress line every 30 seconds.
+Ray's, Ray Data's, Ray Train's and MLflow's own logs go to a file under `DIFFORGE_HOME/logs/`,
+whose path is printed once; `difforge run -v` (DIFFORGE_VERBOSE=1) shows them instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("difforge")
+
+QUIET_EVERY_S = 30.0
+CHATTY = ("ray", "ray.data", "ray.train", "mlflow", "alembic", "deepspeed", "urllib3", "filelock")
+_log_file: Path | None = None
+
+
+def verbose() -> bool:
+    return os.environ.get("DIFFORGE_VERBOSE", "") == "1"
+
+
+def quiet_libraries() -> Path | None:
+    """Send the libraries' own loggers to a file in DIFFORGE_HOME/logs (once per process);
+    returns its path (None when verbose: they go to the console)."""
+    global _log_file
+    if verbose():
+        return None
+    if _log_file is None:
+        from difforge.platform import settings
+
+        folder = settings.home() / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        _log_file = folder / f"run-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+        # Ray Data configures its own loggers from this file (read again by its workers)
+        config = folder / "ray-data-logging.yaml"
+        config.write_text(RAY_DATA_LOGGING.format(path=_log_file))
+        os.environ["RAY_DATA_LOGGING_CONFIG"] = str(config)
+    handler = logging.FileHandler(_log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in CHATTY:
+        lib = logging.getLogger(name)
+        lib.handlers = [handler]
+        lib.propagate = False
+        lib.setLevel(logging.INFO)
+    return _log_file
+
+
+RAY_DATA_LOGGING = """\
+version: 1
+disable_existing_loggers: false
+formatters:
+  ray: {{format: "%(asctime)s %(name)s %(levelname)s %(message)s"}}
+handlers:
+  file: {{class: logging.FileHandler, formatter: ray, filename: "{path}"}}
+loggers:
+  ray.data: {{level: INFO, handlers: [file], propagate: false}}
+"""
+
+
+class Progress:
+    """One bar (or, off a terminal, a line every 30 s) for `total` units of work."""
+
+    def __init__(self, label: str, total: int | None, unit: str):
+        self.label, self.total, self.unit = label, total, unit
+        self.done, self.started, self.last_line = 0, time.time(), time.time()
+        self.postfix = ""
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=label, unit=f" {unit}", leave=False, file=sys.stderr,
+                            dynamic_ncols=True)  # fmt: skip
+
+    def update(self, done: int | None = None, step: int = 1, **postfix: Any) -> None:
+        self.done = done if done is not None else self.done + step
+        self.postfix = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                 for k, v in postfix.items())  # fmt: skip
+        if self.bar is not None:
+            self.bar.n = self.done
+            if postfix:
+                self.bar.set_postfix_str(self.postfix, refresh=False)
+            self.bar.refresh()
+            return
+        now = time.time()
+        if now - self.last_line >= QUIET_EVERY_S:
+            self.last_line = now
+            log.info("%s", self.line())
+
+    def line(self) -> str:
+        elapsed = time.time() - self.started
+        of = f"/{self.total}" if self.total else ""
+        eta = ""
+        if self.total and self.done:
+            eta = f", about {elapsed / self.done * (self.total - self.done):.0f}s left"
+        extra = f", {self.postfix}" if self.postfix else ""
+        return f"{self.label}: {self.done}{of} {self.unit} in {elapsed:.0f}s{eta}{extra}"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class MetricProgress:
+    """A training job's progress, read from the metric its rank 0 logs to MLflow (step of
+    total, loss), polled in a thread while the job runs."""
+
+    def __init__(self, tracker: Any, label: str, metric: str, total: int, unit: str):
+        self.tracker, self.metric = tracker, metric
+        self.progress = Progress(label, total, unit)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> MetricProgress:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.progress.close()
+
+    def _poll(self) -> None:
+        seen = -1
+        while not self.stop.wait(2.0):
+            try:
+                history = self.tracker.client.get_metric_history(self.tracker.run_id, self.metric)
+            except Exception:  # noqa: BLE001 - progress is a courtesy; never fails a run
+                continue
+            if history:
+                last = max(history, key=lambda m: m.step)
+                if last.step != seen:
+                    seen = last.step
+                    self.progress.update(last.step, **{self.metric: last.value})

@@ -1,0 +1,1 @@
+"""An example difforge plugin (see its README)."""
