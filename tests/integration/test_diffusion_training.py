@@ -52,6 +52,10 @@ def test_two_workers_zero2_to_a_registered_model(ray_session, tmp_path):
     assert registered.startswith("models:/diffusion-model/")
     version = client.get_model_version("diffusion-model", registered.rsplit("/", 1)[1])
     assert version.tags["step"] == "model" and version.run_id == run_id
+    from difforge.diffusion.model_folder import load_model
+
+    model, info, _, _ = load_model(registered)  # the registry's name resolves to the folder
+    assert info["num_classes"] == 10 and info["null_condition"] == 10
 
 
 def train_workers() -> list[psutil.Process]:
