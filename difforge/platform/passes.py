@@ -189,7 +189,7 @@ class PassWorker:
             if table is not None:
                 outs.append(table)
         if outs:
-            return pa.concat_tables(outs)
+            return pa.concat_tables(outs, promote_options="permissive")  # kept rows: from JSON
         return _tag(write_batch({}, self.stages[0].outputs, "", 0), 0, 0.0)
 
     def _item_done(self) -> pa.Table:
