@@ -56,16 +56,20 @@ def resolve(ref: str, what: str = "model") -> str:
     if ref.startswith("models:/"):
         dest = _cache(ref)
         if not (dest / ".complete").exists():
+            from mlflow import MlflowClient
             from mlflow.artifacts import download_artifacts
 
             from difforge.platform import settings
 
             tracking = os.environ.get("MLFLOW_TRACKING_URI") or settings.default_tracking_uri()
+            registry = os.environ.get("MLFLOW_REGISTRY_URI") or tracking
+            name, _, version = ref.removeprefix("models:/").partition("/")
             dest.mkdir(parents=True, exist_ok=True)
             try:
-                path = download_artifacts(
-                    artifact_uri=ref, dst_path=str(dest), tracking_uri=tracking
-                )
+                client = MlflowClient(tracking_uri=tracking, registry_uri=registry)
+                source = client.get_model_version(name, version).source
+                path = download_artifacts(artifact_uri=source, dst_path=str(dest),
+                                          tracking_uri=tracking)  # fmt: skip
             except Exception as exc:  # MLflow's own errors: no such model or version, no server
                 raise DifforgeError(
                     f"{ref}: not found in MLflow's model registry ({exc})"
