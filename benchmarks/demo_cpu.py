@@ -76,6 +76,10 @@ def main() -> None:
               "wall_s": round(time.time() - t0, 1)}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
+    # what the user saw (off a terminal: no progress bars), for the README's console figures
+    console = proc.stderr + proc.stdout
+    Path(args.out).with_suffix(".console.txt").write_text(console)
+    print(f"console: {len(console.splitlines())} lines")
     for step, r in report.items():
         print(f"{step:12} {r['op']:22} {r['seconds']:7.0f}s  {r['mean_busy_cores']:.2f} cores busy")
     print(proc.stdout.rsplit("\n\n", 2)[-2] if "\n\n" in proc.stdout else "")

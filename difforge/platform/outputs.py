@@ -147,8 +147,11 @@ class Output:
         fs, root = url_to_fs(self.uri)
         fs.makedirs(root, exist_ok=True)
         path = f"{root}/{MANIFEST}"
+        keep: set[str] = set()
         if replace:
             self._check_files_exist(fs, root, manifest)
+            if fs.exists(path):  # the replaced commit's files stay until `gc`: a reader may
+                keep = set(read_manifest(self.uri).attempts())  # be in the middle of them
             ours = _replace(fs, path, data)
         else:
             ours = _create_exclusive(fs, path, data)
@@ -157,7 +160,7 @@ class Output:
             self.abort(keep=set(winner.attempts()))
             return winner, False
         if stale_before is not None:
-            remove_unused_attempts(self.uri, manifest, older_than=stale_before)
+            remove_unused_attempts(self.uri, manifest, older_than=stale_before, keep=keep)
         return manifest, True
 
     def abort(self, keep: set[str] = frozenset()) -> None:  # type: ignore[assignment]
@@ -322,11 +325,13 @@ def attempt_folders(uri: str) -> dict[str, str]:
     return out
 
 
-def remove_unused_attempts(uri: str, manifest: Manifest | None, older_than: float) -> list[str]:
-    """Remove attempt folders that the committed manifest (if any) does not use and that
-    began before `older_than` (a Unix time). Returns the names removed."""
+def remove_unused_attempts(
+    uri: str, manifest: Manifest | None, older_than: float, keep: set[str] = frozenset()
+) -> list[str]:
+    """Remove attempt folders that the committed manifest (if any) does not use, that `keep`
+    does not name, and that began before `older_than` (a Unix time). Returns the names removed."""
     fs, _ = url_to_fs(uri)
-    used = set(manifest.attempts()) if manifest is not None else set()
+    used = (set(manifest.attempts()) if manifest is not None else set()) | set(keep)
     removed = []
     for name, path in attempt_folders(uri).items():
         started = attempt_started(name)

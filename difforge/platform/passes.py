@@ -262,9 +262,12 @@ def run_map_pass(
     head = chain[0].step
     markers = None
     if keeps_progress([s.step for s in chain]):
-        # these very steps, over the same input shards (a source's read tasks depend on its
-        # batch size): another pass's markers are not ours
-        what = [s.step.fingerprint for s in chain] + [str(chain[0].fitted.batch_size)]
+        # these very steps over the same items: another pass's markers are not ours. A source's
+        # read tasks depend on its batch size; a map's items are its input shards, whatever
+        # the batch size (a rerun with another batch size reuses what was done)
+        what = [s.step.fingerprint for s in chain]
+        if issubclass(head.op_cls, SourceOperator):
+            what.append(str(chain[0].fitted.batch_size))
         key = hashlib.sha256(" ".join(what).encode()).hexdigest()[:16]
         markers = join(head.work_uri, PASSES, f"pass-{key}")
     stages = []

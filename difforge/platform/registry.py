@@ -52,9 +52,9 @@ def declared() -> dict[str, EntryPoint]:
         found: dict[str, EntryPoint] = {}
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             if ep.name in found and found[ep.name].value != ep.value:
+                first, second = sorted([_origin(found[ep.name]), _origin(ep)])
                 raise DifforgeError(
-                    f"operator name '{ep.name}' is already registered by "
-                    f"{_origin(found[ep.name])}; {_origin(ep)} declares it too"
+                    f"operator name '{ep.name}' is declared twice: by {first} and by {second}"
                 )
             found[ep.name] = ep
         if not any(ep.value.startswith("difforge.operators.") for ep in found.values()):

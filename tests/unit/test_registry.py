@@ -88,10 +88,10 @@ def test_plugin_clashing_with_a_builtin_is_refused(tmp_path):
         capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip
     assert out.returncode == 2
-    assert "operator name 'image.resize' is already registered by difforge entry point" in (
+    assert "operator name 'image.resize' is declared twice: by difforge entry point" in out.stderr
+    assert "and by difforge-plugin entry point 'image.resize = difforge_plugin:Hello'" in (
         out.stderr
     )
-    assert "difforge-plugin entry point 'image.resize = difforge_plugin:Hello'" in out.stderr
     assert "Traceback" not in out.stderr
 
 
