@@ -24,6 +24,7 @@ and checksum (`difforge.platform.datasets`).
 from __future__ import annotations
 
 import base64
+import calendar
 import hashlib
 import io
 import os
@@ -65,15 +66,9 @@ def attempt_started(name: str) -> float | None:
         return None
     try:
         stamp = name[len(ATTEMPT_PREFIX) :].split("-", 1)[0]
-        return float(_timegm(time.strptime(stamp, "%Y%m%dT%H%M%S")))
+        return float(calendar.timegm(time.strptime(stamp, "%Y%m%dT%H%M%S")))
     except ValueError:
         return None
-
-
-def _timegm(t: time.struct_time) -> int:
-    import calendar
-
-    return calendar.timegm(t)
 
 
 def _protocol(fs: AbstractFileSystem) -> str:

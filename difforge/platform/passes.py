@@ -25,7 +25,7 @@ from difforge.platform.context import MapContext
 from difforge.platform.datasets import Dataset, join, read_shard
 from difforge.platform.errors import DifforgeError
 from difforge.platform.failures import STEP_NOTE
-from difforge.platform.operator import MAIN, SourceOperator
+from difforge.platform.operator import MAIN, JobOperator, SourceOperator
 from difforge.platform.outputs import STATS, Output, write_batch
 from difforge.platform.plan import PlannedStep
 from difforge.platform.progress import Progress
@@ -58,8 +58,6 @@ def keeps_progress(group: list[PlannedStep]) -> bool:
     """A pass that keeps each input shard's results as soon as they are written (and keeps its
     attempt's files when it fails): a chain (its results become visible only when the whole
     pass ends), or a single step whose operator asks for it."""
-    from difforge.platform.operator import JobOperator
-
     return not issubclass(group[0].op_cls, JobOperator) and (
         len(group) > 1 or getattr(group[0].op_cls, "resumable", False)
     )

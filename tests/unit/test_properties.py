@@ -127,7 +127,8 @@ def test_toposort_respects_every_edge_or_names_a_cycle(n, rnd: random.Random, cy
     deps = {s: [names[j] for j in range(i) if rnd.random() < 0.4] for i, s in enumerate(names)}
     if cyclic and n > 1:
         deps[names[0]].append(names[-1])
-        deps[names[-1]].append(names[0]) if names[0] not in deps[names[-1]] else None
+        if names[0] not in deps[names[-1]]:
+            deps[names[-1]].append(names[0])
     order = names[:]
     rnd.shuffle(order)
     out, cycle = _toposort(deps, order)
