@@ -13,7 +13,9 @@ It checks that
 - its output is deterministic: the same batch twice gives the same rows;
 - it does not depend on how rows are batched: the whole sample at once and the sample in
   slices give the same rows (a fused pass hands a step slices of its neighbour's batches);
-- it leaves its input untouched (fused steps share decoded images and batches).
+- it leaves its input untouched (fused steps share decoded images and batches);
+- it sets up as it would in a fused pass (a stateless operator that may share a pass with the
+  step before it cannot read that step's output in `setup`, only its metadata).
 Each failure says which rule and what differed.
 """
 
@@ -26,6 +28,8 @@ import pyarrow as pa
 from pydantic import ValidationError
 
 from difforge.platform.context import MapContext
+from difforge.platform.errors import DifforgeError
+from difforge.platform.fusion import plain_map
 from difforge.platform.operator import MAIN, MapOperator
 from difforge.platform.outputs import write_dataset
 
@@ -69,11 +73,17 @@ def check_map_operator(
     validated = op_cls.Params.model_validate(params)
     uri = str(Path(tmp_path) / "conformance-input")
     write_dataset(uri, sample, "conformance", metadata=metadata or {})
-    ctx = MapContext(step="conformance", inputs=[uri], work_uri=str(Path(tmp_path) / "work"))
+    # set up as a fused pass would, where this operator can share one with the step before it
+    pending = dict(metadata or {}) if plain_map(op_cls) else None
+    ctx = MapContext(step="conformance", inputs=[uri], work_uri=str(Path(tmp_path) / "work"),
+                     pending_metadata=pending)  # fmt: skip
 
     def fresh() -> MapOperator:
         op = op_cls(validated)
-        op.setup(ctx)
+        try:
+            op.setup(ctx)
+        except DifforgeError as exc:
+            raise ConformanceError(f"{name}: cannot be set up in a fused pass: {exc}") from exc
         return op
 
     before = sample.to_pylist()

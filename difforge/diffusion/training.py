@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from difforge.platform.errors import DifforgeError
+from difforge.platform.events import NullLog
 
 
 class DeepSpeedConfig(BaseModel):
@@ -163,18 +164,6 @@ class FolderIO:
         self.history.append(metrics)
 
 
-class NullTracker:
-    """Where a recipe run without a pipeline (tests, benchmarks) logs: nowhere."""
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        pass
-
-    log_new = log_metrics
-
-    def log_image(self, image: Any, name: str) -> None:
-        pass
-
-
 def train_locally(config: dict[str, Any], folder: str, recipe) -> FolderIO:
     """Run the recipe (`train.diffusion`'s, or another with its signature, such as distillation's) in this
     process as rank 0 of 1 (DeepSpeed's single-rank set-up)."""
@@ -191,5 +180,5 @@ def train_locally(config: dict[str, Any], folder: str, recipe) -> FolderIO:
             os.environ.setdefault(k, v)
         dist.init_process_group("gloo", rank=0, world_size=1)
     io = FolderIO(folder)
-    recipe({"tracker": NullTracker(), **config}, dist.get_rank(), dist.get_world_size(), io)
+    recipe({"log": NullLog(), **config}, dist.get_rank(), dist.get_world_size(), io)
     return io

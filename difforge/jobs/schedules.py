@@ -337,12 +337,18 @@ class Scheduler:
         self.grace_s = grace_s
         self.clock = clock
         self.stopping = threading.Event()
+        self.hooks: list[threading.Thread] = []
 
     def tick(self, now: float | None = None) -> list[tuple[str, float, str]]:
-        """One pass: settle finished runs, then fire what is due. Returns (schedule, slot,
-        status) for each slot recorded in this pass."""
+        """One pass: fire what is due, then settle finished runs (reading a cluster's job
+        states can be slow, and must not make a slot late). Returns (schedule, slot, status)
+        for each slot recorded in this pass."""
         now = self.clock() if now is None else now
+        recorded = self._fire(now)
         self.settle(now)
+        return recorded
+
+    def _fire(self, now: float) -> list[tuple[str, float, str]]:
         recorded = []
         for s in self.store.schedules():
             if s.paused:
@@ -377,6 +383,8 @@ class Scheduler:
 
     def _launch(self, s: Schedule, slot: float, now: float) -> str:
         if s.overlap == "skip":
+            # A run that ended since the last pass does not make this slot skip.
+            self.settle(now, only=s.name)
             running = [f for f in self.store.firings(s.name, ACTIVE) if f.slot != slot]
             if running:
                 self.store.update(
@@ -399,11 +407,12 @@ class Scheduler:
         log.info("%s: slot %s started %s", s.name, slot_text(slot, s), job_id)
         return "running"
 
-    def settle(self, now: float | None = None) -> None:
-        """Ask the launcher about each running firing; record outcomes; run on-failure hooks."""
+    def settle(self, now: float | None = None, only: str | None = None) -> None:
+        """Ask the launcher about each running firing (of every schedule, or `only` one);
+        record outcomes; start on-failure hooks."""
         now = self.clock() if now is None else now
         schedules = {s.name: s for s in self.store.schedules()}
-        for f in self.store.firings(status=ACTIVE):
+        for f in self.store.firings(only, status=ACTIVE):
             s = schedules.get(f.schedule)
             if s is None:
                 continue
@@ -423,8 +432,25 @@ class Scheduler:
                     self._on_failure(s, f.slot, f.job_id, state, message)
 
     def _on_failure(self, s: Schedule, slot: float, job_id: str, status: str, message: str) -> None:
+        """Run the schedule's on-failure command in a thread: a slow alert must not delay
+        the slots of other schedules. `drain()` waits for the ones started."""
         if not s.on_failure:
             return
+        self.hooks = [t for t in self.hooks if t.is_alive()]
+        hook = threading.Thread(
+            target=self._run_hook, args=(s, slot, job_id, status, message), daemon=True
+        )
+        hook.start()
+        self.hooks.append(hook)
+
+    def drain(self, timeout: float = 130.0) -> None:
+        """Wait for the on-failure commands started so far (each is stopped after 120 s)."""
+        deadline = time.monotonic() + timeout
+        for hook in self.hooks:
+            hook.join(max(0.0, deadline - time.monotonic()))
+        self.hooks = [t for t in self.hooks if t.is_alive()]
+
+    def _run_hook(self, s: Schedule, slot: float, job_id: str, status: str, message: str) -> None:
         env = {
             **os.environ,
             "DIFFORGE_SCHEDULE": s.name,
@@ -456,6 +482,7 @@ class Scheduler:
                 log.warning("scheduler: tick failed: %s", exc)
             # Wake at the next slot or after `interval`, whichever is sooner.
             self.stopping.wait(self._sleep_for(interval))
+        self.drain()
         log.info("scheduler: stopped")
 
     def _sleep_for(self, interval: float) -> float:

@@ -9,8 +9,8 @@ from difforge.platform.datasets import Dataset, join, url_to_fs
 from difforge.platform.outputs import MAIN, Output
 
 if TYPE_CHECKING:
+    from difforge.platform.events import StepLog
     from difforge.platform.resources import Fitted
-    from difforge.platform.tracking import StepTracker
 
 
 @dataclass
@@ -25,8 +25,17 @@ class MapContext:
     pending_metadata: dict[str, Any] | None = None
 
     def input(self, index: int) -> Dataset:
-        """A committed input (in a pass of fused steps, the first input is not committed yet:
-        use `metadata(0)` for what it records)."""
+        """A committed input. In a pass of fused steps the first input is still being written:
+        its metadata is `metadata(0)`; an operator that reads its whole input in `setup` sets
+        `reads_whole_input = True` and is never fused with the step before it."""
+        if index == 0 and self.pending_metadata is not None:
+            from difforge.platform.errors import DifforgeError
+
+            raise DifforgeError(
+                f"step '{self.step}': its first input is written in this same pass, so "
+                "ctx.input(0) cannot be read in setup; use ctx.metadata(0) for its metadata, or "
+                "set `reads_whole_input = True` on the operator to run it in a pass of its own"
+            )
         return Dataset(self.inputs[index])
 
     def torch_device(self, dtype: str = "auto") -> tuple[str, Any]:
@@ -53,6 +62,26 @@ class MapContext:
 
 
 @dataclass
+class FinalizeContext:
+    """Given to `Operator.finalize`: the step, and its log (metrics, images, files)."""
+
+    step: str
+    pipeline: str
+    log: StepLog
+
+    @property
+    def tracker(self) -> StepLog:
+        """The step's log by its former name (`finalize(outcome, tracker)` plugins keep
+        working: its `log_metrics`, `log_image` ... are also this context's)."""
+        return self.log
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("log_") or name in ("set_tags", "run_id"):
+            return getattr(self.log, name)
+        raise AttributeError(name)
+
+
+@dataclass
 class JobContext:
     """Given to `JobOperator.run` on the driver."""
 
@@ -61,7 +90,8 @@ class JobContext:
     inputs: list[Dataset]
     work_uri: str  # kept across failed runs: checkpoints live here
     resources: Fitted
-    tracker: StepTracker
+    #: where the step logs metrics, images and files (its MLflow run)
+    log: StepLog
     #: this attempt's main and side outputs: write shards with `write`, return their entries
     outputs: dict[str, Output] = field(default_factory=dict)
     storage: str = ""  # the pipeline's storage root (shared caches live under it)
@@ -86,5 +116,10 @@ class JobContext:
         uri = self.artifact(name)
         fs, path = url_to_fs(uri)
         fs.put(local_dir.rstrip("/") + "/", path, recursive=True)
-        self.tracker.log_artifacts(local_dir, name)
+        self.log.log_artifacts(local_dir, name)
         return uri
+
+    @property
+    def tracker(self) -> StepLog:
+        """The step's log by its former name."""
+        return self.log

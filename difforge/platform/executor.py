@@ -15,13 +15,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from difforge.platform import datasets as ds_mod
 from difforge.platform.columns import type_problems
-from difforge.platform.context import JobContext
+from difforge.platform.context import FinalizeContext, JobContext
 from difforge.platform.datasets import Dataset, join
 from difforge.platform.errors import DifforgeError, Problem, SpecError, StepFailed
+from difforge.platform.events import Observers, RunObserver, StepLog
 from difforge.platform.failures import cause, failed_step
 from difforge.platform.fusion import passes
 from difforge.platform.operator import MAIN, JobOperator, StepOutcome
@@ -32,11 +33,7 @@ from difforge.platform.resources import Fitted, fit
 from difforge.platform.runtime import RayRuntime
 from difforge.platform.show import text_table
 from difforge.platform.spec import LoadedSpec, PipelineSpec, load_spec
-from difforge.platform.tracking import StepTracker, Tracker, git_commit
-from difforge.platform.watchdog import process_identity, reap_dead_runs
-
-if TYPE_CHECKING:
-    pass
+from difforge.platform.tracking import MlflowObserver
 
 log = logging.getLogger("difforge")
 
@@ -100,15 +97,17 @@ class _Started:
     """A step whose MLflow run is open and whose work is about to run."""
 
     step: PlannedStep
-    run: StepTracker
+    log: StepLog
     fitted: Fitted
     attempt: str
 
 
 class Executor:
-    def __init__(self, plan: Plan, tracker: Tracker, ray_runtime: RayRuntime, fuse: bool = True):
+    """Runs a plan's passes in order and commits each step; tells `events` what happens."""
+
+    def __init__(self, plan: Plan, events: RunObserver, ray_runtime: RayRuntime, fuse: bool = True):
         self.plan = plan
-        self.tracker = tracker
+        self.events = events
         self.ray = ray_runtime
         self.fuse = fuse
         self.run_started = time.time()
@@ -118,7 +117,7 @@ class Executor:
 
     # -- job-shaped steps ------------------------------------------------------------------
     def _run_job(
-        self, step: PlannedStep, fitted: Fitted, attempt: str, tracker: StepTracker
+        self, step: PlannedStep, fitted: Fitted, attempt: str, step_log: StepLog
     ) -> tuple[dict[str, list[dict]], int | None, dict]:
         inputs = [Dataset(r.uri) for r in step.inputs]
         if inputs:
@@ -134,7 +133,7 @@ class Executor:
             work_uri=step.work_uri,
             storage=self.plan.storage,
             resources=fitted,
-            tracker=tracker,
+            log=step_log,
             outputs={name: Output(step.output_uri(name), attempt) for name in output_names(step)},
         )
         result = step.operator.run(ctx)
@@ -146,33 +145,14 @@ class Executor:
         return entries, rows_in, result.metadata or {}
 
     # -- steps -----------------------------------------------------------------------------
-    def _tags(self, step: PlannedStep) -> dict[str, str]:
-        return {
-            "difforge.pipeline": self.plan.name,
-            "difforge.step": step.id,
-            "difforge.op": step.op,
-            "difforge.op_version": step.op_cls.version,
-            "difforge.fingerprint": step.fingerprint,
-            "difforge.inputs": json.dumps({r.text: r.fingerprint for r in step.inputs}),
-            "difforge.uri": step.uri,
-        }
-
     def _cached(self, step: PlannedStep) -> StepSummary:
-        manifest = ds_mod.read_manifest(step.uri)
-        run = self.tracker.start_step(step.id, {**self._tags(step), "difforge.cached": "true"})
-        run.log_metrics({"rows_out": manifest.num_rows, "cached": 1})
-        run.end()
-        return StepSummary(
-            step.id, step.op, None, manifest.num_rows, 0.0, True, step.uri, run_id=run.run_id
-        )
+        rows = ds_mod.read_manifest(step.uri).num_rows
+        run_id = self.events.step_cached(step, rows)
+        return StepSummary(step.id, step.op, None, rows, 0.0, True, step.uri, run_id=run_id)
 
     def _start(self, step: PlannedStep, fused_with: list[str]) -> _Started:
-        tags = {**self._tags(step), "difforge.cached": "false"}
-        if len(fused_with) > 1:
-            tags["difforge.pass"] = "+".join(fused_with)
-        run = self.tracker.start_step(step.id, tags)
+        step_log = self.events.step_started(step, fused_with)
         try:
-            run.log_params(step.params.model_dump(mode="json"), prefix="")
             cluster = self.ray.ensure()
             fitted = fit(step.id, step.resources, cluster, step.op_cls.gpus_when_available)
             ran_on = "cuda" if fitted.num_gpus else "cpu"
@@ -187,9 +167,11 @@ class Executor:
                 # the new one replaces it
                 ds_mod.remove_work(step.work_uri)
         except BaseException as exc:
-            run.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            self.events.step_ended(
+                step, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            )
             raise
-        return _Started(step, run, fitted, new_attempt())
+        return _Started(step, step_log, fitted, new_attempt())
 
     def run_pass(self, group: list[PlannedStep]) -> list[StepSummary]:
         """Run one pass: a cached step, a job, or one Ray Data pass over a chain of map steps
@@ -212,7 +194,7 @@ class Executor:
             head = started[0]
             if issubclass(head.step.op_cls, JobOperator):
                 entries, rows_in, extra = self._run_job(
-                    head.step, head.fitted, head.attempt, head.run
+                    head.step, head.fitted, head.attempt, head.log
                 )
                 results = [(entries, rows_in, time.time() - t0, extra)]
             else:
@@ -224,7 +206,7 @@ class Executor:
                 )
                 if resumed:
                     for s in started:
-                        s.run.log_metrics({"input_shards_resumed": resumed})
+                        s.log.log_metrics({"input_shards_resumed": resumed})
                 wall, total = time.time() - t0, sum(work)
                 # the pass's wall time, split by each step's share of the measured work
                 shares = [w / total if total > 0 else 1 / len(work) for w in work]
@@ -238,7 +220,7 @@ class Executor:
         except BaseException as exc:
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
             for s in started[len(done) :]:
-                s.run.end(status)
+                self.events.step_ended(s.step, status)
                 if not keep:  # what this attempt wrote is of no use now
                     for name in output_names(s.step):
                         Output(s.step.output_uri(name), s.attempt).abort()
@@ -260,7 +242,7 @@ class Executor:
     ) -> StepSummary:
         """Commit a step's outputs (side outputs, then the operator's last word, then the main
         output), log its metrics and end its run."""
-        step, run = s.step, s.run
+        step = s.step
         t0 = time.time()
         rows_out = sum(e["rows"] for e in entries[MAIN])
         if step.min_rows is not None and rows_out < step.min_rows:
@@ -304,7 +286,10 @@ class Executor:
             main_files=[join(step.uri, e["path"]) for e in entries[MAIN] if e["path"]],
             sides=sides,
         )
-        op_metrics = step.operator.finalize(outcome, run) or {}
+        op_metrics = step.operator.finalize(
+            outcome, FinalizeContext(step.id, self.plan.name, s.log)
+        )
+        op_metrics = op_metrics or {}
         manifest, _ = outputs[MAIN].commit(
             entries[MAIN], step.fingerprint, producer, metadata, **commit
         )
@@ -321,9 +306,7 @@ class Executor:
             metrics["rows_per_s"] = rows_in / seconds if seconds > 0 else 0.0
         elif manifest.num_rows:
             metrics["rows_per_s"] = manifest.num_rows / seconds if seconds > 0 else 0.0
-        run.log_metrics(metrics)
-        run.log_dict(manifest.model_dump(mode="json"), "manifest.json")
-        run.end()
+        self.events.step_finished(step, metrics, manifest.model_dump(mode="json"))
         return StepSummary(
             step.id,
             step.op,
@@ -333,7 +316,7 @@ class Executor:
             False,
             step.uri,
             side_rows,
-            run.run_id,
+            s.log.run_id,
         )
 
 
@@ -347,6 +330,7 @@ def run(
     params: dict[str, Any] | None = None,
     runtime: RayRuntime | None = None,
     fuse: bool | None = None,
+    observers: list[RunObserver] | None = None,
 ) -> RunSummary:
     """Run a pipeline; return a summary of each step (rows, seconds, cached, output URI).
 
@@ -354,6 +338,7 @@ def run(
     strings (`STEP.params.FIELD=VALUE`). `tags` go on the pipeline's MLflow run (the
     scheduler and `difforge submit` mark their runs with them). `fuse=False` (or
     DIFFORGE_FUSE=0) runs every step in a pass of its own, never fused with its input.
+    `observers` hear the run's events (`difforge.platform.events`) beside MLflow's tracking.
     """
     loaded = source if isinstance(source, LoadedSpec) else load_spec(source, overrides)
     if loaded.spec.matrix:
@@ -367,55 +352,33 @@ def run(
     runtime = runtime or RayRuntime(address)
     t0 = time.time()
 
-    def start_tracking() -> tuple[Tracker, StepTracker]:
-        tracker = Tracker(spec.tracking.uri, spec.tracking.experiment or spec.name)
-        try:  # runs whose driver was killed would otherwise stay RUNNING forever
-            for dead in reap_dead_runs(tracker.client, tracker.experiment_id):
-                log.info("run %s: its driver is gone; marked FAILED", dead)
-        except Exception as exc:  # noqa: BLE001 - housekeeping never fails a run
-            log.debug("could not check for dead runs: %s", exc)
-        parent = tracker.start_pipeline(
-            spec.name,
-            {
-                **process_identity(),
-                "difforge.pipeline": spec.name,
-                "difforge.storage": plan.storage,
-                "difforge.git_commit": git_commit(),
-                "difforge.file": loaded.file,
-                **(tags or {}),
-            },
-        )
-        parent.log_params(
-            {
-                "pipeline": spec.name,
-                "storage": plan.storage,
-                "overrides": loaded.overrides,
-                "until": until,
-                "force": force,
-                **(params or {}),
-                **{f"fingerprint.{s.id}": s.fingerprint for s in plan.steps},
-            }
-        )
-        files: dict[str, str | bytes] = {"resolved.json": json.dumps(plan.resolved(), indent=2)}
-        if loaded.text is not None:
-            files["pipeline.yaml"] = loaded.text
-        tracker.log_files(parent, files)
-        return tracker, parent
+    tracking = MlflowObserver(
+        spec.tracking.uri,
+        spec.tracking.experiment or spec.name,
+        {"difforge.file": loaded.file, **(tags or {})},
+    )
+    events = Observers(tracking, *(observers or []))
+    settings_ = {"pipeline": spec.name, "storage": plan.storage, "overrides": loaded.overrides,
+                 "until": until, "force": force, **(params or {})}  # fmt: skip
+    files = {"resolved.json": json.dumps(plan.resolved(), indent=2)}
+    if loaded.text is not None:
+        files["pipeline.yaml"] = loaded.text
 
     # Ray starts only if some step must run; its start-up (mostly waiting on its processes)
     # overlaps with setting up the MLflow run.
     summaries: list[StepSummary] = []
     status = "FAILED"
-    parent: StepTracker | None = None
+    started = False
     try:
         with ThreadPoolExecutor(1) as pool:
-            tracking = pool.submit(start_tracking)
+            opening = pool.submit(events.pipeline_started, plan, settings_, files)
             try:
                 if any(not s.cached for s in plan.steps):
                     runtime.ensure()
             finally:  # the pipeline's run exists either way, and is ended below
-                tracker, parent = tracking.result()
-        executor = Executor(plan, tracker, runtime, fuse=fuse)
+                opening.result()
+                started = True
+        executor = Executor(plan, events, runtime, fuse=fuse)
         for group in executor.passes():
             for s in executor.run_pass(group):
                 summaries.append(s)
@@ -427,15 +390,14 @@ def run(
     finally:
         total = time.time() - t0
         try:
-            if parent is not None:
+            if started:
                 cached = sum(s.cached for s in summaries)
-                parent.log_metrics({"seconds": total, "steps_cached": cached})
-                parent.end(status)
+                events.pipeline_ended(status, {"seconds": total, "steps_cached": cached})
         finally:
             if own_runtime:
                 runtime.shutdown()
     order = {s.id: i for i, s in enumerate(plan.steps)}  # the pipeline's order, not the passes'
     summaries.sort(key=lambda s: order[s.step])
     return RunSummary(
-        spec.name, parent.run_id, tracker.uri, tracker.experiment, summaries, total, status
+        spec.name, events.run_id, tracking.uri, tracking.experiment, summaries, total, status
     )

@@ -8,11 +8,13 @@ from difforge.platform.plan import PlannedStep
 
 
 def plain_map(op_cls: type) -> bool:
-    """A map operator that holds no model and keeps no per-shard progress: fusable."""
+    """A map operator that holds no model, keeps no per-shard progress and does not read its
+    input whole: fusable."""
     return (
         issubclass(op_cls, MapOperator)
         and not getattr(op_cls, "stateful", False)
         and not getattr(op_cls, "resumable", False)
+        and not getattr(op_cls, "reads_whole_input", False)
     )
 
 

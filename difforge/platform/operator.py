@@ -8,7 +8,10 @@ reads and writes. Three shapes of work:
 - `MapOperator`: an Arrow batch in, an Arrow batch out, run by Ray Data. Operators that hold a
   model (`stateful = True`) run as an actor pool and `setup` once per actor; stateless ones run
   as plain tasks.
+- `FilterOperator`: a map that keeps or rejects each row with a reason.
 - `JobOperator`: a whole dataset in, artifacts out, run as one job (for example Ray Train).
+- `DedupOperator` (in `difforge.platform.dedup`): a job that finds rows duplicating others
+  across the whole dataset (or a reference) from keys and a match rule, and drops or flags them.
 
 Operator modules import heavy libraries (torch, Ray) inside methods, never at module level, so
 that `difforge validate` stays fast.
@@ -28,7 +31,7 @@ from difforge.platform.spec import Resources
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from difforge.platform.context import JobContext, MapContext
+    from difforge.platform.context import FinalizeContext, JobContext, MapContext
 
 
 class NoParams(BaseModel):
@@ -87,8 +90,8 @@ class Operator:
     def __init__(self, params: BaseModel):
         self.params = params
 
-    def finalize(self, outcome: StepOutcome, tracker: Any) -> dict[str, float] | None:
-        """After the work, before the commit: return metrics, log artifacts to `tracker`, or
+    def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float] | None:
+        """After the work, before the commit: return metrics, log images or files to `ctx.log`, or
         raise DifforgeError to refuse the result (the main output is then never committed)."""
         return None
 
@@ -158,6 +161,9 @@ class MapOperator(Operator):
     #: expensive per row (sampling): each input shard's output is kept in the work folder as
     #: soon as it is written, so a rerun after a crash redoes only the missing shards
     resumable: ClassVar[bool] = False
+    #: its `setup` reads its main input as a whole (`ctx.input(0)`): it never shares a pass
+    #: with the step before it, whose output must be committed first
+    reads_whole_input: ClassVar[bool] = False
 
     def setup(self, ctx: MapContext) -> None:
         """Load models or other state; called once per actor (once per task when stateless)."""

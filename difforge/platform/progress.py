@@ -14,7 +14,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from difforge.platform.events import StepLog
 
 log = logging.getLogger("difforge")
 
@@ -112,8 +115,8 @@ class MetricProgress:
     """A training job's progress, read from the metric its rank 0 logs to MLflow (step of
     total, loss), polled in a thread while the job runs."""
 
-    def __init__(self, tracker: Any, label: str, metric: str, total: int, unit: str):
-        self.tracker, self.metric = tracker, metric
+    def __init__(self, step_log: StepLog, label: str, metric: str, total: int, unit: str):
+        self.step_log, self.metric = step_log, metric
         self.progress = Progress(label, total, unit)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
@@ -131,11 +134,11 @@ class MetricProgress:
         seen = -1
         while not self.stop.wait(2.0):
             try:
-                history = self.tracker.client.get_metric_history(self.tracker.run_id, self.metric)
+                history = self.step_log.metric_history(self.metric)
             except Exception:  # noqa: BLE001 - progress is a courtesy; never fails a run
                 continue
             if history:
-                last = max(history, key=lambda m: m.step)
-                if last.step != seen:
-                    seen = last.step
-                    self.progress.update(last.step, **{self.metric: last.value})
+                step, value = max(history)
+                if step != seen:
+                    seen = step
+                    self.progress.update(step, **{self.metric: value})

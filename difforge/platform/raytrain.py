@@ -44,7 +44,7 @@ def fit(
              f" + {res.num_gpus:g} GPU" if res.num_gpus else "", max(1, int(res.num_cpus)))  # fmt: skip
     trainer = TorchTrainer(
         loop,
-        train_loop_config={**config, "threads": res.num_cpus, "tracker": ctx.tracker},
+        train_loop_config={**config, "threads": res.num_cpus, "log": ctx.log},
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.num_workers,
             use_gpu=res.num_gpus > 0,
@@ -60,7 +60,7 @@ def fit(
     if progress is None:
         return trainer.fit()
     metric, total, unit = progress
-    with MetricProgress(ctx.tracker, ctx.step, metric, total, unit):
+    with MetricProgress(ctx.log, ctx.step, metric, total, unit):
         return trainer.fit()
 
 

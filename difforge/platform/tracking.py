@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -17,10 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difforge.platform import settings
+from difforge.platform.events import RunObserver, StepLog
+from difforge.platform.watchdog import process_identity, reap_dead_runs
 
 if TYPE_CHECKING:
     import numpy as np
     from mlflow.tracking import MlflowClient
+
+    from difforge.platform.plan import Plan, PlannedStep
+
+log = logging.getLogger("difforge")
 
 SECRET = re.compile(r"(secret|password|passwd|token|access_key|credential|api_key)", re.I)
 MAX_PARAM = 6000
@@ -145,6 +152,29 @@ class StepTracker:
     def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, local_dir, artifact_path)
 
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+
+    def register_model(self, name: str, artifact_path: str) -> str | None:
+        """A new version of registered model `name` from this run's `artifact_path`, with the
+        run's lineage (pipeline, step, inputs) as tags."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException:
+            pass  # already there
+        run = self.client.get_run(self.run_id)
+        tags = run.data.tags
+        version = self.client.create_model_version(
+            name, f"{run.info.artifact_uri}/{artifact_path}", run_id=self.run_id,
+            tags={"pipeline": tags.get("difforge.pipeline", ""),
+                  "step": tags.get("difforge.step", ""), "inputs": tags.get("difforge.inputs", "")},
+        )  # fmt: skip
+        ref = f"models:/{name}/{version.version}"
+        self.set_tags({"difforge.registered_model": ref})
+        return ref
+
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
@@ -213,3 +243,97 @@ class Tracker:
         if self.uri.startswith("http"):
             return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
         return None
+
+
+class MlflowObserver(RunObserver):
+    """Tracks a run in MLflow: one parent run for the pipeline (its settings as params, the
+    resolved plan and YAML as artifacts) and one nested run per step (tags for its lineage,
+    params, metrics, manifest). Runs of the experiment whose driver is provably dead are
+    marked FAILED when a new run starts."""
+
+    def __init__(self, uri: str | None, experiment: str, tags: dict[str, Any]):
+        self.uri_setting, self.experiment, self.tags = uri, experiment, tags
+        self.tracker: Tracker | None = None
+        self.parent: StepTracker | None = None
+        self.steps: dict[str, StepTracker] = {}
+        self.pipeline = ""
+
+    @property
+    def uri(self) -> str:
+        return self.tracker.uri if self.tracker else (self.uri_setting or "")
+
+    @property
+    def run_id(self) -> str | None:
+        return self.parent.run_id if self.parent else None
+
+    def pipeline_started(self, plan: Plan, params: dict[str, Any], files: dict[str, str]) -> None:
+        self.tracker = tracker = Tracker(self.uri_setting, self.experiment)
+        self.pipeline = plan.name
+        try:  # runs whose driver was killed would otherwise stay RUNNING forever
+            for dead in reap_dead_runs(tracker.client, tracker.experiment_id):
+                log.info("run %s: its driver is gone; marked FAILED", dead)
+        except Exception as exc:  # noqa: BLE001 - housekeeping never fails a run
+            log.debug("could not check for dead runs: %s", exc)
+        self.parent = tracker.start_pipeline(
+            plan.name,
+            {
+                **process_identity(),
+                "difforge.pipeline": plan.name,
+                "difforge.storage": plan.storage,
+                "difforge.git_commit": git_commit(),
+                **self.tags,
+            },
+        )
+        self.parent.log_params(
+            {**params, **{f"fingerprint.{s.id}": s.fingerprint for s in plan.steps}}
+        )
+        tracker.log_files(self.parent, files)
+
+    def _tags(self, step: PlannedStep) -> dict[str, str]:
+        return {
+            "difforge.pipeline": self.pipeline,
+            "difforge.step": step.id,
+            "difforge.op": step.op,
+            "difforge.op_version": step.op_cls.version,
+            "difforge.fingerprint": step.fingerprint,
+            "difforge.inputs": json.dumps({r.text: r.fingerprint for r in step.inputs}),
+            "difforge.uri": step.uri,
+        }
+
+    def step_cached(self, step: PlannedStep, rows: int) -> str | None:
+        assert self.tracker is not None
+        run = self.tracker.start_step(step.id, {**self._tags(step), "difforge.cached": "true"})
+        run.log_metrics({"rows_out": rows, "cached": 1})
+        run.end()
+        return run.run_id
+
+    def step_started(self, step: PlannedStep, fused_with: list[str]) -> StepLog:
+        assert self.tracker is not None
+        tags = {**self._tags(step), "difforge.cached": "false"}
+        if len(fused_with) > 1:
+            tags["difforge.pass"] = "+".join(fused_with)
+        run = self.steps[step.id] = self.tracker.start_step(step.id, tags)
+        try:
+            run.log_params(step.params.model_dump(mode="json"), prefix="")
+        except BaseException:
+            run.end("FAILED")
+            raise
+        return run
+
+    def step_finished(
+        self, step: PlannedStep, metrics: dict[str, float], manifest: dict[str, Any]
+    ) -> None:
+        run = self.steps.pop(step.id)
+        run.log_metrics(metrics)
+        run.log_dict(manifest, "manifest.json")
+        run.end()
+
+    def step_ended(self, step: PlannedStep, status: str) -> None:
+        run = self.steps.pop(step.id, None)
+        if run is not None:
+            run.end(status)
+
+    def pipeline_ended(self, status: str, metrics: dict[str, float]) -> None:
+        if self.parent is not None:
+            self.parent.log_metrics(metrics)
+            self.parent.end(status)

@@ -14,6 +14,7 @@ from ray import cloudpickle
 import difforge
 from difforge.platform import registry
 from difforge.platform.errors import StepFailed
+from difforge.platform.events import RunObserver
 from difforge.platform.fusion import passes
 from difforge.platform.operator import MapOperator
 from difforge.platform.settings import default_tracking_uri
@@ -56,6 +57,32 @@ def spec(storage, folder, extra: list | None = None) -> dict:
     }  # fmt: skip
 
 
+class Recorder(RunObserver):
+    """An observer beside MLflow's: the run's events, in order."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def pipeline_started(self, plan, params, files):
+        self.events.append(("pipeline", plan.name, "resolved.json" in files))
+
+    def step_cached(self, step, rows):
+        self.events.append(("cached", step.id, rows))
+
+    def step_started(self, step, fused_with):
+        self.events.append(("started", step.id, len(fused_with)))
+        return super().step_started(step, fused_with)
+
+    def step_finished(self, step, metrics, manifest):
+        self.events.append(("finished", step.id, metrics["rows_out"], manifest["num_rows"]))
+
+    def step_ended(self, step, status):
+        self.events.append(("ended", step.id, status))
+
+    def pipeline_ended(self, status, metrics):
+        self.events.append(("end", status))
+
+
 def runs_by_step(summary) -> dict:
     client = mlflow.MlflowClient(summary.tracking_uri)
     return {s.step: client.get_run(s.run_id) for s in summary.steps}
@@ -82,8 +109,15 @@ def test_a_fused_pass_writes_what_separate_passes_write(ray_session, tmp_path):
     files = difforge.open_dataset(fused.step("images").uri).manifest.files
     assert max(f.rows for f in files) == 2
 
-    again = difforge.run(spec(tmp_path / "a", tmp_path / "bad"))
+    rec = Recorder()
+    again = difforge.run(spec(tmp_path / "a", tmp_path / "bad"), observers=[rec])
     assert all(s.cached for s in again.steps)
+    rows = {s.step: s.rows_out for s in fused.steps}
+    assert rec.events == [
+        ("pipeline", "fused", True),
+        *[("cached", sid, rows[sid]) for sid in ("raw", "clean", "images")],
+        ("end", "FINISHED"),
+    ]
 
 
 def test_a_failing_step_in_a_pass_is_named_and_nothing_is_committed(ray_session, tmp_path):
@@ -91,9 +125,17 @@ def test_a_failing_step_in_a_pass_is_named_and_nothing_is_committed(ray_session,
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     registry.register(Explode)
     boom = {"id": "boom", "op": "test.explode", "inputs": ["images"]}
+    rec = Recorder()
     try:
         with pytest.raises(StepFailed) as err:
-            difforge.run(spec(tmp_path / "s", tmp_path / "bad", [boom]))
+            difforge.run(spec(tmp_path / "s", tmp_path / "bad", [boom]), observers=[rec])
+        steps = ("raw", "clean", "images", "boom")
+        assert rec.events == [
+            ("pipeline", "fused", True),
+            *[("started", sid, 4) for sid in steps],
+            *[("ended", sid, "FAILED") for sid in steps],
+            ("end", "FAILED"),
+        ]
         message = str(err.value)
         assert message.startswith("step 'boom' (test.explode) (in one pass with raw, clean, ")
         assert "ValueError: cannot handle good3.png" in message

@@ -74,9 +74,10 @@ def test_scheduler_fires_real_runs_and_reports_failures(tmp_path):
         assert proc.wait(timeout=15) == 0
     assert "scheduler: stopped" in (tmp_path / "scheduler.log").read_text()
 
-    # each started run fired within a second of its slot; while a run ran, slots were skipped
+    # each started run fired at its slot (a few seconds' margin: two runs starting Ray on two
+    # busy cores can starve the scheduler's process); while a run ran, slots were skipped
     started = [f for f in store.firings() if f.job_id]
-    assert started and all(f.fired_at - f.slot < 1.0 for f in started)
+    assert started and all(f.fired_at - f.slot < 3.0 for f in started)
     assert any(f.status == "skipped" for f in store.firings())
 
     history = difforge_cli("schedule", "history", "bad", env=env).stdout

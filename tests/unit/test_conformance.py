@@ -11,6 +11,7 @@ from difforge.operators.corrupt.labels import Labels
 from difforge.operators.curate.filter import Filter
 from difforge.operators.curate.validate import Validate
 from difforge.operators.image.resize import Resize
+from difforge.platform.fusion import plain_map
 from difforge.platform.imaging import encode_png
 from difforge.platform.operator import MapOperator
 from difforge.testing import ConformanceError, check_map_operator
@@ -83,10 +84,36 @@ class Liar(MapOperator):
         return batch
 
 
+class Peeker(MapOperator):
+    """Reads its whole input in setup, without saying so: breaks when fused."""
+
+    name = "test.peeker"
+    Params = P
+
+    def setup(self, ctx):
+        self.total = ctx.input(0).num_rows
+
+    def process(self, batch):
+        return batch
+
+
+class DeclaredPeeker(Peeker):
+    """The same, declared: runs in a pass of its own, and conforms."""
+
+    name = "test.declared_peeker"
+    reads_whole_input = True
+
+
+def test_an_operator_that_reads_its_input_whole_says_so(tmp_path, sample):
+    check_map_operator(DeclaredPeeker, {}, sample, tmp_path)
+    assert plain_map(Peeker) and not plain_map(DeclaredPeeker)  # never fused with its input
+
+
 @pytest.mark.parametrize(
     "op, rule",
     [
         (Sloppy, "Params accept unknown fields"),
+        (Peeker, "cannot be set up in a fused pass.*reads_whole_input = True"),
         (Counter, "differs when the input comes in slices of 3 rows"),
         (Liar, "declares columns .*score.* but writes"),
     ],

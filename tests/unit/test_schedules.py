@@ -133,6 +133,8 @@ def test_a_failed_run_is_recorded_and_alerts_once(store, tmp_path):
     runs.outcome["job-1"] = ("failed", "step 'raw' failed: boom")
     first.settle(T0 + MINUTE + 30)
     second.settle(T0 + MINUTE + 31)  # the other scheduler sees it already settled
+    first.drain()
+    second.drain()
     assert statuses(store) == ["failed"]
     assert store.firings("nightly")[0].message == "step 'raw' failed: boom"
     assert alerts.read_text().splitlines() == ["nightly job-1 step 'raw' failed: boom"]
@@ -146,9 +148,31 @@ def test_a_run_that_cannot_start_is_a_failed_firing(store, tmp_path):
         def start(self, schedule, slot):
             raise DifforgeError("cannot reach the Ray cluster at http://nowhere:8265")
 
-    assert Scheduler(store, Refusing()).tick(T0 + MINUTE) == [("nightly", T0 + MINUTE, "failed")]
+    sched = Scheduler(store, Refusing())
+    assert sched.tick(T0 + MINUTE) == [("nightly", T0 + MINUTE, "failed")]
     assert "cannot reach" in store.firings("nightly")[0].message
+    sched.drain()
     assert alerts.read_text() == "failed\n"
+
+
+def test_a_slow_on_failure_command_does_not_hold_up_firing(store, tmp_path):
+    done = tmp_path / "alerted"
+    every_minute(store, on_failure=f"sleep 2; echo $DIFFORGE_STATUS > {done}")
+    store.add(Schedule(name="other", file="/q.yaml", cron="* * * * *", created=T0))
+
+    class RefusesNightly(Runs):
+        def start(self, schedule, slot):
+            if schedule.name == "nightly":
+                raise DifforgeError("cannot reach the Ray cluster")
+            return super().start(schedule, slot)
+
+    runs = RefusesNightly()
+    sched = Scheduler(store, runs)
+    fired = sched.tick(T0 + MINUTE)
+    # the tick returned with the other schedule's run started while the alert still sleeps
+    assert ("other", T0 + MINUTE, "running") in fired and not done.exists()
+    sched.drain()
+    assert done.read_text() == "failed\n"
 
 
 def test_paused_schedules_do_not_fire(store):

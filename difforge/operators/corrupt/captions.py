@@ -16,7 +16,7 @@ from difforge.platform.spec import Resources
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from difforge.platform.context import JobContext
+    from difforge.platform.context import FinalizeContext, JobContext
 
 # Replacement words for `mode: words`: common concrete nouns, so a corrupted caption stays
 # fluent but says something wrong.
@@ -161,7 +161,7 @@ class Captions(JobOperator):
                          res.batch_size, res.num_cpus)[MAIN]  # fmt: skip
         return JobResult(entries={MAIN: main})
 
-    def finalize(self, outcome: StepOutcome, tracker: Any) -> dict[str, float]:
+    def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
         table = outcome.read_main(["corrupted"])
         n = int(table.column("corrupted").to_numpy().sum()) if table is not None else 0
         return {"achieved_corruption_ratio": n / max(1, outcome.rows_out), "captions_changed": n}

@@ -16,6 +16,8 @@ from difforge.platform.spec import Resources
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from difforge.platform.context import FinalizeContext
+
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -85,7 +87,7 @@ class Labels(MapOperator):
         batch = batch.append_column("label_clean", pa.array(labels, pa.int64()))
         return batch.append_column("corrupted", pa.array(corrupted, pa.bool_()))
 
-    def finalize(self, outcome: StepOutcome, tracker: Any) -> dict[str, float]:
+    def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
         table = outcome.read_main(["corrupted"])
         flipped = int(table.column("corrupted").to_numpy().sum()) if table is not None else 0
         n = max(1, outcome.rows_out)

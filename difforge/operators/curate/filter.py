@@ -14,6 +14,8 @@ from difforge.platform.spec import Resources
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from difforge.platform.context import FinalizeContext
+
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -76,7 +78,7 @@ class Filter(FilterOperator):
         cols = [c for c in (C.WIDTH, C.HEIGHT, C.LABEL, C.CAPTION) if c in batch.column_names]
         return Verdicts([self._failed(r) for r in batch.select(cols).to_pylist()])
 
-    def finalize(self, outcome: StepOutcome, tracker: Any) -> dict[str, float]:
+    def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
         rejects = outcome.sides["rejects"]
         counts = Counter()
         if rejects.num_rows:

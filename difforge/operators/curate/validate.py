@@ -17,6 +17,9 @@ from difforge.platform.spec import Resources
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from difforge.platform.context import FinalizeContext
+    from difforge.platform.events import StepLog
+
 # Reasons, in the order they are checked. Cheap header checks come before any decoding, so a
 # decompression bomb is refused from its header alone.
 REASONS = (
@@ -132,12 +135,12 @@ class Validate(FilterOperator):
         }
         return Verdicts(reasons, details, replace)
 
-    def finalize(self, outcome: StepOutcome, tracker: Any) -> dict[str, float]:
+    def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
         rejects = outcome.sides["rejects"]
         counts = Counter()
         if rejects.num_rows:
             counts.update(rejects.to_arrow(columns=[C.REASON]).column(C.REASON).to_pylist())
-            log_reject_grid(rejects, tracker)
+            log_reject_grid(rejects, ctx.log)
         total = outcome.rows_in or 0
         fraction = rejects.num_rows / total if total else 0.0
         metrics = {f"rejected_{r}": float(counts.get(r, 0)) for r in REASONS}
@@ -152,7 +155,7 @@ class Validate(FilterOperator):
         return metrics
 
 
-def log_reject_grid(rejects, tracker: Any, n: int = 32) -> None:
+def log_reject_grid(rejects, step_log: StepLog, n: int = 32) -> None:
     """A grid of rejected images, each captioned with its reason, as an MLflow artifact."""
     from difforge.platform.show import captioned_grid
 
@@ -161,4 +164,4 @@ def log_reject_grid(rejects, tracker: Any, n: int = 32) -> None:
         return
     items = list(zip(table.column(C.IMAGE).to_pylist(), table.column(C.REASON).to_pylist(),
                      strict=True))  # fmt: skip
-    tracker.log_image(captioned_grid(items), "rejects.png")
+    step_log.log_image(captioned_grid(items), "rejects.png")

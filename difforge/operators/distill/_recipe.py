@@ -82,7 +82,7 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
     # the phase's frozen teacher travels in the checkpoints (the IO's extra-module slot)
     step = io.restore(engine, teacher)
     total = sum(ph["steps"] for ph in plan)
-    tracker = config["tracker"]
+    step_log = config["log"]
     losses: list[float] = []
     while step < total:
         index, phase, start = phase_at(plan, step)
@@ -154,7 +154,7 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
                        "lr": lr_sched.get_last_lr()[0]}  # fmt: skip
             io.save(engine, teacher, step, metrics)
             if rank == 0:
-                tracker.log_new({"loss": metrics["loss"], f"loss_phase_{index}": metrics["loss"]},
+                step_log.log_new({"loss": metrics["loss"], f"loss_phase_{index}": metrics["loss"]},
                                 step=step)  # fmt: skip
             losses = []
 
@@ -169,7 +169,7 @@ def log_round(config, student, info, sched_cfg, vae, index: int, steps: int, ste
     from difforge.diffusion.schedules import make_scheduler
     from difforge.platform.show import grid
 
-    p, tracker = config["params"], config["tracker"]
+    p, step_log = config["params"], config["log"]
     classes = info.get("num_classes") or 0
     w = float(p.get("w_max") if config["guided"] else (p.get("guidance_scale") or 1.0))
     scheduler_config = {**sched_cfg, "timestep_spacing": "trailing"}
@@ -191,7 +191,7 @@ def log_round(config, student, info, sched_cfg, vae, index: int, steps: int, ste
         tiles = draw(8 * min(max(classes, 1), 10), 0)
         ordered = sorted(range(len(tiles)), key=lambda i: (i % max(classes, 1), i))
         canvas = grid([tiles[i] for i in ordered], columns=8)
-        tracker.log_image(canvas.resize((canvas.width * 3, canvas.height * 3), 0),
+        step_log.log_image(canvas.resize((canvas.width * 3, canvas.height * 3), 0),
                           f"round_{index}_{steps}_steps.png")  # fmt: skip
         ev = config.get("evaluation")
         if ev:
@@ -203,7 +203,7 @@ def log_round(config, student, info, sched_cfg, vae, index: int, steps: int, ste
             arrays = [np.asarray(im.convert(mode)) for im in draw(ev["images"], 10**6)]
             fake = np.stack([a[None] if a.ndim == 2 else a.transpose(2, 0, 1) for a in arrays])
             fd = frechet_distance(f_real, classifier_features(net, fake)[0])
-            tracker.log_metrics({f"fd_{steps}_steps": fd, "fd": fd}, step=step)
+            step_log.log_metrics({f"fd_{steps}_steps": fd, "fd": fd}, step=step)
     finally:
         student.train(was_training)
 

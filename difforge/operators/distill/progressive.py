@@ -192,7 +192,7 @@ class _Distill(JobOperator):
                                 classes, steps)  # fmt: skip
             tiles = to_pil(imgs, vae)
             canvas = grid(tiles, columns=per)
-            ctx.tracker.log_image(canvas.resize((canvas.width * 3, canvas.height * 3), 0),
+            ctx.log.log_image(canvas.resize((canvas.width * 3, canvas.height * 3), 0),
                                   f"samples_{steps}_steps.png")  # fmt: skip
         return ctx.artifact("model"), out
 

@@ -214,7 +214,7 @@ class FID(JobOperator):
                 per_class[f"class_accuracy_{int(c)}"] = float((pred[labels == c] == c).mean())
         else:
             metrics["class_accuracy"] = float("nan")
-        ctx.tracker.log_metrics({**metrics, **per_class})
+        ctx.log.log_metrics({**metrics, **per_class})
         metrics["features"] = p.features
         table = pa.table({C.ID: ["metrics"], **{k: [v if isinstance(v, str) else float(v)]
                                                 for k, v in metrics.items()}})  # fmt: skip

@@ -119,7 +119,7 @@ class Memorization(JobOperator):
             "ratio_median": float(np.median(ratio)) if len(ratio) else 0.0,
             "num_samples": float(len(fake)),
         }
-        ctx.tracker.log_metrics(metrics)
+        ctx.log.log_metrics(metrics)
         if p.pairs and len(fake):
             closest = np.argsort(ratio)[: p.pairs]
             sample_png = dict(
@@ -132,7 +132,7 @@ class Memorization(JobOperator):
             for i in closest:  # each pair: the sample, then the training image it is closest to
                 tiles += [decode(sample_png[fake_ids[i]]), decode(train_png[real_ids[idx[i, 0]]])]
             canvas = grid(tiles, columns=8)
-            ctx.tracker.log_image(canvas.resize((canvas.width * 3, canvas.height * 3), 0),
+            ctx.log.log_image(canvas.resize((canvas.width * 3, canvas.height * 3), 0),
                                   "closest_pairs.png")  # fmt: skip
         table = pa.table({
             C.ID: pa.array(fake_ids, pa.string()),

@@ -19,6 +19,9 @@ from difforge.platform.spec import Resources
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from difforge.platform.context import FinalizeContext
+    from difforge.platform.operator import StepOutcome
+
 
 class DeepCacheParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -106,7 +109,7 @@ class SampleDiffusion(MapOperator):
             input_columns, add=(C.IMAGE, C.FORMAT, C.WIDTH, C.HEIGHT, C.MODE), remove=(C.MODEL_URI,)
         )
 
-    def finalize(self, outcome, tracker) -> dict[str, float]:
+    def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
         """A grid per class, as MLflow images."""
         from PIL import Image
 
@@ -124,5 +127,5 @@ class SampleDiffusion(MapOperator):
                 tiles.append(decode(r[C.IMAGE]))
         lines = [grid(t, columns=16) for _, t in sorted(by_class.items())]
         canvas = grid(lines, columns=1, pad=0)
-        tracker.log_image(canvas.resize((canvas.width * 3, canvas.height * 3), 0), "samples.png")
+        ctx.log.log_image(canvas.resize((canvas.width * 3, canvas.height * 3), 0), "samples.png")
         return {"images": float(len(rows))}

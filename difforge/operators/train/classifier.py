@@ -106,7 +106,7 @@ def train_loop(config: dict[str, Any]) -> None:
         net.train()
         return correct / max(1, len(ex))
 
-    tracker = config["tracker"]
+    step_log = config["log"]
     for epoch in range(start_epoch, p["epochs"]):
         order = np.random.default_rng([p["seed"], epoch]).permutation(len(x))[rank::world]
         total, count = 0.0, 0
@@ -126,7 +126,7 @@ def train_loop(config: dict[str, Any]) -> None:
         report(metrics, state if rank == 0 else None)
         if rank == 0:
             # a restart replays epochs from its checkpoint; log_new never logs one twice
-            tracker.log_new({"train_loss": metrics["train_loss"], "accuracy": accuracy}, epoch)
+            step_log.log_new({"train_loss": metrics["train_loss"], "accuracy": accuracy}, epoch)
 
 
 class Classifier(JobOperator):
@@ -177,7 +177,7 @@ class Classifier(JobOperator):
             with open(os.path.join(d, "config.json"), "w") as f:
                 json.dump(model_config, f, indent=2)
             ctx.publish(d, "model")
-        ctx.tracker.log_metrics({"final_accuracy": result.metrics["accuracy"]})
+        ctx.log.log_metrics({"final_accuracy": result.metrics["accuracy"]})
         table = pa.table(
             {
                 C.ID: ["model"],

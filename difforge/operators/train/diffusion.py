@@ -115,7 +115,7 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
 
     # resume: the optimizer step count comes back with the weights
     step = io.restore(engine, ema)
-    tracker = config["tracker"]
+    step_log = config["log"]
     alphas = noise_scheduler.alphas_cumprod.to(device)
     losses: list[float] = []
     # throughput since this run's first optimizer step (start-up excluded)
@@ -172,7 +172,7 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
             io.save(engine, ema, step, metrics)
             if rank == 0:
                 # a restart after a failure replays steps; log_new never logs one twice
-                tracker.log_new({"loss": metrics["loss"], "lr": metrics["lr"],
+                step_log.log_new({"loss": metrics["loss"], "lr": metrics["lr"],
                                  "samples_per_s": rate}, step=step)  # fmt: skip
             losses = []
 
@@ -311,10 +311,11 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext) -> tuple[st
                             list(range(len(labels))), labels, [2.0] * len(labels),
                             num_classes, 25)  # fmt: skip
         tiles = to_pil(imgs, vae)
-        ctx.tracker.log_image(grid(tiles, columns=per).resize(
+        ctx.log.log_image(grid(tiles, columns=per).resize(
             (per * (tiles[0].width + 2) * 3, classes * (tiles[0].height + 2) * 3), 0),
             "samples.png")  # fmt: skip
-    _register(ctx, info)
+    # in the MLflow Model Registry, with the step's lineage as tags
+    ctx.log.register_model(f"{ctx.pipeline}-{ctx.step}", "model")
     return ctx.artifact("model"), info
 
 
@@ -326,20 +327,3 @@ def _shape_of(data, column: str) -> tuple[int, ...]:
 
     arr = to_array(row[C.IMAGE])
     return (1, *arr.shape) if arr.ndim == 2 else (arr.shape[2], arr.shape[0], arr.shape[1])
-
-
-def _register(ctx: JobContext, info: dict) -> None:
-    """Register the logged model folder in the MLflow Model Registry with its lineage."""
-    client = ctx.tracker.client
-    name = f"{ctx.pipeline}-{ctx.step}"
-    try:
-        client.create_registered_model(name)
-    except Exception:
-        pass  # already there
-    run = client.get_run(ctx.tracker.run_id)
-    version = client.create_model_version(
-        name, f"{run.info.artifact_uri}/model", run_id=ctx.tracker.run_id,
-        tags={"pipeline": ctx.pipeline, "step": ctx.step,
-              "inputs": run.data.tags.get("difforge.inputs", "")},
-    )  # fmt: skip
-    ctx.tracker.set_tags({"difforge.registered_model": f"models:/{name}/{version.version}"})

@@ -94,7 +94,7 @@ def train_loop(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(_objective(vae))
     device = ray.train.torch.get_device()
     per_rank = max(1, p["batch_size"] // world)
-    tracker = config["tracker"]
+    step_log = config["log"]
     losses: list[float] = []
     for step in range(start, p["max_steps"]):
         # the batch is a function of (seed, step, rank): a resumed run sees the same data
@@ -114,7 +114,7 @@ def train_loop(config: dict[str, Any]) -> None:
             report(metrics, state if rank == 0 else None)
             if rank == 0:
                 # a restart replays steps from its checkpoint; log_new never logs one twice
-                tracker.log_new({"train_mse": metrics["mse"], "train_psnr": psnr}, step=done)
+                step_log.log_new({"train_mse": metrics["mse"], "train_psnr": psnr}, step=done)
             losses = []
 
 
@@ -168,8 +168,8 @@ class TrainVAE(JobOperator):
         mode = "L" if tiles.shape[-1] == 1 else "RGB"
         img = grid([Image.fromarray(t.squeeze(-1) if mode == "L" else t, mode) for t in tiles],
                    columns=16)  # fmt: skip
-        ctx.tracker.log_image(img.resize((img.width * 3, img.height * 3), 0), "reconstructions.png")
-        ctx.tracker.log_metrics({"holdout_psnr": psnr, "scaling_factor": scaling})
+        ctx.log.log_image(img.resize((img.width * 3, img.height * 3), 0), "reconstructions.png")
+        ctx.log.log_metrics({"holdout_psnr": psnr, "scaling_factor": scaling})
         with tempfile.TemporaryDirectory() as d:
             vae.save_pretrained(d)
             with open(os.path.join(d, "difforge.json"), "w") as f:

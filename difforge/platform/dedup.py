@@ -1,0 +1,175 @@
+"""The machinery of the dedup shape (`difforge.platform.operator.DedupOperator`), written once:
+keys for every row in parallel tasks, a shuffle that brings rows sharing a key together, the
+operator's `match` within each group, one verdict per duplicate row, then a second parallel
+pass that drops (or flags) those rows. Only small shard descriptions reach the driver."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from difforge.platform import columns as C
+from difforge.platform.datasets import join, url_to_fs
+from difforge.platform.operator import JobOperator, JobResult
+from difforge.platform.outputs import MAIN
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from difforge.platform.context import JobContext
+
+#: the side output listing each duplicate row: its id, the id it duplicates, and details
+DUPLICATES = "duplicates"
+
+
+class DedupOperator(JobOperator):
+    """Finds rows that duplicate other rows across a whole dataset, or (with a second input)
+    rows of a reference dataset, and drops them or flags them; the side output `duplicates`
+    lists each with the id it duplicates. You write `keys` (rows that may be duplicates share
+    a key) and `match` (within one key's rows, which duplicate which); difforge computes the
+    keys in parallel, brings each key's rows together with a shuffle (no row passes through
+    the driver), keeps one verdict per row, removes or flags the rows in a second parallel
+    pass, and logs the pairs found side by side (`grid`)."""
+
+    kind: ClassVar[str] = "dedup"
+    side_outputs: ClassVar[tuple[str, ...]] = (DUPLICATES,)
+    #: each row has exactly one key (no second shuffle to pick one verdict per row)
+    one_key_per_row: ClassVar[bool] = False
+    #: columns of `match`'s rows ordering a row's verdicts: the first one is kept
+    rank: ClassVar[tuple[str, ...]] = ()
+    #: the MLflow image of removed rows beside what they duplicated ("" for none)
+    grid: ClassVar[str] = "duplicates.png"
+
+    def keys(self, batch: pa.Table, role: str) -> pa.Table:
+        """Zero or more rows per input row: `id`, `key` (a string), `role` ("main", or "ref"
+        for reference rows) and whatever `match` needs."""
+        raise NotImplementedError
+
+    def match(self, group: pa.Table, reference: bool) -> pa.Table:
+        """Given the rows sharing one key: a row (`id`, `duplicate_of`, and any detail
+        columns) for each main row that duplicates another: one with a lower id, by
+        convention, or, when the step has a `reference` input, a reference row."""
+        raise NotImplementedError
+
+    def flag_column(self) -> str | None:
+        """None to drop duplicates; else the name of a boolean column flagging them (and
+        `{name}_id` holding the id each duplicates), every row kept."""
+        return None
+
+    def run(self, ctx: JobContext) -> JobResult:
+        return run_dedup(self, ctx)
+
+
+class DropIds:
+    """Removes the rows whose ids are listed in some shards (loaded once per task), or keeps
+    them and flags them (`flag` and `{flag}_id` columns)."""
+
+    def __init__(self, id_files: list[str], flag: str | None = None):
+        self.id_files, self.flag, self._ids = id_files, flag, None
+
+    def ids(self) -> dict[str, str]:
+        if self._ids is None:
+            import pyarrow.parquet as pq
+
+            self._ids = {}
+            for uri in self.id_files:
+                fs, path = url_to_fs(uri)
+                t = pq.read_table(path, filesystem=fs, columns=[C.ID, "duplicate_of"])
+                self._ids.update(zip(t.column(0).to_pylist(), t.column(1).to_pylist(),
+                                     strict=True))  # fmt: skip
+        return self._ids
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import pyarrow as pa
+
+        ids = self.ids()
+        if self.flag:
+            near = [ids.get(i) for i in batch.column(C.ID).to_pylist()]
+            batch = batch.append_column(self.flag, pa.array([n is not None for n in near]))
+            return batch.append_column(f"{self.flag}_id", pa.array(near, pa.string()))
+        mask = [i not in ids for i in batch.column(C.ID).to_pylist()]
+        return batch.filter(pa.array(mask, pa.bool_()))
+
+
+def _keys(op: DedupOperator, role: str, batch: pa.Table) -> pa.Table:
+    return op.keys(batch, role)
+
+
+def _match(op: DedupOperator, reference: bool, group: pa.Table) -> pa.Table:
+    return op.match(group, reference)
+
+
+def first_by(rank: tuple[str, ...], group: pa.Table) -> pa.Table:
+    """One row per duplicate id (rows of one id matched under several keys): the first by
+    `rank`, then by what it duplicates."""
+    rows = sorted(group.to_pylist(), key=lambda r: (*[r[k] for k in rank], r["duplicate_of"]))
+    return group.from_pylist(rows[:1], schema=group.schema)
+
+
+def run_dedup(op: DedupOperator, ctx: JobContext) -> JobResult:
+    """Keys, a shuffle by key, `match` per group, one verdict per row, then the drop pass."""
+    from difforge.platform.parallel import (
+        as_function,
+        default_partitions,
+        group_and_write,
+        map_files,
+        read_files,
+    )
+
+    res = ctx.resources
+    columns = sorted(op.required_columns(op.params))
+    keys = read_files(ctx.inputs[0].shards(), partial(_keys, op, "main"), res.batch_size,
+                      res.num_cpus, columns)  # fmt: skip
+    if len(ctx.inputs) > 1:
+        ref = read_files(ctx.inputs[1].shards(), partial(_keys, op, "ref"), res.batch_size,
+                         res.num_cpus, columns)  # fmt: skip
+        keys = keys.union(ref)
+    match = partial(_match, op, len(ctx.inputs) > 1)
+    side = {DUPLICATES: ctx.outputs[DUPLICATES]}
+    if op.one_key_per_row:  # a row is in one group only: its verdict is final
+        found = group_and_write(keys, "key", match, side)[DUPLICATES]
+    else:
+        pairs = keys.groupby("key", num_partitions=default_partitions()).map_groups(
+            as_function(match), batch_format="pyarrow"
+        )
+        found = group_and_write(pairs, C.ID, partial(first_by, op.rank), side)[DUPLICATES]
+    id_files = [join(side[DUPLICATES].uri, e["path"]) for e in found if e["path"]]
+    flag = op.flag_column()
+    main = map_files(ctx.inputs[0].shards(), DropIds(id_files, flag), {MAIN: ctx.outputs[MAIN]},
+                     res.batch_size, res.num_cpus)[MAIN]  # fmt: skip
+    if op.grid and C.IMAGE in ctx.inputs[0].schema.names:
+        log_pairs(ctx, side_pairs(id_files), op.grid)
+    return JobResult(entries={MAIN: main, DUPLICATES: found})
+
+
+def side_pairs(uris: list[str], n: int = 16) -> list[tuple[str, str]]:
+    """Up to `n` (duplicate, kept) id pairs from the duplicates' shards."""
+    import pyarrow.parquet as pq
+
+    pairs: list[tuple[str, str]] = []
+    for uri in uris:
+        if len(pairs) >= n:
+            break
+        fs, path = url_to_fs(uri)
+        t = pq.read_table(path, filesystem=fs, columns=[C.ID, "duplicate_of"])
+        pairs += list(zip(t.column(0).to_pylist(), t.column(1).to_pylist(), strict=True))
+    return pairs[:n]
+
+
+def log_pairs(ctx: JobContext, pairs: list[tuple[str, str]], name: str) -> None:
+    """Removed rows beside what they duplicated, as an image grid in the step's log."""
+    if not pairs:
+        return
+    from difforge.platform.show import captioned_grid
+
+    wanted = {i for p in pairs for i in p}
+    images: dict[str, Any] = {}
+    for ds in ctx.inputs:
+        for batch in ds.iter_batches(columns=[C.ID, C.IMAGE], batch_size=4096):
+            for i, b in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
+                if i in wanted:
+                    images[i] = b
+    items = []
+    for dropped, kept in pairs:
+        items += [(images.get(kept), f"kept {kept}"), (images.get(dropped), f"drop {dropped}")]
+    ctx.log.log_image(captioned_grid(items, columns=8), name)
