@@ -67,7 +67,7 @@ def main() -> None:
     # the same recipe under torchrun
     p = Params(**params).model_dump()
     ds = difforge.open_dataset(raw_uri)
-    cfg = {"params": p, "files": ds.file_uris(), "column": "image", "num_classes": 10,
+    cfg = {"params": p, "shards": ds.shards(), "column": "image", "num_classes": 10,
            "threads": 1, "folder": str(work / "torchrun")}  # fmt: skip
     cfg_path = work / "cfg.json"
     cfg_path.write_text(json.dumps(cfg))

@@ -1,21 +1,48 @@
-"""Training data sources: what a recipe draws its batches from.
+"""Training data: a committed dataset read as a stream, in an order fixed by the seed.
 
-A recipe asks a source for a batch with a random generator of its own; every draw is a function
-of (seed, step, micro step, rank), so the position of a resumed run is its optimizer step and
-it continues the same sequence. `InMemorySource` holds the whole input (what fits one worker's
-memory); a streaming source (reading shards as the recipe goes) plugs in behind the same
-interface without changing the recipes.
+Every worker of a training job reads the dataset's Parquet shards itself, in the same order:
+
+- epoch `e` visits every row once. Its order: the shards shuffled by (seed, e), cut into
+  *windows* of consecutive shards holding at least `window_rows` rows, and the rows of each
+  window shuffled by (seed, e, window). A window is all a worker holds in memory (with the
+  next one, read ahead in a thread), so memory is bounded by the window, not the dataset; a
+  dataset smaller than one window is shuffled whole each epoch.
+- the epochs follow one another as one stream of rows; optimizer step `s`'s micro batch `k`
+  (of `grad_accum`) takes the global rows `[(s * grad_accum + k) * B, ... + B)` for the global
+  micro batch `B = micro * world`, and rank `r` takes its `micro` of them. So each example is
+  seen once per epoch, the order depends only on the seed (not on the number of reads, the
+  block layout or timing), and a run resumed at step `s` (after a killed worker or driver)
+  continues exactly where it was.
+
+Batches are as mixed as a window is: rows written in class order (a class-sorted folder) mix
+across the classes of the window's shards; `window_rows` trades memory for mixing.
 """
 
 from __future__ import annotations
 
+import bisect
+import threading
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import Field
 
 from difforge.platform import columns as C
 
 if TYPE_CHECKING:
     import numpy as np
+
+#: rows a worker shuffles together (and holds, twice, at most): 65,536 latents of 4x32x32
+#: float32 are 1 GiB
+DEFAULT_WINDOW_ROWS = 65_536
+
+#: a training operator's `shuffle_window` param
+ShuffleWindow = Annotated[
+    int,
+    Field(ge=1, description="rows each worker shuffles together and holds in memory (twice); "
+          "the whole input is shuffled each epoch when it is smaller"),
+]  # fmt: skip
 
 
 @dataclass
@@ -27,71 +54,201 @@ class Batch:
     cond: np.ndarray | None
 
 
-class TrainingSource(Protocol):
-    """The interface of a training data source."""
-
-    #: one sample's shape, [C, H, W]
-    sample_shape: tuple[int, ...]
-    has_labels: bool
-    #: the condition embedding's shape per sample, or None without one
-    cond_shape: tuple[int, ...] | None
-
-    def __len__(self) -> int: ...
-
-    def batch(self, rng: np.random.Generator, size: int) -> Batch:
-        """`size` rows drawn with `rng` (uniformly, with replacement)."""
-        ...
+@dataclass
+class _Window:
+    x: np.ndarray
+    labels: np.ndarray | None
+    cond: np.ndarray | None
 
 
-class InMemorySource:
-    """The whole input decoded once into memory: images scaled to [-1, 1], or latents."""
+class ShardStream:
+    """One rank's micro batches from a committed dataset's shards (see the module's doc).
 
-    def __init__(self, files: list[str], column: str):
-        self.x, self.labels, self.cond = _load_arrays(files, column)
-        self.sample_shape = tuple(self.x.shape[1:])
-        self.has_labels = self.labels is not None
-        self.cond_shape = tuple(self.cond.shape[1:]) if self.cond is not None else None
+    `shards` are the dataset's `shards()` (file, bytes, sha256, rows); `column` is `image`
+    (decoded and scaled to [-1, 1]) or `latent`. `batch(i)` is this rank's `i`-th micro batch
+    (`i = step * grad_accum + micro_step`)."""
+
+    def __init__(
+        self,
+        shards: list[dict[str, Any]],
+        column: str,
+        seed: int,
+        micro: int,
+        rank: int = 0,
+        world: int = 1,
+        window_rows: int = DEFAULT_WINDOW_ROWS,
+    ):
+        import numpy as np
+
+        self.shards = [s for s in shards if s["rows"]]
+        if not self.shards:
+            raise ValueError("the training input has no rows")
+        self.column, self.seed, self.micro = column, seed, micro
+        self.rank, self.world, self.window_rows = rank, world, window_rows
+        self.rows = np.array([s["rows"] for s in self.shards], dtype=np.int64)
+        self.n = int(self.rows.sum())
+        self._plans: dict[int, tuple[list[list[int]], list[int]]] = {}
+        self._cache: dict[tuple[int, int], _Window] = {}
+        self._ahead: tuple[tuple[int, int], threading.Thread, dict] | None = None
+        #: seconds `batch` spent waiting for reads (the rest of a step is compute)
+        self.wait_s = 0.0
+        first = self._read([0])
+        self.sample_shape = tuple(first.x.shape[1:])
+        self.has_labels = first.labels is not None
+        self.cond_shape = tuple(first.cond.shape[1:]) if first.cond is not None else None
 
     def __len__(self) -> int:
-        return len(self.x)
+        return self.n
 
-    def batch(self, rng: np.random.Generator, size: int) -> Batch:
-        idx = rng.integers(0, len(self.x), size)
+    # -- the order -----------------------------------------------------------------------
+    def epoch_plan(self, epoch: int) -> tuple[list[list[int]], list[int]]:
+        """The epoch's windows (shard indices, in order) and the row offset each starts at."""
+        plan = self._plans.get(epoch)
+        if plan is None:
+            import numpy as np
+
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+            windows, starts, current, rows, start = [], [], [], 0, 0
+            for i in order.tolist():
+                current.append(i)
+                rows += int(self.rows[i])
+                if rows >= self.window_rows:
+                    windows.append(current)
+                    starts.append(start)
+                    current, start, rows = [], start + rows, 0
+            if current:
+                windows.append(current)
+                starts.append(start)
+            plan = self._plans[epoch] = (windows, starts)
+            if len(self._plans) > 2:
+                self._plans.pop(min(self._plans))
+        return plan
+
+    def positions(self, index: int) -> list[tuple[int, int, int]]:
+        """(epoch, window, row in the shuffled window) of each row of micro batch `index`."""
+        start = (index * self.world + self.rank) * self.micro
+        out = []
+        pos = start
+        while pos < start + self.micro:
+            epoch, offset = divmod(pos, self.n)
+            windows, starts = self.epoch_plan(epoch)
+            w = bisect.bisect_right(starts, offset) - 1
+            end_of_window = starts[w + 1] if w + 1 < len(starts) else self.n
+            take = min(start + self.micro - pos, end_of_window - offset)
+            out += [(epoch, w, offset - starts[w] + k) for k in range(take)]
+            pos += take
+        return out
+
+    # -- reading -------------------------------------------------------------------------
+    def batch(self, index: int) -> Batch:
+        import numpy as np
+
+        parts: dict[tuple[int, int], list[int]] = {}
+        for epoch, w, row in self.positions(index):
+            parts.setdefault((epoch, w), []).append(row)
+        xs, labels, conds = [], [], []
+        for key, rows in parts.items():
+            window = self._window(key)
+            idx = np.asarray(rows)
+            xs.append(window.x[idx])
+            if window.labels is not None:
+                labels.append(window.labels[idx])
+            if window.cond is not None:
+                conds.append(window.cond[idx])
         return Batch(
-            self.x[idx],
-            self.labels[idx] if self.labels is not None else None,
-            self.cond[idx] if self.cond is not None else None,
+            np.concatenate(xs),
+            np.concatenate(labels) if labels else None,
+            np.concatenate(conds) if conds else None,
         )
 
+    def _next_key(self, key: tuple[int, int]) -> tuple[int, int]:
+        epoch, w = key
+        windows, _ = self.epoch_plan(epoch)
+        return (epoch, w + 1) if w + 1 < len(windows) else (epoch + 1, 0)
 
-def _load_arrays(files: list[str], column: str):
-    """x0 as float32 [N, C, H, W] in the model's space, labels, and condition embeddings."""
-    import numpy as np
-    import pyarrow.parquet as pq
+    def _window(self, key: tuple[int, int]) -> _Window:
+        window = self._cache.get(key)
+        if window is None:
+            t0 = time.perf_counter()
+            if self._ahead is not None and self._ahead[0] == key:
+                _, thread, box = self._ahead
+                thread.join()
+                self._ahead = None
+                if "error" in box:
+                    raise box["error"]
+                window = box["window"]
+            else:
+                window = self._load(key)
+            self.wait_s += time.perf_counter() - t0
+            # keep this window and the one before it (a batch may straddle the two)
+            self._cache = {k: v for k, v in self._cache.items() if k == self._prev(key)}
+            self._cache[key] = window
+            self._read_ahead(self._next_key(key))
+        return window
 
-    from difforge.platform.datasets import url_to_fs
-    from difforge.platform.imaging import to_array
-    from difforge.platform.tensors import to_numpy
+    def _prev(self, key: tuple[int, int]) -> tuple[int, int] | None:
+        epoch, w = key
+        if w > 0:
+            return (epoch, w - 1)
+        if epoch == 0:
+            return None
+        return (epoch - 1, len(self.epoch_plan(epoch - 1)[0]) - 1)
 
-    xs, labels, conds = [], [], []
-    for uri in files:
-        fs, path = url_to_fs(uri)
-        schema = pq.read_schema(path, filesystem=fs)
-        cols = [c for c in (column, C.LABEL, C.COND_EMBEDDING) if c in schema.names]
-        t = pq.read_table(path, filesystem=fs, columns=cols)
-        if column == C.LATENT:
-            xs.append(to_numpy(t.column(C.LATENT)).astype(np.float32))
-        else:
-            arr = np.stack([to_array(b) for b in t.column(C.IMAGE).to_pylist()])
-            arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
-            xs.append(arr.astype(np.float32) / 127.5 - 1.0)
-        if C.LABEL in t.column_names:
-            labels.append(t.column(C.LABEL).to_numpy().astype(np.int64))
-        if C.COND_EMBEDDING in t.column_names:
-            conds.append(to_numpy(t.column(C.COND_EMBEDDING)).astype(np.float32))
-    x = np.concatenate(xs)
-    return (
-        x,
-        (np.concatenate(labels) if labels else None),
-        (np.concatenate(conds) if conds else None),
-    )
+    def _read_ahead(self, key: tuple[int, int]) -> None:
+        if key in self._cache or (self._ahead is not None and self._ahead[0] == key):
+            return
+        box: dict[str, Any] = {}
+
+        def load() -> None:
+            try:
+                box["window"] = self._load(key)
+            except BaseException as exc:  # noqa: BLE001 - raised where the window is needed
+                box["error"] = exc
+
+        thread = threading.Thread(target=load, daemon=True)
+        thread.start()
+        self._ahead = (key, thread, box)
+
+    def _load(self, key: tuple[int, int]) -> _Window:
+        import numpy as np
+
+        epoch, w = key
+        windows, _ = self.epoch_plan(epoch)
+        window = self._read(windows[w])
+        perm = np.random.default_rng([self.seed, epoch, w]).permutation(len(window.x))
+        return _Window(
+            window.x[perm],
+            window.labels[perm] if window.labels is not None else None,
+            window.cond[perm] if window.cond is not None else None,
+        )
+
+    def _read(self, shard_indices: list[int]) -> _Window:
+        """The shards' rows, in shard order: x0 float32 [N, C, H, W], labels, condition."""
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        from difforge.platform.datasets import read_shard
+        from difforge.platform.imaging import to_array
+        from difforge.platform.tensors import to_numpy
+
+        xs, labels, conds = [], [], []
+        for i in shard_indices:
+            s = self.shards[i]
+            pf = pq.ParquetFile(read_shard(s["file"], s.get("bytes"), s.get("sha256", "")))
+            names = pf.schema_arrow.names
+            t = pf.read(columns=[c for c in (self.column, C.LABEL, C.COND_EMBEDDING) if c in names])
+            if self.column == C.LATENT:
+                xs.append(to_numpy(t.column(C.LATENT)).astype(np.float32))
+            else:
+                arr = np.stack([to_array(b) for b in t.column(C.IMAGE).to_pylist()])
+                arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
+                xs.append(arr.astype(np.float32) / 127.5 - 1.0)
+            if C.LABEL in t.column_names:
+                labels.append(t.column(C.LABEL).to_numpy().astype(np.int64))
+            if C.COND_EMBEDDING in t.column_names:
+                conds.append(to_numpy(t.column(C.COND_EMBEDDING)).astype(np.float32))
+        return _Window(
+            np.concatenate(xs),
+            np.concatenate(labels) if labels else None,
+            np.concatenate(conds) if conds else None,
+        )

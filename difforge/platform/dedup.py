@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from difforge.platform import columns as C
 from difforge.platform.datasets import join, url_to_fs
 from difforge.platform.operator import JobOperator, JobResult
-from difforge.platform.outputs import MAIN
+from difforge.platform.outputs import MAIN, collect
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -39,6 +39,9 @@ class DedupOperator(JobOperator):
     rank: ClassVar[tuple[str, ...]] = ()
     #: the MLflow image of removed rows beside what they duplicated ("" for none)
     grid: ClassVar[str] = "duplicates.png"
+    #: up to this many input rows, the keys are grouped in one task (no shuffle: its fixed
+    #: cost is seconds); above it, by Ray Data's shuffle across the cluster
+    single_task_rows: ClassVar[int] = 250_000
 
     def keys(self, batch: pa.Table, role: str) -> pa.Table:
         """Zero or more rows per input row: `id`, `key` (a string), `role` ("main", or "ref"
@@ -106,6 +109,36 @@ def first_by(rank: tuple[str, ...], group: pa.Table) -> pa.Table:
     return group.from_pylist(rows[:1], schema=group.schema)
 
 
+def _groups(table: pa.Table, key: str, fn) -> pa.Table | None:
+    """`fn` applied to each group of rows sharing `key`, the results concatenated."""
+    import numpy as np
+    import pyarrow as pa
+
+    if table.num_rows == 0:
+        return None
+    table = table.sort_by(key)
+    keys = np.asarray(table.column(key).to_pylist(), dtype=object)
+    bounds = [0, *(np.flatnonzero(keys[1:] != keys[:-1]) + 1).tolist(), len(keys)]
+    out = [fn(table.slice(a, b - a)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    out = [t for t in out if t is not None and t.num_rows]
+    return pa.concat_tables(out) if out else None
+
+
+class _InOneTask:
+    """Every key's group in one task: match within each, then one verdict per row."""
+
+    def __init__(self, op: DedupOperator, match, outputs: dict):
+        self.op, self.match, self.outputs = op, match, outputs
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        from difforge.platform.parallel import shard_rows
+
+        found = _groups(table, "key", self.match)
+        if found is not None and not self.op.one_key_per_row:
+            found = _groups(found, C.ID, partial(first_by, self.op.rank))
+        return shard_rows({DUPLICATES: found} if found is not None else {}, self.outputs, "all")
+
+
 def run_dedup(op: DedupOperator, ctx: JobContext) -> JobResult:
     """Keys, a shuffle by key, `match` per group, one verdict per row, then the drop pass."""
     from difforge.platform.parallel import (
@@ -126,7 +159,13 @@ def run_dedup(op: DedupOperator, ctx: JobContext) -> JobResult:
         keys = keys.union(ref)
     match = partial(_match, op, len(ctx.inputs) > 1)
     side = {DUPLICATES: ctx.outputs[DUPLICATES]}
-    if op.one_key_per_row:  # a row is in one group only: its verdict is final
+    if sum(ds.num_rows for ds in ctx.inputs) <= op.single_task_rows:
+        # small enough for one task's memory: group there, no shuffle
+        whole = keys.repartition(1).map_batches(
+            as_function(_InOneTask(op, match, side)), batch_size=None, batch_format="pyarrow"
+        )
+        found = collect(whole.iter_rows(), side)[DUPLICATES]
+    elif op.one_key_per_row:  # a row is in one group only: its verdict is final
         found = group_and_write(keys, "key", match, side)[DUPLICATES]
     else:
         pairs = keys.groupby("key", num_partitions=default_partitions()).map_groups(

@@ -7,6 +7,7 @@ one. A private Ray gets a watchdog that ends its processes if the driver is kill
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -17,6 +18,36 @@ from difforge.platform.progress import quiet_libraries, verbose
 from difforge.platform.watchdog import start_watchdog
 
 log = logging.getLogger("difforge")
+
+
+#: Ray's switch for a node that is not meant to join a cluster (its default on macOS and
+#: Windows): the node's IP is then the loopback address, which every Ray server binds
+_NO_CLUSTER = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def loopback_only(private: bool):
+    """While a private Ray starts: its GCS, raylet, agents and workers listen on 127.0.0.1
+    only (without this, Ray on Linux binds every interface even when told 127.0.0.1: it
+    replaces a loopback node IP with the machine's address). Ray's processes inherit the
+    setting as they start; this process gets its own back afterwards, so a later run can
+    still join a cluster."""
+    if not private:
+        yield
+        return
+    from ray._private import ray_constants
+
+    before_env, before = os.environ.get(_NO_CLUSTER), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_NO_CLUSTER] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+        if before_env is None:
+            os.environ.pop(_NO_CLUSTER, None)
+        else:
+            os.environ[_NO_CLUSTER] = before_env
 
 
 class RayRuntime:
@@ -37,13 +68,14 @@ class RayRuntime:
             loud = verbose()
             logs = quiet_libraries()  # before Ray starts: its workers inherit the settings
             try:
-                ray.init(
-                    address=self.address,
-                    include_dashboard=False,
-                    logging_level=logging.INFO if loud else logging.WARNING,
-                    configure_logging=loud,
-                    log_to_driver=loud,  # workers' output: in Ray's session logs unless -v
-                )
+                with loopback_only(self.address == "local"):
+                    ray.init(
+                        address=self.address,
+                        include_dashboard=False,
+                        logging_level=logging.INFO if loud else logging.WARNING,
+                        configure_logging=loud,
+                        log_to_driver=loud,  # workers' output: in Ray's session logs unless -v
+                    )
             except Exception as exc:
                 where = "a private local Ray" if self.address == "local" else self.address
                 raise DifforgeError(

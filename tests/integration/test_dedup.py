@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 from PIL import Image, ImageEnhance
 
 import difforge
+from difforge.platform.dedup import DedupOperator
 
 
 def smooth_image(seed: int, size: int = 64) -> Image.Image:
@@ -51,7 +53,15 @@ def run(tmp_path, op, params=None, ref=None):
     return kept, {d["id"]: d for d in dups}, summary
 
 
-def test_exact_dedup_drops_byte_and_pixel_copies(ray_session, tmp_path):
+@pytest.fixture(params=["one task", "shuffle"])
+def strategy(request, monkeypatch):
+    """Small inputs group in one task; large ones through Ray Data's shuffle: same results."""
+    if request.param == "shuffle":
+        monkeypatch.setattr(DedupOperator, "single_task_rows", 0)
+    return request.param
+
+
+def test_exact_dedup_drops_byte_and_pixel_copies(ray_session, tmp_path, strategy):
     plant(tmp_path / "imgs")
     kept, dups, _ = run(tmp_path, "curate.dedup_exact")
     assert set(dups) == {"zcopy/bytes.png", "zcopy/pixels.png"}
@@ -62,7 +72,7 @@ def test_exact_dedup_drops_byte_and_pixel_copies(ray_session, tmp_path):
     assert kept.num_rows == 15
 
 
-def test_near_dedup_finds_resized_reencoded_brightened_copies(ray_session, tmp_path):
+def test_near_dedup_finds_resized_reencoded_brightened_copies(ray_session, tmp_path, strategy):
     planted = plant(tmp_path / "imgs")
     kept, dups, summary = run(tmp_path, "curate.dedup_near")
     assert {k: v["duplicate_of"] for k, v in dups.items()} == planted

@@ -44,6 +44,21 @@ def ray_processes_of(session: int) -> list[str]:
     return [r[2] for r in rows if len(r) == 3 and r[0] == str(session) and "ray" in r[2].lower()]
 
 
+def listeners_of(session: int) -> list[tuple[str, str]]:
+    """(address, process) of every listening TCP socket of the processes of a session."""
+    import psutil
+
+    names = {}
+    for p in psutil.process_iter(["pid", "name"]):
+        try:
+            if os.getsid(p.info["pid"]) == session:
+                names[p.info["pid"]] = p.info["name"]
+        except OSError:
+            continue
+    return [(c.laddr.ip, names[c.pid]) for c in psutil.net_connections("inet")
+            if c.status == psutil.CONN_LISTEN and c.pid in names]  # fmt: skip
+
+
 def test_killed_run_resumes_from_last_committed_step(tmp_path):
     """kill -9 of the driver alone: its Ray's processes end with it (none stays orphaned), and
     the next run marks the killed run FAILED in MLflow, then continues its work."""
@@ -53,6 +68,11 @@ def test_killed_run_resumes_from_last_committed_step(tmp_path):
     try:
         wait_for(lambda: slow_step_started(tmp_path), 120, "the slow step")
         assert (step_dir(tmp_path, "raw") / "_manifest.json").exists()
+        # its private Ray listens on the loopback interface only, every process of it
+        listening = listeners_of(proc.pid)
+        assert listening and all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip, _ in listening), (
+            listening
+        )
         os.kill(proc.pid, signal.SIGKILL)  # the driver dies mid-step, without warning
         proc.wait(timeout=30)
         wait_for(lambda: ray_processes_of(proc.pid) == [], 30, "Ray's processes to end")

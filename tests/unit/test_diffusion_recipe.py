@@ -40,7 +40,7 @@ def digits_dataset(root) -> D.Dataset:
 def run(tmp_path, data, column="image", **params):
     p = Params(backbone=TINY_UNET, batch_size=32, warmup_steps=2, checkpoint_every=10,
                **params).model_dump()  # fmt: skip
-    return train_locally({"params": p, "files": data.file_uris(), "column": column,
+    return train_locally({"params": p, "shards": data.shards(), "column": column,
                           "num_classes": 10, "threads": 2}, str(tmp_path / "ckpt"), train)  # fmt: skip
 
 
@@ -96,7 +96,7 @@ def test_latent_space_training(tmp_path):
     write_dataset(uri, table, "lat")
     unet = {**TINY_UNET, "block_out_channels": [8, 8]}
     p = Params(backbone=unet, batch_size=16, max_steps=10, checkpoint_every=10).model_dump()
-    io = train_locally({"params": p, "files": D.open_dataset(uri).file_uris(),
+    io = train_locally({"params": p, "shards": D.open_dataset(uri).shards(),
                         "column": "latent", "num_classes": 10}, str(tmp_path / "c"), train)  # fmt: skip
     assert io.history[-1]["step"] == 10
 
@@ -140,7 +140,7 @@ def test_dit_backbone_class_conditional(tmp_path, digits):
            "attention_head_dim": 8, "patch_size": 2, "norm_num_groups": 1}  # fmt: skip
     p = Params(backbone=dit, batch_size=16, max_steps=4, checkpoint_every=2,
                cep={"kind": "gaussian"}).model_dump()  # fmt: skip
-    io = train_locally({"params": p, "files": digits.file_uris(), "column": "image",
+    io = train_locally({"params": p, "shards": digits.shards(), "column": "image",
                         "num_classes": 10}, str(tmp_path / "c"), train)  # fmt: skip
     assert [m["step"] for m in io.history] == [2, 4]
 
@@ -162,6 +162,6 @@ def test_text_conditional_unet_with_cep_on_the_embedding(tmp_path):
             "attention_head_dim": 4}  # fmt: skip
     p = Params(backbone=unet, batch_size=8, max_steps=4, checkpoint_every=4,
                cep={"kind": "uniform", "gamma": 1.0}).model_dump()  # fmt: skip
-    io = train_locally({"params": p, "files": D.open_dataset(uri).file_uris(), "column": "image",
+    io = train_locally({"params": p, "shards": D.open_dataset(uri).shards(), "column": "image",
                         "num_classes": 0}, str(tmp_path / "c"), train)  # fmt: skip
     assert io.history[-1]["step"] == 4 and np.isfinite(io.history[-1]["loss"])

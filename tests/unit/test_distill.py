@@ -31,7 +31,7 @@ def teacher(tmp_path_factory):
     data = digits_dataset(root)
     p = Params(backbone=TINY_UNET, batch_size=64, warmup_steps=10, checkpoint_every=400,
                max_steps=400, prediction_type="v_prediction", lr=1e-3, ema_decay=None).model_dump()  # fmt: skip
-    train_locally({"params": p, "files": data.file_uris(), "column": "image", "num_classes": 10,
+    train_locally({"params": p, "shards": data.shards(), "column": "image", "num_classes": 10,
                    "threads": 2}, str(root / "ckpt"), train)  # fmt: skip
     model, _ = build_backbone(p, 8, 1, 10, None)
     model.load_state_dict(consolidated_state(str(root / "ckpt")))
@@ -75,7 +75,7 @@ def test_progressive_student_halves_the_steps(teacher, tmp_path):
     p = ProgressiveParams(teacher_steps=4, rounds=1, steps_per_round=300, batch_size=64, lr=3e-4,
                           warmup_steps=10, checkpoint_every=1000).model_dump()  # fmt: skip
     plan = [{"kind": "halve", "teacher_steps": 4, "steps": 300}]
-    io = train_locally({"params": p, "plan": plan, "files": data.file_uris(), "column": "image",
+    io = train_locally({"params": p, "plan": plan, "shards": data.shards(), "column": "image",
                         "teacher_uri": uri, "guided": False, "threads": 2},
                        str(tmp_path / "ckpt"), distill)  # fmt: skip
     model, _, config, _ = load_model(uri)
@@ -93,7 +93,7 @@ def test_guided_student_follows_w_in_one_pass(teacher, tmp_path):
                      batch_size=64, lr=3e-4, w_min=0.0, w_max=4.0, warmup_steps=10,
                      checkpoint_every=1000).model_dump()  # fmt: skip
     plan = [{"kind": "guide", "steps": 300}, {"kind": "halve", "teacher_steps": 4, "steps": 200}]
-    io = train_locally({"params": p, "plan": plan, "files": data.file_uris(), "column": "image",
+    io = train_locally({"params": p, "plan": plan, "shards": data.shards(), "column": "image",
                         "teacher_uri": uri, "guided": True, "threads": 2},
                        str(tmp_path / "ckpt"), distill)  # fmt: skip
     model, _, config, _ = load_model(uri)

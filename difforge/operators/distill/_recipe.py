@@ -43,7 +43,7 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
     import numpy as np
 
     from difforge.diffusion.backbones import forward
-    from difforge.diffusion.data import InMemorySource
+    from difforge.diffusion.data import ShardStream
     from difforge.diffusion.model_folder import load_model
     from difforge.diffusion.training import deepspeed_config, import_deepspeed
 
@@ -53,8 +53,10 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
     on_gpu = torch.cuda.is_available() and config.get("use_gpu", False)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else "cpu"
 
-    # data, teacher, student
-    data = InMemorySource(config["files"], config["column"])
+    # data (this rank's stream, in an order fixed by the seed), teacher, student
+    micro = max(1, p["batch_size"] // world)
+    data = ShardStream(config["shards"], config["column"], p["seed"], micro, rank, world,
+                       p["shuffle_window"])  # fmt: skip
     base, info, sched_cfg, vae = load_model(config["teacher_uri"], "ema")
     kind, prediction_type = info["backbone"], info.get("prediction_type", "epsilon")
     num_classes = info.get("num_classes") or 0
@@ -69,7 +71,6 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
     alphas = torch.tensor(sched_cfg_alphas(sched_cfg), dtype=torch.float32, device=device)
     T = len(alphas)
 
-    micro = max(1, p["batch_size"] // world)
     optimizer = torch.optim.AdamW(student.parameters(), lr=p["lr"])
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, p["warmup_steps"]))
@@ -90,7 +91,7 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
             # a new round: the student so far becomes the teacher (also after a resume here)
             teacher.load_state_dict(_unwrap(engine).state_dict())
         g = np.random.default_rng([p["seed"], step, rank])
-        batch = data.batch(g, micro)
+        batch = data.batch(step)
         x0 = torch.from_numpy(batch.x0).to(device)
         tg = torch.Generator().manual_seed(int(g.integers(2**62)))
         noise = torch.randn(x0.shape, generator=tg).to(device)

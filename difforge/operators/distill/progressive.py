@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from difforge.diffusion.data import DEFAULT_WINDOW_ROWS, ShuffleWindow
 from difforge.diffusion.training import DeepSpeedConfig
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
@@ -41,6 +42,7 @@ class Common(BaseModel):
     grad_clip: float | None = Field(1.0, gt=0)
     checkpoint_every: int = Field(100, ge=1)
     seed: int = 0
+    shuffle_window: ShuffleWindow = DEFAULT_WINDOW_ROWS
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     eval_images: int = Field(500, ge=10, description="samples per round for the Fréchet "
                              "distance, when a classifier and reference images are inputs")  # fmt: skip
@@ -134,7 +136,7 @@ class _Distill(JobOperator):
                                 "second input lacks: give it the teacher's training data")  # fmt: skip
         p = self.params.model_dump()
         deepspeed_config({**p, "grad_accum": 1}, 1, 1, ctx.resources.num_gpus > 0)
-        config = {"params": p, "plan": self.plan(), "files": data.file_uris(), "column": column,
+        config = {"params": p, "plan": self.plan(), "shards": data.shards(), "column": column,
                   "teacher_uri": row[C.MODEL_URI], "guided": self.guided, "evaluation": evaluation,
                   "use_gpu": ctx.resources.num_gpus > 0}  # fmt: skip
         total = sum(phase["steps"] for phase in config["plan"])
@@ -201,7 +203,7 @@ class Progressive(_Distill):
     """Progressive distillation: N DDIM steps into N/2, repeated for `rounds` rounds."""
 
     name = "distill.progressive"
-    version = 1
+    version = 2  # 2: the input is streamed, each example once per epoch
     Params = ProgressiveParams
 
 
@@ -209,6 +211,6 @@ class Guided(_Distill):
     """Guided distillation: CFG (two passes at w) into one pass that takes w, then progressive."""
 
     name = "distill.guided"
-    version = 1
+    version = 2  # 2: the input is streamed, each example once per epoch
     Params = GuidedParams
     guided = True

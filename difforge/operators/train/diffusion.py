@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from difforge.diffusion.backbones import CEP, Backbone, CEPHook, build_backbone, cep_delta, forward
-from difforge.diffusion.data import InMemorySource
+from difforge.diffusion.data import DEFAULT_WINDOW_ROWS, ShardStream, ShuffleWindow
 from difforge.diffusion.model_folder import ModelInfo, write_model_folder
 from difforge.diffusion.sampling import to_pil
 from difforge.diffusion.schedules import make_noise_scheduler
@@ -62,6 +62,7 @@ class Params(BaseModel):
     max_steps: int = Field(1000, ge=1, description="optimizer steps, exactly")
     checkpoint_every: int = Field(250, ge=1)
     seed: int = 0
+    shuffle_window: ShuffleWindow = DEFAULT_WINDOW_ROWS
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
 
     @model_validator(mode="after")
@@ -87,8 +88,10 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
     on_gpu = torch.cuda.is_available() and config.get("use_gpu", False)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else "cpu"
 
-    # data
-    data = InMemorySource(config["files"], config["column"])
+    # data: this rank's stream of micro batches, in an order fixed by the seed
+    micro = max(1, p["batch_size"] // (world * p["grad_accum"]))
+    data = ShardStream(config["shards"], config["column"], p["seed"], micro, rank, world,
+                       p["shuffle_window"])  # fmt: skip
     num_classes = config["num_classes"] if data.has_labels else 0
     kind = p["backbone"]["type"]
 
@@ -104,7 +107,6 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
     ema = copy.deepcopy(model).eval().requires_grad_(False) if p["ema_decay"] else None
 
     # DeepSpeed engine: a torch AdamW (DeepSpeed's fused Adam would JIT-compile for minutes)
-    micro = max(1, p["batch_size"] // (world * p["grad_accum"]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(p))
     engine, _, _, _ = deepspeed.initialize(
@@ -121,12 +123,13 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
     # throughput since this run's first optimizer step (start-up excluded)
     first_step_at = window_start = None
     window_steps = 0
+    interval_start, waited_before = time.time(), data.wait_s  # where the time goes
     while step < p["max_steps"]:
         for micro_step in range(p["grad_accum"]):
-            # every draw is a function of (seed, step, micro step, rank): a resumed run
-            # continues the same sequence
+            # the rows and every draw are functions of (seed, step, micro step, rank): a
+            # resumed run continues the same sequence
             g = np.random.default_rng([p["seed"], step, micro_step, rank])
-            batch = data.batch(g, micro)
+            batch = data.batch(step * p["grad_accum"] + micro_step)
             x0 = torch.from_numpy(batch.x0).to(device)
             tg = torch.Generator().manual_seed(int(g.integers(2**62)))
             noise = torch.randn(x0.shape, generator=tg).to(device)
@@ -170,10 +173,14 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
                        "lr": scheduler.get_last_lr()[0], "samples_per_s": rate,
                        "first_step_at": first_step_at}  # fmt: skip
             io.save(engine, ema, step, metrics)
+            # each worker: seconds waiting for data, and the rest, since its last report
+            waited, waited_before = data.wait_s - waited_before, data.wait_s
+            busy, interval_start = now - interval_start, now
+            timing = {f"data_wait_s/rank{rank}": waited, f"compute_s/rank{rank}": busy - waited}
+            # a restart after a failure replays steps; log_new never logs one twice
             if rank == 0:
-                # a restart after a failure replays steps; log_new never logs one twice
-                step_log.log_new({"loss": metrics["loss"], "lr": metrics["lr"],
-                                 "samples_per_s": rate}, step=step)  # fmt: skip
+                timing.update(loss=metrics["loss"], lr=metrics["lr"], samples_per_s=rate)
+            step_log.log_new(timing, step=step)
             losses = []
 
 
@@ -190,7 +197,9 @@ class DiffusionTraining(JobOperator):
     """Trains a class- or text-conditional diffusers model with DeepSpeed under Ray Train."""
 
     name = "train.diffusion"
-    version = 2  # 2: CEP on class embeddings draws from each step's generator (resumable)
+    # 2: CEP on class embeddings draws from each step's generator (resumable)
+    # 3: the input is streamed, each example once per epoch (was drawn with replacement)
+    version = 3
     Params = Params
     reads = (C.ID,)
     resources = Resources(num_workers=1, num_gpus="auto")
@@ -225,7 +234,7 @@ class DiffusionTraining(JobOperator):
         deepspeed_config(self.params.model_dump(), 1, 1, ctx.resources.num_gpus > 0)
         config = {
             "params": self.params.model_dump(),
-            "files": data.file_uris(),
+            "shards": data.shards(),
             "column": column,
             "num_classes": num_classes,
             "use_gpu": ctx.resources.num_gpus > 0,

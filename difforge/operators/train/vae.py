@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from difforge.diffusion.data import DEFAULT_WINDOW_ROWS, ShardStream, ShuffleWindow
 from difforge.models.vae import build_vae
 from difforge.platform import columns as C
 from difforge.platform.operator import JobOperator, JobResult
@@ -37,6 +38,7 @@ class Params(BaseModel):
     lr: float = Field(1e-3, gt=0)
     seed: int = 0
     checkpoint_every: int = Field(250, ge=1, description="steps between checkpoints")
+    shuffle_window: ShuffleWindow = DEFAULT_WINDOW_ROWS
 
     @model_validator(mode="after")
     def _groups_divide(self) -> Params:
@@ -74,16 +76,18 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from difforge.models.classifier import load_images
     from difforge.platform.raytrain import report, restore, unwrap
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config["threads"])))
     p = config["params"]
-    x, _, _ = load_images(config["files"], with_labels=False)
+    per_rank = max(1, p["batch_size"] // world)
+    # this rank's stream of batches, in an order fixed by the seed (resumes at any step)
+    data = ShardStream(config["shards"], C.IMAGE, p["seed"], per_rank, rank, world,
+                       p["shuffle_window"])  # fmt: skip
     torch.manual_seed(p["seed"])
-    vae = build_vae(p, x.shape[1], x.shape[2])
+    vae = build_vae(p, data.sample_shape[0], data.sample_shape[1])
     opt = torch.optim.AdamW(vae.parameters(), lr=p["lr"])
     state = restore()
     start = 0
@@ -93,13 +97,10 @@ def train_loop(config: dict[str, Any]) -> None:
         start = state["step"]
     model = ray.train.torch.prepare_model(_objective(vae))
     device = ray.train.torch.get_device()
-    per_rank = max(1, p["batch_size"] // world)
     step_log = config["log"]
     losses: list[float] = []
     for step in range(start, p["max_steps"]):
-        # the batch is a function of (seed, step, rank): a resumed run sees the same data
-        idx = np.random.default_rng([p["seed"], step, rank]).integers(0, len(x), per_rank)
-        batch = torch.from_numpy(x[idx]).float().div_(127.5).sub_(1.0).to(device)
+        batch = torch.from_numpy(data.batch(step).x0).to(device)
         mse, kl = model(batch)
         loss = mse + p["kl_weight"] * kl
         opt.zero_grad(set_to_none=True)
@@ -122,7 +123,7 @@ class TrainVAE(JobOperator):
     """Fits a small AutoencoderKL on an image dataset; saves a folder `encode.vae` loads."""
 
     name = "train.vae"
-    version = 1
+    version = 2  # 2: the input is streamed, each image once per epoch (was drawn with replacement)
     Params = Params
     reads = (C.ID, C.IMAGE)
     resources = Resources(num_workers=1)
@@ -142,7 +143,7 @@ class TrainVAE(JobOperator):
 
         data = ctx.inputs[0]
         result = _raytrain.fit(ctx, train_loop, {"params": self.params.model_dump(),
-                                                 "files": data.file_uris()},
+                                                 "shards": data.shards()},
                                progress=("train_mse", self.params.max_steps, "steps"))  # fmt: skip
         state = _raytrain.final_state(result)
         # Held-out check and the latent scale (LDM: scale latents to unit variance).
