@@ -3,10 +3,11 @@
 Every worker of a training job reads the dataset's Parquet shards itself, in the same order:
 
 - epoch `e` visits every row once. Its order: the shards shuffled by (seed, e), cut into
-  *windows* of consecutive shards holding at least `window_rows` rows, and the rows of each
-  window shuffled by (seed, e, window). A window is all a worker holds in memory (with the
-  next one, read ahead in a thread), so memory is bounded by the window, not the dataset; a
-  dataset smaller than one window is shuffled whole each epoch.
+  *windows* of consecutive shards holding at least a window's rows (`shuffle_mb` of decoded
+  samples), and the rows of each window shuffled by (seed, e, window). A worker holds at most
+  three windows (the current one, the one before it while a batch straddles the two, and the
+  next one, read ahead in a thread), so its memory is bounded by the window, not by the
+  dataset; a dataset smaller than one window is shuffled whole each epoch.
 - the epochs follow one another as one stream of rows; optimizer step `s`'s micro batch `k`
   (of `grad_accum`) takes the global rows `[(s * grad_accum + k) * B, ... + B)` for the global
   micro batch `B = micro * world`, and rank `r` takes its `micro` of them. So each example is
@@ -15,7 +16,7 @@ Every worker of a training job reads the dataset's Parquet shards itself, in the
   continues exactly where it was.
 
 Batches are as mixed as a window is: rows written in class order (a class-sorted folder) mix
-across the classes of the window's shards; `window_rows` trades memory for mixing.
+across the classes of the window's shards; `shuffle_mb` trades memory for mixing.
 """
 
 from __future__ import annotations
@@ -33,15 +34,15 @@ from difforge.platform import columns as C
 if TYPE_CHECKING:
     import numpy as np
 
-#: rows a worker shuffles together (and holds, twice, at most): 65,536 latents of 4x32x32
-#: float32 are 1 GiB
-DEFAULT_WINDOW_ROWS = 65_536
+#: MiB of decoded samples a worker shuffles together (16,384 latents of 4x32x32 float32, or
+#: 341 RGB images of 256x256 as float32); it holds three such windows at most
+DEFAULT_SHUFFLE_MB = 256
 
-#: a training operator's `shuffle_window` param
-ShuffleWindow = Annotated[
+#: a training operator's `shuffle_mb` param
+ShuffleMB = Annotated[
     int,
-    Field(ge=1, description="rows each worker shuffles together and holds in memory (twice); "
-          "the whole input is shuffled each epoch when it is smaller"),
+    Field(ge=1, description="MiB of decoded samples each worker shuffles together (it holds "
+          "three such windows at most); the whole input is shuffled each epoch when smaller"),
 ]  # fmt: skip
 
 
@@ -65,7 +66,8 @@ class ShardStream:
     """One rank's micro batches from a committed dataset's shards (see the module's doc).
 
     `shards` are the dataset's `shards()` (file, bytes, sha256, rows); `column` is `image`
-    (decoded and scaled to [-1, 1]) or `latent`. `batch(i)` is this rank's `i`-th micro batch
+    (decoded and scaled to [-1, 1]) or `latent`; a window holds `window_bytes` of decoded
+    samples (at least one row). `batch(i)` is this rank's `i`-th micro batch
     (`i = step * grad_accum + micro_step`)."""
 
     def __init__(
@@ -76,7 +78,7 @@ class ShardStream:
         micro: int,
         rank: int = 0,
         world: int = 1,
-        window_rows: int = DEFAULT_WINDOW_ROWS,
+        window_bytes: int = DEFAULT_SHUFFLE_MB << 20,
     ):
         import numpy as np
 
@@ -84,7 +86,7 @@ class ShardStream:
         if not self.shards:
             raise ValueError("the training input has no rows")
         self.column, self.seed, self.micro = column, seed, micro
-        self.rank, self.world, self.window_rows = rank, world, window_rows
+        self.rank, self.world = rank, world
         self.rows = np.array([s["rows"] for s in self.shards], dtype=np.int64)
         self.n = int(self.rows.sum())
         self._plans: dict[int, tuple[list[list[int]], list[int]]] = {}
@@ -96,6 +98,8 @@ class ShardStream:
         self.sample_shape = tuple(first.x.shape[1:])
         self.has_labels = first.labels is not None
         self.cond_shape = tuple(first.cond.shape[1:]) if first.cond is not None else None
+        row_bytes = first.x[0].nbytes + (first.cond[0].nbytes if first.cond is not None else 0)
+        self.window_rows = max(1, window_bytes // row_bytes)
 
     def __len__(self) -> int:
         return self.n

@@ -29,6 +29,7 @@ from difforge.platform.operator import MAIN, JobOperator, StepOutcome
 from difforge.platform.outputs import Output, new_attempt
 from difforge.platform.passes import PassStep, keeps_progress, output_names, run_map_pass
 from difforge.platform.plan import Plan, PlannedStep, build_plan
+from difforge.platform.progress import quiet_libraries
 from difforge.platform.resources import Fitted, fit
 from difforge.platform.runtime import RayRuntime
 from difforge.platform.show import text_table
@@ -352,6 +353,7 @@ def run(
     runtime = runtime or RayRuntime(address)
     t0 = time.time()
 
+    quiet_libraries()  # the libraries' own logs go to a file (-v: to the console)
     tracking = MlflowObserver(
         spec.tracking.uri,
         spec.tracking.experiment or spec.name,

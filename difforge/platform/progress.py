@@ -30,11 +30,12 @@ def verbose() -> bool:
     return os.environ.get("DIFFORGE_VERBOSE", "") == "1"
 
 
-def quiet_libraries() -> Path | None:
+def quiet_libraries(only_again: bool = False) -> Path | None:
     """Send the libraries' own loggers to a file in DIFFORGE_HOME/logs (once per process);
-    returns its path (None when verbose: they go to the console)."""
+    returns its path (None when verbose: they go to the console). `only_again`: only where
+    this process did so before (a library imported since has set its loggers up again)."""
     global _log_file
-    if verbose():
+    if verbose() or (only_again and _log_file is None):
         return None
     if _log_file is None:
         from difforge.platform import settings

@@ -50,6 +50,26 @@ def loopback_only(private: bool):
             os.environ[_NO_CLUSTER] = before_env
 
 
+@contextlib.contextmanager
+def warnings_to(log_file):
+    """While Ray starts: its warnings go to the libraries' log file. (Without console logging,
+    `ray.init` empties its logger's handlers, and Python then prints what it logs, such as
+    its note on token authentication, to stderr.)"""
+    if log_file is None:
+        yield
+        return
+    previous = logging.lastResort
+    handler = logging.FileHandler(log_file)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.lastResort = handler
+    try:
+        yield
+    finally:
+        logging.lastResort = previous
+        handler.close()
+
+
 class RayRuntime:
     """Starts Ray on first use; shuts it down only if it started it."""
 
@@ -68,7 +88,7 @@ class RayRuntime:
             loud = verbose()
             logs = quiet_libraries()  # before Ray starts: its workers inherit the settings
             try:
-                with loopback_only(self.address == "local"):
+                with loopback_only(self.address == "local"), warnings_to(logs):
                     ray.init(
                         address=self.address,
                         include_dashboard=False,

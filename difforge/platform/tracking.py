@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from difforge.platform import settings
 from difforge.platform.events import RunObserver, StepLog
+from difforge.platform.progress import quiet_libraries
 from difforge.platform.watchdog import process_identity, reap_dead_runs
 
 if TYPE_CHECKING:
@@ -58,6 +59,9 @@ def git_commit() -> str | None:
 def _client(uri: str) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
+    # importing MLflow set its loggers up; a driver sends them back to its log file before
+    # the store's first use logs its schema set-up
+    quiet_libraries(only_again=True)
     return MlflowClient(tracking_uri=uri)
 
 

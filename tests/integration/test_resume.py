@@ -127,7 +127,8 @@ def test_killed_pass_of_fused_steps_redoes_only_unfinished_shards(tmp_path):
     # a quiet console: difforge's own lines; Ray's and the libraries' in a file it names
     logs = re.search(r"Ray's and libraries' logs: (\S+\.log)", out)
     assert logs and Path(logs[1]).exists(), out
-    internals = ("streaming_executor", "(TrainController", "(raylet)", "MapBatches", "INFO mlflow")
+    internals = ("streaming_executor", "(TrainController", "(raylet)", "MapBatches", "INFO mlflow",
+                 "Token authentication")  # fmt: skip
     assert not [line for line in out.splitlines() if any(x in line for x in internals)], out
     from difforge.platform.datasets import open_dataset
 

@@ -13,6 +13,8 @@ from difforge.diffusion.data import ShardStream
 from difforge.platform import columns as C
 from difforge.platform.tensors import to_column
 
+ROW = 4  # bytes of one decoded sample here: a float32 latent of 1x1x1
+
 
 def write_shards(folder, labels_per_shard: list[list[int]]) -> list[dict]:
     """Shards of 1x1x1 latents whose value is the row's number, with labels."""
@@ -50,7 +52,7 @@ def uneven(tmp_path):
 @pytest.mark.parametrize("window", [1, 16, 1000])
 def test_each_example_once_per_epoch_across_ranks(uneven, window):
     world, micro = 2, 3
-    ranks = [ShardStream(uneven, C.LATENT, 7, micro, r, world, window) for r in range(world)]
+    ranks = [ShardStream(uneven, C.LATENT, 7, micro, r, world, window * ROW) for r in range(world)]
     rows = stream_rows(ranks, world, 40)  # 240 rows: 4 epochs and a bit
     for epoch in range(4):
         assert sorted(rows[epoch * 50 : (epoch + 1) * 50]) == list(range(50))
@@ -58,13 +60,13 @@ def test_each_example_once_per_epoch_across_ranks(uneven, window):
 
 
 def test_the_order_is_the_seeds_and_a_resumed_stream_continues_it(uneven):
-    a = ShardStream(uneven, C.LATENT, 3, 4, 0, 1, 16)
+    a = ShardStream(uneven, C.LATENT, 3, 4, 0, 1, 16 * ROW)
     first = [a.batch(i).x0.reshape(-1).tolist() for i in range(30)]
-    again = ShardStream(uneven, C.LATENT, 3, 4, 0, 1, 16)
+    again = ShardStream(uneven, C.LATENT, 3, 4, 0, 1, 16 * ROW)
     assert [again.batch(i).x0.reshape(-1).tolist() for i in range(30)] == first
-    resumed = ShardStream(uneven, C.LATENT, 3, 4, 0, 1, 16)  # a restart at step 17
+    resumed = ShardStream(uneven, C.LATENT, 3, 4, 0, 1, 16 * ROW)  # a restart at step 17
     assert [resumed.batch(i).x0.reshape(-1).tolist() for i in range(17, 30)] == first[17:]
-    other = ShardStream(uneven, C.LATENT, 4, 4, 0, 1, 16)
+    other = ShardStream(uneven, C.LATENT, 4, 4, 0, 1, 16 * ROW)
     assert [other.batch(i).x0.reshape(-1).tolist() for i in range(30)] != first
 
 
@@ -73,21 +75,21 @@ def test_batches_from_class_sorted_shards_are_mixed(tmp_path):
     shards = write_shards(tmp_path / "sorted", [[c] * 25 for c in range(10) for _ in range(4)])
 
     def classes_per_batch(window: int) -> list[int]:
-        s = ShardStream(shards, C.LATENT, 0, 32, 0, 1, window)
+        s = ShardStream(shards, C.LATENT, 0, 32, 0, 1, window * ROW)
         return [len(set(s.batch(i).labels.tolist())) for i in range(31)]  # ~one epoch
 
     whole, eight_shards, one_shard = (classes_per_batch(w) for w in (1000, 200, 25))
     assert min(whole) >= 7  # a full shuffle: nearly every class in every batch of 32
     assert np.mean(eight_shards) >= 4  # a window of 8 shards mixes several classes
     assert np.mean(one_shard) <= 2.5  # one shard per window cannot mix: the knob matters
-    s = ShardStream(shards, C.LATENT, 0, 32, 0, 1, 1000)
+    s = ShardStream(shards, C.LATENT, 0, 32, 0, 1, 1000 * ROW)
     counts = np.bincount(np.concatenate([s.batch(i).labels for i in range(31)]), minlength=10)
     assert counts.min() >= 95 and counts.max() <= 105  # every class its share over an epoch
 
 
 def test_memory_holds_a_window_or_two_and_waits_are_counted(tmp_path):
     shards = write_shards(tmp_path / "many", [[0] * 10 for _ in range(30)])
-    s = ShardStream(shards, C.LATENT, 0, 8, 0, 1, 20)
+    s = ShardStream(shards, C.LATENT, 0, 8, 0, 1, 20 * ROW)
     for i in range(100):
         s.batch(i)
         assert len(s._cache) <= 2

@@ -56,7 +56,7 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
     # data (this rank's stream, in an order fixed by the seed), teacher, student
     micro = max(1, p["batch_size"] // world)
     data = ShardStream(config["shards"], config["column"], p["seed"], micro, rank, world,
-                       p["shuffle_window"])  # fmt: skip
+                       p["shuffle_mb"] << 20)  # fmt: skip
     base, info, sched_cfg, vae = load_model(config["teacher_uri"], "ema")
     kind, prediction_type = info["backbone"], info.get("prediction_type", "epsilon")
     num_classes = info.get("num_classes") or 0

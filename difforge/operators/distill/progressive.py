@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from difforge.diffusion.data import DEFAULT_WINDOW_ROWS, ShuffleWindow
+from difforge.diffusion.data import DEFAULT_SHUFFLE_MB, ShuffleMB
 from difforge.diffusion.training import DeepSpeedConfig
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
@@ -42,7 +42,7 @@ class Common(BaseModel):
     grad_clip: float | None = Field(1.0, gt=0)
     checkpoint_every: int = Field(100, ge=1)
     seed: int = 0
-    shuffle_window: ShuffleWindow = DEFAULT_WINDOW_ROWS
+    shuffle_mb: ShuffleMB = DEFAULT_SHUFFLE_MB
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     eval_images: int = Field(500, ge=10, description="samples per round for the Fréchet "
                              "distance, when a classifier and reference images are inputs")  # fmt: skip

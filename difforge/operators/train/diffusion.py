@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from difforge.diffusion.backbones import CEP, Backbone, CEPHook, build_backbone, cep_delta, forward
-from difforge.diffusion.data import DEFAULT_WINDOW_ROWS, ShardStream, ShuffleWindow
+from difforge.diffusion.data import DEFAULT_SHUFFLE_MB, ShardStream, ShuffleMB
 from difforge.diffusion.model_folder import ModelInfo, write_model_folder
 from difforge.diffusion.sampling import to_pil
 from difforge.diffusion.schedules import make_noise_scheduler
@@ -62,7 +62,7 @@ class Params(BaseModel):
     max_steps: int = Field(1000, ge=1, description="optimizer steps, exactly")
     checkpoint_every: int = Field(250, ge=1)
     seed: int = 0
-    shuffle_window: ShuffleWindow = DEFAULT_WINDOW_ROWS
+    shuffle_mb: ShuffleMB = DEFAULT_SHUFFLE_MB
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
 
     @model_validator(mode="after")
@@ -91,7 +91,7 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
     # data: this rank's stream of micro batches, in an order fixed by the seed
     micro = max(1, p["batch_size"] // (world * p["grad_accum"]))
     data = ShardStream(config["shards"], config["column"], p["seed"], micro, rank, world,
-                       p["shuffle_window"])  # fmt: skip
+                       p["shuffle_mb"] << 20)  # fmt: skip
     num_classes = config["num_classes"] if data.has_labels else 0
     kind = p["backbone"]["type"]
 

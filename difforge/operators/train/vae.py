@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from difforge.diffusion.data import DEFAULT_WINDOW_ROWS, ShardStream, ShuffleWindow
+from difforge.diffusion.data import DEFAULT_SHUFFLE_MB, ShardStream, ShuffleMB
 from difforge.models.vae import build_vae
 from difforge.platform import columns as C
 from difforge.platform.operator import JobOperator, JobResult
@@ -38,7 +38,7 @@ class Params(BaseModel):
     lr: float = Field(1e-3, gt=0)
     seed: int = 0
     checkpoint_every: int = Field(250, ge=1, description="steps between checkpoints")
-    shuffle_window: ShuffleWindow = DEFAULT_WINDOW_ROWS
+    shuffle_mb: ShuffleMB = DEFAULT_SHUFFLE_MB
 
     @model_validator(mode="after")
     def _groups_divide(self) -> Params:
@@ -85,7 +85,7 @@ def train_loop(config: dict[str, Any]) -> None:
     per_rank = max(1, p["batch_size"] // world)
     # this rank's stream of batches, in an order fixed by the seed (resumes at any step)
     data = ShardStream(config["shards"], C.IMAGE, p["seed"], per_rank, rank, world,
-                       p["shuffle_window"])  # fmt: skip
+                       p["shuffle_mb"] << 20)  # fmt: skip
     torch.manual_seed(p["seed"])
     vae = build_vae(p, data.sample_shape[0], data.sample_shape[1])
     opt = torch.optim.AdamW(vae.parameters(), lr=p["lr"])
