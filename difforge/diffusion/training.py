@@ -4,10 +4,13 @@ consolidated weights from a DeepSpeed checkpoint, and running a recipe in one pr
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import tempfile
+from io import StringIO
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -93,7 +96,12 @@ def consolidated_state(folder: str, tag: str = "state") -> dict[str, Any]:
         return {k: v.float() for k, v in saved["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(folder, tag=tag)
+    # DeepSpeed prints what it reconstructs: to the log, not the console
+    out = StringIO()
+    with contextlib.redirect_stdout(out):
+        state = get_fp32_state_dict_from_zero_checkpoint(folder, tag=tag)
+    logging.getLogger("deepspeed").info("%s", out.getvalue().strip())
+    return state
 
 
 class RayTrainIO:

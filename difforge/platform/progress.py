@@ -47,6 +47,9 @@ def quiet_libraries(only_again: bool = False) -> Path | None:
         config = folder / "ray-data-logging.yaml"
         config.write_text(RAY_DATA_LOGGING.format(path=_log_file))
         os.environ["RAY_DATA_LOGGING_CONFIG"] = str(config)
+        # diffusers' and the hub's loading bars ("Loading checkpoint shards") stay off the
+        # console (read when they are imported)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     handler = logging.FileHandler(_log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     for name in CHATTY:
