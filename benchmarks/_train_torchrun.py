@@ -9,8 +9,9 @@ import sys
 
 import torch.distributed as dist
 
-from difforge.diffusion.training import FolderIO, NullTracker
+from difforge.diffusion.training import FolderIO
 from difforge.operators.train.diffusion import train
+from difforge.platform.events import NullLog
 
 
 def main() -> None:
@@ -19,7 +20,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     io = FolderIO(config.pop("folder"), rank)
-    train({**config, "tracker": NullTracker()}, rank, world, io)
+    train({**config, "log": NullLog()}, rank, world, io)
     if rank == 0:
         with open(os.environ["DIFFORGE_BENCH_OUT"], "w") as f:
             json.dump(io.history[-1], f)

@@ -184,7 +184,8 @@ def main() -> None:
     results: dict = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "rows": args.rows,
-        "command": f"python benchmarks/engine.py --rows {args.rows}",
+        "command": f"python benchmarks/engine.py --rows {args.rows}"
+        + (f" --quickstart-storage {args.quickstart_storage}" if args.quickstart_storage else ""),
     }
     input_uri = str(work / "input")
     t0 = time.perf_counter()
