@@ -94,14 +94,6 @@ class DropIds:
         return batch.filter(pa.array(mask, pa.bool_()))
 
 
-def _keys(op: DedupOperator, role: str, batch: pa.Table) -> pa.Table:
-    return op.keys(batch, role)
-
-
-def _match(op: DedupOperator, reference: bool, group: pa.Table) -> pa.Table:
-    return op.match(group, reference)
-
-
 def first_by(rank: tuple[str, ...], group: pa.Table) -> pa.Table:
     """One row per duplicate id (rows of one id matched under several keys): the first by
     `rank`, then by what it duplicates."""
@@ -151,13 +143,13 @@ def run_dedup(op: DedupOperator, ctx: JobContext) -> JobResult:
 
     res = ctx.resources
     columns = sorted(op.required_columns(op.params))
-    keys = read_files(ctx.inputs[0].shards(), partial(_keys, op, "main"), res.batch_size,
+    keys = read_files(ctx.inputs[0].shards(), partial(op.keys, role="main"), res.batch_size,
                       res.num_cpus, columns)  # fmt: skip
     if len(ctx.inputs) > 1:
-        ref = read_files(ctx.inputs[1].shards(), partial(_keys, op, "ref"), res.batch_size,
+        ref = read_files(ctx.inputs[1].shards(), partial(op.keys, role="ref"), res.batch_size,
                          res.num_cpus, columns)  # fmt: skip
         keys = keys.union(ref)
-    match = partial(_match, op, len(ctx.inputs) > 1)
+    match = partial(op.match, reference=len(ctx.inputs) > 1)
     side = {DUPLICATES: ctx.outputs[DUPLICATES]}
     if sum(ds.num_rows for ds in ctx.inputs) <= op.single_task_rows:
         # small enough for one task's memory: group there, no shuffle
