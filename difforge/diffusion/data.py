@@ -17,6 +17,11 @@ Every worker of a training job reads the dataset's Parquet shards itself, in the
 
 Batches are as mixed as a window is: rows written in class order (a class-sorted folder) mix
 across the classes of the window's shards; `shuffle_mb` trades memory for mixing.
+
+A stream may skip rows (`keep`, a function of the rows' ids, such as a classifier's held-out
+split): `with_kept_rows` counts what each shard keeps, once, before the workers start, and the
+order is then over the kept rows only. `read_batches` reads rows in shard order, one shard at a
+time, for evaluation passes that must not hold a whole dataset.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import bisect
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -33,6 +39,9 @@ from difforge.platform import columns as C
 
 if TYPE_CHECKING:
     import numpy as np
+
+#: which of a shard's rows a stream keeps, from their ids (a boolean mask)
+Keep = Callable[[list], "np.ndarray"]
 
 #: MiB of decoded samples a worker shuffles together (16,384 latents of 4x32x32 float32, or
 #: 341 RGB images of 256x256 as float32); it holds three such windows at most
@@ -68,7 +77,8 @@ class ShardStream:
     `shards` are the dataset's `shards()` (file, bytes, sha256, rows); `column` is `image`
     (decoded and scaled to [-1, 1]) or `latent`; a window holds `window_bytes` of decoded
     samples (at least one row). `batch(i)` is this rank's `i`-th micro batch
-    (`i = step * grad_accum + micro_step`)."""
+    (`i = step * grad_accum + micro_step`). With `keep`, the shards' `rows` must be the rows
+    each keeps (`with_kept_rows`)."""
 
     def __init__(
         self,
@@ -79,9 +89,11 @@ class ShardStream:
         rank: int = 0,
         world: int = 1,
         window_bytes: int = DEFAULT_SHUFFLE_MB << 20,
+        keep: Keep | None = None,
     ):
         import numpy as np
 
+        self.keep = keep
         self.shards = [s for s in shards if s["rows"]]
         if not self.shards:
             raise ValueError("the training input has no rows")
@@ -94,7 +106,8 @@ class ShardStream:
         self._ahead: tuple[tuple[int, int], threading.Thread, dict] | None = None
         #: seconds `batch` spent waiting for reads (the rest of a step is compute)
         self.wait_s = 0.0
-        first = self._read([0])
+        self._interval: tuple[float, float] | None = None  # (start, wait_s then) for timing()
+        first = _read(self.shards[0], column, keep)
         self.sample_shape = tuple(first.x.shape[1:])
         self.has_labels = first.labels is not None
         self.cond_shape = tuple(first.cond.shape[1:]) if first.cond is not None else None
@@ -143,10 +156,22 @@ class ShardStream:
             pos += take
         return out
 
+    def timing(self) -> dict[str, float]:
+        """Where this rank's time went since the last call (or its first batch): seconds
+        waiting for data and the rest, computing; keyed by rank for the step's metrics."""
+        now = time.perf_counter()
+        start, waited_before = self._interval or (now, 0.0)
+        self._interval = (now, self.wait_s)
+        waited = self.wait_s - waited_before
+        return {f"data_wait_s/rank{self.rank}": waited,
+                f"compute_s/rank{self.rank}": max(0.0, now - start - waited)}  # fmt: skip
+
     # -- reading -------------------------------------------------------------------------
     def batch(self, index: int) -> Batch:
         import numpy as np
 
+        if self._interval is None:
+            self._interval = (time.perf_counter(), self.wait_s)
         parts: dict[tuple[int, int], list[int]] = {}
         for epoch, w, row in self.positions(index):
             parts.setdefault((epoch, w), []).append(row)
@@ -218,7 +243,7 @@ class ShardStream:
 
         epoch, w = key
         windows, _ = self.epoch_plan(epoch)
-        window = self._read(windows[w])
+        window = _concat([_read(self.shards[i], self.column, self.keep) for i in windows[w]])
         perm = np.random.default_rng([self.seed, epoch, w]).permutation(len(window.x))
         return _Window(
             window.x[perm],
@@ -226,33 +251,76 @@ class ShardStream:
             window.cond[perm] if window.cond is not None else None,
         )
 
-    def _read(self, shard_indices: list[int]) -> _Window:
-        """The shards' rows, in shard order: x0 float32 [N, C, H, W], labels, condition."""
-        import numpy as np
-        import pyarrow.parquet as pq
 
-        from difforge.platform.datasets import read_shard
-        from difforge.platform.imaging import to_array
-        from difforge.platform.tensors import to_numpy
+def _read(shard: dict[str, Any], column: str, keep: Keep | None = None) -> _Window:
+    """A shard's (kept) rows: x0 float32 [N, C, H, W] in the model's space, labels, condition."""
+    import numpy as np
+    import pyarrow.parquet as pq
 
-        xs, labels, conds = [], [], []
-        for i in shard_indices:
-            s = self.shards[i]
-            pf = pq.ParquetFile(read_shard(s["file"], s.get("bytes"), s.get("sha256", "")))
-            names = pf.schema_arrow.names
-            t = pf.read(columns=[c for c in (self.column, C.LABEL, C.COND_EMBEDDING) if c in names])
-            if self.column == C.LATENT:
-                xs.append(to_numpy(t.column(C.LATENT)).astype(np.float32))
-            else:
-                arr = np.stack([to_array(b) for b in t.column(C.IMAGE).to_pylist()])
-                arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
-                xs.append(arr.astype(np.float32) / 127.5 - 1.0)
-            if C.LABEL in t.column_names:
-                labels.append(t.column(C.LABEL).to_numpy().astype(np.int64))
-            if C.COND_EMBEDDING in t.column_names:
-                conds.append(to_numpy(t.column(C.COND_EMBEDDING)).astype(np.float32))
-        return _Window(
-            np.concatenate(xs),
-            np.concatenate(labels) if labels else None,
-            np.concatenate(conds) if conds else None,
-        )
+    from difforge.platform.datasets import read_shard
+    from difforge.platform.imaging import to_array
+    from difforge.platform.tensors import to_numpy
+
+    pf = pq.ParquetFile(read_shard(shard["file"], shard.get("bytes"), shard.get("sha256", "")))
+    names = pf.schema_arrow.names
+    wanted = [c for c in (column, C.LABEL, C.COND_EMBEDDING) if c in names]
+    if keep is None:
+        t = pf.read(columns=wanted)
+    else:  # decode only the kept rows
+        t = pf.read(columns=[C.ID, *wanted])
+        t = t.filter(keep(t.column(C.ID).to_pylist())).drop_columns([C.ID])
+    if column == C.LATENT:
+        x = to_numpy(t.column(C.LATENT)).astype(np.float32)
+    elif t.num_rows:
+        arr = np.stack([to_array(b) for b in t.column(C.IMAGE).to_pylist()])
+        arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
+        x = arr.astype(np.float32) / 127.5 - 1.0
+    else:
+        x = np.zeros((0, 1, 1, 1), np.float32)
+    return _Window(
+        x,
+        t.column(C.LABEL).to_numpy().astype(np.int64) if C.LABEL in t.column_names else None,
+        to_numpy(t.column(C.COND_EMBEDDING)).astype(np.float32)
+        if C.COND_EMBEDDING in t.column_names else None,
+    )  # fmt: skip
+
+
+def _concat(parts: list[_Window]) -> _Window:
+    import numpy as np
+
+    parts = [p for p in parts if len(p.x)] or parts[:1]
+    return _Window(
+        np.concatenate([p.x for p in parts]),
+        np.concatenate([p.labels for p in parts]) if parts[0].labels is not None else None,
+        np.concatenate([p.cond for p in parts]) if parts[0].cond is not None else None,
+    )
+
+
+def with_kept_rows(shards: list[dict[str, Any]], keep: Keep) -> list[dict[str, Any]]:
+    """The shards with `rows` counting the rows `keep` keeps (reads only the id column)."""
+    import pyarrow.parquet as pq
+
+    from difforge.platform.datasets import read_shard
+
+    out = []
+    for s in shards:
+        pf = pq.ParquetFile(read_shard(s["file"], s.get("bytes"), s.get("sha256", "")))
+        ids = pf.read(columns=[C.ID]).column(C.ID).to_pylist()
+        out.append({**s, "rows": int(keep(ids).sum()) if ids else 0})
+    return out
+
+
+def read_batches(
+    shards: list[dict[str, Any]], column: str, limit: int | None = None, keep: Keep | None = None
+) -> Iterator[Batch]:
+    """The (kept) rows in shard order, one shard at a time, up to `limit` rows in all."""
+    left = limit if limit is not None else float("inf")
+    for s in shards:
+        if left <= 0:
+            return
+        w = _read(s, column, keep)
+        n = int(min(left, len(w.x)))
+        if n:
+            yield Batch(w.x[:n], w.labels[:n] if w.labels is not None else None,
+                        w.cond[:n] if w.cond is not None else None)  # fmt: skip
+        left -= n

@@ -1,1 +1,2 @@
-"""Shared model layer: one resolver for every model reference, and the loaders of the models several operators use (the classifier, the VAE)."""
+"""Shared model layer: one resolver for every model reference, the loaders of the models several
+operators use (the classifier, the VAE), image feature extractors and their metrics."""

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, field_validator
 
+from difforge.platform import columns as C
 from difforge.platform.errors import DatasetNotCommitted, DifforgeError
 
 if TYPE_CHECKING:
@@ -209,6 +210,21 @@ class Dataset:
     def iter_batches(self, columns: list[str] | None = None, batch_size: int = 4096):
         for f in self._files():
             yield from f.iter_batches(batch_size=batch_size, columns=columns)
+
+    def rows_with_ids(self, ids: set[str], columns: list[str]) -> pa.Table:
+        """Only the rows whose `id` is in `ids` (what a grid shows), never the whole dataset:
+        each shard's ids are read first, its other columns only where it holds a wanted row."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        wanted = pa.array(sorted(ids), pa.string())
+        cols = [C.ID, *[c for c in columns if c != C.ID]]
+        found = []
+        for f in self._files():
+            mask = pc.is_in(f.read(columns=[C.ID]).column(0), value_set=wanted)
+            if pc.any(mask).as_py():
+                found.append(f.read(columns=cols).filter(mask))
+        return pa.concat_tables(found) if found else self.schema.empty_table().select(cols)
 
     def to_ray(self):
         """A Ray Data dataset over the committed shards (starts or joins Ray as needed). Ray

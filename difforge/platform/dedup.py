@@ -12,6 +12,7 @@ from difforge.platform import columns as C
 from difforge.platform.datasets import join, url_to_fs
 from difforge.platform.operator import JobOperator, JobResult
 from difforge.platform.outputs import MAIN, collect
+from difforge.platform.parallel import SINGLE_TASK_ROWS
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -41,7 +42,7 @@ class DedupOperator(JobOperator):
     grid: ClassVar[str] = "duplicates.png"
     #: up to this many input rows, the keys are grouped in one task (no shuffle: its fixed
     #: cost is seconds); above it, by Ray Data's shuffle across the cluster
-    single_task_rows: ClassVar[int] = 250_000
+    single_task_rows: ClassVar[int] = SINGLE_TASK_ROWS
 
     def keys(self, batch: pa.Table, role: str) -> pa.Table:
         """Zero or more rows per input row: `id`, `key` (a string), `role` ("main", or "ref"
@@ -101,21 +102,6 @@ def first_by(rank: tuple[str, ...], group: pa.Table) -> pa.Table:
     return group.from_pylist(rows[:1], schema=group.schema)
 
 
-def _groups(table: pa.Table, key: str, fn) -> pa.Table | None:
-    """`fn` applied to each group of rows sharing `key`, the results concatenated."""
-    import numpy as np
-    import pyarrow as pa
-
-    if table.num_rows == 0:
-        return None
-    table = table.sort_by(key)
-    keys = np.asarray(table.column(key).to_pylist(), dtype=object)
-    bounds = [0, *(np.flatnonzero(keys[1:] != keys[:-1]) + 1).tolist(), len(keys)]
-    out = [fn(table.slice(a, b - a)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    out = [t for t in out if t is not None and t.num_rows]
-    return pa.concat_tables(out) if out else None
-
-
 class _InOneTask:
     """Every key's group in one task: match within each, then one verdict per row."""
 
@@ -123,11 +109,11 @@ class _InOneTask:
         self.op, self.match, self.outputs = op, match, outputs
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from difforge.platform.parallel import shard_rows
+        from difforge.platform.parallel import apply_to_groups, shard_rows
 
-        found = _groups(table, "key", self.match)
+        found = apply_to_groups(table, "key", self.match)
         if found is not None and not self.op.one_key_per_row:
-            found = _groups(found, C.ID, partial(first_by, self.op.rank))
+            found = apply_to_groups(found, C.ID, partial(first_by, self.op.rank))
         return shard_rows({DUPLICATES: found} if found is not None else {}, self.outputs, "all")
 
 
@@ -195,11 +181,10 @@ def log_pairs(ctx: JobContext, pairs: list[tuple[str, str]], name: str) -> None:
 
     wanted = {i for p in pairs for i in p}
     images: dict[str, Any] = {}
-    for ds in ctx.inputs:
-        for batch in ds.iter_batches(columns=[C.ID, C.IMAGE], batch_size=4096):
-            for i, b in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
-                if i in wanted:
-                    images[i] = b
+    for ds in ctx.inputs:  # only the shown rows' images are read
+        shown = ds.rows_with_ids(wanted, [C.IMAGE])
+        images.update(zip(shown.column(C.ID).to_pylist(), shown.column(C.IMAGE).to_pylist(),
+                          strict=True))  # fmt: skip
     items = []
     for dropped, kept in pairs:
         items += [(images.get(kept), f"kept {kept}"), (images.get(dropped), f"drop {dropped}")]

@@ -141,7 +141,8 @@ class Executor:
         entries = {name: [] for name in ctx.outputs}
         entries.update(result.entries or {})
         if result.table is not None:
-            entries[MAIN].append(ctx.outputs[MAIN].write_batch(result.table, "000000"))
+            # cut into enough shards for the next step's pass to use every core
+            entries[MAIN] += ctx.outputs[MAIN].write_batch(result.table, "000000", spread=True)
         rows_in = inputs[0].num_rows if inputs else None
         return entries, rows_in, result.metadata or {}
 

@@ -48,16 +48,21 @@ class StepOutcome:
     sides: dict[str, Any]  # committed side outputs: name -> Dataset
 
     def read_main(self, columns: list[str] | None = None) -> pa.Table:
+        """The whole main output (mind its size: `iter_main` reads a shard at a time)."""
         import pyarrow as pa
+
+        tables = list(self.iter_main(columns))
+        return pa.concat_tables(tables) if tables else None
+
+    def iter_main(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """The main output's shards, one table at a time."""
         import pyarrow.parquet as pq
 
         from difforge.platform.datasets import url_to_fs
 
-        tables = []
         for uri in self.main_files:
             fs, path = url_to_fs(uri)
-            tables.append(pq.read_table(path, filesystem=fs, columns=columns))
-        return pa.concat_tables(tables) if tables else None
+            yield pq.read_table(path, filesystem=fs, columns=columns)
 
 
 def passthrough(input_columns: list[set[str] | None], add=(), remove=()) -> set[str] | None:

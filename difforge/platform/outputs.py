@@ -54,6 +54,38 @@ MAIN = "main"
 STATS = "__stats__"
 ATTEMPT_PREFIX = "attempt-"
 
+#: Shard sizes: neither a million small files nor one huge one. Every writer cuts what it
+#: writes into shards of at most SHARD_ROWS rows and about SHARD_BYTES (Arrow's in-memory
+#: size, before compression); a writer holding a whole table (a job's result) also cuts it into
+#: at least SHARDS_PER_CPU shards per CPU of the cluster, none under MIN_SHARD_ROWS rows, so
+#: the next step's pass has work for every core. A map pass writes a shard per batch
+#: (`resources.batch_size` rows) and splits its input's shards when they are too few.
+SHARD_ROWS = 65_536
+SHARD_BYTES = 128 << 20
+SHARDS_PER_CPU = 2
+MIN_SHARD_ROWS = 256
+
+
+def cluster_cpus() -> int:
+    """CPUs of the Ray cluster this process belongs to (this machine's, outside Ray)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return os.cpu_count() or 1
+
+
+def rows_per_shard(num_rows: int, nbytes: int = 0, spread: bool = False) -> int:
+    """Rows per shard for a `num_rows`-row table taking `nbytes`: as few equal shards as the
+    bounds allow (`spread`: at least SHARDS_PER_CPU per CPU, of MIN_SHARD_ROWS rows at least)."""
+    if num_rows <= 0:
+        return 1
+    shards = max(-(-num_rows // SHARD_ROWS), -(-nbytes // SHARD_BYTES), 1)
+    if spread:
+        shards = max(shards, min(SHARDS_PER_CPU * cluster_cpus(), num_rows // MIN_SHARD_ROWS))
+    return -(-num_rows // shards)
+
 
 def new_attempt() -> str:
     """A new attempt id: sortable by start time, unique across machines."""
@@ -119,8 +151,17 @@ class Output:
         """The entry of a batch that produced no rows: no file, but its schema counts."""
         return {"path": "", "rows": 0, "bytes": 0, "sha256": "", "schema": encode_schema(schema)}
 
-    def write_batch(self, table: pa.Table, name: str) -> dict[str, Any]:
-        return self.write(table, name) if table.num_rows else self.empty(table.schema)
+    def write_batch(self, table: pa.Table, name: str, spread: bool = False) -> list[dict[str, Any]]:
+        """Write a table as shards of bounded size (`rows_per_shard`; `spread`: enough of them
+        for every CPU) named `name`, or `name-0000`, `name-0001`, ... when cut; their entries.
+        An empty table gets one entry without a file (its schema counts)."""
+        if not table.num_rows:
+            return [self.empty(table.schema)]
+        per = rows_per_shard(table.num_rows, table.nbytes, spread)
+        if per >= table.num_rows:
+            return [self.write(table, name)]
+        return [self.write(table.slice(s, per), f"{name}-{s // per:04d}")
+                for s in range(0, table.num_rows, per)]  # fmt: skip
 
     # -- ending an attempt ---------------------------------------------------------------
     def commit(
@@ -359,7 +400,7 @@ def write_batch(
     ]
     for name, table in tables.items():
         if table is not None:
-            rows.append({"output": name, **outputs[name].write_batch(table, key)})
+            rows += [{"output": name, **e} for e in outputs[name].write_batch(table, key)]
     return pa.Table.from_pylist(rows)
 
 
@@ -378,16 +419,20 @@ def write_dataset(
     fingerprint: str,
     producer: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
-    rows_per_shard: int | None = None,
+    shard_rows: int | None = None,
 ) -> Manifest:
-    """Commit a table as a dataset in one call (a cache, a test's input, a benchmark's data).
-    Returns the committed manifest: another writer's, if it committed this dataset first."""
+    """Commit a table as a dataset in one call (a cache, a test's input, a benchmark's data),
+    in shards of `shard_rows` rows (default: bounded as every writer's). Returns the committed
+    manifest: another writer's, if it committed this dataset first."""
     out = open_output(uri)
-    step = rows_per_shard or max(1, table.num_rows)
-    entries = [
-        out.write_batch(table.slice(s, step), f"{s // step:06d}")
-        for s in range(0, max(1, table.num_rows), step)
-    ]
+    if shard_rows is None:
+        entries = out.write_batch(table, "000000")
+    else:
+        entries = [
+            e
+            for s in range(0, max(1, table.num_rows), shard_rows)
+            for e in out.write_batch(table.slice(s, shard_rows), f"{s // shard_rows:06d}")
+        ]
     return out.commit(entries, fingerprint, producer or {}, metadata, schema=table.schema)[0]
 
 

@@ -41,6 +41,8 @@ def shard_rows(result: pa.Table | dict[str, pa.Table], outputs: dict[str, Output
 class _FileWorker:
     def __init__(self, fn: Callable, outputs: dict[str, Output], batch_size: int,
                  columns: list[str] | None):  # fmt: skip
+        if isinstance(fn, tuple):  # (class, args): built here, once per actor
+            fn = fn[0](*fn[1])
         self.fn, self.outputs, self.batch_size, self.columns = fn, outputs, batch_size, columns
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -49,35 +51,93 @@ class _FileWorker:
         outs = []
         for raw in batch.column("item").to_pylist():
             item = json.loads(raw)
-            pf = open_parquet(item["shard"])
-            for seq, rb in enumerate(
-                pf.iter_batches(batch_size=self.batch_size, columns=self.columns)
-            ):
-                result = self.fn(pa.Table.from_batches([rb]))
+            for seq, table in enumerate(_batches(item["shard"], self.batch_size, self.columns)):
+                result = self.fn(table)
                 outs.append(shard_rows(result, self.outputs, f"{item['index']:06d}-{seq:04d}"))
         return pa.concat_tables(outs) if outs else shard_rows({}, self.outputs, "")
 
 
+_BUILT: dict[tuple, Any] = {}
+
+
+class _BuildOnce:
+    """`cls(*args)`, built once per worker process and reused by the tasks that run there."""
+
+    def __init__(self, cls: type, args: tuple):
+        self.cls, self.args = cls, args
+
+    def __call__(self, table: pa.Table):
+        import pickle
+
+        key = (self.cls.__module__, self.cls.__qualname__, pickle.dumps(self.args))
+        built = _BUILT.get(key)
+        if built is None:
+            _BUILT.clear()  # one model per process at a time
+            built = _BUILT[key] = self.cls(*self.args)
+        return built(table)
+
+
+def _batches(shard: dict[str, Any], batch_size: int, columns: list[str] | None):
+    """A shard's rows in batches: the `columns` it has, only rows `take` (sorted) if given."""
+    import numpy as np
+    import pyarrow as pa
+
+    pf = open_parquet(shard)
+    if columns is not None:
+        columns = [c for c in columns if c in pf.schema_arrow.names]
+    take = shard.get("take")
+    offset = 0
+    for rb in pf.iter_batches(batch_size=batch_size, columns=columns):
+        table = pa.Table.from_batches([rb])
+        if take is not None:
+            take_arr = np.asarray(take, dtype=np.int64)
+            local = take_arr[(take_arr >= offset) & (take_arr < offset + rb.num_rows)] - offset
+            offset += rb.num_rows
+            if not len(local):
+                continue
+            table = table.take(pa.array(local))
+        yield table
+
+
 def map_files(
     files: list[Shard],
-    fn: Callable[[pa.Table], pa.Table | dict[str, pa.Table]],
+    fn: Callable[[pa.Table], pa.Table | dict[str, pa.Table]] | tuple[type, tuple],
     outputs: dict[str, Output],
     batch_size: int = 4096,
     num_cpus: float = 1.0,
     columns: list[str] | None = None,
+    num_gpus: float = 0.0,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Apply `fn` to every batch of every file, in parallel tasks; return the shard entries."""
+    """Apply `fn` to every batch of every file (a shard may list the rows it `take`s), in
+    parallel tasks. `fn` may be `(class, args)` (a model): built once per worker process on
+    CPUs; with `num_gpus`, in an actor pool of one GPU per actor. Returns the entries."""
     rows = [{"item": json.dumps({"shard": _shard(f), "index": i})} for i, f in enumerate(files)]
-    data = map_files_lazy(rows, fn, outputs, batch_size, num_cpus, columns)
+    data = map_files_lazy(rows, fn, outputs, batch_size, num_cpus, columns, num_gpus)
     return collect(data.iter_rows(), outputs)
 
 
-def map_files_lazy(rows, fn, outputs, batch_size, num_cpus, columns) -> ray.data.Dataset:
+def map_files_lazy(rows, fn, outputs, batch_size, num_cpus, columns, num_gpus=0.0):
     import ray.data
 
-    worker = _FileWorker(fn, outputs, batch_size, columns)
     data = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    return data.map_batches(worker, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus)
+    extra = {"num_gpus": num_gpus} if num_gpus else {}
+    if isinstance(fn, tuple) and not num_gpus:
+        # on CPUs, tasks: they run in Ray's reused worker processes, each building the model
+        # once, where an actor pool would start fresh processes (seconds each)
+        fn = _BuildOnce(*fn)
+    if isinstance(fn, tuple):
+        import ray
+
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        size = max(1, min(len(rows), gpus if num_gpus else max(1, int(cpus // num_cpus))))
+        return data.map_batches(_FileWorker, fn_constructor_args=(fn, outputs, batch_size, columns),
+                                batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
+                                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size),
+                                **extra)  # fmt: skip
+    worker = _FileWorker(fn, outputs, batch_size, columns)
+    return data.map_batches(worker, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
+                            **extra)  # fmt: skip
 
 
 def read_files(files: list[Shard], fn: Callable[[pa.Table], pa.Table], batch_size: int = 4096,
@@ -118,10 +178,46 @@ class _GroupWriter:
         return shard_rows(result, self.outputs, f"g-{key}-{first.num_rows}")
 
 
+#: up to this many rows, a grouping runs in one task (a shuffle's fixed cost is seconds);
+#: above it, Ray Data's shuffle spreads it over the cluster
+SINGLE_TASK_ROWS = 250_000
+
+
+def apply_to_groups(table: pa.Table, key: str, fn) -> pa.Table | None:
+    """`fn` applied to each group of rows sharing `key`, the results concatenated."""
+    import numpy as np
+    import pyarrow as pa
+
+    if table.num_rows == 0:
+        return None
+    table = table.sort_by(key)
+    keys = np.asarray(table.column(key).to_pylist(), dtype=object)
+    bounds = [0, *(np.flatnonzero(keys[1:] != keys[:-1]) + 1).tolist(), len(keys)]
+    out = [fn(table.slice(a, b - a)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    out = [t for t in out if t is not None and t.num_rows]
+    return pa.concat_tables(out) if out else None
+
+
+class _OneTaskGroups:
+    def __init__(self, key: str, fn: Callable, outputs: dict[str, Output]):
+        self.key, self.fn, self.outputs = key, fn, outputs
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        name = next(iter(self.outputs)) if len(self.outputs) == 1 else MAIN
+        result = apply_to_groups(table, self.key, self.fn)
+        return shard_rows({name: result} if result is not None else {}, self.outputs, "all")
+
+
 def group_and_write(data: ray.data.Dataset, key: str, fn: Callable, outputs: dict[str, Output],
-                    num_partitions: int | None = None) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
-    """Group rows by `key` (a shuffle: no group passes through the driver), apply `fn` to each
-    group and write what it returns as shards."""
+                    num_partitions: int | None = None,
+                    rows: int | None = None) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
+    """Group rows by `key`, apply `fn` to each group (a table back) and write what it returns
+    as shards. With `rows` (about how many rows `data` has) up to SINGLE_TASK_ROWS, in one
+    task; else by a shuffle. No group passes through the driver either way."""
+    if rows is not None and rows <= SINGLE_TASK_ROWS:
+        out = data.repartition(1).map_batches(as_function(_OneTaskGroups(key, fn, outputs)),
+                                              batch_size=None, batch_format="pyarrow")  # fmt: skip
+        return collect(out.iter_rows(), outputs)
     grouped = data.groupby(key, num_partitions=num_partitions or default_partitions())
     out = grouped.map_groups(as_function(_GroupWriter(fn, outputs)), batch_format="pyarrow")
     return collect(out.iter_rows(), outputs)

@@ -26,7 +26,14 @@ from difforge.platform.datasets import Dataset, join, read_shard
 from difforge.platform.errors import DifforgeError
 from difforge.platform.failures import STEP_NOTE
 from difforge.platform.operator import MAIN, JobOperator, SourceOperator
-from difforge.platform.outputs import STATS, Output, write_batch
+from difforge.platform.outputs import (
+    MIN_SHARD_ROWS,
+    SHARDS_PER_CPU,
+    STATS,
+    Output,
+    cluster_cpus,
+    write_batch,
+)
 from difforge.platform.plan import PlannedStep
 from difforge.platform.progress import Progress
 from difforge.platform.resources import Fitted
@@ -117,12 +124,7 @@ class PassWorker:
         if self.source:
             yield from self.ops[0].read(item)
             return
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        shard = pq.ParquetFile(read_shard(item["file"], item["bytes"], item["sha256"]))
-        for rb in shard.iter_batches(batch_size=self.stages[0].batch_size):
-            yield pa.Table.from_batches([rb])
+        yield from item_batches(item, self.stages[0].batch_size)
 
     def _stage(self, k: int, batch: pa.Table, key: str, started: float, out: list) -> None:
         """Step k on one batch (`started`: when fetching it began); then the next step on the
@@ -250,6 +252,41 @@ def _task(*args):
     return run
 
 
+def item_batches(item: dict[str, Any], batch_size: int) -> Iterator[pa.Table]:
+    """A map pass item's rows (a shard, or its rows `start` to `stop`) in batches."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shard = pq.ParquetFile(read_shard(item["file"], item["bytes"], item["sha256"]))
+    lo, hi = item.get("start", 0), item.get("stop")
+    offset = 0
+    for rb in shard.iter_batches(batch_size=batch_size):
+        a, b = max(lo - offset, 0), rb.num_rows if hi is None else min(hi - offset, rb.num_rows)
+        offset += rb.num_rows
+        if b > a:
+            yield pa.Table.from_batches([rb]).slice(a, b - a)
+        if hi is not None and offset >= hi:
+            return
+
+
+def split_shards(shards: list[dict[str, Any]], want: int) -> list[dict[str, Any]]:
+    """A pass's items: the input's shards, each cut into row ranges (`start`, `stop`) of at
+    least MIN_SHARD_ROWS rows when there are fewer than `want` shards, so every core works."""
+    if len(shards) >= want:
+        return shards
+    parts = -(-want // max(1, len(shards)))
+    items = []
+    for s in shards:
+        k = max(1, min(parts, s["rows"] // MIN_SHARD_ROWS))
+        if k == 1:
+            items.append(s)
+            continue
+        step = -(-s["rows"] // k)
+        items += [{**s, "start": a, "stop": min(a + step, s["rows"])}
+                  for a in range(0, s["rows"], step)]  # fmt: skip
+    return items
+
+
 def run_map_pass(
     chain: list[PassStep],
 ) -> tuple[list[dict[str, list[dict]]], list[int | None], list[float], int]:
@@ -258,14 +295,24 @@ def run_map_pass(
     import ray.data
 
     head = chain[0].step
+    fitted = chain[0].fitted
+    rows_in: list[int | None] = [None] + [0] * (len(chain) - 1)
+    if issubclass(head.op_cls, SourceOperator):
+        items = head.operator.read_tasks(fitted.batch_size)
+    else:
+        source = Dataset(head.inputs[0].uri)
+        items = split_shards(source.shards(), SHARDS_PER_CPU * cluster_cpus())
+        rows_in[0] = source.num_rows
     markers = None
     if keeps_progress([s.step for s in chain]):
         # these very steps over the same items: another pass's markers are not ours. A source's
-        # read tasks depend on its batch size; a map's items are its input shards, whatever
-        # the batch size (a rerun with another batch size reuses what was done)
+        # read tasks depend on its batch size; a map's items are its input shards (or their
+        # parts), whatever the batch size (a rerun with another batch size reuses what was done)
         what = [s.step.fingerprint for s in chain]
         if issubclass(head.op_cls, SourceOperator):
             what.append(str(chain[0].fitted.batch_size))
+        elif any("start" in i for i in items):
+            what.append(json.dumps([[i.get("start"), i.get("stop")] for i in items]))
         key = hashlib.sha256(" ".join(what).encode()).hexdigest()[:16]
         markers = join(head.work_uri, PASSES, f"pass-{key}")
     stages = []
@@ -290,17 +337,9 @@ def run_map_pass(
             )
         params = step.params.model_dump(mode="json")
         stages.append(Stage(step.id, step.op_cls, params, outputs, ctx, s.fitted.batch_size))
-    fitted = chain[0].fitted
     common: dict[str, Any] = {"batch_format": "pyarrow", "num_cpus": fitted.num_cpus}
     if fitted.num_gpus:
         common["num_gpus"] = fitted.num_gpus
-    rows_in: list[int | None] = [None] + [0] * (len(chain) - 1)
-    if issubclass(head.op_cls, SourceOperator):
-        items = head.operator.read_tasks(fitted.batch_size)
-    else:
-        source = Dataset(head.inputs[0].uri)
-        items = source.shards()
-        rows_in[0] = source.num_rows
     rows = [{"item": json.dumps({**t, "index": i})} for i, t in enumerate(items)]
     resumed = _count_markers(markers)
     if resumed:

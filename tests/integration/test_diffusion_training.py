@@ -46,6 +46,11 @@ def test_two_workers_zero2_to_a_registered_model(ray_session, tmp_path):
     run_id = summary.step("model").run_id
     history = client.get_metric_history(run_id, "loss")
     assert [m.step for m in history] == [10, 20, 30]
+    for rank in (0, 1):  # where each worker's time went, per checkpoint interval
+        waits = client.get_metric_history(run_id, f"data_wait_s/rank{rank}")
+        computes = client.get_metric_history(run_id, f"compute_s/rank{rank}")
+        assert [m.step for m in waits] == [m.step for m in computes] == [10, 20, 30]
+        assert all(m.value >= 0 for m in waits) and all(m.value > 0 for m in computes)
     names = {a.path for a in client.list_artifacts(run_id)}
     assert {"samples.png", "model"} <= names
     registered = client.get_run(run_id).data.tags["difforge.registered_model"]

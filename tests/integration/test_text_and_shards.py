@@ -86,14 +86,19 @@ def caption_spec(tmp_path, rows_per_batch, mode="swap", eta=0.3):
          "resources": {"batch_size": rows_per_batch + 3}}]}  # fmt: skip
 
 
-def test_caption_swaps_are_deterministic_and_pairwise(ray_session, tmp_path):
+def test_caption_swaps_are_deterministic_and_pairwise(ray_session, tmp_path, monkeypatch):
+    from difforge.platform import parallel
+
     write_shards(tmp_path / "wds", n_shards=4, per_shard=50)
     a = difforge.open_dataset(difforge.run(caption_spec(tmp_path, 50)).step("noisy").uri)
     b = difforge.open_dataset(difforge.run(caption_spec(tmp_path, 7)).step("noisy").uri)
     assert len(a.manifest.files) != len(b.manifest.files)  # other blocks, other batches
+    monkeypatch.setattr(parallel, "SINGLE_TASK_ROWS", 0)  # paired by a shuffle, as large inputs
+    c = difforge.open_dataset(difforge.run(caption_spec(tmp_path, 13)).step("noisy").uri)
     ra = {r["id"]: r for r in a.to_arrow().to_pylist()}
-    rb = {r["id"]: r for r in b.to_arrow().to_pylist()}
-    assert {k: r["caption"] for k, r in ra.items()} == {k: r["caption"] for k, r in rb.items()}
+    for other in (b, c):
+        rb = {r["id"]: r for r in other.to_arrow().to_pylist()}
+        assert {k: r["caption"] for k, r in ra.items()} == {k: r["caption"] for k, r in rb.items()}
     swapped = [r for r in ra.values() if r["caption"] != r["caption_clean"]]
     assert 0.15 < len(swapped) / 200 < 0.45  # eta 0.3, less odd rows out and equal captions
     clean_to_id = {}

@@ -64,3 +64,5 @@ def test_vae_training_is_tracked(encoded):
     history = client.get_metric_history(run, "train_mse")
     assert [m.step for m in history] == [200, 400]  # each checkpointed step logged once
     assert history[-1].value < history[0].value
+    waits = client.get_metric_history(run, "data_wait_s/rank0")
+    assert [m.step for m in waits] == [200, 400]  # where the worker's time went

@@ -174,3 +174,48 @@ def test_gc_removes_what_no_commit_uses_and_keeps_what_a_rerun_needs(tmp_path):
     assert D.open_dataset(v2).num_rows == 12 and not D.is_committed(v1)
     assert report.kept == 1 and not (step / "00000000000000a1").exists()
     assert (unfinished / "_work").exists()
+
+
+def test_writers_cut_bounded_shards_and_enough_of_them(tmp_path, monkeypatch):
+    """Neither one huge file nor a million small ones: a table is cut by rows and by bytes,
+    and a whole table a job returns gets at least two shards per CPU where rows allow."""
+    import numpy as np
+
+    from difforge.platform import outputs as O
+
+    monkeypatch.setattr(O, "cluster_cpus", lambda: 2)
+    assert O.rows_per_shard(1_000_000) == 62_500  # 16 shards of 65,536 rows at most
+    assert O.rows_per_shard(1_000, nbytes=1_000 * (1 << 20)) == 125  # 1 MiB rows: 128 MiB at most
+    assert O.rows_per_shard(10_000, spread=True) == 2_500  # 4 shards keep 2 CPUs busy
+    assert O.rows_per_shard(300, spread=True) == 300  # too few rows to cut in 256s: one shard
+    out = open_output(str(tmp_path / "ds"))
+    table = pa.table({"id": [str(i) for i in range(1000)], "x": np.arange(1000)})
+    entries = out.write_batch(table, "000000", spread=True)
+    assert [e["rows"] for e in entries] == [334, 334, 332]  # 3 shards of 256 rows at least
+    assert len({e["path"] for e in entries}) == 3
+    assert [e["rows"] for e in out.write_batch(table, "000001")] == [1000]  # a pass's batch
+    out.commit(entries, "fp", {})
+    ds = D.Dataset(str(tmp_path / "ds"))
+    assert ds.to_arrow().column("id").to_pylist() == table.column("id").to_pylist()
+
+
+def test_a_pass_splits_too_few_input_shards_into_row_ranges(tmp_path):
+    """A one-shard input still keeps every core busy: its rows are cut into ranges, each read
+    alone, together exactly the shard's rows."""
+    import numpy as np
+
+    from difforge.platform.outputs import MIN_SHARD_ROWS, write_dataset
+    from difforge.platform.passes import item_batches, split_shards
+
+    table = pa.table({"id": [str(i) for i in range(1024)], "x": np.arange(1024)})
+    write_dataset(str(tmp_path / "one"), table, "fp")
+    shards = D.Dataset(str(tmp_path / "one")).shards()
+    assert len(shards) == 1
+    items = split_shards(shards, want=4)
+    assert [(i["start"], i["stop"]) for i in items] == [(0, 256), (256, 512), (512, 768),
+                                                        (768, 1024)]  # fmt: skip
+    rows = [x for i in items for b in item_batches(i, 100) for x in b.column("x").to_pylist()]
+    assert rows == list(range(1024))
+    assert len(split_shards(shards, want=8)) == 4  # not cut below MIN_SHARD_ROWS rows
+    assert split_shards(shards * 4, want=4) == shards * 4  # enough shards: untouched
+    assert len(split_shards([{**shards[0], "rows": MIN_SHARD_ROWS}], want=8)) == 1

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from difforge.diffusion.data import ShardStream
+from difforge.diffusion.data import ShardStream, read_batches, with_kept_rows
 from difforge.platform import columns as C
 from difforge.platform.tensors import to_column
 
@@ -100,3 +100,24 @@ def test_memory_holds_a_window_or_two_and_waits_are_counted(tmp_path):
 def test_an_empty_input_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no rows"):
         ShardStream([{"file": str(tmp_path / "x"), "rows": 0}], C.LATENT, 0, 4)
+
+
+def odd(ids: list) -> np.ndarray:
+    return np.asarray([int(i) % 2 == 1 for i in ids])
+
+
+def test_a_stream_of_kept_rows_and_a_bounded_read_of_the_others(uneven):
+    """A classifier's split: training streams the kept rows only, each once per epoch;
+    evaluation reads the others a shard at a time, up to a limit."""
+    kept = with_kept_rows(uneven, odd)
+    assert [s["rows"] for s in kept] == [3, 2, 6, 4, 1, 4, 5]  # odd ids of 0-6, 7-9, ...
+    world, micro = 2, 2
+    ranks = [ShardStream(kept, C.LATENT, 1, micro, r, world, 8 * ROW, keep=odd)
+             for r in range(world)]  # fmt: skip
+    rows = stream_rows(ranks, world, 25)  # 100 rows: 4 epochs of the 25 odd rows
+    for epoch in range(4):
+        assert sorted(rows[epoch * 25 : (epoch + 1) * 25]) == list(range(1, 50, 2))
+    evens = [b.x0.reshape(-1).astype(int).tolist()
+             for b in read_batches(uneven, C.LATENT, limit=10, keep=lambda ids: ~odd(ids))]  # fmt: skip
+    assert [len(b) for b in evens] == [4, 1, 5]  # shard by shard, stopped at the limit
+    assert sum(evens, []) == list(range(0, 20, 2))

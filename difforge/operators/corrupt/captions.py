@@ -155,7 +155,9 @@ class Captions(JobOperator):
             chosen = read_files(files, SelectForSwap(p), res.batch_size, res.num_cpus,
                                 columns=[C.ID, C.CAPTION])  # fmt: skip
             swaps = open_output(join(ctx.work_uri, "swaps"))  # working data, never committed
-            entries = group_and_write(chosen, "bucket", pair_up, {"swaps": swaps})["swaps"]
+            # small inputs pair up in one task (a shuffle's fixed cost is seconds), the same pairs
+            entries = group_and_write(chosen, "bucket", pair_up, {"swaps": swaps},
+                                      rows=ctx.inputs[0].num_rows)["swaps"]  # fmt: skip
             swap_files = [join(swaps.uri, e["path"]) for e in entries if e["path"]]
         main = map_files(files, Apply(p, swap_files), {MAIN: ctx.outputs[MAIN]},
                          res.batch_size, res.num_cpus)[MAIN]  # fmt: skip

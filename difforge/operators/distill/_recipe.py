@@ -154,9 +154,10 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
             metrics = {"step": step, "loss": float(np.mean(losses)), "phase": index,
                        "lr": lr_sched.get_last_lr()[0]}  # fmt: skip
             io.save(engine, teacher, step, metrics)
+            timing = data.timing()  # every worker's data-wait and compute seconds
             if rank == 0:
-                step_log.log_new({"loss": metrics["loss"], f"loss_phase_{index}": metrics["loss"]},
-                                step=step)  # fmt: skip
+                timing.update({"loss": metrics["loss"], f"loss_phase_{index}": metrics["loss"]})
+            step_log.log_new(timing, step=step)
             losses = []
 
 

@@ -8,6 +8,10 @@ distances are not (plain backgrounds are close to everything). Distances are Euc
 pixel space (images scaled to [-1, 1]) or on a classifier's penultimate features. Reports the
 fraction of samples under `ratio_threshold`, writes one row per sample (nearest training id,
 distance, ratio, flag), and logs the closest pairs side by side so a user sees what was copied.
+
+Both sides' features are computed by the feature pass (`difforge.models.features`); the search
+runs in parallel tasks, each holding one shard of samples and streaming the training features
+past it, so no process holds either dataset.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from difforge.models.features import FEATURES
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
-from difforge.platform.operator import JobOperator, JobResult
+from difforge.platform.operator import MAIN, JobOperator, JobResult
 from difforge.platform.spec import Resources
 
 if TYPE_CHECKING:
     import numpy as np
+    import pyarrow as pa
 
     from difforge.platform.context import JobContext
 
@@ -65,11 +71,49 @@ def two_nearest(queries: np.ndarray, train: np.ndarray, chunk: int = 512):
     return idx, dist
 
 
+class _Nearest:
+    """Each sample of a batch: its nearest and second-nearest training rows, streamed."""
+
+    def __init__(self, train: list[dict], chunk: int, threshold: float):
+        self.train, self.chunk, self.threshold = train, chunk, threshold
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import numpy as np
+        import pyarrow as pa
+
+        from difforge.platform.parallel import open_parquet
+        from difforge.platform.tensors import to_numpy
+
+        q = to_numpy(batch.column(FEATURES)).reshape(batch.num_rows, -1)
+        best = np.full((len(q), 2), np.inf)
+        best_ids = np.full((len(q), 2), "", dtype=object)
+        for shard in self.train:
+            for rb in open_parquet(shard).iter_batches(batch_size=4096, columns=[C.ID, FEATURES]):
+                t = to_numpy(rb.column(1)).reshape(rb.num_rows, -1)
+                idx, dist = two_nearest(q, t, self.chunk)
+                ids = np.asarray(rb.column(0).to_pylist(), dtype=object)
+                d = np.concatenate([best, dist**2], 1)
+                cand = np.concatenate([best_ids, ids[idx]], 1)
+                order = np.argsort(d, axis=1, kind="stable")[:, :2]
+                best = np.take_along_axis(d, order, 1)
+                best_ids = np.take_along_axis(cand, order, 1)
+        dist = np.sqrt(best)
+        ratio = dist[:, 0] / np.maximum(dist[:, 1], 1e-12)
+        return pa.table({
+            C.ID: batch.column(C.ID),
+            "nearest_id": pa.array(best_ids[:, 0].tolist(), pa.string()),
+            "distance": pa.array(dist[:, 0], pa.float64()),
+            "ratio": pa.array(ratio, pa.float64()),
+            "memorized": pa.array(ratio < self.threshold, pa.bool_()),
+        })  # fmt: skip
+
+
 class Memorization(JobOperator):
     """Nearest training image of each sample, the nearest/second-nearest ratio, copies flagged."""
 
     name = "evaluate.memorization"
-    version = 1
+    # 2: features by the feature pass, the search in parallel tasks (same results)
+    version = 2
     Params = Params
     inputs: ClassVar[tuple[int, int]] = (2, 3)
     reads = (C.ID, C.IMAGE)
@@ -81,74 +125,61 @@ class Memorization(JobOperator):
 
     def run(self, ctx: JobContext) -> JobResult:
         import numpy as np
-        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-        from difforge.models.classifier import classifier_features, load_classifier, load_images
+        from difforge.models.features import FeatureSpec, classifier_spec, features_of, same_size
+        from difforge.platform.datasets import join, url_to_fs
         from difforge.platform.imaging import decode
+        from difforge.platform.parallel import map_files
         from difforge.platform.show import grid
 
         p = self.params
         samples, train = ctx.inputs[:2]
-        mode, net = None, None
+        spec = FeatureSpec("pixels")
         if p.features == "classifier":
             if len(ctx.inputs) < 3:
                 raise DifforgeError("evaluate.memorization: features 'classifier' needs a third "
                                     "input, a train.classifier step")  # fmt: skip
-            model = ctx.inputs[2].to_arrow().to_pylist()[0]
-            net, config = load_classifier(model[C.MODEL_URI])
-            mode = "L" if config["in_channels"] == 1 else "RGB"
-        fake, _, fake_ids = load_images(samples.file_uris(), mode, with_labels=False)
-        real, _, real_ids = load_images(train.file_uris(), mode, with_labels=False)
-        if len(real) < 2:
+            spec = classifier_spec(ctx.inputs[2].to_arrow().to_pylist()[0][C.MODEL_URI])
+        if train.num_rows < 2:
             raise DifforgeError("evaluate.memorization: the training input needs at least 2 images")
-        if fake.shape[1:] != real.shape[1:]:
-            raise DifforgeError(f"evaluate.memorization: samples are {fake.shape[1:]}, training "
-                                f"images {real.shape[1:]}: resize one to the other first")  # fmt: skip
-        if net is not None:
-            q, t = classifier_features(net, fake)[0], classifier_features(net, real)[0]
-        else:
-            q = fake.reshape(len(fake), -1).astype(np.float32) / 127.5 - 1.0
-            t = real.reshape(len(real), -1).astype(np.float32) / 127.5 - 1.0
-        idx, dist = two_nearest(q, t, p.chunk)
-        ratio = dist[:, 0] / np.maximum(dist[:, 1], 1e-12)
+        same_size(samples, train, "evaluate.memorization", "samples", "training images")
+        root = join(ctx.work_uri, "features")
+        fake, _ = features_of(ctx, samples, spec, root, self.name)
+        real, _ = features_of(ctx, train, spec, root, self.name)
+        out = ctx.outputs[MAIN]
+        entries = map_files(fake.shards(), _Nearest(real.shards(), p.chunk, p.ratio_threshold),
+                            {MAIN: out}, p.chunk, columns=[C.ID, FEATURES])[MAIN]  # fmt: skip
+        # the summary: four small columns of the rows just written
+        fs, root_path = url_to_fs(out.uri)
+        parts = [pq.read_table(f"{root_path}/{e['path']}", filesystem=fs,
+                               columns=[C.ID, "nearest_id", "distance", "ratio"])
+                 for e in entries if e["path"]]  # fmt: skip
+        ids = [i for t in parts for i in t.column(C.ID).to_pylist()]
+        nearest = [i for t in parts for i in t.column("nearest_id").to_pylist()]
+        dist = np.concatenate([t.column("distance").to_numpy() for t in parts] or [np.zeros(0)])
+        ratio = np.concatenate([t.column("ratio").to_numpy() for t in parts] or [np.zeros(0)])
         copied = ratio < p.ratio_threshold
         metrics = {
             "memorized_fraction": float(copied.mean()) if len(copied) else 0.0,
             "memorized": float(copied.sum()),
-            "nearest_distance_median": float(np.median(dist[:, 0])) if len(dist) else 0.0,
+            "nearest_distance_median": float(np.median(dist)) if len(dist) else 0.0,
             "ratio_median": float(np.median(ratio)) if len(ratio) else 0.0,
-            "num_samples": float(len(fake)),
+            "num_samples": float(len(ratio)),
         }
         ctx.log.log_metrics(metrics)
-        if p.pairs and len(fake):
-            closest = np.argsort(ratio)[: p.pairs]
-            sample_png = dict(
-                zip(*self._images(samples, {fake_ids[i] for i in closest}), strict=True)
-            )
-            train_png = dict(
-                zip(*self._images(train, {real_ids[idx[i, 0]] for i in closest}), strict=True)
-            )
+        if p.pairs and len(ratio):
+            closest = np.argsort(ratio, kind="stable")[: p.pairs]
+            shown = samples.rows_with_ids({ids[i] for i in closest}, [C.IMAGE])
+            sample_png = dict(zip(shown.column(C.ID).to_pylist(),
+                                  shown.column(C.IMAGE).to_pylist(), strict=True))  # fmt: skip
+            shown = train.rows_with_ids({nearest[i] for i in closest}, [C.IMAGE])
+            train_png = dict(zip(shown.column(C.ID).to_pylist(),
+                                 shown.column(C.IMAGE).to_pylist(), strict=True))  # fmt: skip
             tiles = []
             for i in closest:  # each pair: the sample, then the training image it is closest to
-                tiles += [decode(sample_png[fake_ids[i]]), decode(train_png[real_ids[idx[i, 0]]])]
+                tiles += [decode(sample_png[ids[i]]), decode(train_png[nearest[i]])]
             canvas = grid(tiles, columns=8)
             ctx.log.log_image(canvas.resize((canvas.width * 3, canvas.height * 3), 0),
-                                  "closest_pairs.png")  # fmt: skip
-        table = pa.table({
-            C.ID: pa.array(fake_ids, pa.string()),
-            "nearest_id": pa.array([real_ids[j] for j in idx[:, 0]], pa.string()),
-            "distance": pa.array(dist[:, 0], pa.float64()),
-            "ratio": pa.array(ratio, pa.float64()),
-            "memorized": pa.array(copied, pa.bool_()),
-        })  # fmt: skip
-        return JobResult(table, metadata={"memorization": metrics})
-
-    @staticmethod
-    def _images(ds, ids: set[str]) -> tuple[list[str], list[bytes]]:
-        """The image bytes of these rows (only these are decoded for the pairs grid)."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        t = ds.to_arrow(columns=[C.ID, C.IMAGE])
-        t = t.filter(pc.is_in(t.column(C.ID), value_set=pa.array(sorted(ids))))
-        return t.column(C.ID).to_pylist(), t.column(C.IMAGE).to_pylist()
+                              "closest_pairs.png")  # fmt: skip
+        return JobResult(entries={MAIN: entries}, metadata={"memorization": metrics})

@@ -23,6 +23,15 @@ if TYPE_CHECKING:
     from difforge.platform.operator import StepOutcome
 
 
+def outcome_column(uri: str, column: str) -> list:
+    import pyarrow.parquet as pq
+
+    from difforge.platform.datasets import url_to_fs
+
+    fs, path = url_to_fs(uri)
+    return pq.read_table(path, filesystem=fs, columns=[column]).column(0).to_pylist()
+
+
 class DeepCacheParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -116,16 +125,25 @@ class SampleDiffusion(MapOperator):
         from difforge.platform.imaging import decode
         from difforge.platform.show import grid
 
-        table = outcome.read_main([C.LABEL, C.IMAGE, "guidance_scale"])
-        if table is None:
-            return {}
-        rows = table.to_pylist()
+        # a shard at a time: its labels first, its images only where a class still needs some
         by_class: dict[int, list[Image.Image]] = {}
-        for r in rows:
-            tiles = by_class.setdefault(r[C.LABEL], [])
-            if len(tiles) < 16:
-                tiles.append(decode(r[C.IMAGE]))
+        counts: dict[int, int] = {}
+        rows = 0
+        for uri in outcome.main_files:
+            labels = outcome_column(uri, C.LABEL)
+            rows += len(labels)
+            need = []
+            for i, c in enumerate(labels):
+                if counts.get(c, 0) < 16:
+                    counts[c] = counts.get(c, 0) + 1
+                    need.append(i)
+            if need:
+                images = outcome_column(uri, C.IMAGE)
+                for i in need:
+                    by_class.setdefault(labels[i], []).append(decode(images[i]))
+        if not rows:
+            return {}
         lines = [grid(t, columns=16) for _, t in sorted(by_class.items())]
         canvas = grid(lines, columns=1, pad=0)
         ctx.log.log_image(canvas.resize((canvas.width * 3, canvas.height * 3), 0), "samples.png")
-        return {"images": float(len(rows))}
+        return {"images": float(rows)}

@@ -123,7 +123,6 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
     # throughput since this run's first optimizer step (start-up excluded)
     first_step_at = window_start = None
     window_steps = 0
-    interval_start, waited_before = time.time(), data.wait_s  # where the time goes
     while step < p["max_steps"]:
         for micro_step in range(p["grad_accum"]):
             # the rows and every draw are functions of (seed, step, micro step, rank): a
@@ -173,10 +172,7 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
                        "lr": scheduler.get_last_lr()[0], "samples_per_s": rate,
                        "first_step_at": first_step_at}  # fmt: skip
             io.save(engine, ema, step, metrics)
-            # each worker: seconds waiting for data, and the rest, since its last report
-            waited, waited_before = data.wait_s - waited_before, data.wait_s
-            busy, interval_start = now - interval_start, now
-            timing = {f"data_wait_s/rank{rank}": waited, f"compute_s/rank{rank}": busy - waited}
+            timing = data.timing()  # each worker: seconds waiting for data, and computing
             # a restart after a failure replays steps; log_new never logs one twice
             if rank == 0:
                 timing.update(loss=metrics["loss"], lr=metrics["lr"], samples_per_s=rate)

@@ -113,9 +113,12 @@ def train_loop(config: dict[str, Any]) -> None:
             metrics = {"step": done, "mse": float(np.mean(losses)), "psnr": psnr}
             state = {"model": unwrap(model).vae.state_dict(), "opt": opt.state_dict(), "step": done}
             report(metrics, state if rank == 0 else None)
+            # every worker's data-wait and compute seconds; rank 0's loss. A restart replays
+            # steps from its checkpoint; log_new never logs one twice
+            timing = data.timing()
             if rank == 0:
-                # a restart replays steps from its checkpoint; log_new never logs one twice
-                step_log.log_new({"train_mse": metrics["mse"], "train_psnr": psnr}, step=done)
+                timing.update(train_mse=metrics["mse"], train_psnr=psnr)
+            step_log.log_new(timing, step=done)
             losses = []
 
 

