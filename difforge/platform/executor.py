@@ -26,7 +26,7 @@ from difforge.platform.events import Observers, RunObserver, StepLog
 from difforge.platform.failures import cause, failed_step
 from difforge.platform.fusion import passes
 from difforge.platform.operator import MAIN, JobOperator, StepOutcome
-from difforge.platform.outputs import Output, new_attempt
+from difforge.platform.outputs import Output, new_attempt, nodes_seen, saw_nodes, this_node
 from difforge.platform.passes import PassStep, keeps_progress, output_names, run_map_pass
 from difforge.platform.plan import Plan, PlannedStep, build_plan
 from difforge.platform.progress import quiet_libraries
@@ -193,31 +193,10 @@ class Executor:
                     f"{s.id} ({s.op})" for s in group))  # fmt: skip
             else:
                 log.info("step %s (%s): running", group[0].id, group[0].op)
-            head = started[0]
-            if issubclass(head.step.op_cls, JobOperator):
-                entries, rows_in, extra = self._run_job(
-                    head.step, head.fitted, head.attempt, head.log
-                )
-                results = [(entries, rows_in, time.time() - t0, extra)]
-            else:
-                if len(group) > 1 and any(s.forced for s in group):
-                    for s in group:  # the pass's kept results include the forced step's
-                        ds_mod.remove_work(s.work_uri)
-                entries_k, rows_k, work, resumed = run_map_pass(
-                    [PassStep(s.step, s.fitted, s.attempt) for s in started]
-                )
-                if resumed:
-                    for s in started:
-                        s.log.log_metrics({"input_shards_resumed": resumed})
-                wall, total = time.time() - t0, sum(work)
-                # the pass's wall time, split by each step's share of the measured work
-                shares = [w / total if total > 0 else 1 / len(work) for w in work]
-                results = [
-                    (e, r, wall * f, None)
-                    for e, r, f in zip(entries_k, rows_k, shares, strict=True)
-                ]
+            with nodes_seen() as nodes:  # the Ray nodes the work reports, for lineage
+                results = self._work(started, t0)
             for s, (entries, rows_in, seconds, extra) in zip(started, results, strict=True):
-                done.append(self._finish(s, entries, rows_in, seconds, extra))
+                done.append(self._finish(s, entries, rows_in, seconds, extra, sorted(nodes)))
             return done
         except BaseException as exc:
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
@@ -234,6 +213,28 @@ class Executor:
                 f"step '{failed.id}' ({failed.op}){where} failed: {cause(exc)}"
             ) from exc
 
+    def _work(self, started: list[_Started], t0: float) -> list[tuple]:
+        """A pass's work: a job, or one Ray Data pass over a chain of map steps; per step its
+        entries by output, rows in, seconds and (a job's) metadata."""
+        head = started[0]
+        if issubclass(head.step.op_cls, JobOperator):
+            saw_nodes([this_node()])  # a job works on the driver too
+            entries, rows_in, extra = self._run_job(head.step, head.fitted, head.attempt, head.log)
+            return [(entries, rows_in, time.time() - t0, extra)]
+        if len(started) > 1 and any(s.step.forced for s in started):
+            for s in started:  # the pass's kept results include the forced step's
+                ds_mod.remove_work(s.step.work_uri)
+        entries_k, rows_k, work, resumed = run_map_pass(
+            [PassStep(s.step, s.fitted, s.attempt) for s in started]
+        )
+        if resumed:
+            for s in started:
+                s.log.log_metrics({"input_shards_resumed": resumed})
+        wall, total = time.time() - t0, sum(work)
+        # the pass's wall time, split by each step's share of the measured work
+        shares = [w / total if total > 0 else 1 / len(work) for w in work]
+        return [(e, r, wall * f, None) for e, r, f in zip(entries_k, rows_k, shares, strict=True)]
+
     def _finish(
         self,
         s: _Started,
@@ -241,6 +242,7 @@ class Executor:
         rows_in: int | None,
         seconds: float,
         extra: dict | None,
+        nodes: list[str] | None = None,
     ) -> StepSummary:
         """Commit a step's outputs (side outputs, then the operator's last word, then the main
         output), log its metrics and end its run."""
@@ -261,6 +263,7 @@ class Executor:
             "op": step.op,
             "op_version": step.op_cls.version,
             "device": "cuda" if s.fitted.num_gpus else "cpu",
+            "nodes": nodes or [],  # the Ray nodes its work ran on
         }
         if step.device is not None:  # what its `auto` precision resolved to
             producer["auto_precision"] = "bfloat16" if step.device == "cuda" else "float32"

@@ -30,7 +30,9 @@ import io
 import os
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +66,37 @@ SHARD_ROWS = 65_536
 SHARD_BYTES = 128 << 20
 SHARDS_PER_CPU = 2
 MIN_SHARD_ROWS = 256
+
+
+def this_node() -> str:
+    """The Ray node id of this process ("" outside Ray)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return ""
+    return ray.get_runtime_context().get_node_id()
+
+
+#: the nodes whose work the running step's writers reported (see `nodes_seen`)
+_NODES: ContextVar[set[str] | None] = ContextVar("difforge_nodes", default=None)
+
+
+@contextmanager
+def nodes_seen() -> Iterator[set[str]]:
+    """Within: every shard description collected (and `saw_nodes`) adds the node it was
+    written on to the set yielded, which the executor records with the step."""
+    token = _NODES.set(set())
+    try:
+        yield _NODES.get()
+    finally:
+        _NODES.reset(token)
+
+
+def saw_nodes(nodes: Iterable[str | None]) -> None:
+    seen = _NODES.get()
+    if seen is not None:
+        seen.update(n for n in nodes if n)
 
 
 def cluster_cpus() -> int:
@@ -395,19 +428,21 @@ def write_batch(
     unknown = set(tables) - set(outputs)
     if unknown:
         raise DifforgeError(f"operator returned undeclared outputs: {sorted(unknown)}")
+    node = this_node()  # where the work was done, recorded with the step
     rows: list[dict[str, Any]] = [
         {"output": STATS, "path": "", "rows": rows_in, "bytes": 0, "sha256": "", "schema": ""}
     ]
     for name, table in tables.items():
         if table is not None:
             rows += [{"output": name, **e} for e in outputs[name].write_batch(table, key)]
-    return pa.Table.from_pylist(rows)
+    return pa.Table.from_pylist([{**r, "node": node} for r in rows])
 
 
 def collect(rows: Iterable[Mapping[str, Any]], names: Iterable[str]) -> dict[str, list[dict]]:
     """Shard entries by output name, from the rows `write_batch` described (STATS skipped)."""
     entries: dict[str, list[dict]] = {name: [] for name in names}
     for row in rows:
+        saw_nodes([row.get("node")])
         if row["output"] != STATS:
             entries[row["output"]].append(dict(row))
     return entries

@@ -32,6 +32,7 @@ from difforge.platform.outputs import (
     STATS,
     Output,
     cluster_cpus,
+    saw_nodes,
     write_batch,
 )
 from difforge.platform.plan import PlannedStep
@@ -372,6 +373,7 @@ def run_map_pass(
 
 def _account(row: dict, entries: list, rows_in: list, work: list, progress: Progress) -> None:
     """One row of a pass's output: a finished item, a step's work on a batch, or a shard."""
+    saw_nodes([row.get("node")])
     k = row["stage"]
     if row["output"] == ITEM_DONE:
         progress.update()

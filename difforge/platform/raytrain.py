@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from difforge.platform.outputs import saw_nodes
 from difforge.platform.progress import MetricProgress
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ def fit(
     from pyarrow.fs import FSSpecHandler, PyFileSystem
     from ray.train.torch import TorchTrainer
 
-    from difforge.platform.datasets import url_to_fs
+    from difforge.platform.datasets import join, url_to_fs
 
     res = ctx.resources
     fs, work = url_to_fs(ctx.work_uri)
@@ -42,9 +43,16 @@ def fit(
     log.info("step %s: %d training worker(s) x %g CPU(s)%s; torch uses %d thread(s) each",
              ctx.step, res.num_workers, res.num_cpus,
              f" + {res.num_gpus:g} GPU" if res.num_gpus else "", max(1, int(res.num_cpus)))  # fmt: skip
+    nodes = f"{work.rstrip('/')}/nodes"  # each worker says where it runs
+    nodes_uri = join(ctx.work_uri, "nodes")
     trainer = TorchTrainer(
-        loop,
-        train_loop_config={**config, "threads": res.num_cpus, "log": ctx.log},
+        _on_node(loop),
+        train_loop_config={
+            **config,
+            "threads": res.num_cpus,
+            "log": ctx.log,
+            "nodes_uri": nodes_uri,
+        },  # fmt: skip
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.num_workers,
             use_gpu=res.num_gpus > 0,
@@ -58,10 +66,33 @@ def fit(
         ),
     )
     if progress is None:
-        return trainer.fit()
-    metric, total, unit = progress
-    with MetricProgress(ctx.log, ctx.step, metric, total, unit):
-        return trainer.fit()
+        result = trainer.fit()
+    else:
+        metric, total, unit = progress
+        with MetricProgress(ctx.log, ctx.step, metric, total, unit):
+            result = trainer.fit()
+    if fs.exists(nodes):
+        saw_nodes(fs.cat_file(p).decode() for p in fs.ls(nodes, detail=False))
+    return result
+
+
+def _on_node(loop: Callable[[dict], None]) -> Callable[[dict], None]:
+    """The loop, after writing this worker's node id where the driver reads it (`fit`)."""
+
+    def run(config: dict) -> None:
+        import ray
+        import ray.train
+
+        from difforge.platform.datasets import url_to_fs
+
+        fs, folder = url_to_fs(config["nodes_uri"])
+        fs.makedirs(folder, exist_ok=True)
+        rank = ray.train.get_context().get_world_rank()
+        fs.pipe_file(f"{folder}/rank-{rank}", ray.get_runtime_context().get_node_id().encode())
+        loop(config)
+
+    run.__name__ = getattr(loop, "__name__", "train_loop")
+    return run
 
 
 def restore(default: dict[str, Any] | None = None) -> dict[str, Any] | None:

@@ -330,6 +330,9 @@ class MlflowObserver(RunObserver):
         run = self.steps.pop(step.id)
         run.log_metrics(metrics)
         run.log_dict(manifest, "manifest.json")
+        nodes = manifest.get("producer", {}).get("nodes")
+        if nodes:  # where its work ran
+            run.set_tags({"difforge.nodes": ",".join(nodes)})
         run.end()
 
     def step_ended(self, step: PlannedStep, status: str) -> None:

@@ -92,6 +92,14 @@ def test_quickstart_is_tracked_in_mlflow(quickstart):
     history = client.get_metric_history(clf.info.run_id, "accuracy")
     assert [m.step for m in history] == [0, 1]  # one point per epoch, none twice
     assert "model" in {a.path for a in client.list_artifacts(clf.info.run_id)}
+    # each step records the Ray nodes its work ran on (here: the one local node), in its
+    # manifest and its MLflow run: a map pass, a training job, an evaluation job
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    for step in ("images", "classifier", "model", "samples", "quality"):
+        assert open_dataset(summary.step(step).uri).manifest.producer["nodes"] == [node], step
+        assert by_step[step].data.tags["difforge.nodes"] == node
 
 
 def test_identical_rerun_is_fully_cached(quickstart):

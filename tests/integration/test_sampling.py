@@ -209,3 +209,30 @@ def test_inception_features_and_cached_reference(sampled):
     q2 = difforge.open_dataset(again.step("inception").uri).to_arrow().to_pylist()[0]
     assert q2["reference_cached"] == 1.0  # the reference side was not computed again
     assert abs(q2["fid"] - q["fid"]) < 1e-6 * max(1.0, q["fid"])
+
+
+def test_feature_step_matches_what_evaluation_computed(sampled):
+    """`encode.features` is the extractor `evaluate.fid` uses: its predicted labels give the
+    class accuracy the evaluation logged, and the Fréchet distance of its features (computed
+    here from the whole arrays) is the one the evaluation streamed."""
+    from difforge.platform.tensors import to_numpy
+
+    tmp, summary = sampled
+    spec = pipeline(tmp)
+    spec["steps"] += [
+        {"id": "feats", "op": "encode.features", "inputs": ["samples", "clf"]},
+        {"id": "test_feats", "op": "encode.features", "inputs": ["test", "clf"]},
+    ]
+    out = difforge.run(spec)
+    feats = difforge.open_dataset(out.step("feats").uri)
+    assert {"id", "label", "features", "predicted_label"} <= set(feats.manifest.column_names)
+    assert "image" not in feats.manifest.column_names
+    t = feats.to_arrow()
+    f_fake = to_numpy(t.column("features"))
+    assert f_fake.shape == (60, 128) and f_fake.dtype == np.float32
+    q = difforge.open_dataset(summary.step("quality").uri).to_arrow().to_pylist()[0]
+    accuracy = np.mean(t.column("label").to_numpy() == t.column("predicted_label").to_numpy())
+    assert abs(accuracy - q["class_accuracy"]) < 1e-9
+    f_real = to_numpy(difforge.open_dataset(out.step("test_feats").uri).to_arrow()
+                      .column("features")).astype(np.float64)  # fmt: skip
+    assert abs(frechet_distance(f_real, f_fake.astype(np.float64)) - q["fid"]) < 1e-6 * q["fid"]
