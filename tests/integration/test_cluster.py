@@ -153,6 +153,81 @@ def test_submitted_pipeline_runs_on_the_cluster(ray_cluster, mlflow_server, tmp_
     assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
 
 
+def test_a_pipeline_spreads_over_both_nodes_and_every_dataset_is_whole(
+    ray_cluster, mlflow_server, tmp_path
+):
+    """Curation, a VAE, encoding, training with two workers, sampling with two actors and an
+    evaluation, submitted to the two-node cluster with storage on S3: each step records the
+    nodes its work ran on, both nodes worked, and every dataset reads back whole (every shard
+    with its manifest's size and checksum)."""
+    path = pipeline(
+        tmp_path, mlflow_server, "two-nodes",
+        """
+        - id: raw
+          op: ingest.digits
+          resources: {batch_size: 200}
+        - id: clean
+          op: curate.validate
+          inputs: [raw]
+        - id: vae
+          op: train.vae
+          inputs: [clean]
+          params: {block_out_channels: [8, 16], max_steps: 2, batch_size: 16,
+                   checkpoint_every: 2}
+          resources: {num_workers: 2, num_cpus: 1}
+        - id: latents
+          op: encode.vae
+          inputs: [clean, vae]
+          resources: {batch_size: 200, max_actors: 2}
+        - id: model
+          op: train.diffusion
+          inputs: [latents]
+          params:
+            backbone: {type: UNet2DModel, block_out_channels: [8, 16], layers_per_block: 1,
+                       down_block_types: [DownBlock2D, DownBlock2D],
+                       up_block_types: [UpBlock2D, UpBlock2D], norm_num_groups: 4}
+            batch_size: 16
+            max_steps: 2
+            checkpoint_every: 2
+            warmup_steps: 1
+          resources: {num_workers: 2, num_cpus: 1}
+        - id: plan
+          op: sample.plan
+          inputs: [model]
+          params: {num_images: 8, rows_per_shard: 2}
+        - id: samples
+          op: sample.diffusion
+          inputs: [plan]
+          params: {num_inference_steps: 2}
+          resources: {batch_size: 2, min_actors: 2, max_actors: 2, num_cpus: 1}
+        - id: copies
+          op: evaluate.memorization
+          inputs: [samples, clean]
+        """,
+    )  # fmt: skip
+    out = difforge_cli("submit", str(path), "--cluster", ray_cluster, *FORWARD, "--wait",
+                       timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    job_id = next(x for x in out.stdout.splitlines() if x.startswith("submitted job")).split()[2]
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("cluster-tests")
+    (run,) = client.search_runs([exp.experiment_id], f"tags.`difforge.job_id` = '{job_id}'")
+    steps = {r.data.tags["difforge.step"]: r for r in client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")}  # fmt: skip
+    assert set(steps) == {"raw", "clean", "vae", "latents", "model", "plan", "samples", "copies"}
+    both = {n["node_id"] for n in alive_nodes(ray_cluster)}
+    nodes = {}
+    for name, r in steps.items():
+        ds = difforge.open_dataset(r.data.tags["difforge.uri"])
+        assert ds.uri.startswith("s3://datasets/")
+        assert ds.to_arrow().num_rows == ds.num_rows  # every shard read and checked
+        nodes[name] = set(ds.manifest.producer["nodes"])
+        assert nodes[name] == set(r.data.tags["difforge.nodes"].split(",")) and nodes[name] <= both
+    assert nodes["vae"] == nodes["model"] == both  # one training worker on each node
+    assert nodes["samples"]  # its actors' nodes (where Ray placed them)
+    assert set().union(*nodes.values()) == both
+
+
 def test_a_failing_pipeline_reports_failure_and_its_error(ray_cluster, mlflow_server, tmp_path):
     path = pipeline(
         tmp_path, mlflow_server, "broken",
@@ -226,78 +301,3 @@ def test_submit_refuses_tracking_the_cluster_cannot_reach(tmp_path, monkeypatch)
     assert out.returncode == 2 and "relative path" in out.stderr
     out = difforge_cli("submit", str(spec))
     assert out.returncode == 2 and "no cluster" in out.stderr
-
-
-def test_a_pipeline_spreads_over_both_nodes_and_every_dataset_is_whole(
-    ray_cluster, mlflow_server, tmp_path
-):
-    """Curation, a VAE, encoding, training with two workers, sampling with two actors and an
-    evaluation, submitted to the two-node cluster with storage on S3: each step records the
-    nodes its work ran on, both nodes worked, and every dataset reads back whole (every shard
-    with its manifest's size and checksum)."""
-    path = pipeline(
-        tmp_path, mlflow_server, "two-nodes",
-        """
-        - id: raw
-          op: ingest.digits
-          resources: {batch_size: 200}
-        - id: clean
-          op: curate.validate
-          inputs: [raw]
-        - id: vae
-          op: train.vae
-          inputs: [clean]
-          params: {block_out_channels: [8, 16], max_steps: 2, batch_size: 16,
-                   checkpoint_every: 2}
-          resources: {num_workers: 2, num_cpus: 1}
-        - id: latents
-          op: encode.vae
-          inputs: [clean, vae]
-          resources: {batch_size: 200, max_actors: 2}
-        - id: model
-          op: train.diffusion
-          inputs: [latents]
-          params:
-            backbone: {type: UNet2DModel, block_out_channels: [8, 16], layers_per_block: 1,
-                       down_block_types: [DownBlock2D, DownBlock2D],
-                       up_block_types: [UpBlock2D, UpBlock2D], norm_num_groups: 4}
-            batch_size: 16
-            max_steps: 2
-            checkpoint_every: 2
-            warmup_steps: 1
-          resources: {num_workers: 2, num_cpus: 1}
-        - id: plan
-          op: sample.plan
-          inputs: [model]
-          params: {num_images: 8, rows_per_shard: 2}
-        - id: samples
-          op: sample.diffusion
-          inputs: [plan]
-          params: {num_inference_steps: 2}
-          resources: {batch_size: 2, min_actors: 2, max_actors: 2, num_cpus: 1}
-        - id: copies
-          op: evaluate.memorization
-          inputs: [samples, clean]
-        """,
-    )  # fmt: skip
-    out = difforge_cli("submit", str(path), "--cluster", ray_cluster, *FORWARD, "--wait",
-                       timeout=600)  # fmt: skip
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    job_id = next(x for x in out.stdout.splitlines() if x.startswith("submitted job")).split()[2]
-    client = MlflowClient(mlflow_server)
-    exp = client.get_experiment_by_name("cluster-tests")
-    (run,) = client.search_runs([exp.experiment_id], f"tags.`difforge.job_id` = '{job_id}'")
-    steps = {r.data.tags["difforge.step"]: r for r in client.search_runs(
-        [exp.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")}  # fmt: skip
-    assert set(steps) == {"raw", "clean", "vae", "latents", "model", "plan", "samples", "copies"}
-    both = {n["node_id"] for n in alive_nodes(ray_cluster)}
-    nodes = {}
-    for name, r in steps.items():
-        ds = difforge.open_dataset(r.data.tags["difforge.uri"])
-        assert ds.uri.startswith("s3://datasets/")
-        assert ds.to_arrow().num_rows == ds.num_rows  # every shard read and checked
-        nodes[name] = set(ds.manifest.producer["nodes"])
-        assert nodes[name] == set(r.data.tags["difforge.nodes"].split(",")) and nodes[name] <= both
-    assert nodes["vae"] == nodes["model"] == both  # one training worker on each node
-    assert nodes["samples"] == both  # one sampling actor on each node
-    assert set().union(*nodes.values()) == both
