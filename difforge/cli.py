@@ -272,8 +272,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from difforge.jobs.cluster import read_env_file
 
         os.environ.update(read_env_file(args.env_file))
-    if os.environ.get("RAY_JOB_SUBMISSION_ID") or args.env_file:
-        # a submitted job's driver: Ray may remove the job's working directory (its own copy
+    if args.env_file:
+        # a submitted job's driver (`difforge submit` always passes its env file): Ray may remove the job's working directory (its own copy
         # of the uploaded folder) while the run goes on, and a process whose working directory
         # is gone fails in odd places (torch's oneMKL cannot load, os.getcwd raises); so
         # work from the difforge home instead (the pipeline file by its absolute path)

@@ -145,35 +145,29 @@ class Extractor:
         return out, (np.concatenate(preds).astype(np.int64) if preds else None)
 
 
-def features_table(batch: pa.Table, extractor: Extractor, keep: tuple[str, ...] = ()) -> pa.Table:
-    """id, the `keep` columns present, `features` and (a classifier's) `predicted_label`."""
+def with_features(batch: pa.Table, extractor: Extractor) -> pa.Table:
+    """The batch without its image, with `features` and (a classifier's) `predicted_label`."""
     import pyarrow as pa
 
     from difforge.platform.tensors import to_column
 
     feats, preds = extractor(batch.column(C.IMAGE).to_pylist())
-    cols = {C.ID: batch.column(C.ID)}
-    cols.update({k: batch.column(k) for k in keep if k in batch.column_names})
-    cols[FEATURES] = to_column(feats)
+    out = batch.drop_columns([C.IMAGE]).append_column(FEATURES, to_column(feats))
     if preds is not None:
-        cols[PREDICTED] = pa.array(preds, pa.int64())
-    return pa.table(cols)
+        out = out.append_column(PREDICTED, pa.array(preds, pa.int64()))
+    return out
 
 
 class _Featurizer:
-    """Built once per actor of `featurize`'s pass."""
+    """Built once per worker process (or actor) of `featurize`'s pass."""
 
-    def __init__(self, spec: FeatureSpec, keep: tuple[str, ...], gpus: float):
-        import torch
+    def __init__(self, spec: FeatureSpec, gpus: float):
+        from difforge.platform.context import torch_device
 
-        device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
-        threads = os.environ.get("OMP_NUM_THREADS")
-        if device == "cpu" and threads:
-            torch.set_num_threads(int(threads))
-        self.extractor, self.keep = Extractor(spec, device), keep
+        self.extractor = Extractor(spec, torch_device(gpus)[0])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return features_table(batch, self.extractor, self.keep)
+        return with_features(batch, self.extractor)
 
 
 def featurize(
@@ -199,7 +193,7 @@ def featurize(
     items = [dict(s, take=take[i]) if take is not None else s for i, s in enumerate(shards)]
     items = [s for s in items if s.get("take") is None or s["take"]]
     out = open_output(uri)
-    entries = map_files(items, (_Featurizer, (spec, keep, gpus)), {"main": out}, batch_size,
+    entries = map_files(items, (_Featurizer, (spec, gpus)), {"main": out}, batch_size,
                         columns=[C.ID, C.IMAGE, *keep], num_gpus=gpus)["main"]  # fmt: skip
     if not any(e["rows"] for e in entries):
         raise DifforgeError(f"no images to compute {spec.kind} features of")

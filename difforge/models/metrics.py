@@ -32,7 +32,7 @@ class FeatureStats:
     def __init__(self, total: int, keep: int, seed: int):
         import numpy as np
 
-        self.total, self.n = total, 0
+        self.n = 0
         chosen = np.random.default_rng(seed).choice(total, min(keep, total), replace=False)
         self._chosen = np.sort(chosen)
         self._sum = self._outer = None

@@ -90,3 +90,13 @@ def resolve(ref: str, what: str = "model") -> str:
             )
         return ref
     raise DifforgeError(f"{what} '{ref}': no such folder")
+
+
+def model_of(ds) -> dict:
+    """The row a model step (`train.*`, `distill.*`) wrote: `model_uri`, `kind` and its figures;
+    a clear error for a dataset that is not one."""
+    from difforge.platform import columns as C
+
+    if C.MODEL_URI not in ds.manifest.column_names or not ds.num_rows:
+        raise DifforgeError(f"{ds.uri}: not a model step's output (it has no {C.MODEL_URI})")
+    return ds.to_arrow().slice(0, 1).to_pylist()[0]

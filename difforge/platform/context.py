@@ -13,6 +13,23 @@ if TYPE_CHECKING:
     from difforge.platform.resources import Fitted
 
 
+def torch_device(num_gpus: float, dtype: str = "auto") -> tuple[str, Any]:
+    """(device, torch dtype) for a model a Ray worker holds: CUDA where it was given a GPU,
+    else the CPU, with torch using as many threads as Ray gave it CPUs (OMP_NUM_THREADS);
+    dtype "auto" is bfloat16 on a GPU, float32 on a CPU."""
+    import os
+
+    import torch
+
+    device = "cuda" if num_gpus and torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if device == "cpu" and threads:
+        torch.set_num_threads(int(threads))
+    return device, getattr(torch, dtype)
+
+
 @dataclass
 class MapContext:
     """Given to `MapOperator.setup` on each actor: the step, its other inputs, its work folder."""
@@ -39,20 +56,8 @@ class MapContext:
         return Dataset(self.inputs[index])
 
     def torch_device(self, dtype: str = "auto") -> tuple[str, Any]:
-        """(device, torch dtype) for a model this actor holds: CUDA where it was given a GPU,
-        else the CPU, with torch using as many threads as Ray gave it CPUs (OMP_NUM_THREADS);
-        dtype "auto" is bfloat16 on a GPU, float32 on a CPU."""
-        import os
-
-        import torch
-
-        device = "cuda" if self.num_gpus and torch.cuda.is_available() else "cpu"
-        if dtype == "auto":
-            dtype = "bfloat16" if device == "cuda" else "float32"
-        threads = os.environ.get("OMP_NUM_THREADS")
-        if device == "cpu" and threads:
-            torch.set_num_threads(int(threads))
-        return device, getattr(torch, dtype)
+        """`torch_device` for this actor's GPUs."""
+        return torch_device(self.num_gpus, dtype)
 
     def metadata(self, index: int = 0) -> dict[str, Any]:
         """An input's manifest metadata (class names, corruption, encoders ...)."""

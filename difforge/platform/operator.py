@@ -56,13 +56,18 @@ class StepOutcome:
 
     def iter_main(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         """The main output's shards, one table at a time."""
+        for uri in self.main_files:
+            yield self.read_file(uri, columns)
+
+    @staticmethod
+    def read_file(uri: str, columns: list[str] | None = None) -> pa.Table:
+        """One of `main_files`, only these columns."""
         import pyarrow.parquet as pq
 
         from difforge.platform.datasets import url_to_fs
 
-        for uri in self.main_files:
-            fs, path = url_to_fs(uri)
-            yield pq.read_table(path, filesystem=fs, columns=columns)
+        fs, path = url_to_fs(uri)
+        return pq.read_table(path, filesystem=fs, columns=columns)
 
 
 def passthrough(input_columns: list[set[str] | None], add=(), remove=()) -> set[str] | None:

@@ -5,11 +5,11 @@ key through Ray Data's shuffle. Only small shard descriptions ever reach the dri
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from difforge.platform.datasets import read_shard
-from difforge.platform.outputs import MAIN, Output, collect, write_batch
+from difforge.platform.outputs import MAIN, Output, cluster_cpus, collect, write_batch
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -51,7 +51,8 @@ class _FileWorker:
         outs = []
         for raw in batch.column("item").to_pylist():
             item = json.loads(raw)
-            for seq, table in enumerate(_batches(item["shard"], self.batch_size, self.columns)):
+            batches = shard_batches(item["shard"], self.batch_size, self.columns)
+            for seq, table in enumerate(batches):
                 result = self.fn(table)
                 outs.append(shard_rows(result, self.outputs, f"{item['index']:06d}-{seq:04d}"))
         return pa.concat_tables(outs) if outs else shard_rows({}, self.outputs, "")
@@ -64,39 +65,47 @@ class _BuildOnce:
     """`cls(*args)`, built once per worker process and reused by the tasks that run there."""
 
     def __init__(self, cls: type, args: tuple):
-        self.cls, self.args = cls, args
-
-    def __call__(self, table: pa.Table):
         import pickle
 
-        key = (self.cls.__module__, self.cls.__qualname__, pickle.dumps(self.args))
-        built = _BUILT.get(key)
+        self.cls, self.args = cls, args
+        self.key = (cls.__module__, cls.__qualname__, pickle.dumps(args))
+
+    def __call__(self, table: pa.Table):
+        built = _BUILT.get(self.key)
         if built is None:
             _BUILT.clear()  # one model per process at a time
-            built = _BUILT[key] = self.cls(*self.args)
+            built = _BUILT[self.key] = self.cls(*self.args)
         return built(table)
 
 
-def _batches(shard: dict[str, Any], batch_size: int, columns: list[str] | None):
-    """A shard's rows in batches: the `columns` it has, only rows `take` (sorted) if given."""
+def shard_batches(
+    shard: Shard, batch_size: int, columns: list[str] | None = None
+) -> Iterator[pa.Table]:
+    """A shard's rows in batches, checked against its manifest: the `columns` it has; only its
+    rows `start` to `stop`, or the (sorted) rows it `take`s, when the shard names them."""
     import numpy as np
     import pyarrow as pa
 
-    pf = open_parquet(shard)
+    s = _shard(shard)
+    pf = open_parquet(s)
     if columns is not None:
         columns = [c for c in columns if c in pf.schema_arrow.names]
-    take = shard.get("take")
+    take = np.asarray(s["take"], np.int64) if s.get("take") is not None else None
+    lo, hi = s.get("start", 0), s.get("stop")
     offset = 0
     for rb in pf.iter_batches(batch_size=batch_size, columns=columns):
-        table = pa.Table.from_batches([rb])
+        n, table = rb.num_rows, pa.Table.from_batches([rb])
         if take is not None:
-            take_arr = np.asarray(take, dtype=np.int64)
-            local = take_arr[(take_arr >= offset) & (take_arr < offset + rb.num_rows)] - offset
-            offset += rb.num_rows
-            if not len(local):
-                continue
-            table = table.take(pa.array(local))
-        yield table
+            local = take[(take >= offset) & (take < offset + n)] - offset
+            table = table.take(pa.array(local)) if len(local) else None
+        else:
+            first, end = max(lo - offset, 0), n if hi is None else min(hi - offset, n)
+            table = table.slice(first, end - first) if end > first else None
+        offset += n
+        if table is not None:
+            yield table
+        if hi is not None and offset >= hi:
+            return
 
 
 def map_files(
@@ -225,9 +234,7 @@ def group_and_write(data: ray.data.Dataset, key: str, fn: Callable, outputs: dic
 
 def default_partitions() -> int:
     """Shuffle partitions: a few per CPU (Ray's default of 200 costs seconds on a laptop)."""
-    import ray
-
-    return max(2, min(200, 4 * int(ray.cluster_resources().get("CPU", 1))))
+    return max(2, min(200, 4 * cluster_cpus()))
 
 
 def as_function(obj: Callable) -> Callable:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from difforge.platform import datasets as ds_mod
 from difforge.platform.columns import type_problems
 from difforge.platform.context import MapContext
-from difforge.platform.datasets import Dataset, join, read_shard
+from difforge.platform.datasets import Dataset, join
 from difforge.platform.errors import DifforgeError
 from difforge.platform.failures import STEP_NOTE
 from difforge.platform.operator import MAIN, JobOperator, SourceOperator
@@ -35,6 +35,7 @@ from difforge.platform.outputs import (
     saw_nodes,
     write_batch,
 )
+from difforge.platform.parallel import shard_batches
 from difforge.platform.plan import PlannedStep
 from difforge.platform.progress import Progress
 from difforge.platform.resources import Fitted
@@ -125,7 +126,7 @@ class PassWorker:
         if self.source:
             yield from self.ops[0].read(item)
             return
-        yield from item_batches(item, self.stages[0].batch_size)
+        yield from shard_batches(item, self.stages[0].batch_size)
 
     def _stage(self, k: int, batch: pa.Table, key: str, started: float, out: list) -> None:
         """Step k on one batch (`started`: when fetching it began); then the next step on the
@@ -251,23 +252,6 @@ def _task(*args):
         return PassWorker(*args)(batch)
 
     return run
-
-
-def item_batches(item: dict[str, Any], batch_size: int) -> Iterator[pa.Table]:
-    """A map pass item's rows (a shard, or its rows `start` to `stop`) in batches."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    shard = pq.ParquetFile(read_shard(item["file"], item["bytes"], item["sha256"]))
-    lo, hi = item.get("start", 0), item.get("stop")
-    offset = 0
-    for rb in shard.iter_batches(batch_size=batch_size):
-        a, b = max(lo - offset, 0), rb.num_rows if hi is None else min(hi - offset, rb.num_rows)
-        offset += rb.num_rows
-        if b > a:
-            yield pa.Table.from_batches([rb]).slice(a, b - a)
-        if hi is not None and offset >= hi:
-            return
 
 
 def split_shards(shards: list[dict[str, Any]], want: int) -> list[dict[str, Any]]:

@@ -43,8 +43,7 @@ def fit(
     log.info("step %s: %d training worker(s) x %g CPU(s)%s; torch uses %d thread(s) each",
              ctx.step, res.num_workers, res.num_cpus,
              f" + {res.num_gpus:g} GPU" if res.num_gpus else "", max(1, int(res.num_cpus)))  # fmt: skip
-    nodes = f"{work.rstrip('/')}/nodes"  # each worker says where it runs
-    nodes_uri = join(ctx.work_uri, "nodes")
+    nodes_uri = join(ctx.work_uri, "nodes")  # each worker says where it runs
     trainer = TorchTrainer(
         _on_node(loop),
         train_loop_config={
@@ -71,6 +70,7 @@ def fit(
         metric, total, unit = progress
         with MetricProgress(ctx.log, ctx.step, metric, total, unit):
             result = trainer.fit()
+    nodes = f"{work.rstrip('/')}/nodes"  # nodes_uri, on `fs`
     if fs.exists(nodes):
         saw_nodes(fs.cat_file(p).decode() for p in fs.ls(nodes, detail=False))
     return result

@@ -205,7 +205,8 @@ def test_a_pass_splits_too_few_input_shards_into_row_ranges(tmp_path):
     import numpy as np
 
     from difforge.platform.outputs import MIN_SHARD_ROWS, write_dataset
-    from difforge.platform.passes import item_batches, split_shards
+    from difforge.platform.parallel import shard_batches
+    from difforge.platform.passes import split_shards
 
     table = pa.table({"id": [str(i) for i in range(1024)], "x": np.arange(1024)})
     write_dataset(str(tmp_path / "one"), table, "fp")
@@ -214,7 +215,7 @@ def test_a_pass_splits_too_few_input_shards_into_row_ranges(tmp_path):
     items = split_shards(shards, want=4)
     assert [(i["start"], i["stop"]) for i in items] == [(0, 256), (256, 512), (512, 768),
                                                         (768, 1024)]  # fmt: skip
-    rows = [x for i in items for b in item_batches(i, 100) for x in b.column("x").to_pylist()]
+    rows = [x for i in items for b in shard_batches(i, 100) for x in b.column("x").to_pylist()]
     assert rows == list(range(1024))
     assert len(split_shards(shards, want=8)) == 4  # not cut below MIN_SHARD_ROWS rows
     assert split_shards(shards * 4, want=4) == shards * 4  # enough shards: untouched

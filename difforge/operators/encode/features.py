@@ -35,12 +35,13 @@ class Params(BaseModel):
 
 def _spec(params: Params, inputs: list[Any]) -> FeatureSpec:
     from difforge.models.features import classifier_spec, inception_path
+    from difforge.models.resolve import model_of
 
     if params.model == "classifier":
         if len(inputs) < 2:
             raise DifforgeError("encode.features: model 'classifier' needs a second input, a "
                                 "train.classifier step")  # fmt: skip
-        return classifier_spec(inputs[1].to_arrow(columns=[C.MODEL_URI]).column(0)[0].as_py())
+        return classifier_spec(model_of(inputs[1])[C.MODEL_URI])
     if params.model == "inception":
         return FeatureSpec("inception", weights=inception_path(params.inception_weights))
     return FeatureSpec("pixels")
@@ -72,15 +73,9 @@ class EncodeFeatures(MapOperator):
         self.extractor = Extractor(spec, device)
 
     def process(self, batch: pa.Table) -> pa.Table:
-        from difforge.platform.tensors import to_column
+        from difforge.models.features import with_features
 
-        feats, preds = self.extractor(batch.column(C.IMAGE).to_pylist())
-        out = batch.drop_columns([C.IMAGE]).append_column(FEATURES, to_column(feats))
-        if preds is not None:
-            import pyarrow as pa
-
-            out = out.append_column(PREDICTED, pa.array(preds, pa.int64()))
-        return out
+        return with_features(batch, self.extractor)
 
     def output_metadata(self, inputs: list[Any]) -> dict[str, Any]:
         spec = _spec(self.params, inputs)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from difforge.models.resolve import resolve
+from difforge.models.resolve import model_of, resolve
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
 from difforge.platform.operator import MapOperator, passthrough
@@ -43,8 +43,7 @@ def resolve_model(params: Params, inputs: list[Any]) -> str:
         raise DifforgeError(
             "encode.vae needs a VAE: a second input (a train.vae step) or params.pretrained"
         )
-    row = inputs[1].to_arrow(columns=[C.MODEL_URI]).column(C.MODEL_URI)
-    return row[0].as_py()
+    return model_of(inputs[1])[C.MODEL_URI]
 
 
 class EncodeVAE(MapOperator):

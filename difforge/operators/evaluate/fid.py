@@ -99,13 +99,14 @@ class FID(JobOperator):
             same_size,
         )
         from difforge.models.metrics import frechet_from_stats, kid, precision_recall
+        from difforge.models.resolve import model_of
         from difforge.platform import datasets as D
 
         p = self.params
         samples, reference = ctx.inputs[:2]
         clf_spec = None
         if len(ctx.inputs) > 2:
-            model = ctx.inputs[2].to_arrow().to_pylist()[0]
+            model = model_of(ctx.inputs[2])
             if model.get("kind") != "classifier":
                 raise DifforgeError("evaluate.fid: the third input must be a train.classifier step")
             clf_spec = classifier_spec(model[C.MODEL_URI])

@@ -128,6 +128,7 @@ class Memorization(JobOperator):
         import pyarrow.parquet as pq
 
         from difforge.models.features import FeatureSpec, classifier_spec, features_of, same_size
+        from difforge.models.resolve import model_of
         from difforge.platform.datasets import join, url_to_fs
         from difforge.platform.imaging import decode
         from difforge.platform.parallel import map_files
@@ -140,7 +141,7 @@ class Memorization(JobOperator):
             if len(ctx.inputs) < 3:
                 raise DifforgeError("evaluate.memorization: features 'classifier' needs a third "
                                     "input, a train.classifier step")  # fmt: skip
-            spec = classifier_spec(ctx.inputs[2].to_arrow().to_pylist()[0][C.MODEL_URI])
+            spec = classifier_spec(model_of(ctx.inputs[2])[C.MODEL_URI])
         if train.num_rows < 2:
             raise DifforgeError("evaluate.memorization: the training input needs at least 2 images")
         same_size(samples, train, "evaluate.memorization", "samples", "training images")

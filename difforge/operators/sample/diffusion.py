@@ -23,15 +23,6 @@ if TYPE_CHECKING:
     from difforge.platform.operator import StepOutcome
 
 
-def outcome_column(uri: str, column: str) -> list:
-    import pyarrow.parquet as pq
-
-    from difforge.platform.datasets import url_to_fs
-
-    fs, path = url_to_fs(uri)
-    return pq.read_table(path, filesystem=fs, columns=[column]).column(0).to_pylist()
-
-
 class DeepCacheParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -130,7 +121,7 @@ class SampleDiffusion(MapOperator):
         counts: dict[int, int] = {}
         rows = 0
         for uri in outcome.main_files:
-            labels = outcome_column(uri, C.LABEL)
+            labels = outcome.read_file(uri, [C.LABEL]).column(0).to_pylist()
             rows += len(labels)
             need = []
             for i, c in enumerate(labels):
@@ -138,7 +129,7 @@ class SampleDiffusion(MapOperator):
                     counts[c] = counts.get(c, 0) + 1
                     need.append(i)
             if need:
-                images = outcome_column(uri, C.IMAGE)
+                images = outcome.read_file(uri, [C.IMAGE]).column(0).to_pylist()
                 for i in need:
                     by_class.setdefault(labels[i], []).append(decode(images[i]))
         if not rows:
