@@ -107,59 +107,13 @@ def test_the_cluster_refuses_requests_without_the_token(ray_cluster):
     assert err.value.code == 401
 
 
-def test_submitted_pipeline_runs_on_the_cluster(ray_cluster, mlflow_server, tmp_path):
-    path = pipeline(
-        tmp_path, mlflow_server, "on-cluster",
-        """
-        - id: raw
-          op: ingest.digits
-        - id: small
-          op: image.resize
-          inputs: [raw]
-          params: {size: 4}
-        """,
-    )  # fmt: skip
-    out = difforge_cli(
-        "submit", str(path), "--cluster", ray_cluster, *FORWARD, "--set", "small.params.size=6",
-        "--wait", timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    job_id = next(x for x in out.stdout.splitlines() if x.startswith("submitted job")).split()[2]
-    assert f"job {job_id}: SUCCEEDED" in out.stdout
-    assert "difforge jobs logs" in out.stdout  # where to follow it
-
-    # secrets travelled by name only: not in the entrypoint, metadata or runtime_env
-    info = jobs.job_info(ray_cluster, job_id)
-    shown = json.dumps([info["entrypoint"], info["metadata"], info["runtime_env"]])
-    assert S3_SECRET not in shown
-    assert "AWS_SECRET_ACCESS_KEY" in info["metadata"]["difforge.forwarded_env"]
-    assert info["entrypoint"].startswith("difforge run pipeline.yaml")
-
-    # its datasets are on S3, with the override applied; its MLflow run is tagged with the job
-    client = MlflowClient(mlflow_server)
-    exp = client.get_experiment_by_name("cluster-tests")
-    (run,) = client.search_runs([exp.experiment_id], f"tags.`difforge.job_id` = '{job_id}'")
-    assert run.info.status == "FINISHED"
-    steps = client.search_runs(
-        [exp.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
-    )
-    small = next(r for r in steps if r.data.tags["difforge.step"] == "small")
-    ds = difforge.open_dataset(small.data.tags["difforge.uri"])
-    assert ds.num_rows == 1797
-    assert ds.uri.startswith("s3://datasets/cluster-")
-    assert ds.to_arrow(columns=["height"]).column("height")[0].as_py() == 6
-
-    listed = difforge_cli("jobs", "list", "--cluster", ray_cluster)
-    assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
-
-
 def test_a_pipeline_spreads_over_both_nodes_and_every_dataset_is_whole(
     ray_cluster, mlflow_server, tmp_path
 ):
-    """Curation, a VAE, encoding, training with two workers, sampling with two actors and an
-    evaluation, submitted to the two-node cluster with storage on S3: each step records the
-    nodes its work ran on, both nodes worked, and every dataset reads back whole (every shard
-    with its manifest's size and checksum)."""
+    """Curation, training with two workers, sampling with two actors and an evaluation,
+    submitted to the two-node cluster with storage on S3 and an override: each step records the
+    nodes its work ran on, both nodes worked, every dataset reads back whole (every shard with
+    its manifest's size and checksum), and the S3 secrets travelled by name only."""
     path = pipeline(
         tmp_path, mlflow_server, "two-nodes",
         """
@@ -169,25 +123,15 @@ def test_a_pipeline_spreads_over_both_nodes_and_every_dataset_is_whole(
         - id: clean
           op: curate.validate
           inputs: [raw]
-        - id: vae
-          op: train.vae
-          inputs: [clean]
-          params: {block_out_channels: [8, 16], max_steps: 2, batch_size: 16,
-                   checkpoint_every: 2}
-          resources: {num_workers: 2, num_cpus: 1}
-        - id: latents
-          op: encode.vae
-          inputs: [clean, vae]
-          resources: {batch_size: 200, max_actors: 2}
         - id: model
           op: train.diffusion
-          inputs: [latents]
+          inputs: [clean]
           params:
             backbone: {type: UNet2DModel, block_out_channels: [8, 16], layers_per_block: 1,
                        down_block_types: [DownBlock2D, DownBlock2D],
                        up_block_types: [UpBlock2D, UpBlock2D], norm_num_groups: 4}
             batch_size: 16
-            max_steps: 2
+            max_steps: 1
             checkpoint_every: 2
             warmup_steps: 1
           resources: {num_workers: 2, num_cpus: 1}
@@ -205,27 +149,43 @@ def test_a_pipeline_spreads_over_both_nodes_and_every_dataset_is_whole(
           inputs: [samples, clean]
         """,
     )  # fmt: skip
-    out = difforge_cli("submit", str(path), "--cluster", ray_cluster, *FORWARD, "--wait",
-                       timeout=600)  # fmt: skip
+    out = difforge_cli("submit", str(path), "--cluster", ray_cluster, *FORWARD,
+                       "--set", "model.params.max_steps=2", "--wait", timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     job_id = next(x for x in out.stdout.splitlines() if x.startswith("submitted job")).split()[2]
+    assert f"job {job_id}: SUCCEEDED" in out.stdout
+    assert "difforge jobs logs" in out.stdout  # where to follow it
+
+    # secrets travelled by name only: not in the entrypoint, metadata or runtime_env
+    info = jobs.job_info(ray_cluster, job_id)
+    shown = json.dumps([info["entrypoint"], info["metadata"], info["runtime_env"]])
+    assert S3_SECRET not in shown
+    assert "AWS_SECRET_ACCESS_KEY" in info["metadata"]["difforge.forwarded_env"]
+    assert info["entrypoint"].startswith("difforge run pipeline.yaml")
+    listed = difforge_cli("jobs", "list", "--cluster", ray_cluster)
+    assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
+
+    # its MLflow run is tagged with the job; every dataset is on S3 and reads back whole
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("cluster-tests")
     (run,) = client.search_runs([exp.experiment_id], f"tags.`difforge.job_id` = '{job_id}'")
+    assert run.info.status == "FINISHED"
     steps = {r.data.tags["difforge.step"]: r for r in client.search_runs(
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")}  # fmt: skip
-    assert set(steps) == {"raw", "clean", "vae", "latents", "model", "plan", "samples", "copies"}
+    assert set(steps) == {"raw", "clean", "model", "plan", "samples", "copies"}
     both = {n["node_id"] for n in alive_nodes(ray_cluster)}
     nodes = {}
     for name, r in steps.items():
         ds = difforge.open_dataset(r.data.tags["difforge.uri"])
-        assert ds.uri.startswith("s3://datasets/")
+        assert ds.uri.startswith("s3://datasets/cluster-")
         assert ds.to_arrow().num_rows == ds.num_rows  # every shard read and checked
         nodes[name] = set(ds.manifest.producer["nodes"])
         assert nodes[name] == set(r.data.tags["difforge.nodes"].split(",")) and nodes[name] <= both
-    assert nodes["vae"] == nodes["model"] == both  # one training worker on each node
+    assert nodes["model"] == both  # one training worker on each node
     assert nodes["samples"]  # its actors' nodes (where Ray placed them)
     assert set().union(*nodes.values()) == both
+    model = difforge.open_dataset(steps["model"].data.tags["difforge.uri"]).to_arrow()
+    assert model.column("steps").to_pylist() == [2]  # the override applied
 
 
 def test_a_failing_pipeline_reports_failure_and_its_error(ray_cluster, mlflow_server, tmp_path):
