@@ -163,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples", help="folder for the PNGs and grid.png")
+    p.add_argument("--weights", default="ema", choices=["ema", "model", "adapter"],
+                   help="EMA weights where saved; raw ones; or a fine-tune's adapter on its parent")  # fmt: skip
+
+    p = sub.add_parser("models", help="list the models pipelines registered in MLflow")
+    p.add_argument("name", nargs="?", help="only this registered model (all versions)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local store)")
 
     p = sub.add_parser("report", help="compare a sweep's variants (or an experiment's runs)")
     p.add_argument("target", help="a sweep's MLflow run id, a pipeline run id, or an experiment")
@@ -503,7 +509,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from difforge.platform.show import grid
 
     try:
-        model, info, config, vae = load_model(args.model)
+        model, info, config, vae = load_model(args.model, args.weights)
     except (FileNotFoundError, OSError) as exc:
         raise DifforgeError(f"{args.model}: not a difforge model folder ({exc})") from None
     classes = info.get("num_classes") or 0
@@ -528,6 +534,39 @@ def cmd_sample(args: argparse.Namespace) -> int:
         f"{args.n} images ({what if args.label is not None else 'all classes'}, {steps} "
         f"{args.scheduler} steps, guidance {args.guidance}) in {out}/, grid: {out}/grid.png"
     )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    import time
+
+    from mlflow import MlflowClient
+
+    from difforge.platform import settings
+    from difforge.platform.show import text_table
+
+    client = MlflowClient(args.tracking_uri or settings.default_tracking_uri())
+    query = f"name = '{args.name}'" if args.name else ""
+    versions = sorted(client.search_model_versions(query),
+                      key=lambda v: (v.name, -int(v.version)))  # fmt: skip
+    if not args.name:  # the latest version of each model
+        latest: dict[str, object] = {}
+        for v in versions:
+            latest.setdefault(v.name, v)
+        versions = list(latest.values())
+    if not versions:
+        print(f"no registered models{' named ' + args.name if args.name else ''} in "
+              f"{args.tracking_uri or settings.default_tracking_uri()}")  # fmt: skip
+        return 1 if args.name else 0
+    rows = []
+    for v in versions:
+        t = v.tags
+        figures = ", ".join(f"{k.removeprefix('metric.')} {x}" for k, x in sorted(t.items())
+                            if k.startswith("metric."))  # fmt: skip
+        rows.append([f"models:/{v.name}/{v.version}", t.get("kind", ""),
+                     f"{t.get('pipeline', '')}/{t.get('step', '')}", figures,
+                     time.strftime("%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000))])  # fmt: skip
+    print(text_table(["model", "kind", "made by (pipeline/step)", "figures", "registered"], rows))
     return 0
 
 
@@ -567,6 +606,7 @@ COMMANDS = {
     "ops": cmd_ops,
     "show": cmd_show,
     "sample": cmd_sample,
+    "models": cmd_models,
     "report": cmd_report,
     "gc": cmd_gc,
     "ui": cmd_ui,

@@ -4,9 +4,12 @@ A trained or distilled diffusion model is a folder (local or on S3, committed wi
 dataset), versioned by `format_version` in its `difforge.json`:
 
 ```
-model/          diffusers `save_pretrained` of the network (plus `<name>.pt` extras, such as a
-                guided student's `w_embedding.pt`)
+model/          diffusers `save_pretrained` of the network (plus `<name>.safetensors` extras,
+                such as a guided student's `w_embedding.safetensors`); a fine-tuned model's
+                adapter is merged into it
 ema/            the EMA weights, where training kept them (loaded by default)
+adapter/        a partial fine-tune's adapter alone (`adapter.safetensors`: the parameters that
+                trained), applied onto `parent_model` by `load_model(uri, "adapter")`
 scheduler/      the noise schedule it was trained with (diffusers scheduler config)
 difforge.json   what the model is: `ModelInfo` below
 ```
@@ -14,7 +17,8 @@ difforge.json   what the model is: `ModelInfo` below
 Fields reserved for what is coming are written now (null until used), so that readers can rely
 on them: `objective` (what the network predicts and how noise is added), `conditioning` and
 `text_encoder`, `null_condition` (the unconditional input of classifier-free guidance),
-`adapter` (LoRA or DiffFit weights over a `parent_model`). A folder of a newer format than this
+`adapter` (LoRA or DiffFit weights over a `parent_model`). Every weight file is safetensors. A
+folder of a newer format than this
 reader knows is refused with a message, never misread.
 """
 
@@ -57,8 +61,11 @@ class ModelInfo(BaseModel):
     guidance_embedding: dict[str, Any] | None = None
     distilled_from: str | None = None
     distillation: dict[str, Any] | None = None
-    adapter: dict[str, Any] | None = None
-    parent_model: str | None = None
+    adapter: dict[str, Any] | None = Field(
+        None, description="a partial fine-tune: its method and settings (finetune params), "
+        "retrain_classes, trainable_params, total_params")  # fmt: skip
+    parent_model: str | None = Field(None, description="the pinned reference it started from")
+    parent_weights_sha256: str | None = None
 
 
 def write_model_folder(
@@ -68,13 +75,17 @@ def write_model_folder(
     scheduler: Any,
     ema: Any | None = None,
     extras: dict[str, dict] | None = None,
+    adapter: dict[str, Any] | None = None,
 ) -> None:
     """Write a model folder (local) in the current format."""
-    import torch
+    from safetensors.torch import save_file
 
     model.save_pretrained(os.path.join(folder, "model"))
     for name, state in (extras or {}).items():
-        torch.save(state, os.path.join(folder, "model", f"{name}.pt"))
+        save_file(_contiguous(state), os.path.join(folder, "model", f"{name}.safetensors"))
+    if adapter is not None:
+        os.makedirs(os.path.join(folder, "adapter"))
+        save_file(_contiguous(adapter), os.path.join(folder, "adapter", "adapter.safetensors"))
     if ema is not None:
         ema.save_pretrained(os.path.join(folder, "ema"))
     scheduler.save_pretrained(os.path.join(folder, "scheduler"))
@@ -82,6 +93,22 @@ def write_model_folder(
     data["format_version"] = FORMAT_VERSION
     with open(os.path.join(folder, INFO), "w") as f:
         json.dump(data, f, indent=2)
+
+
+def _contiguous(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def read_extra(folder: str, name: str) -> dict[str, Any]:
+    """An extra state saved beside a network (`<name>.safetensors`; `.pt` in older folders)."""
+    path = os.path.join(folder, f"{name}.safetensors")
+    if os.path.exists(path):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    import torch
+
+    return torch.load(os.path.join(folder, f"{name}.pt"), weights_only=True)
 
 
 def parse_info(data: dict[str, Any], where: str) -> ModelInfo:
@@ -116,7 +143,8 @@ def model_info(uri: str) -> dict[str, Any]:
 
 def load_model(uri: str, weights: str = "ema"):
     """A model folder, loaded: (network, info dict, scheduler config, VAE or None). `weights`
-    "ema" takes the EMA weights where the folder has them."""
+    "ema" takes the EMA weights where the folder has them, "model" the raw ones, "adapter" a
+    fine-tune's adapter put back onto its parent model (what the merged weights equal)."""
     import diffusers
 
     from difforge.models.resolve import local_copy, resolve
@@ -127,18 +155,41 @@ def load_model(uri: str, weights: str = "ema"):
     with open(os.path.join(path, INFO)) as f:
         info = parse_info(json.load(f), uri).model_dump(mode="json")
     sub = "ema" if weights == "ema" and os.path.isdir(os.path.join(path, "ema")) else "model"
-    model = getattr(diffusers, info["backbone"]).from_pretrained(os.path.join(path, sub)).eval()
+    if weights == "adapter":
+        model = _from_adapter(path, info, uri)
+    else:
+        model = getattr(diffusers, info["backbone"]).from_pretrained(os.path.join(path, sub))
+    model.eval()
     if info.get("guidance_embedding"):  # a guided student: w is an input, one pass per step
-        import torch
-
         from difforge.diffusion.guided import GuidedStudent
 
         model = GuidedStudent(model, info["backbone"])
-        state = torch.load(os.path.join(path, sub, "w_embedding.pt"), weights_only=True)
-        model.w_embedding.load_state_dict(state)
+        model.w_embedding.load_state_dict(read_extra(os.path.join(path, sub), "w_embedding"))
         model.eval()
     scheduler_config = diffusers.DDPMScheduler.load_config(os.path.join(path, "scheduler"))
     vae = None
     if info.get("vae"):
         vae = diffusers.AutoencoderKL.from_pretrained(local_copy(info["vae"]["uri"])).eval()
     return model, info, scheduler_config, vae
+
+
+def _from_adapter(path: str, info: dict[str, Any], uri: str):
+    """The fine-tuned network rebuilt from its parent's weights and its adapter alone."""
+    import diffusers
+    from safetensors.torch import load_file
+
+    from difforge.diffusion.finetune import apply_adapter
+    from difforge.diffusion.pretrained import load_into, load_state, pretrained
+
+    if not info.get("adapter") or not info.get("parent_model"):
+        raise DifforgeError(f"{uri}: not a fine-tune with an adapter (weights: ema or model)")
+    cls = getattr(diffusers, info["backbone"])
+    model = cls.from_config(cls.load_config(os.path.join(path, "model")))
+    parent = pretrained(info["parent_model"])
+    if info.get("parent_weights_sha256") not in (None, parent.sha256):
+        raise DifforgeError(f"{uri}: its parent {parent.ref} has other weights now than it was "
+                            "fine-tuned from (sha256 differs); load its merged weights instead")  # fmt: skip
+    load_into(model, load_state(parent.folder, parent.backbone))
+    adapter = load_file(os.path.join(path, "adapter", "adapter.safetensors"))
+    apply_adapter(model, info["backbone"], info["adapter"], adapter)
+    return model

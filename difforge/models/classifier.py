@@ -68,8 +68,13 @@ def load_classifier(model_uri: str, device: str = "cpu"):
 
     fs, path = url_to_fs(model_uri)
     config = json.loads(fs.cat_file(f"{path}/config.json"))
-    with fs.open(f"{path}/model.pt", "rb") as f:
-        state = torch.load(f, map_location=device, weights_only=True)
+    if fs.exists(f"{path}/model.safetensors"):
+        from safetensors.torch import load
+
+        state = load(fs.cat_file(f"{path}/model.safetensors"))
+    else:  # folders written before safetensors
+        with fs.open(f"{path}/model.pt", "rb") as f:
+            state = torch.load(f, map_location=device, weights_only=True)
     net = SmallCNN(config["in_channels"], config["num_classes"], config["width"])
     net.load_state_dict(state)
     return net.eval().to(device), config

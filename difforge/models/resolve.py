@@ -3,8 +3,9 @@
 - a local folder: as it is;
 - a URI (`s3://bucket/models/vae`, any fsspec protocol): copied once into this node's cache in
   `DIFFORGE_HOME/cache/models/` (keyed by URI; a partial copy is never used);
-- `models:/NAME/VERSION`: a model registered in MLflow's registry (difforge registers every
-  trained model), downloaded into the same cache;
+- `models:/NAME/VERSION`, `models:/NAME@ALIAS` or `models:/NAME/latest`: a model registered
+  in MLflow's registry (difforge registers every model it makes), downloaded into the same
+  cache; `pin` fixes an alias or `latest` to its version number (at plan time, for lineage);
 - a Hugging Face hub id (`stabilityai/sd-vae-ft-mse`): passed to `from_pretrained`, which
   downloads it; on a machine without the hub (`HF_HUB_OFFLINE=1`) a clear error says how to
   pass a local folder instead.
@@ -19,7 +20,68 @@ from pathlib import Path
 
 from difforge.platform.errors import DifforgeError
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w.-]+)?$")
+_registry: str | None = None
+
+
+def set_registry(uri: str | None) -> None:
+    """The tracking server whose registry `models:/` references name (a pipeline's own
+    `tracking.uri`; by default MLFLOW_TRACKING_URI, else difforge's local store)."""
+    global _registry
+    _registry = uri
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    from difforge.platform import settings
+
+    tracking = _registry or settings.default_tracking_uri()
+    registry = os.environ.get("MLFLOW_REGISTRY_URI") or tracking
+    return MlflowClient(tracking_uri=tracking, registry_uri=registry), tracking
+
+
+def pin(ref: str) -> str:
+    """`ref` with nothing left to move: a registry alias or `latest` becomes its version
+    number, a hub id its current commit (`id@sha`). Other references are returned as they are
+    (a folder's content is pinned by its weights' digest instead)."""
+    if ref.startswith("models:/"):
+        body = ref.removeprefix("models:/")
+        name, _, version = body.partition("/")
+        alias = None
+        if "@" in name:
+            name, _, alias = name.partition("@")
+        elif version and version != "latest":
+            return ref
+        client, _ = _client()
+        try:
+            if alias:
+                version = client.get_model_version_by_alias(name, alias).version
+            else:
+                versions = client.search_model_versions(f"name = '{name}'")
+                if not versions:
+                    raise DifforgeError(f"{ref}: no versions of model '{name}' in the registry")
+                version = str(max(int(v.version) for v in versions))
+        except DifforgeError:
+            raise
+        except Exception as exc:  # MLflow's own: no such model or alias, no server
+            raise DifforgeError(f"{ref}: not found in MLflow's model registry ({exc})") from None
+        return f"models:/{name}/{version}"
+    if HUB_ID.match(ref) and not os.path.isdir(os.path.expanduser(ref)) and "@" not in ref:
+        _offline_error(ref, "model")
+        from huggingface_hub import model_info
+
+        return f"{ref}@{model_info(ref).sha}"
+    return ref
+
+
+def _offline_error(ref: str, what: str) -> None:
+    if hub_offline():
+        raise DifforgeError(
+            f"{what} '{ref}': not a local folder, and the Hugging Face hub is offline "
+            f"(HF_HUB_OFFLINE=1). Download it where there is network "
+            f"(`hf download {ref} --local-dir DIR`) and pass DIR, or an s3:// copy of it"
+        )
 
 
 def _cache(ref: str) -> Path:
@@ -54,19 +116,15 @@ def resolve(ref: str, what: str = "model") -> str:
     """A local folder (or, online, a hub id) for `ref`; a DifforgeError naming `ref` and what to
     do when it cannot be had."""
     if ref.startswith("models:/"):
+        ref = pin(ref)
         dest = _cache(ref)
         if not (dest / ".complete").exists():
-            from mlflow import MlflowClient
             from mlflow.artifacts import download_artifacts
 
-            from difforge.platform import settings
-
-            tracking = os.environ.get("MLFLOW_TRACKING_URI") or settings.default_tracking_uri()
-            registry = os.environ.get("MLFLOW_REGISTRY_URI") or tracking
             name, _, version = ref.removeprefix("models:/").partition("/")
             dest.mkdir(parents=True, exist_ok=True)
             try:
-                client = MlflowClient(tracking_uri=tracking, registry_uri=registry)
+                client, tracking = _client()
                 source = client.get_model_version(name, version).source
                 path = download_artifacts(artifact_uri=source, dst_path=str(dest),
                                           tracking_uri=tracking)  # fmt: skip
@@ -82,12 +140,7 @@ def resolve(ref: str, what: str = "model") -> str:
     if os.path.isdir(path):
         return path
     if HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
-        if hub_offline():
-            raise DifforgeError(
-                f"{what} '{ref}': not a local folder, and the Hugging Face hub is offline "
-                f"(HF_HUB_OFFLINE=1). Download it where there is network "
-                f"(`hf download {ref} --local-dir DIR`) and pass DIR, or an s3:// copy of it"
-            )
+        _offline_error(ref, what)
         return ref
     raise DifforgeError(f"{what} '{ref}': no such folder")
 

@@ -45,9 +45,11 @@ class StepLog(Protocol):
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         """(step, value) of a metric logged so far (for progress bars)."""
 
-    def register_model(self, name: str, artifact_path: str) -> str | None:
-        """Register this step's artifact folder as a new version of model `name`; return its
-        `models:/name/version` reference (None where there is no registry)."""
+    def register_model(self, name: str, artifact_path: str, kind: str = "diffusion",
+                       metrics: dict[str, float] | None = None) -> str | None:  # fmt: skip
+        """Register this step's artifact folder as a new version of model `name`, tagged with
+        its kind, figures and lineage; return its `models:/name/version` reference (None where
+        there is no registry)."""
 
 
 class NullLog:
@@ -79,7 +81,8 @@ class NullLog:
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return []
 
-    def register_model(self, name: str, artifact_path: str) -> str | None:
+    def register_model(self, name: str, artifact_path: str, kind: str = "diffusion",
+                       metrics: dict[str, float] | None = None) -> str | None:  # fmt: skip
         return None
 
 

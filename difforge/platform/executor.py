@@ -349,6 +349,9 @@ def run(
     if loaded.spec.matrix:
         raise SpecError([Problem("this pipeline declares a matrix: run it as a sweep "
                                  "(`difforge run` does; from Python, difforge.sweep)", loaded.file)])  # fmt: skip
+    from difforge.models.resolve import set_registry
+
+    set_registry(loaded.spec.tracking.uri)  # where `models:/` references are pinned and found
     plan = build_plan(loaded, until=until, force=force)
     spec = loaded.spec
     if fuse is None:

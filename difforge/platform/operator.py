@@ -105,6 +105,12 @@ class Operator:
         raise DifforgeError to refuse the result (the main output is then never committed)."""
         return None
 
+    def external_state(self) -> Any:
+        """What this step reads from outside the pipeline (a pretrained model, say), pinned now,
+        at plan time, as JSON: it enters the step's fingerprint, so that changed weights are a
+        cache miss. Source operators have `source_fingerprint` for their data instead."""
+        return None
+
     def metadata(self) -> dict[str, Any]:
         """Entries for the output manifest's `metadata` (merged over the main input's)."""
         return {}

@@ -345,9 +345,12 @@ def build_plan(
             # `auto` is bf16 on GPUs and fp32 on CPUs: the device class decides what runs
             step.device = planned_device(step)
             payload["device"] = step.device
-        if issubclass(step.op_cls, SourceOperator) and sid in selected:
+        if sid in selected:
             try:
-                payload["source"] = step.operator.source_fingerprint()
+                if issubclass(step.op_cls, SourceOperator):
+                    payload["source"] = step.operator.source_fingerprint()
+                elif (external := step.operator.external_state()) is not None:
+                    payload["external"] = external
             except DifforgeError as exc:
                 problems.append(loaded.problem(str(exc), ("steps", i), step=sid))
                 continue

@@ -1,5 +1,6 @@
-"""train.diffusion through Ray Train: two workers with ZeRO 2 in fp32, and a worker killed
-mid-run that the job survives from its last checkpoint."""
+"""train.diffusion through Ray Train: two workers with ZeRO 2 in fp32 to a registered model, and
+a LoRA fine-tune of that registered model whose worker is killed mid-run: the job survives from
+its last checkpoint."""
 
 from __future__ import annotations
 
@@ -30,10 +31,15 @@ def spec(tmp_path, max_steps: int, workers: int, name: str = "diffusion") -> dic
     }  # fmt: skip
 
 
-def test_two_workers_zero2_to_a_registered_model(ray_session, tmp_path):
+@pytest.fixture(scope="module")
+def trained(ray_session, tmp_path_factory):
+    return difforge.run(spec(tmp_path_factory.mktemp("trained"), max_steps=30, workers=2))
+
+
+def test_two_workers_zero2_to_a_registered_model(trained):
     from diffusers import DDPMScheduler, UNet2DModel
 
-    summary = difforge.run(spec(tmp_path, max_steps=30, workers=2))
+    summary = trained
     out = difforge.open_dataset(summary.step("model").uri).to_arrow().to_pylist()[0]
     assert out["steps"] == 30
     uri = out["model_uri"]
@@ -72,12 +78,25 @@ def train_workers() -> list[psutil.Process]:
     return found
 
 
-def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path):
+def test_lora_finetune_of_a_registered_model_resumes_after_a_killed_worker(trained, tmp_path):
+    import torch
+
+    from difforge.diffusion.model_folder import load_model
+
+    registered = MlflowClient(trained.tracking_uri).get_run(
+        trained.step("model").run_id).data.tags["difforge.registered_model"]  # fmt: skip
+    fault = spec(tmp_path, 40, 2, name="fault")
+    params = fault["steps"][1]["params"]
+    del params["backbone"]  # taken from the weights
+    params.update(
+        init_from="models:/diffusion-model/latest",  # pinned to its version now
+        finetune={"method": "lora", "rank": 4, "target_modules": ["conv1", "conv2"]},
+    )
     result: dict = {}
 
     def go() -> None:
         try:
-            result["summary"] = difforge.run(spec(tmp_path, 40, 2, name="fault"))
+            result["summary"] = difforge.run(fault)
         except Exception as exc:  # surfaced by the assertions below
             result["error"] = exc
 
@@ -97,8 +116,28 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path):
     out = difforge.open_dataset(summary.step("model").uri).to_arrow().to_pylist()[0]
     assert out["steps"] == 40  # exactly what was asked
     client = MlflowClient(summary.tracking_uri)
-    steps = [m.step for m in client.get_metric_history(summary.step("model").run_id, "loss")]
+    run_id = summary.step("model").run_id
+    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
     assert steps == sorted(set(steps)) and steps[-1] == 40  # no step logged twice
+    (trainable,) = client.get_metric_history(run_id, "trainable_params")
+    (total,) = client.get_metric_history(run_id, "total_params")
+    assert 0 < trainable.value < total.value / 5
+
+    # lineage: the fixed registry version and the weights' digest, in the folder and manifest
+    model, info, _, _ = load_model(out["model_uri"])
+    assert info["parent_model"] == registered and len(info["parent_weights_sha256"]) == 64
+    assert (
+        info["adapter"]["method"] == "lora"
+        and info["adapter"]["trainable_params"] == trainable.value
+    )
+    manifest = difforge.open_dataset(summary.step("model").uri).manifest
+    assert manifest.metadata["model"]["parent_model"] == registered
+    # the adapter alone, put back onto the registered parent, is the merged model
+    from_adapter, _, _, _ = load_model(out["model_uri"], "adapter")
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 700]), torch.tensor([3, 10])
+    with torch.no_grad():
+        a, b = model(x, t, class_labels=y).sample, from_adapter(x, t, class_labels=y).sample
+    assert torch.allclose(a, b, atol=1e-5)
 
 
 @pytest.mark.parametrize("precision", ["fp16"])

@@ -171,7 +171,8 @@ class _Distill(JobOperator):
             student.load_state_dict(consolidated_state(d))
         p = self.params
         out = {**info, "num_inference_steps": steps, "distilled_from": teacher_uri,
-               "distillation": {"method": self.name, **p.model_dump(mode="json")}}  # fmt: skip
+               "distillation": {"method": self.name, **p.model_dump(mode="json")},
+               "adapter": None, "parent_model": None, "parent_weights_sha256": None}  # fmt: skip
         if self.guided:
             out["guidance_embedding"] = {"w_min": p.w_min, "w_max": p.w_max}
         scheduler = diffusers.DDPMScheduler.from_config(
@@ -182,6 +183,7 @@ class _Distill(JobOperator):
             extras = {"w_embedding": student.w_embedding.state_dict()} if self.guided else None
             write_model_folder(d, ModelInfo(**out), unet, scheduler, extras=extras)
             ctx.publish(d, "model")
+        ctx.log.register_model(f"{ctx.pipeline}-{ctx.step}", "model", kind="distilled")
         classes = info.get("num_classes") or 0
         if classes:
             per = 8
@@ -203,7 +205,8 @@ class Progressive(_Distill):
     """Progressive distillation: N DDIM steps into N/2, repeated for `rounds` rounds."""
 
     name = "distill.progressive"
-    version = 2  # 2: the input is streamed, each example once per epoch
+    # 2: the input is streamed, each example once per epoch; 3: extras saved as safetensors
+    version = 3
     Params = ProgressiveParams
 
 
@@ -211,6 +214,7 @@ class Guided(_Distill):
     """Guided distillation: CFG (two passes at w) into one pass that takes w, then progressive."""
 
     name = "distill.guided"
-    version = 2  # 2: the input is streamed, each example once per epoch
+    # 2: the input is streamed, each example once per epoch; 3: extras saved as safetensors
+    version = 3
     Params = GuidedParams
     guided = True

@@ -39,7 +39,9 @@ class Params(BaseModel):
         ge=1,
         description="default: the model's own (`num_inference_steps` in its difforge.json), else 25",
     )
-    weights: Literal["ema", "model"] = Field("ema", description="EMA weights where saved")
+    weights: Literal["ema", "model", "adapter"] = Field(
+        "ema", description="EMA weights where saved; raw ones; or a fine-tune's adapter put back "
+        "onto its parent model")  # fmt: skip
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     deepcache: DeepCacheParams | None = Field(
         None, description="DeepCache (Ma et al.) for UNet backbones; off by default"

@@ -147,7 +147,8 @@ class Classifier(JobOperator):
 
     name = "train.classifier"
     # 3: the input is streamed, each image once per epoch; evaluation on at most eval_rows
-    version = 3
+    # 4: weights saved as safetensors; registered in MLflow's model registry
+    version = 4
     Params = Params
     inputs: ClassVar[tuple[int, int]] = (1, 2)
     reads = (C.ID, C.IMAGE, C.LABEL)
@@ -160,7 +161,7 @@ class Classifier(JobOperator):
 
     def run(self, ctx: JobContext) -> JobResult:
         import pyarrow as pa
-        import torch
+        from safetensors.torch import save_file
 
         from difforge.platform import raytrain as _raytrain
 
@@ -196,11 +197,16 @@ class Classifier(JobOperator):
             "accuracy": result.metrics["accuracy"],
         }
         with tempfile.TemporaryDirectory() as d:
-            torch.save(state["model"], os.path.join(d, "model.pt"))
+            save_file(
+                {k: v.contiguous() for k, v in state["model"].items()},
+                os.path.join(d, "model.safetensors"),
+            )
             with open(os.path.join(d, "config.json"), "w") as f:
                 json.dump(model_config, f, indent=2)
             ctx.publish(d, "model")
         ctx.log.log_metrics({"final_accuracy": result.metrics["accuracy"]})
+        ctx.log.register_model(f"{ctx.pipeline}-{ctx.step}", "model", kind="classifier",
+                               metrics={"accuracy": result.metrics["accuracy"]})  # fmt: skip
         table = pa.table(
             {
                 C.ID: ["model"],

@@ -13,6 +13,7 @@ c + delta, with delta ~ U(-gamma/sqrt(d), gamma/sqrt(d)) (uniform) or N(0, (gamm
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import tempfile
 import time
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from difforge.diffusion.backbones import CEP, Backbone, CEPHook, build_backbone, cep_delta, forward
 from difforge.diffusion.data import DEFAULT_SHUFFLE_MB, ShardStream, ShuffleMB
+from difforge.diffusion.finetune import Finetune, adapter_state, merged_state, prepare
 from difforge.diffusion.model_folder import ModelInfo, write_model_folder
 from difforge.diffusion.sampling import to_pil
 from difforge.diffusion.schedules import make_noise_scheduler
@@ -38,6 +40,8 @@ from difforge.platform.errors import DifforgeError
 from difforge.platform.operator import JobOperator, JobResult
 from difforge.platform.spec import Resources
 
+log = logging.getLogger("difforge")
+
 if TYPE_CHECKING:
     from difforge.platform.context import JobContext
 
@@ -46,6 +50,11 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backbone: Backbone = Field(default_factory=Backbone)
+    init_from: str | None = Field(
+        None, description="start from these weights: a model folder (local or s3://), "
+        "models:/NAME/VERSION (or @ALIAS), or a hub id; the backbone may then be omitted. An "
+        "earlier model step of the pipeline is given as a second input instead")  # fmt: skip
+    finetune: Finetune = Field(default_factory=Finetune)
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     num_train_timesteps: int = Field(1000, ge=1)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
@@ -100,6 +109,15 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
     cond_dim = data.cond_shape[-1] if data.cond_shape else None
     model, cond_module = build_backbone(p, data.sample_shape[-1], data.sample_shape[0],
                                         num_classes, cond_dim)  # fmt: skip
+    retrain_classes = False
+    if config.get("init_state") is not None:  # pretrained weights (a Ray object, or a dict)
+        from difforge.diffusion.pretrained import load_into
+
+        state = config["init_state"]
+        retrain_classes = load_into(model, state if isinstance(state, dict) else _get(state))
+    trainable, total = prepare(model, kind, p["finetune"], retrain_classes)
+    if rank == 0:
+        config["log"].log_new({"trainable_params": trainable, "total_params": total}, step=0)
     cep_hook = CEPHook(p["cep"]["kind"], p["cep"]["gamma"])
     if cond_module is not None:
         cond_module.register_forward_hook(cep_hook)
@@ -107,7 +125,9 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
     ema = copy.deepcopy(model).eval().requires_grad_(False) if p["ema_decay"] else None
 
     # DeepSpeed engine: a torch AdamW (DeepSpeed's fused Adam would JIT-compile for minutes)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+    # only what trains goes to the optimizer (and into ZeRO's partitions)
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=p["lr"],
+                                  weight_decay=p["weight_decay"])  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(p))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -180,6 +200,12 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
             losses = []
 
 
+def _get(ref):
+    import ray
+
+    return ray.get(ref)
+
+
 def ray_train_loop(config: dict[str, Any]) -> None:
     import ray.train
 
@@ -195,12 +221,24 @@ class DiffusionTraining(JobOperator):
     name = "train.diffusion"
     # 2: CEP on class embeddings draws from each step's generator (resumable)
     # 3: the input is streamed, each example once per epoch (was drawn with replacement)
-    version = 3
+    # 4: init_from and finetune; trainable and total parameter counts logged
+    version = 4
     Params = Params
     reads = (C.ID,)
     resources = Resources(num_workers=1, num_gpus="auto")
     gpus_when_available = 1.0
-    inputs: ClassVar[tuple[int, int]] = (1, 1)
+    inputs: ClassVar[tuple[int, int]] = (
+        1,
+        2,
+    )  # the data, and optionally a model step to start from
+
+    def external_state(self) -> dict[str, str] | None:
+        """A pretrained start named in the YAML: its fixed version and weights digest."""
+        if self.params.init_from is None:
+            return None
+        from difforge.diffusion.pretrained import pretrained
+
+        return pretrained(self.params.init_from).lineage()
 
     @classmethod
     def required_columns(cls, params: Params) -> set[str]:
@@ -228,8 +266,33 @@ class DiffusionTraining(JobOperator):
             num_classes = int(pa.compute.max(labels).as_py()) + 1
         # refuse what can never run before starting any worker (fp16 on a CPU, say)
         deepspeed_config(self.params.model_dump(), 1, 1, ctx.resources.num_gpus > 0)
+        params = self.params.model_dump()
+        pre = self._pretrained(ctx)
+        state = None
+        if pre is not None:
+            from difforge.diffusion.pretrained import architecture, check_shape, load_state
+
+            params["backbone"] = architecture(self.params.backbone.model_dump(
+                include=self.params.backbone.model_fields_set | set(
+                    self.params.backbone.model_extra or {})), pre)  # fmt: skip
+            check_shape(params["backbone"], _shape_of(data, column), pre.ref)
+            state = load_state(pre.folder, pre.backbone)
+        elif self.params.finetune.method != "full":
+            raise DifforgeError(f"finetune.method {self.params.finetune.method} needs pretrained "
+                                "weights: set init_from, or give a model step as second input")  # fmt: skip
+        trainable, total, retrain = _count(params, data, column, num_classes, state)
+        log.info("step %s: %s, %s of %s parameters train (%.2f%%)%s", ctx.step,
+                 params["finetune"]["method"] if pre else "from scratch", f"{trainable:,}",
+                 f"{total:,}", 100 * trainable / total, f", from {pre.ref}" if pre else "")  # fmt: skip
+        if state is not None:
+            import ray
+
+            state = ray.put(state)  # read once from the object store by every worker
         config = {
-            "params": self.params.model_dump(),
+            "params": params,
+            "init_state": state,
+            "pretrained": pre.lineage() if pre else None,
+            "retrain_classes": retrain,
             "shards": data.shards(),
             "column": column,
             "num_classes": num_classes,
@@ -237,7 +300,7 @@ class DiffusionTraining(JobOperator):
         }
         progress = ("loss", self.params.max_steps, "steps")
         result = _raytrain.fit(ctx, ray_train_loop, config, progress=progress)
-        model_uri, info = export(self.params.model_dump(), result.checkpoint, data, config, ctx)
+        model_uri, info = export(params, result.checkpoint, data, config, ctx)
         table = pa.table(
             {
                 C.ID: ["model"],
@@ -248,6 +311,38 @@ class DiffusionTraining(JobOperator):
             }
         )
         return JobResult(table, metadata={"model": info})
+
+    def _pretrained(self, ctx: JobContext):
+        """The pretrained start: a model step given as second input, or `init_from`."""
+        from difforge.diffusion.pretrained import pretrained
+
+        if len(ctx.inputs) > 1:
+            if self.params.init_from:
+                raise DifforgeError("init_from and a second input both name a start: keep one")
+            from difforge.models.resolve import model_of
+
+            return pretrained(model_of(ctx.inputs[1])[C.MODEL_URI])
+        return pretrained(self.params.init_from) if self.params.init_from else None
+
+
+def _count(p: dict, data, column: str, num_classes: int, state) -> tuple[int, int, bool]:
+    """Trainable and total parameters of the backbone training builds, counted on the meta
+    device (no memory, no weights), and whether its class embedding is re-initialised."""
+    import torch
+
+    from difforge.diffusion.pretrained import fresh_class_keys
+
+    x_shape = _shape_of(data, column)
+    with torch.device("meta"):
+        model, _ = build_backbone(p, x_shape[-1], x_shape[0], num_classes, _cond_dim(p, data))
+        retrain = state is not None and bool(fresh_class_keys(model, state))
+        return (*prepare(model, p["backbone"]["type"], p["finetune"], retrain), retrain)
+
+
+def _cond_dim(p: dict, data) -> int | None:
+    if p["backbone"]["type"] != "UNet2DConditionModel":
+        return None
+    return int(data.manifest.schema().field(C.COND_EMBEDDING).type.shape[-1])
 
 
 def export(p: dict, checkpoint, data, config: dict, ctx: JobContext) -> tuple[str, dict]:
@@ -263,14 +358,34 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext) -> tuple[st
     import_deepspeed()
     num_classes = config["num_classes"]
     x_shape = _shape_of(data, config["column"])
-    cond_dim = None
-    if p["backbone"]["type"] == "UNet2DConditionModel":
-        cond_dim = int(data.manifest.schema().field(C.COND_EMBEDDING).type.shape[-1])
-    model, _ = build_backbone(p, x_shape[-1], x_shape[0], num_classes, cond_dim)
+    kind, ft = p["backbone"]["type"], p["finetune"]
+
+    def build():
+        return build_backbone(p, x_shape[-1], x_shape[0], num_classes, _cond_dim(p, data))[0]
+
+    trained = build()  # as trained: with its adapter layers, if any
+    trainable, total = prepare(trained, kind, ft, config["retrain_classes"])
     with checkpoint.as_directory() as d:
-        model.load_state_dict(consolidated_state(d))
+        trained.load_state_dict(consolidated_state(d))
         ema_state = (torch.load(os.path.join(d, "ema.pt"), weights_only=True)
                      if os.path.exists(os.path.join(d, "ema.pt")) else None)  # fmt: skip
+    ema_trained = None
+    if ema_state is not None:
+        ema_trained = copy.deepcopy(trained)
+        ema_trained.load_state_dict(ema_state)
+    adapter = None
+    if ft["method"] != "full":  # the adapter alone (of the weights samplers load by default)
+        adapter = adapter_state(ema_trained if ema_trained is not None else trained)
+
+    def plain(m):  # the merged model: a plain diffusers network
+        if ft["method"] == "full":
+            return m
+        out = build()
+        out.load_state_dict(merged_state(m, ft["method"]))
+        return out
+
+    model = plain(trained)
+    pre = config.get("pretrained") or {}
     noise_scheduler = make_noise_scheduler(p, config["column"])
     vae_info = data.metadata.get("vae")
     text = p["backbone"]["type"] == "UNet2DConditionModel"
@@ -287,14 +402,16 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext) -> tuple[st
         text_encoder=(data.metadata.get("text_encoder") or {}).get("model") if text else None,
         cep=p["cep"],
         corruption=data.metadata.get("corruption"),
-    )
+        parent_model=pre.get("init_from"),
+        parent_weights_sha256=pre.get("init_weights_sha256"),
+        adapter=None if adapter is None else {
+            **ft, "retrain_classes": config["retrain_classes"],
+            "trainable_params": trainable, "total_params": total},
+    )  # fmt: skip
     info = model_info.model_dump(mode="json")
-    ema = None
-    if ema_state is not None:
-        ema = copy.deepcopy(model)
-        ema.load_state_dict(ema_state)
+    ema = plain(ema_trained) if ema_trained is not None else None
     with tempfile.TemporaryDirectory() as d:
-        write_model_folder(d, model_info, model, noise_scheduler, ema)
+        write_model_folder(d, model_info, model, noise_scheduler, ema, adapter=adapter)
         ctx.publish(d, "model")
     if ema is not None:
         model = ema.eval()
@@ -320,7 +437,11 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext) -> tuple[st
             (per * (tiles[0].width + 2) * 3, classes * (tiles[0].height + 2) * 3), 0),
             "samples.png")  # fmt: skip
     # in the MLflow Model Registry, with the step's lineage as tags
-    ctx.log.register_model(f"{ctx.pipeline}-{ctx.step}", "model")
+    ctx.log.register_model(
+        f"{ctx.pipeline}-{ctx.step}",
+        "model",
+        kind="adapter" if adapter is not None else "diffusion",
+    )
     return ctx.artifact("model"), info
 
 

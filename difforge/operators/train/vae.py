@@ -39,6 +39,10 @@ class Params(BaseModel):
     seed: int = 0
     checkpoint_every: int = Field(250, ge=1, description="steps between checkpoints")
     shuffle_mb: ShuffleMB = DEFAULT_SHUFFLE_MB
+    init_from: str | None = Field(
+        None, description="start from this AutoencoderKL: a folder (local or s3://), "
+        "models:/NAME/VERSION (or @ALIAS), or a hub id; its architecture is then the weights' "
+        "own (settings given must match it)")  # fmt: skip
 
     @model_validator(mode="after")
     def _groups_divide(self) -> Params:
@@ -87,7 +91,13 @@ def train_loop(config: dict[str, Any]) -> None:
     data = ShardStream(config["shards"], C.IMAGE, p["seed"], per_rank, rank, world,
                        p["shuffle_mb"] << 20)  # fmt: skip
     torch.manual_seed(p["seed"])
-    vae = build_vae(p, data.sample_shape[0], data.sample_shape[1])
+    if config.get("init") is not None:  # pretrained: (config, weights in Ray's object store)
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_config(config["init"][0])
+        vae.load_state_dict(ray.get(config["init"][1]))
+    else:
+        vae = build_vae(p, data.sample_shape[0], data.sample_shape[1])
     opt = torch.optim.AdamW(vae.parameters(), lr=p["lr"])
     state = restore()
     start = 0
@@ -126,7 +136,18 @@ class TrainVAE(JobOperator):
     """Fits a small AutoencoderKL on an image dataset; saves a folder `encode.vae` loads."""
 
     name = "train.vae"
-    version = 2  # 2: the input is streamed, each image once per epoch (was drawn with replacement)
+    # 2: the input is streamed, each image once per epoch (was drawn with replacement)
+    # 3: init_from; registered in MLflow's model registry
+    version = 3
+
+    def external_state(self) -> dict[str, str] | None:
+        """A pretrained start: its fixed version and weights digest."""
+        if self.params.init_from is None:
+            return None
+        from difforge.diffusion.pretrained import pretrained
+
+        return pretrained(self.params.init_from, "vae").lineage()
+
     Params = Params
     reads = (C.ID, C.IMAGE)
     resources = Resources(num_workers=1)
@@ -145,14 +166,30 @@ class TrainVAE(JobOperator):
         from difforge.platform import raytrain as _raytrain
 
         data = ctx.inputs[0]
+        init = pre = None
+        if self.params.init_from:
+            import ray
+
+            from difforge.diffusion.pretrained import check_matches, load_state, pretrained
+
+            pre = pretrained(self.params.init_from, "vae")
+            arch = ("latent_channels", "block_out_channels", "layers_per_block", "norm_num_groups")
+            check_matches({k: getattr(self.params, k) for k in arch
+                           if k in self.params.model_fields_set}, pre.config, pre, "train.vae")  # fmt: skip
+            init = (dict(pre.config), ray.put(load_state(pre.folder, pre.backbone)))
         result = _raytrain.fit(ctx, train_loop, {"params": self.params.model_dump(),
-                                                 "shards": data.shards()},
+                                                 "shards": data.shards(), "init": init},
                                progress=("train_mse", self.params.max_steps, "steps"))  # fmt: skip
         state = _raytrain.final_state(result)
         # Held-out check and the latent scale (LDM: scale latents to unit variance).
         x, _, _ = load_images(data.file_uris()[:4], with_labels=False)
         x = x[:256]
-        vae = build_vae(self.params.model_dump(), x.shape[1], x.shape[2])
+        if pre is not None:
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_config(pre.config)
+        else:
+            vae = build_vae(self.params.model_dump(), x.shape[1], x.shape[2])
         vae.load_state_dict(state["model"])
         vae.eval()
         with torch.no_grad():
@@ -177,8 +214,11 @@ class TrainVAE(JobOperator):
         with tempfile.TemporaryDirectory() as d:
             vae.save_pretrained(d)
             with open(os.path.join(d, "difforge.json"), "w") as f:
-                json.dump({"kind": "vae", "psnr": psnr, "image_shape": list(x.shape[1:])}, f)
+                json.dump({"kind": "vae", "psnr": psnr, "image_shape": list(x.shape[1:]),
+                           **(pre.lineage() if pre else {})}, f)  # fmt: skip
             ctx.publish(d, "model")
+        ctx.log.register_model(f"{ctx.pipeline}-{ctx.step}", "model", kind="vae",
+                               metrics={"holdout_psnr": psnr})  # fmt: skip
         del np
         table = pa.table(
             {
