@@ -27,6 +27,7 @@ os.environ.pop("RAY_ADDRESS", None)
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ["HF_HUB_OFFLINE"] = "1"  # a hub lookup fails at once, with difforge's clear error
 
 # S3 credentials live in the environment (never in YAML); Ray workers inherit them.
 S3_KEY, S3_SECRET = "difforge-test", "difforge-test-secret"

@@ -97,10 +97,10 @@ def architecture(given: dict[str, Any], pre: Pretrained) -> dict[str, Any]:
     the data (and re-initialised if that differs)."""
     cfg = {k: v for k, v in pre.config.items() if not k.startswith("_") and k not in CLASS_KEYS}
     given = {k: v for k, v in given.items() if k not in CLASS_KEYS}
-    check_matches({k: v for k, v in given.items() if k != "type"}, cfg, pre, "backbone")
     if given.get("type", pre.backbone) != pre.backbone:
-        raise DifforgeError(f"backbone does not match init_from {pre.ref}: type "
+        raise DifforgeError(f"backbone does not match init_from {pre.ref}: type: "
                             f"{given['type']} in the YAML, {pre.backbone} in the weights")  # fmt: skip
+    check_matches({k: v for k, v in given.items() if k != "type"}, cfg, pre, "backbone")
     return {"type": pre.backbone, **cfg}
 
 

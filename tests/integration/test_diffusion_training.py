@@ -64,9 +64,12 @@ def test_two_workers_zero2_to_a_registered_model(trained):
     version = client.get_model_version("diffusion-model", registered.rsplit("/", 1)[1])
     assert version.tags["step"] == "model" and version.run_id == run_id
     from difforge.diffusion.model_folder import load_model
+    from difforge.models.resolve import pin
 
     model, info, _, _ = load_model(registered)  # the registry's name resolves to the folder
     assert info["num_classes"] == 10 and info["null_condition"] == 10
+    client.set_registered_model_alias("diffusion-model", "base", version.version)
+    assert pin("models:/diffusion-model@base") == registered  # an alias, fixed to its version
 
 
 def train_workers() -> list[psutil.Process]:
