@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a model folder (local or s3://) or models:/NAME/VERSION")
     p.add_argument("--n", type=int, default=16, help="images to draw")
     p.add_argument("--class", dest="label", type=int, help="class to draw (default: all, in turn)")
+    p.add_argument("--prompt", action="append",
+                   help="a text model's prompt (repeat for several, drawn in turn)")  # fmt: skip
+    p.add_argument("--negative-prompt", help="guide away from this text instead of the null")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's own, else 25)")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
     p.add_argument(
@@ -513,17 +516,40 @@ def cmd_sample(args: argparse.Namespace) -> int:
     except (FileNotFoundError, OSError) as exc:
         raise DifforgeError(f"{args.model}: not a difforge model folder ({exc})") from None
     classes = info.get("num_classes") or 0
+    text = info.get("conditioning") == "text"
+    if text != bool(args.prompt):
+        raise DifforgeError("--prompt: the model is text-conditional: give one" if text else
+                            "--prompt: the model is not text-conditional (--class instead)")  # fmt: skip
     if args.label is not None and not 0 <= args.label < max(classes, 1):
         raise DifforgeError(f"--class {args.label}: the model has {classes} classes")
     labels = torch.tensor([args.label if args.label is not None else i % max(classes, 1)
                            for i in range(args.n)])  # fmt: skip
-    steps = args.steps or info.get("num_inference_steps", 25)
+    cond = uncond = None
+    if text:
+        from difforge.diffusion.model_folder import text_conditioning
+        from difforge.diffusion.sampling import prompt_conditions
+
+        prompts = [args.prompt[i % len(args.prompt)] for i in range(args.n)]
+        cond, uncond = prompt_conditions(text_conditioning(args.model), prompts,
+                                         [args.negative_prompt] * args.n)  # fmt: skip
+    steps = args.steps or (info.get("num_inference_steps") or 25)
     x = sample_batch(model, info["backbone"], make_scheduler(args.scheduler, config),
                      tuple(info["sample_shape"]), [args.seed + i for i in range(args.n)], labels,
-                     [args.guidance] * args.n, classes or None, steps)  # fmt: skip
+                     [args.guidance] * args.n, classes or None, steps, cond=cond, uncond=uncond)  # fmt: skip
     images = to_pil(x, vae)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if text:
+        from difforge.platform.show import captioned
+
+        for i, img in enumerate(images):
+            img.save(out / f"{i:05d}.png")
+        shown = [(t, grid([im for im, q in zip(images, prompts, strict=True) if q == t], columns=8))
+                 for t in dict.fromkeys(prompts)]  # fmt: skip
+        captioned(shown, scale=4).save(out / "grid.png")
+        print(f"{args.n} images ({len(shown)} prompt(s), {steps} {args.scheduler} steps, "
+              f"guidance {args.guidance}) in {out}/, grid: {out}/grid.png")  # fmt: skip
+        return 0
     names = info.get("classes") or []
     for i, (img, y) in enumerate(zip(images, labels.tolist(), strict=True)):
         img.save(out / f"{i:05d}-class{y}.png")

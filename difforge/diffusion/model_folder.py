@@ -53,7 +53,9 @@ class ModelInfo(BaseModel):
     conditioning: Literal["none", "class", "text"] = "class"
     #: the class index that means "no class" (classifier-free guidance); num_classes by default
     null_condition: int | None = None
-    text_encoder: str | None = None
+    text_encoder: dict[str, Any] | str | None = Field(
+        None, description="a text model's encoder: its reference and settings (encode.text's); "
+        "the null condition is `model/null_condition.safetensors`, its empty-prompt embedding")  # fmt: skip
     vae: dict[str, Any] | None = Field(None, description="the VAE of a latent model: {uri, ...}")
     cep: dict[str, Any] | None = None
     corruption: dict[str, Any] | None = None
@@ -193,3 +195,21 @@ def _from_adapter(path: str, info: dict[str, Any], uri: str):
     adapter = load_file(os.path.join(path, "adapter", "adapter.safetensors"))
     apply_adapter(model, info["backbone"], info["adapter"], adapter)
     return model
+
+
+def text_conditioning(uri: str, device="cpu"):
+    """A text-conditional model's prompt encoder and null condition (the embedding of the empty
+    prompt that training dropped captions to): (TextEncoder, tensor)."""
+    import torch
+
+    from difforge.models.resolve import resolve
+    from difforge.models.text import TextEncoder
+
+    info = read_info(uri)
+    if info.conditioning != "text" or not isinstance(info.text_encoder, dict):
+        raise DifforgeError(f"{uri}: not a text-conditional model with its encoder recorded "
+                            "(train it on encode.text output of this release)")  # fmt: skip
+    encoder = TextEncoder(info.text_encoder, device)
+    path = resolve(uri, "diffusion model")
+    null = read_extra(os.path.join(path, "model"), "null_condition")["embedding"]
+    return encoder, torch.as_tensor(null).to(device)

@@ -43,10 +43,9 @@ KINDS = {
 }  # fmt: skip
 
 
-@functools.lru_cache(maxsize=16)
 def pretrained(ref: str, kind: str = "backbone") -> Pretrained:
-    """The pretrained network `ref` names (a diffusion backbone, or a VAE), pinned and resolved
-    (once per process)."""
+    """The pretrained network `ref` names (a diffusion backbone, or a VAE), pinned and resolved.
+    Its weights are hashed once per process for as long as their files are unchanged."""
     from difforge.models.resolve import pin, resolve
 
     pinned = pin(ref)
@@ -79,11 +78,18 @@ def network_folder(root: str, ref: str, subfolders: tuple[str, ...]) -> str:
 
 def weights_sha256(folder: str) -> str:
     """One digest over a folder's weight files (names and bytes, in name order)."""
-    h = hashlib.sha256()
     names = sorted(n for n in os.listdir(folder) if n.endswith(WEIGHT_SUFFIXES))
     if not names:
         raise DifforgeError(f"{folder}: no weight files")
-    for name in names:
+    stats = tuple((n, os.stat(os.path.join(folder, n)).st_size,
+                   os.stat(os.path.join(folder, n)).st_mtime_ns) for n in names)  # fmt: skip
+    return _digest(folder, stats)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(folder: str, stats: tuple) -> str:
+    h = hashlib.sha256()
+    for name, _, _ in stats:
         h.update(name.encode() + b"\0")
         with open(os.path.join(folder, name), "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 def sample_batch(model, kind: str, scheduler, shape: tuple[int, ...], seeds: list[int],
                  labels, guidance: list[float], null_label: int | None, steps: int,
-                 device: str = "cpu", dtype=None, deepcache: tuple[int, int] | None = None):  # fmt: skip
+                 device: str = "cpu", dtype=None, deepcache: tuple[int, int] | None = None,
+                 cond=None, uncond=None):  # fmt: skip
     """The sampler, one explicit loop: noise from each sample's own generator, then the
     scheduler's steps with classifier-free guidance (a conditional and an unconditional pass).
+    A text model takes `cond` (the prompts' embeddings) and guides against `uncond` (the null
+    condition, or a negative prompt's embedding, per sample) instead of class labels.
     `deepcache=(interval, branch)` runs the full UNet every `interval` steps and only its
     shallow path in between."""
     import contextlib
@@ -23,7 +26,12 @@ def sample_batch(model, kind: str, scheduler, shape: tuple[int, ...], seeds: lis
                      for s in seeds]).to(device)  # fmt: skip
     x = x * scheduler.init_noise_sigma
     w = torch.tensor(guidance, device=device, dtype=torch.float32)[:, None, None, None]
-    guided = null_label is not None and any(g != 1.0 for g in guidance)
+    text = cond is not None
+    if text:
+        cond = cond.to(device, dtype)
+        uncond = None if uncond is None else uncond.to(device, dtype)
+    null = uncond if text else null_label
+    guided = null is not None and any(g != 1.0 for g in guidance)
     takes_w = hasattr(model, "w_embedding")  # a guided student: no unconditional pass
     n = len(seeds)
     unet = getattr(model, "unet", model)  # a guided student wraps its UNet
@@ -43,15 +51,35 @@ def sample_batch(model, kind: str, scheduler, shape: tuple[int, ...], seeds: lis
                     kind,
                     torch.cat([xin, xin]),
                     torch.cat([tt, tt]),
-                    torch.cat([labels, torch.full_like(labels, null_label)]),
-                    None,
+                    None if text else torch.cat([labels, torch.full_like(labels, null_label)]),
+                    torch.cat([cond, uncond]) if text else None,
                 )
-                cond, uncond = both.float().chunk(2)
-                out = uncond + w * (cond - uncond)
+                on, off = both.float().chunk(2)
+                out = off + w * (on - off)
             else:
-                out = forward(model, kind, xin, tt, labels, None).float()
+                out = forward(model, kind, xin, tt, None if text else labels, cond).float()
         x = scheduler.step(out, t, x).prev_sample
     return x
+
+
+def prompt_conditions(text, prompts: list[str | None], negatives: list[str | None] | None = None):
+    """`text`: (encoder, null) of a text model (`model_folder.text_conditioning`). The prompts'
+    embeddings, and per sample what guidance pushes away from: its negative prompt's embedding
+    where it has one, else the model's null condition."""
+    import torch
+
+    from difforge.platform.errors import DifforgeError
+
+    encoder, null = text
+    if any(p is None for p in prompts):
+        raise DifforgeError("a text-conditional model needs a prompt for every image "
+                            "(sample.plan with prompts)")  # fmt: skip
+    cond = torch.from_numpy(encoder.embed(prompts))
+    uncond = null.to(cond.dtype).expand_as(cond).clone()
+    which = [i for i, t in enumerate(negatives or []) if t]
+    if which:
+        uncond[which] = torch.from_numpy(encoder.embed([negatives[i] for i in which]))
+    return cond, uncond
 
 
 def to_pil(x, vae=None):

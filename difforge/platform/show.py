@@ -63,6 +63,25 @@ def grid(images: list[Image.Image], columns: int = 8, pad: int = 2) -> Image.Ima
     return canvas
 
 
+def captioned(rows: list[tuple[str, Image.Image]], scale: int = 3) -> Image.Image:
+    """Rows of images (already tiled, one row each), each with its caption above it, scaled
+    up `scale` times (tiny samples stay readable)."""
+    from PIL import Image, ImageDraw
+
+    line = 14
+    scaled = [(text, img.resize((img.width * scale, img.height * scale), 0)) for text, img in rows]
+    width = max(max(img.width for _, img in scaled), 8 * max(len(t) for t, _ in scaled) // 1)
+    height = sum(img.height + line for _, img in scaled)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for text, img in scaled:
+        draw.text((2, y + 1), text, fill="black")
+        canvas.paste(img.convert("RGB"), (0, y + line))
+        y += img.height + line
+    return canvas
+
+
 def write_grid(ds: Dataset, path: str | None = None, n: int = 64, scale: int = 0) -> str:
     from difforge.platform.imaging import decode
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from difforge.diffusion.model_folder import load_model
-from difforge.diffusion.sampling import sample_batch
+from difforge.diffusion.sampling import prompt_conditions, sample_batch
 from difforge.diffusion.schedules import make_scheduler
 from difforge.platform import columns as C
 from difforge.platform.operator import MapOperator, passthrough
@@ -78,6 +78,11 @@ class SampleDiffusion(MapOperator):
             check(getattr(self.model, "unet", self.model), self.info["backbone"], dc.cache_branch)
         if self.vae is not None:
             self.vae.to(self.device)
+        self.text = None
+        if self.info.get("conditioning") == "text":  # its own encoder, and the null it learned
+            from difforge.diffusion.model_folder import text_conditioning
+
+            self.text = text_conditioning(uri, self.device)
 
     def process(self, batch: pa.Table) -> pa.Table:
         import pyarrow as pa
@@ -88,12 +93,18 @@ class SampleDiffusion(MapOperator):
 
         info = self.info
         labels = torch.tensor(batch.column(C.LABEL).to_pylist(), device=self.device)
+        cond = uncond = None
+        if self.text is not None:
+            negatives = (batch.column("negative_prompt").to_pylist()
+                         if "negative_prompt" in batch.column_names else None)  # fmt: skip
+            cond, uncond = prompt_conditions(self.text, batch.column("prompt").to_pylist(),
+                                             negatives)  # fmt: skip
         x = sample_batch(self.model, info["backbone"], self.scheduler, tuple(info["sample_shape"]),
                          batch.column("seed").to_pylist(), labels,
                          batch.column("guidance_scale").to_pylist(),
                          info["num_classes"] or None,
-                         self.params.num_inference_steps or info.get("num_inference_steps", 25),
-                         self.device, self.dtype, self.deepcache)  # fmt: skip
+                         self.params.num_inference_steps or (info.get("num_inference_steps") or 25),
+                         self.device, self.dtype, self.deepcache, cond, uncond)  # fmt: skip
         images = to_pil(x, self.vae)
         n = len(images)
         out = batch.drop_columns([C.MODEL_URI])
@@ -112,7 +123,9 @@ class SampleDiffusion(MapOperator):
         )
 
     def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
-        """A grid per class, as MLflow images."""
+        """A grid per class (or per prompt, captioned with it), as MLflow images."""
+        if _has_prompts(outcome):
+            return self._prompt_grid(outcome, ctx)
         from PIL import Image
 
         from difforge.platform.imaging import decode
@@ -140,3 +153,44 @@ class SampleDiffusion(MapOperator):
         canvas = grid(lines, columns=1, pad=0)
         ctx.log.log_image(canvas.resize((canvas.width * 3, canvas.height * 3), 0), "samples.png")
         return {"images": float(rows)}
+
+    def _prompt_grid(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
+        """Up to 8 prompts, up to 8 images of each, each row under its prompt."""
+        from difforge.platform.imaging import decode
+        from difforge.platform.show import captioned, grid
+
+        by_prompt: dict[str, list] = {}
+        rows = 0
+        for uri in outcome.main_files:
+            prompts = outcome.read_file(uri, ["prompt"]).column(0).to_pylist()
+            rows += len(prompts)
+            wanted: dict[int, str] = {}
+            for i, t in enumerate(prompts):
+                if t not in by_prompt and len(by_prompt) >= 8:
+                    continue
+                have = by_prompt.setdefault(t, [])
+                if len(have) + sum(1 for x in wanted.values() if x == t) < 8:
+                    wanted[i] = t
+            if wanted:
+                images = outcome.read_file(uri, [C.IMAGE]).column(0).to_pylist()
+                for i, t in wanted.items():
+                    by_prompt[t].append(decode(images[i]))
+        shown = [(t, grid(ims, columns=8)) for t, ims in by_prompt.items() if ims]
+        if shown:
+            ctx.log.log_image(captioned(shown), "samples.png")
+        return {"images": float(rows)}
+
+
+def _has_prompts(outcome: StepOutcome) -> bool:
+    """Whether the samples were drawn from prompts (a text model's), not class labels."""
+    import pyarrow.parquet as pq
+
+    from difforge.platform.datasets import url_to_fs
+
+    if not outcome.main_files:
+        return False
+    fs, path = url_to_fs(outcome.main_files[0])
+    if "prompt" not in pq.read_schema(path, filesystem=fs).names:
+        return False
+    prompts = outcome.read_file(outcome.main_files[0], ["prompt"]).column(0)
+    return prompts.null_count < len(prompts)

@@ -139,6 +139,9 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
     step = io.restore(engine, ema)
     step_log = config["log"]
     alphas = noise_scheduler.alphas_cumprod.to(device)
+    null_c = None
+    if config.get("null_cond") is not None:
+        null_c = torch.tensor(config["null_cond"]).to(device)
     losses: list[float] = []
     # throughput since this run's first optimizer step (start-up excluded)
     first_step_at = window_start = None
@@ -163,7 +166,9 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
                 c = c + cep_delta(tuple(c.shape), p["cep"]["kind"], p["cep"]["gamma"], tg).to(
                     device
                 )
-                c = c.masked_fill(drop[:, None, None] if c.ndim == 3 else drop[:, None], 0.0)
+                # dropped to the encoder's own empty prompt: the null the sampler guides against
+                null = null_c if null_c is not None else torch.zeros_like(c[0])
+                c = torch.where(drop[:, None, None] if c.ndim == 3 else drop[:, None], null, c)
             target = noise if p["prediction_type"] == "epsilon" else (
                 alphas[t].sqrt()[:, None, None, None] * noise
                 - (1 - alphas[t]).sqrt()[:, None, None, None] * x0)  # fmt: skip
@@ -238,7 +243,8 @@ class DiffusionTraining(JobOperator):
             return None
         from difforge.diffusion.pretrained import pretrained
 
-        return pretrained(self.params.init_from).lineage()
+        self._start = pretrained(self.params.init_from)  # what runs is what was fingerprinted
+        return self._start.lineage()
 
     @classmethod
     def required_columns(cls, params: Params) -> set[str]:
@@ -280,6 +286,9 @@ class DiffusionTraining(JobOperator):
         elif self.params.finetune.method != "full":
             raise DifforgeError(f"finetune.method {self.params.finetune.method} needs pretrained "
                                 "weights: set init_from, or give a model step as second input")  # fmt: skip
+        null_cond = None
+        if params["backbone"]["type"] == "UNet2DConditionModel":
+            null_cond = _null_condition(data)
         trainable, total, retrain = _count(params, data, column, num_classes, state)
         log.info("step %s: %s, %s of %s parameters train (%.2f%%)%s", ctx.step,
                  params["finetune"]["method"] if pre else "from scratch", f"{trainable:,}",
@@ -293,6 +302,7 @@ class DiffusionTraining(JobOperator):
             "init_state": state,
             "pretrained": pre.lineage() if pre else None,
             "retrain_classes": retrain,
+            "null_cond": null_cond,
             "shards": data.shards(),
             "column": column,
             "num_classes": num_classes,
@@ -322,7 +332,23 @@ class DiffusionTraining(JobOperator):
             from difforge.models.resolve import model_of
 
             return pretrained(model_of(ctx.inputs[1])[C.MODEL_URI])
-        return pretrained(self.params.init_from) if self.params.init_from else None
+        if not self.params.init_from:
+            return None
+        return getattr(self, "_start", None) or pretrained(self.params.init_from)
+
+
+def _null_condition(data):
+    """The condition a dropped caption becomes: the text encoder's embedding of the empty
+    prompt (zeros for data whose encoder is not recorded)."""
+    import numpy as np
+
+    settings = data.metadata.get("text_encoder")
+    if not settings:
+        shape = data.manifest.schema().field(C.COND_EMBEDDING).type.shape
+        return np.zeros(shape, np.float32)
+    from difforge.models.text import TextEncoder
+
+    return TextEncoder(settings).embed([""])[0]
 
 
 def _count(p: dict, data, column: str, num_classes: int, state) -> tuple[int, int, bool]:
@@ -399,7 +425,7 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext) -> tuple[st
         prediction_type=p["prediction_type"],
         conditioning="text" if text else ("class" if num_classes else "none"),
         null_condition=num_classes if num_classes and not text else None,
-        text_encoder=(data.metadata.get("text_encoder") or {}).get("model") if text else None,
+        text_encoder=data.metadata.get("text_encoder") if text else None,
         cep=p["cep"],
         corruption=data.metadata.get("corruption"),
         parent_model=pre.get("init_from"),
@@ -410,8 +436,11 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext) -> tuple[st
     )  # fmt: skip
     info = model_info.model_dump(mode="json")
     ema = plain(ema_trained) if ema_trained is not None else None
+    extras = None
+    if config.get("null_cond") is not None:
+        extras = {"null_condition": {"embedding": torch.as_tensor(config["null_cond"])}}
     with tempfile.TemporaryDirectory() as d:
-        write_model_folder(d, model_info, model, noise_scheduler, ema, adapter=adapter)
+        write_model_folder(d, model_info, model, noise_scheduler, ema, extras, adapter)
         ctx.publish(d, "model")
     if ema is not None:
         model = ema.eval()
@@ -425,7 +454,9 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext) -> tuple[st
 
         vae = AutoencoderKL.from_pretrained(local_copy(vae_info["uri"])).eval()
     per = 8
-    if num_classes:
+    if text:  # a row per caption of the training data, under it
+        _prompt_grid(model, p, data, config, noise_scheduler, x_shape, vae, ctx)
+    elif num_classes:
         classes = min(num_classes, 10)
         labels = torch.arange(classes).repeat_interleave(per)
         imgs = sample_batch(model, p["backbone"]["type"],
@@ -443,6 +474,39 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext) -> tuple[st
         kind="adapter" if adapter is not None else "diffusion",
     )
     return ctx.artifact("model"), info
+
+
+def _prompt_grid(model, p, data, config, noise_scheduler, x_shape, vae, ctx) -> None:
+    """Samples of a text model for up to 8 of its training captions, each row under its
+    caption (fixed seeds; guided against the model's null condition)."""
+    import torch
+
+    from difforge.diffusion.sampling import prompt_conditions, sample_batch
+    from difforge.diffusion.schedules import make_scheduler
+    from difforge.models.text import TextEncoder
+    from difforge.platform.show import captioned, grid
+
+    if C.CAPTION not in data.manifest.column_names or not data.metadata.get("text_encoder"):
+        return
+    prompts: list[str] = []
+    for batch in data.iter_batches(columns=[C.CAPTION], batch_size=1024):
+        for caption in batch.column(C.CAPTION).to_pylist():
+            if caption and caption not in prompts:
+                prompts.append(caption)
+        if len(prompts) >= 8:
+            break
+    prompts, per = prompts[:8], 8
+    if not prompts:
+        return
+    text = (TextEncoder(data.metadata["text_encoder"]), torch.as_tensor(config["null_cond"]))
+    each = [t for t in prompts for _ in range(per)]
+    cond, uncond = prompt_conditions(text, each)
+    imgs = sample_batch(model, p["backbone"]["type"], make_scheduler("ddim", noise_scheduler.config),
+                        x_shape, list(range(len(each))), torch.zeros(len(each), dtype=torch.long),
+                        [2.0] * len(each), None, 25, cond=cond, uncond=uncond)  # fmt: skip
+    tiles = to_pil(imgs, vae)
+    rows = [(t, grid(tiles[i * per : (i + 1) * per], columns=per)) for i, t in enumerate(prompts)]
+    ctx.log.log_image(captioned(rows), "samples.png")
 
 
 def _shape_of(data, column: str) -> tuple[int, ...]:

@@ -146,7 +146,8 @@ class TrainVAE(JobOperator):
             return None
         from difforge.diffusion.pretrained import pretrained
 
-        return pretrained(self.params.init_from, "vae").lineage()
+        self._start = pretrained(self.params.init_from, "vae")  # what runs is what was planned
+        return self._start.lineage()
 
     Params = Params
     reads = (C.ID, C.IMAGE)
@@ -172,7 +173,7 @@ class TrainVAE(JobOperator):
 
             from difforge.diffusion.pretrained import check_matches, load_state, pretrained
 
-            pre = pretrained(self.params.init_from, "vae")
+            pre = getattr(self, "_start", None) or pretrained(self.params.init_from, "vae")
             arch = ("latent_channels", "block_out_channels", "layers_per_block", "norm_num_groups")
             check_matches({k: getattr(self.params, k) for k in arch
                            if k in self.params.model_fields_set}, pre.config, pre, "train.vae")  # fmt: skip
