@@ -22,9 +22,11 @@ def encoded(ray_session, tmp_path_factory):
         "storage": str(tmp_path_factory.mktemp("vae")),
         "steps": [
             {"id": "raw", "op": "ingest.fashion_mnist", "params": {"limit": 2000}},
-            {"id": "images", "op": "image.resize", "inputs": ["raw"], "params": {"size": 32}},
+            {"id": "images", "op": "image.resize", "inputs": ["raw"],
+             "params": {"size": 16, "method": "resize"}},
             {"id": "vae", "op": "train.vae", "inputs": ["images"],
-             "params": {"max_steps": 300, "batch_size": 32, "checkpoint_every": 150}},
+             "params": {"block_out_channels": [16, 32], "max_steps": 300, "batch_size": 32,
+                        "checkpoint_every": 150}},
             {"id": "latents", "op": "encode.vae", "inputs": ["images", "vae"],
              "resources": {"batch_size": 128}},
         ],
