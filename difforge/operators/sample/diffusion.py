@@ -123,30 +123,16 @@ class SampleDiffusion(MapOperator):
         )
 
     def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
-        """A grid per class (or per prompt, captioned with it), as MLflow images."""
-        if _has_prompts(outcome):
-            return self._prompt_grid(outcome, ctx)
-        from PIL import Image
+        """A grid per class, or per prompt captioned with it, as MLflow images."""
+        from difforge.platform.show import captioned, grid
 
-        from difforge.platform.imaging import decode
-        from difforge.platform.show import grid
-
-        # a shard at a time: its labels first, its images only where a class still needs some
-        by_class: dict[int, list[Image.Image]] = {}
-        counts: dict[int, int] = {}
-        rows = 0
-        for uri in outcome.main_files:
-            labels = outcome.read_file(uri, [C.LABEL]).column(0).to_pylist()
-            rows += len(labels)
-            need = []
-            for i, c in enumerate(labels):
-                if counts.get(c, 0) < 16:
-                    counts[c] = counts.get(c, 0) + 1
-                    need.append(i)
-            if need:
-                images = outcome.read_file(uri, [C.IMAGE]).column(0).to_pylist()
-                for i in need:
-                    by_class.setdefault(labels[i], []).append(decode(images[i]))
+        if _has_prompts(outcome):  # up to 8 prompts, 8 images each, each row under its prompt
+            rows, by_prompt = _images_by(outcome, "prompt", per=8, keys=8)
+            shown = [(t, grid(ims, columns=8)) for t, ims in by_prompt.items()]
+            if shown:
+                ctx.log.log_image(captioned(shown), "samples.png")
+            return {"images": float(rows)}
+        rows, by_class = _images_by(outcome, C.LABEL, per=16)
         if not rows:
             return {}
         lines = [grid(t, columns=16) for _, t in sorted(by_class.items())]
@@ -154,31 +140,30 @@ class SampleDiffusion(MapOperator):
         ctx.log.log_image(canvas.resize((canvas.width * 3, canvas.height * 3), 0), "samples.png")
         return {"images": float(rows)}
 
-    def _prompt_grid(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
-        """Up to 8 prompts, up to 8 images of each, each row under its prompt."""
-        from difforge.platform.imaging import decode
-        from difforge.platform.show import captioned, grid
 
-        by_prompt: dict[str, list] = {}
-        rows = 0
-        for uri in outcome.main_files:
-            prompts = outcome.read_file(uri, ["prompt"]).column(0).to_pylist()
-            rows += len(prompts)
-            wanted: dict[int, str] = {}
-            for i, t in enumerate(prompts):
-                if t not in by_prompt and len(by_prompt) >= 8:
-                    continue
-                have = by_prompt.setdefault(t, [])
-                if len(have) + sum(1 for x in wanted.values() if x == t) < 8:
-                    wanted[i] = t
-            if wanted:
-                images = outcome.read_file(uri, [C.IMAGE]).column(0).to_pylist()
-                for i, t in wanted.items():
-                    by_prompt[t].append(decode(images[i]))
-        shown = [(t, grid(ims, columns=8)) for t, ims in by_prompt.items() if ims]
-        if shown:
-            ctx.log.log_image(captioned(shown), "samples.png")
-        return {"images": float(rows)}
+def _images_by(outcome: StepOutcome, key: str, per: int, keys: int | None = None):
+    """(rows, {key value: up to `per` images}) for at most `keys` values, read a shard at a
+    time: its key column first, its images only where a value still needs some."""
+    from difforge.platform.imaging import decode
+
+    found: dict = {}  # value -> its images (counted as they are chosen, decoded after)
+    rows = 0
+    for uri in outcome.main_files:
+        values = outcome.read_file(uri, [key]).column(0).to_pylist()
+        rows += len(values)
+        need = []
+        for i, v in enumerate(values):
+            if v not in found and keys is not None and len(found) >= keys:
+                continue
+            if len(found.setdefault(v, [])) < per:
+                found[v].append(None)
+                need.append(i)
+        if need:
+            images = outcome.read_file(uri, [C.IMAGE]).column(0).to_pylist()
+            for i in need:
+                chosen = found[values[i]]
+                chosen[chosen.index(None)] = decode(images[i])
+    return rows, {v: ims for v, ims in found.items() if ims}
 
 
 def _has_prompts(outcome: StepOutcome) -> bool:

@@ -232,10 +232,8 @@ class DiffusionTraining(JobOperator):
     reads = (C.ID,)
     resources = Resources(num_workers=1, num_gpus="auto")
     gpus_when_available = 1.0
-    inputs: ClassVar[tuple[int, int]] = (
-        1,
-        2,
-    )  # the data, and optionally a model step to start from
+    # the data, and optionally a model step to start from
+    inputs: ClassVar[tuple[int, int]] = (1, 2)
 
     def external_state(self) -> dict[str, str] | None:
         """A pretrained start named in the YAML: its fixed version and weights digest."""
@@ -273,6 +271,7 @@ class DiffusionTraining(JobOperator):
         # refuse what can never run before starting any worker (fp16 on a CPU, say)
         deepspeed_config(self.params.model_dump(), 1, 1, ctx.resources.num_gpus > 0)
         params = self.params.model_dump()
+        x_shape = _shape_of(data, column)  # one sample's shape, read once
         pre = self._pretrained(ctx)
         state = None
         if pre is not None:
@@ -281,15 +280,15 @@ class DiffusionTraining(JobOperator):
             params["backbone"] = architecture(self.params.backbone.model_dump(
                 include=self.params.backbone.model_fields_set | set(
                     self.params.backbone.model_extra or {})), pre)  # fmt: skip
-            check_shape(params["backbone"], _shape_of(data, column), pre.ref)
+            check_shape(params["backbone"], x_shape, pre.ref)
             state = load_state(pre.folder, pre.backbone)
         elif self.params.finetune.method != "full":
             raise DifforgeError(f"finetune.method {self.params.finetune.method} needs pretrained "
                                 "weights: set init_from, or give a model step as second input")  # fmt: skip
-        null_cond = None
+        encoder = null_cond = None  # a text model's: loaded once, for training's null and the grid
         if params["backbone"]["type"] == "UNet2DConditionModel":
-            null_cond = _null_condition(data)
-        trainable, total, retrain = _count(params, data, column, num_classes, state)
+            encoder, null_cond = _text_null(data)
+        trainable, total, retrain = _count(params, data, x_shape, num_classes, state)
         log.info("step %s: %s, %s of %s parameters train (%.2f%%)%s", ctx.step,
                  params["finetune"]["method"] if pre else "from scratch", f"{trainable:,}",
                  f"{total:,}", 100 * trainable / total, f", from {pre.ref}" if pre else "")  # fmt: skip
@@ -305,12 +304,13 @@ class DiffusionTraining(JobOperator):
             "null_cond": null_cond,
             "shards": data.shards(),
             "column": column,
+            "sample_shape": x_shape,
             "num_classes": num_classes,
             "use_gpu": ctx.resources.num_gpus > 0,
         }
         progress = ("loss", self.params.max_steps, "steps")
         result = _raytrain.fit(ctx, ray_train_loop, config, progress=progress)
-        model_uri, info = export(params, result.checkpoint, data, config, ctx)
+        model_uri, info = export(params, result.checkpoint, data, config, ctx, encoder)
         table = pa.table(
             {
                 C.ID: ["model"],
@@ -337,28 +337,29 @@ class DiffusionTraining(JobOperator):
         return getattr(self, "_start", None) or pretrained(self.params.init_from)
 
 
-def _null_condition(data):
-    """The condition a dropped caption becomes: the text encoder's embedding of the empty
-    prompt (zeros for data whose encoder is not recorded)."""
+def _text_null(data):
+    """(encoder, null): the data's text encoder and the condition a dropped caption becomes,
+    its embedding of the empty prompt (no encoder and zeros for data whose encoder is not
+    recorded)."""
     import numpy as np
 
     settings = data.metadata.get("text_encoder")
     if not settings:
         shape = data.manifest.schema().field(C.COND_EMBEDDING).type.shape
-        return np.zeros(shape, np.float32)
+        return None, np.zeros(shape, np.float32)
     from difforge.models.text import TextEncoder
 
-    return TextEncoder(settings).embed([""])[0]
+    encoder = TextEncoder(settings)
+    return encoder, encoder.embed([""])[0]
 
 
-def _count(p: dict, data, column: str, num_classes: int, state) -> tuple[int, int, bool]:
+def _count(p: dict, data, x_shape, num_classes: int, state) -> tuple[int, int, bool]:
     """Trainable and total parameters of the backbone training builds, counted on the meta
     device (no memory, no weights), and whether its class embedding is re-initialised."""
     import torch
 
     from difforge.diffusion.pretrained import fresh_class_keys
 
-    x_shape = _shape_of(data, column)
     with torch.device("meta"):
         model, _ = build_backbone(p, x_shape[-1], x_shape[0], num_classes, _cond_dim(p, data))
         retrain = state is not None and bool(fresh_class_keys(model, state))
@@ -371,7 +372,8 @@ def _cond_dim(p: dict, data) -> int | None:
     return int(data.manifest.schema().field(C.COND_EMBEDDING).type.shape[-1])
 
 
-def export(p: dict, checkpoint, data, config: dict, ctx: JobContext) -> tuple[str, dict]:
+def export(p: dict, checkpoint, data, config: dict, ctx: JobContext,
+           encoder=None) -> tuple[str, dict]:  # fmt: skip
     """Consolidated fp32 weights (and EMA) as a diffusers folder with the noise scheduler's
     config, the training input's VAE recorded, a sample grid logged, and the model registered
     in MLflow's registry with its lineage."""
@@ -383,11 +385,12 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext) -> tuple[st
 
     import_deepspeed()
     num_classes = config["num_classes"]
-    x_shape = _shape_of(data, config["column"])
+    x_shape = config["sample_shape"]
     kind, ft = p["backbone"]["type"], p["finetune"]
+    cond_dim = _cond_dim(p, data)
 
     def build():
-        return build_backbone(p, x_shape[-1], x_shape[0], num_classes, _cond_dim(p, data))[0]
+        return build_backbone(p, x_shape[-1], x_shape[0], num_classes, cond_dim)[0]
 
     trained = build()  # as trained: with its adapter layers, if any
     trainable, total = prepare(trained, kind, ft, config["retrain_classes"])
@@ -454,8 +457,9 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext) -> tuple[st
 
         vae = AutoencoderKL.from_pretrained(local_copy(vae_info["uri"])).eval()
     per = 8
-    if text:  # a row per caption of the training data, under it
-        _prompt_grid(model, p, data, config, noise_scheduler, x_shape, vae, ctx)
+    if text and encoder is not None:  # a row per caption of the training data, under it
+        _prompt_grid(model, p, data, (encoder, config["null_cond"]), noise_scheduler, x_shape,
+                     vae, ctx)  # fmt: skip
     elif num_classes:
         classes = min(num_classes, 10)
         labels = torch.arange(classes).repeat_interleave(per)
@@ -476,17 +480,16 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext) -> tuple[st
     return ctx.artifact("model"), info
 
 
-def _prompt_grid(model, p, data, config, noise_scheduler, x_shape, vae, ctx) -> None:
+def _prompt_grid(model, p, data, text, noise_scheduler, x_shape, vae, ctx) -> None:
     """Samples of a text model for up to 8 of its training captions, each row under its
     caption (fixed seeds; guided against the model's null condition)."""
     import torch
 
     from difforge.diffusion.sampling import prompt_conditions, sample_batch
     from difforge.diffusion.schedules import make_scheduler
-    from difforge.models.text import TextEncoder
     from difforge.platform.show import captioned, grid
 
-    if C.CAPTION not in data.manifest.column_names or not data.metadata.get("text_encoder"):
+    if C.CAPTION not in data.manifest.column_names:
         return
     prompts: list[str] = []
     for batch in data.iter_batches(columns=[C.CAPTION], batch_size=1024):
@@ -498,11 +501,10 @@ def _prompt_grid(model, p, data, config, noise_scheduler, x_shape, vae, ctx) -> 
     prompts, per = prompts[:8], 8
     if not prompts:
         return
-    text = (TextEncoder(data.metadata["text_encoder"]), torch.as_tensor(config["null_cond"]))
     each = [t for t in prompts for _ in range(per)]
-    cond, uncond = prompt_conditions(text, each)
+    cond, uncond = prompt_conditions((text[0], torch.as_tensor(text[1])), each)
     imgs = sample_batch(model, p["backbone"]["type"], make_scheduler("ddim", noise_scheduler.config),
-                        x_shape, list(range(len(each))), torch.zeros(len(each), dtype=torch.long),
+                        tuple(x_shape), list(range(len(each))), torch.zeros(len(each), dtype=torch.long),
                         [2.0] * len(each), None, 25, cond=cond, uncond=uncond)  # fmt: skip
     tiles = to_pil(imgs, vae)
     rows = [(t, grid(tiles[i * per : (i + 1) * per], columns=per)) for i, t in enumerate(prompts)]
