@@ -15,7 +15,11 @@ The model is the quickstart's latent UNet (Fashion-MNIST, class-conditional, tra
 (b) DeepCache at cache_interval 1 (off), 2, 3, 5 for the same seeds: the measured shallow-pass
     share f of a full UNet pass, the speedup of the sampling loop and its fraction of the bound
     N / (1 + (N - 1) f), and the Fréchet distance (the quickstart classifier's features) of the
-    samples against the Fashion-MNIST test images, with its change against no caching.
+    samples against the Fashion-MNIST test images, with its change against no caching;
+(c) Faster Diffusion's encoder propagation with key steps every 2nd and 3rd step and a schedule
+    dense early (the first 5 steps, then every 4th), same seeds: the measured decoder-only share
+    g of a full pass, the speedup and its fraction of the bound N / (K + (N - K) g) for K key
+    steps of N, and the Fréchet distance change.
 
 Writes benchmarks/results/sample.json and prints every figure.
 """
@@ -195,6 +199,39 @@ def main() -> None:
               f"{r['fd']:>8.3f} {r['fd_change']:>+9.1%}")  # fmt: skip
     results["deepcache"] = {"f": round(f, 4), "rows": [{k: (round(v, 4) if isinstance(v, float) else v)
                                                          for k, v in r.items()} for r in rows]}  # fmt: skip
+
+    # (c) Faster Diffusion: g, speedup against the bound, Fréchet distance, same seeds
+    from difforge.diffusion.faster import EncoderPropagation, key_schedule
+
+    prop = EncoderPropagation(model, info["backbone"])
+    full = timed(prop.capture)
+    g = timed(prop.propagate) / full
+    print(f"(c) decoder-only share of a full UNet pass g = {g:.3f}")
+    dense_early = [*range(5), *range(8, args.steps, 4)]
+    schedules = {"every 2nd": (None, 2), "every 3rd": (None, 3), "dense early": (dense_early, 1)}
+    frows = []
+    for name, faster in schedules.items():
+        imgs, t0 = [], time.perf_counter()
+        for s in range(0, n, args.batch):
+            z = sample_batch(model, info["backbone"], scheduler, tuple(info["sample_shape"]), seeds[s : s + args.batch],
+                             labels[s : s + args.batch], [2.0] * len(seeds[s : s + args.batch]), null, args.steps,
+                             faster=faster)  # fmt: skip
+            imgs += [np.asarray(im)[None] for im in to_pil(z, vae)]
+        seconds = time.perf_counter() - t0
+        keys = sum(key_schedule(args.steps, *faster))
+        fd = frechet_distance(real, classifier_features(net, np.stack(imgs))[0])
+        bound = args.steps / (keys + (args.steps - keys) * g)
+        frows.append({"schedule": name, "key_steps": keys, "speedup": base_s / seconds,
+                      "bound": bound, "fraction_of_bound": base_s / seconds / bound, "fd": fd,
+                      "fd_change": fd / base_fd - 1})  # fmt: skip
+    print(
+        f"    {'schedule':>12} {'keys':>5} {'speedup':>8} {'bound':>6} {'of bound':>9} {'FD':>8} {'FD change':>10}"
+    )
+    for r in frows:
+        print(f"    {r['schedule']:>12} {r['key_steps']:>5} {r['speedup']:>7.2f}x {r['bound']:>5.2f}x "
+              f"{r['fraction_of_bound']:>8.0%} {r['fd']:>8.3f} {r['fd_change']:>+9.1%}")  # fmt: skip
+    results["faster_diffusion"] = {"g": round(g, 4), "rows": [{k: (round(v, 4) if isinstance(v, float) else v)
+                                                               for k, v in r.items()} for r in frows]}  # fmt: skip
     out = ROOT / "benchmarks" / "results" / "sample.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")

@@ -162,7 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's own, else 25)")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
     p.add_argument(
-        "--scheduler", default="ddim", choices=["ddpm", "ddim", "dpm_solver_pp", "euler"]
+        "--scheduler",
+        default=None,
+        choices=["ddpm", "ddim", "dpm_solver_pp", "euler", "heun"],
+        help="default: the model's (ddim; euler for a flow-matching model)",
+    )
+    p.add_argument(
+        "--training-step",
+        type=int,
+        default=None,
+        help="the model as it was at this training step (exported with export_every)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples", help="folder for the PNGs and grid.png")
@@ -507,12 +516,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from difforge.diffusion.model_folder import load_model
     from difforge.diffusion.sampling import sample_batch, to_pil
-    from difforge.diffusion.schedules import make_scheduler
+    from difforge.diffusion.schedules import default_scheduler, make_scheduler
     from difforge.platform.errors import DifforgeError
     from difforge.platform.show import grid
 
     try:
-        model, info, config, vae = load_model(args.model, args.weights)
+        model, info, config, vae = load_model(args.model, args.weights, args.training_step)
     except (FileNotFoundError, OSError) as exc:
         raise DifforgeError(f"{args.model}: not a difforge model folder ({exc})") from None
     classes = info.get("num_classes") or 0
@@ -533,6 +542,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         cond, uncond = prompt_conditions(text_conditioning(args.model), prompts,
                                          [args.negative_prompt] * args.n)  # fmt: skip
     steps = args.steps or (info.get("num_inference_steps") or 25)
+    args.scheduler = args.scheduler or default_scheduler(config)
     x = sample_batch(model, info["backbone"], make_scheduler(args.scheduler, config),
                      tuple(info["sample_shape"]), [args.seed + i for i in range(args.n)], labels,
                      [args.guidance] * args.n, classes or None, steps, cond=cond, uncond=uncond)  # fmt: skip

@@ -11,6 +11,8 @@ ema/            the EMA weights, where training kept them (loaded by default)
 adapter/        a partial fine-tune's adapter alone (`adapter.safetensors`: the parameters that
                 trained), applied onto `parent_model` by `load_model(uri, "adapter")`
 scheduler/      the noise schedule it was trained with (diffusers scheduler config)
+steps/NNNNNNN/  the network at training step N (`export_every`; EMA weights where kept,
+                adapters merged), listed in `snapshots`: `load_model(uri, step=N)`
 difforge.json   what the model is: `ModelInfo` below
 ```
 
@@ -48,8 +50,14 @@ class ModelInfo(BaseModel):
     sample_shape: list[int] = Field(description="one sample: [channels, height, width]")
     num_classes: int = 0
     classes: list[str] | None = None
-    prediction_type: str = "epsilon"
-    objective: str = Field("ddpm", description="ddpm (noise prediction by a DDPM schedule)")
+    prediction_type: str = Field("epsilon", description="epsilon or v_prediction (ddpm); "
+                                 "velocity (flow_matching)")  # fmt: skip
+    objective: Literal["ddpm", "flow_matching"] = Field(
+        "ddpm", description="ddpm: noise added by a DDPM schedule; flow_matching: a rectified "
+        "flow, x_t = (1 - t) x0 + t noise, its velocity predicted")  # fmt: skip
+    timesteps: dict[str, Any] | None = Field(
+        None, description="flow_matching: training's t density"
+    )
     conditioning: Literal["none", "class", "text"] = "class"
     #: the class index that means "no class" (classifier-free guidance); num_classes by default
     null_condition: int | None = None
@@ -68,6 +76,7 @@ class ModelInfo(BaseModel):
         "retrain_classes, trainable_params, total_params")  # fmt: skip
     parent_model: str | None = Field(None, description="the pinned reference it started from")
     parent_weights_sha256: str | None = None
+    snapshots: list[int] | None = Field(None, description="training steps exported in steps/")
 
 
 def write_model_folder(
@@ -143,10 +152,15 @@ def model_info(uri: str) -> dict[str, Any]:
     return read_info(uri).model_dump(mode="json")
 
 
-def load_model(uri: str, weights: str = "ema"):
+def snapshot_folder(step: int) -> str:
+    return f"steps/{step:07d}"
+
+
+def load_model(uri: str, weights: str = "ema", training_step: int | None = None):
     """A model folder, loaded: (network, info dict, scheduler config, VAE or None). `weights`
     "ema" takes the EMA weights where the folder has them, "model" the raw ones, "adapter" a
-    fine-tune's adapter put back onto its parent model (what the merged weights equal)."""
+    fine-tune's adapter put back onto its parent model (what the merged weights equal).
+    `training_step`: the network as it was at that step of training (one of `snapshots`)."""
     import diffusers
 
     from difforge.models.resolve import local_copy, resolve
@@ -157,7 +171,13 @@ def load_model(uri: str, weights: str = "ema"):
     with open(os.path.join(path, INFO)) as f:
         info = parse_info(json.load(f), uri).model_dump(mode="json")
     sub = "ema" if weights == "ema" and os.path.isdir(os.path.join(path, "ema")) else "model"
-    if weights == "adapter":
+    step = training_step
+    if step is not None:
+        if step not in (info.get("snapshots") or []):
+            raise DifforgeError(f"{uri}: no snapshot at step {step}; it has "
+                                f"{info.get('snapshots') or 'none (train with export_every)'}")  # fmt: skip
+        sub = snapshot_folder(step)
+    if weights == "adapter" and step is None:
         model = _from_adapter(path, info, uri)
     else:
         model = getattr(diffusers, info["backbone"]).from_pretrained(os.path.join(path, sub))

@@ -6,13 +6,14 @@ from __future__ import annotations
 def sample_batch(model, kind: str, scheduler, shape: tuple[int, ...], seeds: list[int],
                  labels, guidance: list[float], null_label: int | None, steps: int,
                  device: str = "cpu", dtype=None, deepcache: tuple[int, int] | None = None,
-                 cond=None, uncond=None):  # fmt: skip
+                 cond=None, uncond=None, faster: tuple[list[int] | None, int] | None = None):  # fmt: skip
     """The sampler, one explicit loop: noise from each sample's own generator, then the
     scheduler's steps with classifier-free guidance (a conditional and an unconditional pass).
     A text model takes `cond` (the prompts' embeddings) and guides against `uncond` (the null
     condition, or a negative prompt's embedding, per sample) instead of class labels.
     `deepcache=(interval, branch)` runs the full UNet every `interval` steps and only its
-    shallow path in between."""
+    shallow path in between; `faster=(key_steps, interval)` runs its encoder at key steps only
+    (Faster Diffusion's encoder propagation)."""
     import contextlib
 
     import torch
@@ -24,7 +25,10 @@ def sample_batch(model, kind: str, scheduler, shape: tuple[int, ...], seeds: lis
     scheduler.set_timesteps(steps)
     x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
                      for s in seeds]).to(device)  # fmt: skip
-    x = x * scheduler.init_noise_sigma
+    x = x * getattr(scheduler, "init_noise_sigma", 1.0)
+    # a flow's sampler (no input scaling) steps through real-valued times; the network was
+    # trained on those, not on their integer part
+    flow = not hasattr(scheduler, "scale_model_input")
     w = torch.tensor(guidance, device=device, dtype=torch.float32)[:, None, None, None]
     text = cond is not None
     if text:
@@ -36,12 +40,21 @@ def sample_batch(model, kind: str, scheduler, shape: tuple[int, ...], seeds: lis
     n = len(seeds)
     unet = getattr(model, "unet", model)  # a guided student wraps its UNet
     cache = DeepCache(unet, kind, deepcache[1]) if deepcache and deepcache[0] > 1 else None
+    propagation = keys = None
+    if faster is not None:
+        from difforge.diffusion.faster import EncoderPropagation, key_schedule
+
+        propagation = EncoderPropagation(unet, kind)
+        keys = key_schedule(len(scheduler.timesteps), faster[0], faster[1])
     for i, t in enumerate(scheduler.timesteps):
-        xin = scheduler.scale_model_input(x, t).to(dtype)
-        tt = torch.full((n,), int(t), device=device, dtype=torch.long)
+        xin = (x if flow else scheduler.scale_model_input(x, t)).to(dtype)
+        tt = (torch.full((n,), float(t), device=device) if flow
+              else torch.full((n,), int(t), device=device, dtype=torch.long))  # fmt: skip
         mode = contextlib.nullcontext()
         if cache is not None:
             mode = cache.capture() if i % deepcache[0] == 0 else cache.shallow()
+        elif propagation is not None:
+            mode = propagation.capture() if keys[i] else propagation.propagate()
         with torch.no_grad(), mode:
             if takes_w:
                 out = model(xin, tt, labels, None, w.flatten().to(dtype)).float()

@@ -11,27 +11,66 @@ if TYPE_CHECKING:
     import torch
 
 
+FLOW = "flow_matching"
+
+
 def make_noise_scheduler(p: dict[str, Any], column: str):
-    """The DDPM noise schedule. Clipping predicted x0 to [-1, 1] suits pixels only: latents
+    """The training noise schedule of `p["objective"]`: DDPM for epsilon and v prediction,
+    the rectified-flow path for flow matching (`FlowMatchEulerDiscreteScheduler`, unshifted:
+    x_t = (1 - t) x0 + t noise). Clipping predicted x0 to [-1, 1] suits pixels only: latents
     have unit variance, and clipping them wrecks the samples."""
+    if p["objective"] == FLOW:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=p["num_train_timesteps"])
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(num_train_timesteps=p["num_train_timesteps"],
-                         beta_schedule=p["beta_schedule"], prediction_type=p["prediction_type"],
+                         beta_schedule=p["beta_schedule"], prediction_type=p["objective"],
                          clip_sample=column == C.IMAGE)  # fmt: skip
 
 
+#: samplers by name, for DDPM-trained models and for flow-matching ones
 SCHEDULERS = {
     "ddpm": "DDPMScheduler",
     "ddim": "DDIMScheduler",
     "dpm_solver_pp": "DPMSolverMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
 }
+FLOW_SCHEDULERS = {"euler": "FlowMatchEulerDiscreteScheduler",
+                   "heun": "FlowMatchHeunDiscreteScheduler"}  # fmt: skip
 
 
-def make_scheduler(name: str, config: dict[str, Any]):
+def saved_config(scheduler) -> dict[str, Any]:
+    """A scheduler's config as its model folder saves it: with its class name."""
+    return {**scheduler.config, "_class_name": type(scheduler).__name__}
+
+
+def is_flow(config: dict[str, Any]) -> bool:
+    """Whether a saved noise schedule (a model folder's `scheduler/` config) is a flow's."""
+    return str(config.get("_class_name", "")).startswith("FlowMatch")
+
+
+def default_scheduler(config: dict[str, Any]) -> str:
+    return "euler" if is_flow(config) else "ddim"
+
+
+def make_scheduler(name: str | None, config: dict[str, Any]):
+    """The sampler `name` (None: the model's default, DDIM, or Euler for a flow) from the
+    model's saved noise schedule; a flow-matching model samples with Euler or Heun only."""
     import diffusers
 
+    from difforge.platform.errors import DifforgeError
+
+    name = name or default_scheduler(config)
+    if is_flow(config):
+        if name not in FLOW_SCHEDULERS:
+            raise DifforgeError(f"scheduler {name}: a flow-matching model samples with "
+                                f"{' or '.join(FLOW_SCHEDULERS)}")  # fmt: skip
+        cls = getattr(diffusers, FLOW_SCHEDULERS[name])
+        return cls.from_config({k: v for k, v in config.items() if k in ("num_train_timesteps",
+                                                                           "shift")})  # fmt: skip
     cls = getattr(diffusers, SCHEDULERS[name])
     extra = {"algorithm_type": "dpmsolver++"} if name == "dpm_solver_pp" else {}
     return cls.from_config(config, **extra)
@@ -62,3 +101,16 @@ def x0_eps(out, z, a, s, prediction_type: str, clip: bool):
     else:
         x0, eps = (z - s * out) / a, out
     return (x0.clamp(-1, 1) if clip else x0), eps
+
+
+def flow_times(n: int, density: dict[str, Any], generator):
+    """Times t in (0, 1) of the rectified-flow path x_t = (1 - t) x0 + t noise (Esser et al.,
+    "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis", 2024, sec. 3.1):
+    uniform, or logit-normal (their eq. 19: t = sigmoid(u), u ~ N(mean, std)), which puts more
+    of training on the middle of the path, where the velocity is hardest to predict."""
+    import torch
+
+    if density["density"] == "logit_normal":
+        u = torch.randn(n, generator=generator) * density["std"] + density["mean"]
+        return torch.sigmoid(u)
+    return torch.rand(n, generator=generator)

@@ -33,7 +33,9 @@ def spec(tmp_path, max_steps: int, workers: int, name: str = "diffusion") -> dic
 
 @pytest.fixture(scope="module")
 def trained(ray_session, tmp_path_factory):
-    return difforge.run(spec(tmp_path_factory.mktemp("trained"), max_steps=30, workers=2))
+    s = spec(tmp_path_factory.mktemp("trained"), max_steps=30, workers=2)
+    s["steps"][1]["params"]["export_every"] = 10
+    return difforge.run(s)
 
 
 def test_two_workers_zero2_to_a_registered_model(trained):
@@ -70,6 +72,31 @@ def test_two_workers_zero2_to_a_registered_model(trained):
     assert info["num_classes"] == 10 and info["null_condition"] == 10
     client.set_registered_model_alias("diffusion-model", "base", version.version)
     assert pin("models:/diffusion-model@base") == registered  # an alias, fixed to its version
+
+
+def test_export_every_keeps_the_model_at_those_steps(trained, tmp_path):
+    """Rank 0 of two exported the EMA weights every 10 steps: each is a model a sampler
+    loads by its training step, and they differ as training went on."""
+    import torch
+
+    from difforge.cli import build_parser, cmd_sample
+    from difforge.diffusion.model_folder import load_model
+    from difforge.platform.errors import DifforgeError
+
+    uri = difforge.open_dataset(trained.step("model").uri).to_arrow().to_pylist()[0]["model_uri"]
+    final, info, _, _ = load_model(uri)
+    assert info["snapshots"] == [10, 20, 30]
+    at10, _, _, _ = load_model(uri, training_step=10)
+    at30, _, _, _ = load_model(uri, training_step=30)
+    weights = [dict(m.named_parameters()) for m in (at10, at30, final)]
+    assert all(torch.equal(weights[1][k], weights[2][k]) for k in weights[2])  # 30 is the end
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[2])
+    with pytest.raises(DifforgeError, match="no snapshot at step 15"):
+        load_model(uri, training_step=15)
+    args = build_parser().parse_args(["sample", uri, "--training-step", "20", "--n", "4",
+                                      "--steps", "4", "--out", str(tmp_path / "s")])  # fmt: skip
+    assert cmd_sample(args) == 0
+    assert len(list((tmp_path / "s").glob("*-class*.png"))) == 4
 
 
 def train_workers() -> list[psutil.Process]:

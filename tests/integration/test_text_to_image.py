@@ -2,7 +2,8 @@
 classes and pixels, a small text encoder built from their words, `encode.text`, a
 `UNet2DConditionModel` that drops captions to that encoder's empty prompt, sampled from
 held-out prompts that keep the class they name (deterministic per seed, guided against the
-null or a negative prompt); `difforge sample --prompt`."""
+null or a negative prompt) and scored by a user's CLIP model (`evaluate.clip_score`, here a tiny
+one built offline); `difforge sample --prompt`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from mlflow.tracking import MlflowClient
 import difforge
 from difforge.cli import build_parser, cmd_sample
 from difforge.platform.errors import DifforgeError
+from tests.tiny_models import tiny_clip
 
 TINY_TEXT_UNET = {"type": "UNet2DConditionModel", "block_out_channels": [16, 32],
                   "layers_per_block": 1, "norm_num_groups": 8, "attention_head_dim": 4,
@@ -48,6 +50,9 @@ def test_text_to_image_pipeline(ray_session, tmp_path, capsys):
              "params": {"guidance_scales": [2.0], "rows_per_shard": 6}},
             {"id": "samples", "op": "sample.diffusion", "inputs": ["plan"],
              "params": {"num_inference_steps": 4}, "resources": {"batch_size": 6}},
+            {"id": "clip", "op": "evaluate.clip_score", "inputs": ["samples"],
+             "params": {"model": tiny_clip(tmp_path / "clip", image_size=16)},
+             "resources": {"batch_size": 5}},
         ],
     }  # fmt: skip
     summary = difforge.run(spec)
@@ -71,6 +76,17 @@ def test_text_to_image_pipeline(ray_session, tmp_path, capsys):
     assert samples.column("label").to_pylist() == held.column("label").to_pylist()
     client = MlflowClient(summary.tracking_uri)
     assert "samples.png" in {a.path for a in client.list_artifacts(summary.step("samples").run_id)}
+
+    # CLIP score per sample, against its own prompt: 100 cos(image, text), clipped at 0, as a
+    # direct computation with the same model gives it; the mean logged
+    scored = difforge.open_dataset(summary.step("clip").uri).to_arrow()
+    assert scored.column("id").to_pylist() == samples.column("id").to_pylist()
+    assert "image" not in scored.column_names
+    expected = _clip_scores(tmp_path / "clip", samples)
+    got = np.asarray(scored.column("clip_score").to_pylist())
+    assert np.allclose(got, expected, atol=1e-3) and (got > 0).any()
+    logged = client.get_run(summary.step("clip").run_id).data.metrics["clip_score"]
+    assert logged == pytest.approx(float(got.mean()), abs=1e-4)
 
     # deterministic per seed, whatever the batch; a negative prompt changes what it guides from
     sched = make_scheduler("ddim", config)
@@ -96,3 +112,22 @@ def test_text_to_image_pipeline(ray_session, tmp_path, capsys):
     with pytest.raises(DifforgeError, match="text-conditional: give one"):
         cmd_sample(build_parser().parse_args(["sample", out["model_uri"]]))
     assert np.asarray(draw(prompts[:1], [5])).shape == (1, 1, 8, 8)
+
+
+def _clip_scores(folder, samples) -> np.ndarray:
+    """max(100 cos(E_image, E_text), 0) by transformers' CLIP directly, for each sample."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from difforge.platform.imaging import decode
+
+    model, processor = (
+        CLIPModel.from_pretrained(folder).eval(),
+        CLIPProcessor.from_pretrained(folder),
+    )
+    images = [decode(b).convert("RGB") for b in samples.column("image").to_pylist()]
+    inputs = processor(text=samples.column("prompt").to_pylist(), images=images,
+                       return_tensors="pt", padding=True)  # fmt: skip
+    with torch.no_grad():
+        out = model(**inputs)
+    cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds)
+    return (100 * cos).clamp(min=0).numpy()

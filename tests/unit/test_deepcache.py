@@ -1,5 +1,6 @@
-"""DeepCache's shallow pass: exact wiring (for the same input it reproduces the full pass), the
-deep blocks really skipped, interval 1 identical to no caching, and clear refusals."""
+"""DeepCache's shallow pass and Faster Diffusion's encoder propagation: exact wiring (for the same
+input each reproduces the full pass), the skipped blocks really skipped, interval 1 identical to
+no caching, and clear refusals."""
 
 from __future__ import annotations
 
@@ -78,3 +79,57 @@ def test_refusals_name_the_problem():
         DeepCache(dit, "DiTTransformer2DModel", 0)
     with pytest.raises(DifforgeError, match="3 down blocks, so 0..1"):
         DeepCache(unet("UNet2DModel"), "UNet2DModel", 2)
+
+
+# Faster Diffusion's encoder propagation (difforge/diffusion/faster.py)
+
+
+@pytest.mark.parametrize("kind", ["UNet2DModel", "UNet2DConditionModel"])
+def test_a_propagated_pass_runs_no_encoder_block_and_reuses_its_features_exactly(kind):
+    from difforge.diffusion.faster import EncoderPropagation
+
+    model = unet(kind)
+    x, t = torch.randn(4, 1, 16, 16), torch.full((4,), 300)
+    prop = EncoderPropagation(model, kind)
+    encoder = [model.conv_in, *model.down_blocks, model.mid_block]
+    decoder_calls, encoder_calls = [], []
+    for block in encoder:
+        block.register_forward_hook(lambda *a: encoder_calls.append(1))
+    for block in model.up_blocks:
+        block.register_forward_hook(lambda *a: decoder_calls.append(1))
+    with torch.no_grad():
+        with prop.capture():
+            full = call(model, kind, x, t)
+        assert len(encoder_calls) == len(encoder)
+        with prop.propagate():  # the same step again: exactly the full pass
+            same = call(model, kind, x, t)
+            later = call(model, kind, x * 0.5, torch.full((4,), 250))  # the next step
+        assert len(encoder_calls) == len(encoder)  # no encoder block ran since the key step
+        assert len(decoder_calls) == 3 * len(model.up_blocks)  # the decoder ran each time
+        fresh = call(model, kind, x * 0.5, torch.full((4,), 250))
+    assert torch.allclose(full, same, atol=1e-5)
+    assert not torch.allclose(later, full, atol=1e-4)  # the decoder sees the new time
+    assert not torch.allclose(later, fresh, atol=1e-4)  # ... but the key step's features
+    assert model.conv_in in encoder and list(model.down_blocks) == encoder[1:-1]  # restored
+
+
+def test_faster_diffusion_sampling_key_steps_and_refusals():
+    from difforge.diffusion.faster import EncoderPropagation, key_schedule
+    from difforge.operators.sample.diffusion import Params
+
+    assert key_schedule(6, None, 2) == [True, False, True, False, True, False]
+    assert key_schedule(5, [1, 3, 9], 2) == [True, True, False, True, False]  # 0 always
+    model = unet("UNet2DModel")
+    sch = make_scheduler("ddim", diffusers.DDPMScheduler().config)
+    args = (model, "UNet2DModel", sch, (1, 16, 16), [0, 1, 2, 3], torch.arange(4), [2.0] * 4, 10, 4)
+    plain = sample_batch(*args)
+    assert torch.equal(plain, sample_batch(*args, faster=(None, 1)))  # every step a key step
+    propagated = sample_batch(*args, faster=([0, 2], 1))  # guided: both halves kept apart
+    assert propagated.shape == plain.shape and not torch.equal(propagated, plain)
+    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8,
+                                          in_channels=1, num_layers=1, sample_size=8,
+                                          patch_size=2, num_embeds_ada_norm=11)  # fmt: skip
+    with pytest.raises(DifforgeError, match="faster_diffusion works with UNet2DModel"):
+        EncoderPropagation(dit, "DiTTransformer2DModel")
+    with pytest.raises(ValueError, match="use one"):
+        Params(deepcache={}, faster_diffusion={})

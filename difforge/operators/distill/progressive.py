@@ -100,6 +100,20 @@ class _Distill(JobOperator):
                            "steps": p.steps_per_round})  # fmt: skip
         return phases
 
+    def check_teacher(self, info: dict) -> None:
+        """Refuse a teacher this distillation cannot follow, before any worker starts."""
+        if info.get("guidance_embedding"):
+            raise DifforgeError(f"{self.name}: the teacher is a guided student already")
+        if info.get("objective") == "flow_matching":
+            raise DifforgeError(f"{self.name}: the teacher is a flow-matching model; progressive "
+                                "and guided distillation follow a DDIM (DDPM-trained) teacher's "
+                                "steps: distil an epsilon or v_prediction model")  # fmt: skip
+        if self.guided and not info.get("num_classes"):
+            raise DifforgeError("distill.guided needs a class-conditional teacher (guidance "
+                                "mixes its conditional and unconditional outputs)")  # fmt: skip
+        if self.guided and not info["backbone"].startswith("UNet"):
+            raise DifforgeError(f"distill.guided needs a UNet teacher, not {info['backbone']}")
+
     def run(self, ctx: JobContext) -> JobResult:
         import pyarrow as pa
 
@@ -123,13 +137,7 @@ class _Distill(JobOperator):
             raise DifforgeError(f"{self.name}: the first input must be a train.diffusion or "
                                 "distill step (a diffusion model)")  # fmt: skip
         info = model_info(row[C.MODEL_URI])
-        if info.get("guidance_embedding"):
-            raise DifforgeError(f"{self.name}: the teacher is a guided student already")
-        if self.guided and not info.get("num_classes"):
-            raise DifforgeError("distill.guided needs a class-conditional teacher (guidance "
-                                "mixes its conditional and unconditional outputs)")  # fmt: skip
-        if self.guided and not info["backbone"].startswith("UNet"):
-            raise DifforgeError(f"distill.guided needs a UNet teacher, not {info['backbone']}")
+        self.check_teacher(info)
         column = info["column"]
         if column not in data.manifest.column_names:
             raise DifforgeError(f"{self.name}: the teacher was trained on `{column}`, which the "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from difforge.diffusion.model_folder import load_model
 from difforge.diffusion.sampling import prompt_conditions, sample_batch
@@ -30,10 +30,21 @@ class DeepCacheParams(BaseModel):
     cache_branch: int = Field(0, ge=0, description="down blocks run in between (0: shallowest)")
 
 
+class FasterParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    key_steps: list[int] | None = Field(
+        None, description="the steps (0 first) whose UNet encoder runs; the paper's schedule is "
+        "dense early, sparse late. Default: every `interval`-th step")  # fmt: skip
+    interval: int = Field(2, ge=1, description="without key_steps: a key step every N steps")
+
+
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    scheduler: Literal["ddpm", "ddim", "dpm_solver_pp", "euler"] = "ddim"
+    scheduler: Literal["ddpm", "ddim", "dpm_solver_pp", "euler", "heun"] | None = Field(
+        None, description="default: the model's, ddim (euler for a flow-matching model); a "
+        "flow-matching model samples with euler or heun")  # fmt: skip
     num_inference_steps: int | None = Field(
         None,
         ge=1,
@@ -42,17 +53,31 @@ class Params(BaseModel):
     weights: Literal["ema", "model", "adapter"] = Field(
         "ema", description="EMA weights where saved; raw ones; or a fine-tune's adapter put back "
         "onto its parent model")  # fmt: skip
+    training_step: int | None = Field(
+        None, ge=1, description="sample the model as it was at this training step (one it "
+        "exported with export_every); default: the final model")  # fmt: skip
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     deepcache: DeepCacheParams | None = Field(
         None, description="DeepCache (Ma et al.) for UNet backbones; off by default"
     )
+    faster_diffusion: FasterParams | None = Field(
+        None, description="Faster Diffusion's encoder propagation (Li et al.) for UNet "
+        "backbones: the encoder runs at key steps only; off by default")  # fmt: skip
+
+    @model_validator(mode="after")
+    def _one_cache(self) -> Params:
+        if self.deepcache is not None and self.faster_diffusion is not None:
+            raise ValueError("deepcache and faster_diffusion both skip UNet blocks: use one")
+        return self
 
 
 class SampleDiffusion(MapOperator):
     """Draws the images of a sample plan (PNG bytes plus the plan's columns)."""
 
     name = "sample.diffusion"
-    version = 2
+    # 3: scheduler defaults to the model's own (flow-matching models: euler); heun; training_step;
+    # faster_diffusion
+    version = 3
     Params = Params
     stateful = True
     resumable = True
@@ -66,12 +91,19 @@ class SampleDiffusion(MapOperator):
 
         plan = ctx.input(0)
         uri = plan.to_arrow(columns=[C.MODEL_URI]).column(0)[0].as_py()
-        self.model, self.info, config, self.vae = load_model(uri, self.params.weights)
+        self.model, self.info, config, self.vae = load_model(
+            uri, self.params.weights, self.params.training_step
+        )
         self.scheduler = make_scheduler(self.params.scheduler, config)
         self.device, self.dtype = ctx.torch_device(self.params.dtype)
         self.model.to(self.device, self.dtype)
-        dc = self.params.deepcache
+        dc, fd = self.params.deepcache, self.params.faster_diffusion
         self.deepcache = (dc.cache_interval, dc.cache_branch) if dc else None
+        self.faster = (fd.key_steps, fd.interval) if fd else None
+        if fd:
+            from difforge.diffusion.faster import check as check_faster
+
+            check_faster(getattr(self.model, "unet", self.model), self.info["backbone"])
         if dc:
             from difforge.diffusion.deepcache import check
 
@@ -104,7 +136,8 @@ class SampleDiffusion(MapOperator):
                          batch.column("guidance_scale").to_pylist(),
                          info["num_classes"] or None,
                          self.params.num_inference_steps or (info.get("num_inference_steps") or 25),
-                         self.device, self.dtype, self.deepcache, cond, uncond)  # fmt: skip
+                         self.device, self.dtype, self.deepcache, cond, uncond,
+                         self.faster)  # fmt: skip
         images = to_pil(x, self.vae)
         n = len(images)
         out = batch.drop_columns([C.MODEL_URI])

@@ -19,14 +19,14 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from difforge.diffusion.backbones import CEP, Backbone, CEPHook, build_backbone, cep_delta, forward
 from difforge.diffusion.data import DEFAULT_SHUFFLE_MB, ShardStream, ShuffleMB
 from difforge.diffusion.finetune import Finetune, adapter_state, merged_state, prepare
-from difforge.diffusion.model_folder import ModelInfo, write_model_folder
+from difforge.diffusion.model_folder import ModelInfo, snapshot_folder, write_model_folder
 from difforge.diffusion.sampling import to_pil
-from difforge.diffusion.schedules import make_noise_scheduler
+from difforge.diffusion.schedules import FLOW, flow_times, make_noise_scheduler
 from difforge.diffusion.training import (
     DeepSpeedConfig,
     RayTrainIO,
@@ -46,6 +46,16 @@ if TYPE_CHECKING:
     from difforge.platform.context import JobContext
 
 
+class Timesteps(BaseModel):
+    """How training draws t on a flow's path (Esser et al. 2024, sec. 3.1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    density: Literal["uniform", "logit_normal"] = "uniform"
+    mean: float = Field(0.0, description="logit_normal: the mean m of u, t = sigmoid(u)")
+    std: float = Field(1.0, gt=0, description="logit_normal: the spread s of u")
+
+
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -55,7 +65,13 @@ class Params(BaseModel):
         "models:/NAME/VERSION (or @ALIAS), or a hub id; the backbone may then be omitted. An "
         "earlier model step of the pipeline is given as a second input instead")  # fmt: skip
     finetune: Finetune = Field(default_factory=Finetune)
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    objective: Literal["epsilon", "v_prediction", "flow_matching"] = Field(
+        "epsilon", validation_alias=AliasChoices("objective", "prediction_type"),
+        description="what the network learns: the noise (epsilon) or v (Salimans & Ho) on a "
+        "DDPM schedule, or the velocity noise - x0 of a rectified flow (flow_matching)")  # fmt: skip
+    timesteps: Timesteps = Field(
+        default_factory=Timesteps, description="flow_matching: the density training draws t from"
+    )
     num_train_timesteps: int = Field(1000, ge=1)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
     cond_drop_prob: float = Field(0.1, ge=0, lt=1, description="classifier-free guidance dropout")
@@ -70,12 +86,20 @@ class Params(BaseModel):
     batch_size: int = Field(64, ge=1, description="global batch size per optimizer step")
     max_steps: int = Field(1000, ge=1, description="optimizer steps, exactly")
     checkpoint_every: int = Field(250, ge=1)
+    export_every: int | None = Field(
+        None, ge=1, description="also export the weights every N steps (EMA where kept), to "
+        "sample quality against training steps: sample.diffusion's `step`")  # fmt: skip
     seed: int = 0
     shuffle_mb: ShuffleMB = DEFAULT_SHUFFLE_MB
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Params:
+        if self.timesteps.density != "uniform" and self.objective != FLOW:
+            raise ValueError("timesteps.density applies to objective flow_matching (DDPM "
+                             "objectives draw t uniformly)")  # fmt: skip
+        if self.export_every and self.deepspeed.zero_stage == 3:
+            raise ValueError("export_every needs full parameters on rank 0: use zero_stage <= 2")
         if self.ema_decay is not None and self.deepspeed.zero_stage == 3:
             raise ValueError("ema_decay needs full parameters on each rank: use zero_stage <= 2 "
                              "with EMA, or set ema_decay: null")  # fmt: skip
@@ -138,7 +162,8 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
     # resume: the optimizer step count comes back with the weights
     step = io.restore(engine, ema)
     step_log = config["log"]
-    alphas = noise_scheduler.alphas_cumprod.to(device)
+    flow = p["objective"] == FLOW
+    alphas = None if flow else noise_scheduler.alphas_cumprod.to(device)
     null_c = None
     if config.get("null_cond") is not None:
         null_c = torch.tensor(config["null_cond"]).to(device)
@@ -155,8 +180,13 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
             x0 = torch.from_numpy(batch.x0).to(device)
             tg = torch.Generator().manual_seed(int(g.integers(2**62)))
             noise = torch.randn(x0.shape, generator=tg).to(device)
-            t = torch.randint(0, p["num_train_timesteps"], (micro,), generator=tg).to(device)
-            xt = noise_scheduler.add_noise(x0, noise, t)
+            if flow:  # x_t = (1 - t) x0 + t noise; the network sees t scaled to [0, T)
+                tf = flow_times(micro, p["timesteps"], tg).to(device)
+                xt = x0 + tf[:, None, None, None] * (noise - x0)
+                t = tf * p["num_train_timesteps"]
+            else:
+                t = torch.randint(0, p["num_train_timesteps"], (micro,), generator=tg).to(device)
+                xt = noise_scheduler.add_noise(x0, noise, t)
             drop = torch.rand(micro, generator=tg).to(device) < p["cond_drop_prob"]
             y = c = None
             if batch.labels is not None:
@@ -169,9 +199,7 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
                 # dropped to the encoder's own empty prompt: the null the sampler guides against
                 null = null_c if null_c is not None else torch.zeros_like(c[0])
                 c = torch.where(drop[:, None, None] if c.ndim == 3 else drop[:, None], null, c)
-            target = noise if p["prediction_type"] == "epsilon" else (
-                alphas[t].sqrt()[:, None, None, None] * noise
-                - (1 - alphas[t]).sqrt()[:, None, None, None] * x0)  # fmt: skip
+            target = _target(p["objective"], x0, noise, alphas, t)
             cep_hook.generator = tg  # CEP on class embeddings draws from this step's generator
             out = forward(engine, kind, xt.to(dtype), t, y, c.to(dtype) if c is not None else None)
             loss = torch.nn.functional.mse_loss(out.float(), target)
@@ -191,6 +219,8 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
                 d = min(p["ema_decay"], (1 + step) / (10 + step))
                 for pe, pm in zip(ema.parameters(), engine.module.parameters(), strict=True):
                     pe.mul_(d).add_(pm.detach().float(), alpha=1 - d)
+        if p["export_every"] and step % p["export_every"] == 0 and rank == 0:
+            _snapshot(config["snapshots_uri"], step, ema if ema is not None else engine.module)
         if step % p["checkpoint_every"] == 0 or step == p["max_steps"]:
             rate = window_steps * p["batch_size"] / max(1e-9, now - window_start)
             metrics = {"step": step, "loss": float(np.mean(losses)),
@@ -203,6 +233,31 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
                 timing.update(loss=metrics["loss"], lr=metrics["lr"], samples_per_s=rate)
             step_log.log_new(timing, step=step)
             losses = []
+
+
+def _snapshot(uri: str, step: int, model) -> None:
+    """The weights at `step`, as safetensors in the step's work folder (export makes them
+    model folders); a replayed step after a restart writes the same file again."""
+    from safetensors.torch import save
+
+    from difforge.platform.datasets import join, url_to_fs
+
+    fs, path = url_to_fs(join(uri, f"step-{step:07d}.safetensors"))
+    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, save(state))
+
+
+def _target(objective: str, x0, noise, alphas, t):
+    """What the network is trained to output: the noise; v = sqrt(a) noise - sqrt(1 - a) x0
+    (Salimans & Ho 2022, sec. 4); or a rectified flow's velocity d x_t / dt = noise - x0 (Esser
+    et al. 2024, sec. 2-3.1: the conditional flow matching loss)."""
+    if objective == "epsilon":
+        return noise
+    if objective == FLOW:
+        return noise - x0
+    a = alphas[t][:, None, None, None]
+    return a.sqrt() * noise - (1 - a).sqrt() * x0
 
 
 def _get(ref):
@@ -227,7 +282,8 @@ class DiffusionTraining(JobOperator):
     # 2: CEP on class embeddings draws from each step's generator (resumable)
     # 3: the input is streamed, each example once per epoch (was drawn with replacement)
     # 4: init_from and finetune; trainable and total parameter counts logged
-    version = 4
+    # 5: objective (flow_matching beside epsilon and v_prediction) and timesteps
+    version = 5
     Params = Params
     reads = (C.ID,)
     resources = Resources(num_workers=1, num_gpus="auto")
@@ -258,6 +314,7 @@ class DiffusionTraining(JobOperator):
         import pyarrow as pa
 
         from difforge.platform import raytrain as _raytrain
+        from difforge.platform.datasets import join
 
         data = ctx.inputs[0]
         column = C.LATENT if C.LATENT in data.manifest.column_names else C.IMAGE
@@ -305,6 +362,7 @@ class DiffusionTraining(JobOperator):
             "shards": data.shards(),
             "column": column,
             "sample_shape": x_shape,
+            "snapshots_uri": join(ctx.work_uri, "snapshots"),
             "num_classes": num_classes,
             "use_gpu": ctx.resources.num_gpus > 0,
         }
@@ -380,7 +438,7 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext,
     import torch
 
     from difforge.diffusion.sampling import sample_batch
-    from difforge.diffusion.schedules import make_scheduler
+    from difforge.diffusion.schedules import make_scheduler, saved_config
     from difforge.platform.show import grid
 
     import_deepspeed()
@@ -414,6 +472,7 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext,
         return out
 
     model = plain(trained)
+    snapshots = _read_snapshots(config["snapshots_uri"]) if p["export_every"] else {}
     pre = config.get("pretrained") or {}
     noise_scheduler = make_noise_scheduler(p, config["column"])
     vae_info = data.metadata.get("vae")
@@ -425,7 +484,9 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext,
         classes=data.metadata.get("classes"),
         sample_shape=list(x_shape),
         vae=vae_info,
-        prediction_type=p["prediction_type"],
+        prediction_type="velocity" if p["objective"] == FLOW else p["objective"],
+        objective="flow_matching" if p["objective"] == FLOW else "ddpm",
+        timesteps=p["timesteps"] if p["objective"] == FLOW else None,
         conditioning="text" if text else ("class" if num_classes else "none"),
         null_condition=num_classes if num_classes and not text else None,
         text_encoder=data.metadata.get("text_encoder") if text else None,
@@ -433,6 +494,7 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext,
         corruption=data.metadata.get("corruption"),
         parent_model=pre.get("init_from"),
         parent_weights_sha256=pre.get("init_weights_sha256"),
+        snapshots=sorted(snapshots) or None,
         adapter=None if adapter is None else {
             **ft, "retrain_classes": config["retrain_classes"],
             "trainable_params": trainable, "total_params": total},
@@ -444,6 +506,10 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext,
         extras = {"null_condition": {"embedding": torch.as_tensor(config["null_cond"])}}
     with tempfile.TemporaryDirectory() as d:
         write_model_folder(d, model_info, model, noise_scheduler, ema, extras, adapter)
+        for at, state in sorted(snapshots.items()):  # as samplers load them: merged
+            snap = copy.deepcopy(trained)
+            snap.load_state_dict(state)
+            plain(snap).save_pretrained(os.path.join(d, snapshot_folder(at)))
         ctx.publish(d, "model")
     if ema is not None:
         model = ema.eval()
@@ -464,7 +530,7 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext,
         classes = min(num_classes, 10)
         labels = torch.arange(classes).repeat_interleave(per)
         imgs = sample_batch(model, p["backbone"]["type"],
-                            make_scheduler("ddim", noise_scheduler.config), x_shape,
+                            make_scheduler(None, saved_config(noise_scheduler)), x_shape,
                             list(range(len(labels))), labels, [2.0] * len(labels),
                             num_classes, 25)  # fmt: skip
         tiles = to_pil(imgs, vae)
@@ -480,13 +546,30 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext,
     return ctx.artifact("model"), info
 
 
+def _read_snapshots(uri: str) -> dict[int, dict]:
+    """{step: state} of the weights training exported every `export_every` steps."""
+    from safetensors.torch import load
+
+    from difforge.platform.datasets import url_to_fs
+
+    fs, path = url_to_fs(uri)
+    if not fs.exists(path):
+        return {}
+    out = {}
+    for f in fs.ls(path, detail=False):
+        name = f.rsplit("/", 1)[-1]
+        if name.startswith("step-") and name.endswith(".safetensors"):
+            out[int(name[5:-12])] = load(fs.cat_file(f))
+    return out
+
+
 def _prompt_grid(model, p, data, text, noise_scheduler, x_shape, vae, ctx) -> None:
     """Samples of a text model for up to 8 of its training captions, each row under its
     caption (fixed seeds; guided against the model's null condition)."""
     import torch
 
     from difforge.diffusion.sampling import prompt_conditions, sample_batch
-    from difforge.diffusion.schedules import make_scheduler
+    from difforge.diffusion.schedules import make_scheduler, saved_config
     from difforge.platform.show import captioned, grid
 
     if C.CAPTION not in data.manifest.column_names:
@@ -503,7 +586,7 @@ def _prompt_grid(model, p, data, text, noise_scheduler, x_shape, vae, ctx) -> No
         return
     each = [t for t in prompts for _ in range(per)]
     cond, uncond = prompt_conditions((text[0], torch.as_tensor(text[1])), each)
-    imgs = sample_batch(model, p["backbone"]["type"], make_scheduler("ddim", noise_scheduler.config),
+    imgs = sample_batch(model, p["backbone"]["type"], make_scheduler(None, saved_config(noise_scheduler)),
                         tuple(x_shape), list(range(len(each))), torch.zeros(len(each), dtype=torch.long),
                         [2.0] * len(each), None, 25, cond=cond, uncond=uncond)  # fmt: skip
     tiles = to_pil(imgs, vae)

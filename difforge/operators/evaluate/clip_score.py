@@ -1,0 +1,166 @@
+"""`evaluate.clip_score`: how well each image matches its text, by a CLIP model (Hessel et al.,
+"CLIPScore: A Reference-free Evaluation Metric for Image Captioning", 2021, eq. 1, in
+torchmetrics' scaling: max(100 * cos(E_image, E_text), 0)). The score itself is torchmetrics'
+(the per-pair update of `torchmetrics.multimodal.CLIPScore`), on the CLIP model and processor the user
+names (a local folder, s3://, models:/..., or a hub id such as `openai/clip-vit-base-patch16`),
+loaded once per actor of a pool (GPUs where present).
+
+Writes a `clip_score` column beside each sample's ids and text (the images are left out), and
+logs the mean, and the mean per guidance scale where the samples have several: CLIP score against
+guidance is the curve text-to-image papers draw."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from difforge.platform import columns as C
+from difforge.platform.errors import DifforgeError
+from difforge.platform.operator import MapOperator, passthrough
+from difforge.platform.spec import Resources
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from difforge.platform.context import FinalizeContext
+    from difforge.platform.operator import StepOutcome
+
+SCORE = "clip_score"
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        description="a CLIP model and its processor (transformers format): a local folder, "
+        "s3://..., models:/NAME/VERSION, or a hub id (openai/clip-vit-base-patch16)"
+    )
+    text_column: str = Field("prompt", description="the text each image is scored against")
+
+
+class CLIPScore(MapOperator):
+    """CLIP score of each image against its prompt (or caption), by a user-given CLIP model."""
+
+    name = "evaluate.clip_score"
+    version = 1
+    Params = Params
+    stateful = True
+    reads = (C.ID, C.IMAGE)
+    writes = (SCORE,)
+    resources = Resources(batch_size=64, num_gpus="auto")
+    gpus_when_available = 1.0
+
+    @classmethod
+    def required_columns(cls, params: Params) -> set[str]:
+        return {C.ID, C.IMAGE, params.text_column}
+
+    @classmethod
+    def output_columns(cls, params, input_columns):
+        return passthrough(input_columns, add=(SCORE,),
+                           remove=(C.IMAGE, C.FORMAT, C.WIDTH, C.HEIGHT, C.MODE))  # fmt: skip
+
+    def external_state(self) -> dict[str, str] | None:
+        """What scores, fixed at plan time: a registry alias or `latest` pinned to its version,
+        a hub id to its commit, and a folder's weights by their digest (changed weights rescore)."""
+        import os
+
+        from difforge.diffusion.pretrained import weights_sha256
+        from difforge.models.resolve import pin, resolve
+
+        ref = pin(self.params.model)
+        local = ref.startswith("models:/") or "://" in ref or os.path.isdir(os.path.expanduser(ref))
+        if not local:  # a hub id, pinned to its commit
+            return {"model": ref}
+        return {"model": ref, "weights_sha256": weights_sha256(resolve(ref, "CLIP model"))}
+
+    def setup(self, ctx) -> None:
+        from transformers import CLIPModel, CLIPProcessor
+
+        from difforge.models.resolve import resolve
+
+        path = resolve(self.params.model, "CLIP model")
+        self.device, _ = ctx.torch_device()
+        try:
+            self.model = CLIPModel.from_pretrained(path).to(self.device).eval()
+            self.processor = CLIPProcessor.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise DifforgeError(f"evaluate.clip_score: {self.params.model} is not a CLIP model "
+                                f"with its processor ({type(exc).__name__}: {exc})") from None  # fmt: skip
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        import numpy as np
+        import pyarrow as pa
+
+        texts = batch.column(self.params.text_column).to_pylist()
+        scores = scores_of(self.model, self.processor, batch.column(C.IMAGE).to_pylist(), texts,
+                           self.device)  # fmt: skip
+        keep = [c for c in batch.column_names
+                if c not in (C.IMAGE, C.FORMAT, C.WIDTH, C.HEIGHT, C.MODE)]  # fmt: skip
+        return batch.select(keep).append_column(SCORE, pa.array(scores.astype(np.float32)))
+
+    def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
+        """The mean score, and the mean at each guidance scale where there are several."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if not outcome.main_files:
+            return {}
+        # the output is small (no images): read whole
+        table = pa.concat_tables([outcome.read_file(u) for u in outcome.main_files])
+        if not table.num_rows:
+            return {}
+        cols = table.column_names
+        metrics = {SCORE: float(pc.mean(table.column(SCORE)).as_py())}
+        if "guidance_scale" in cols:
+            scales = sorted(set(table.column("guidance_scale").to_pylist()))
+            if len(scales) > 1:
+                for w in scales:
+                    mask = pc.equal(table.column("guidance_scale"), w)
+                    metrics[f"{SCORE}_w{w:g}"] = float(
+                        pc.mean(pc.filter(table.column(SCORE), mask)).as_py()
+                    )
+        return metrics
+
+
+class _Features:
+    """A CLIP model whose `get_image_features` / `get_text_features` return the projected
+    embeddings as tensors: transformers 5 returns them in an output object, which torchmetrics
+    1.9.0's update does not unwrap (torchmetrics issue #3407, fixed after that release)."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+
+    def to(self, device):
+        self.model.to(device)
+        return self
+
+    @staticmethod
+    def _tensor(out):
+        return out if hasattr(out, "norm") else out.pooler_output
+
+    def get_image_features(self, *args, **kwargs):
+        return self._tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs):
+        return self._tensor(self.model.get_text_features(*args, **kwargs))
+
+
+def scores_of(model, processor, images: list[bytes], texts: list[Any], device="cpu"):
+    """CLIP scores of encoded images against texts, by torchmetrics' own update, clipped at 0
+    as its CLIPScore computes them: a numpy array, one per pair."""
+    import numpy as np
+    import torch
+    from torchmetrics.functional.multimodal.clip_score import _clip_score_update
+
+    from difforge.platform.imaging import decode
+
+    if any(t is None for t in texts):
+        raise DifforgeError("evaluate.clip_score: a sample has no text to be scored against")
+    tensors = [
+        torch.from_numpy(np.asarray(decode(b).convert("RGB"))).permute(2, 0, 1).to(device)
+        for b in images
+    ]
+    with torch.no_grad():
+        score, _ = _clip_score_update(tensors, [str(t) for t in texts], _Features(model), processor)
+    return score.clamp(min=0).float().cpu().numpy()

@@ -1,0 +1,39 @@
+"""Tiny real models built offline from configs, for tests: no download, seconds to build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def tiny_clip(folder: str | Path, image_size: int = 32, seed: int = 0) -> str:
+    """A CLIP model (transformers' `CLIPModel`, random weights) and its processor, saved as a
+    user's CLIP folder is: a character-level BPE tokenizer (every byte and byte-with-end-of-word
+    a token, no merges) and an image processor resizing to `image_size`."""
+    import torch
+    from tokenizers import pre_tokenizers
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
+
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
+    tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[])
+    config = CLIPConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1,
+                     "pad_token_id": 1},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": image_size, "patch_size": 8},
+        projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    CLIPModel(config).eval().save_pretrained(folder)
+    images = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                crop_size={"height": image_size, "width": image_size})  # fmt: skip
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return str(folder)
