@@ -93,6 +93,39 @@ def ray_session():
     ray.shutdown()
 
 
+#: The digits pipeline's shared steps: several test modules run pipelines named "digits" in one
+#: storage root (`digits_storage`), so these are computed once per session, by whichever module
+#: runs first, and found in the cache by the others (as a user's pipelines share steps).
+DIGITS_STEPS = [
+    {"id": "raw", "op": "ingest.digits", "params": {"split": "train"}},
+    {"id": "test", "op": "ingest.digits", "params": {"split": "test"}},
+    {"id": "clf", "op": "train.classifier", "inputs": ["raw", "test"],
+     "params": {"epochs": 2, "batch_size": 64}},
+    # a v-prediction teacher; its backbone is tests.unit.test_diffusion_recipe.TINY_UNET
+    {"id": "teacher", "op": "train.diffusion", "inputs": ["raw"],
+     "params": {"backbone": {"type": "UNet2DModel", "block_out_channels": [8, 16],
+                             "layers_per_block": 1, "norm_num_groups": 4,
+                             "down_block_types": ["DownBlock2D", "DownBlock2D"],
+                             "up_block_types": ["UpBlock2D", "UpBlock2D"]},
+                "batch_size": 64, "max_steps": 60, "lr": 1e-3, "objective": "v_prediction",
+                "checkpoint_every": 60, "warmup_steps": 5}},
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def digits_storage(tmp_path_factory) -> Path:
+    """The storage root of the pipelines named "digits" (see DIGITS_STEPS)."""
+    return tmp_path_factory.mktemp("digits-shared")
+
+
+def digits_pipeline(storage: Path, experiment: str, steps: list[dict]) -> dict:
+    """A pipeline named "digits" in the shared root: DIGITS_STEPS, then `steps`."""
+    import copy
+
+    return {"name": "digits", "storage": str(storage), "tracking": {"experiment": experiment},
+            "steps": copy.deepcopy(DIGITS_STEPS) + steps}  # fmt: skip
+
+
 @pytest.fixture
 def tmp_storage(tmp_path: Path) -> Path:
     return tmp_path / "storage"

@@ -1,5 +1,5 @@
-"""Guided then progressive distillation through Ray Train, in a pipeline: a v-prediction teacher
-trained on the real digits, distilled into a 2-step student that takes w, then sampled by
+"""Guided then progressive distillation through Ray Train, in a pipeline: the v-prediction teacher
+the digits pipelines share (conftest's DIGITS_STEPS), distilled into a 2-step student that takes w, then sampled by
 `sample.diffusion` with its own step count and by `difforge sample`."""
 
 from __future__ import annotations
@@ -7,38 +7,24 @@ from __future__ import annotations
 from mlflow.tracking import MlflowClient
 
 import difforge
-from tests.conftest import difforge_cli
-from tests.unit.test_diffusion_recipe import TINY_UNET
+from tests.conftest import difforge_cli, digits_pipeline
 
 
-def test_guided_distillation_pipeline(ray_session, tmp_path):
-    spec = {
-        "name": "distill",
-        "storage": str(tmp_path / "s"),
-        "tracking": {"experiment": "distill-tests"},
-        "steps": [
-            {"id": "raw", "op": "ingest.digits"},
-            {"id": "test", "op": "ingest.digits", "params": {"split": "test"}},
-            {"id": "clf", "op": "train.classifier", "inputs": ["raw", "test"],
-             "params": {"epochs": 2, "batch_size": 64}},
-            {"id": "teacher", "op": "train.diffusion", "inputs": ["raw"],
-             "params": {"backbone": TINY_UNET, "batch_size": 64, "max_steps": 60, "lr": 1e-3,
-                        "prediction_type": "v_prediction", "checkpoint_every": 60,
-                        "warmup_steps": 5}},
-            {"id": "student", "op": "distill.guided", "inputs": ["teacher", "raw", "clf", "test"],
-             "params": {"teacher_steps": 4, "rounds": 1, "guide_steps": 40,
-                        "steps_per_round": 40, "batch_size": 32, "checkpoint_every": 20,
-                        "w_min": 0.0, "w_max": 3.0, "eval_images": 100}},
-            {"id": "plan", "op": "sample.plan", "inputs": ["student"],
-             "params": {"num_images": 20, "guidance_scales": [1.0, 3.0]}},  # 20 at each w
-            {"id": "samples", "op": "sample.diffusion", "inputs": ["plan"],
-             "resources": {"batch_size": 10}},
-        ],
-    }  # fmt: skip
+def test_guided_distillation_pipeline(ray_session, digits_storage, tmp_path):
+    spec = digits_pipeline(digits_storage, "distill-tests", [
+        {"id": "student", "op": "distill.guided", "inputs": ["teacher", "raw", "clf", "test"],
+         "params": {"teacher_steps": 4, "rounds": 1, "guide_steps": 40,
+                    "steps_per_round": 40, "batch_size": 32, "checkpoint_every": 20,
+                    "w_min": 0.0, "w_max": 3.0, "eval_images": 100}},
+        {"id": "distilled_plan", "op": "sample.plan", "inputs": ["student"],
+         "params": {"num_images": 20, "guidance_scales": [1.0, 3.0]}},  # 20 at each w
+        {"id": "distilled_samples", "op": "sample.diffusion", "inputs": ["distilled_plan"],
+         "resources": {"batch_size": 10}},
+    ])  # fmt: skip
     summary = difforge.run(spec)
     out = difforge.open_dataset(summary.step("student").uri).to_arrow().to_pylist()[0]
     assert out["steps"] == 80 and out["num_inference_steps"] == 2
-    samples = difforge.open_dataset(summary.step("samples").uri).to_arrow()
+    samples = difforge.open_dataset(summary.step("distilled_samples").uri).to_arrow()
     assert samples.num_rows == 40 and set(samples.column("guidance_scale").to_pylist()) == {
         1.0,
         3.0,

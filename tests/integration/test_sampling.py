@@ -1,5 +1,6 @@
-"""Sampling a trained model at scale and evaluating the samples: determinism whatever the
-batch or pool, resume after a crash, and metrics that order images as they should."""
+"""Sampling a trained model (the digits pipelines' shared teacher) and evaluating the samples:
+determinism whatever the batch or pool, resume after a crash, and metrics that order images as
+they should."""
 
 from __future__ import annotations
 
@@ -11,36 +12,24 @@ from PIL import Image, ImageFilter
 
 import difforge
 from difforge.models.metrics import frechet_distance, precision_recall
-from tests.unit.test_diffusion_recipe import TINY_UNET
+from tests.conftest import digits_pipeline
 
 
-def pipeline(tmp_path) -> dict:
-    return {
-        "name": "sampling",
-        "storage": str(tmp_path / "s"),
-        "tracking": {"experiment": "sampling-tests"},
-        "steps": [
-            {"id": "raw", "op": "ingest.digits", "params": {"split": "train"}},
-            {"id": "test", "op": "ingest.digits", "params": {"split": "test"}},
-            {"id": "model", "op": "train.diffusion", "inputs": ["raw"],
-             "params": {"backbone": TINY_UNET, "batch_size": 32, "max_steps": 20,
-                        "checkpoint_every": 20, "warmup_steps": 2}},
-            {"id": "plan", "op": "sample.plan", "inputs": ["model"],
-             "params": {"num_images": 60, "rows_per_shard": 16}},
-            {"id": "samples", "op": "sample.diffusion", "inputs": ["plan"],
-             "params": {"num_inference_steps": 5}, "resources": {"batch_size": 16}},
-            {"id": "clf", "op": "train.classifier", "inputs": ["raw", "test"],
-             "params": {"epochs": 2, "batch_size": 64}},
-            {"id": "quality", "op": "evaluate.fid", "inputs": ["samples", "test", "clf"],
-             "params": {"kid_subset_size": 50}},
-        ],
-    }  # fmt: skip
+def pipeline(storage) -> dict:
+    """The digits pipeline (its teacher and classifier shared with other modules), sampled."""
+    return digits_pipeline(storage, "sampling-tests", [
+        {"id": "plan", "op": "sample.plan", "inputs": ["teacher"],
+         "params": {"num_images": 60, "rows_per_shard": 16}},
+        {"id": "samples", "op": "sample.diffusion", "inputs": ["plan"],
+         "params": {"num_inference_steps": 5}, "resources": {"batch_size": 16}},
+        {"id": "quality", "op": "evaluate.fid", "inputs": ["samples", "test", "clf"],
+         "params": {"kid_subset_size": 50}},
+    ])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def sampled(ray_session, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sampling")
-    return tmp, difforge.run(pipeline(tmp))
+def sampled(ray_session, digits_storage):
+    return digits_storage, difforge.run(pipeline(digits_storage))
 
 
 def images_of(uri: str) -> dict[int, np.ndarray]:
@@ -120,7 +109,7 @@ def test_difforge_sample_command(sampled, tmp_path):
     from tests.conftest import difforge_cli
 
     _, summary = sampled
-    model = difforge.open_dataset(summary.step("model").uri).to_arrow().to_pylist()[0]
+    model = difforge.open_dataset(summary.step("teacher").uri).to_arrow().to_pylist()[0]
     out = difforge_cli("sample", model["model_uri"], "--n", "6", "--class", "3", "--steps", "3",
                        "--out", str(tmp_path / "s"))  # fmt: skip
     assert out.returncode == 0, out.stderr
