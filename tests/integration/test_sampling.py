@@ -225,3 +225,33 @@ def test_feature_step_matches_what_evaluation_computed(sampled):
     f_real = to_numpy(difforge.open_dataset(out.step("test_feats").uri).to_arrow()
                       .column("features")).astype(np.float64)  # fmt: skip
     assert abs(frechet_distance(f_real, f_fake.astype(np.float64)) - q["fid"]) < 1e-6 * q["fid"]
+
+
+def test_the_teacher_as_a_zero_shot_classifier(sampled):
+    """Li et al.'s diffusion classifier on 200 held-out digits with the shared teacher: well above
+    chance (10%), with the adaptive schedule spending 10 trials on every class and 20 more on
+    the 3 likeliest (160 evaluations per image instead of 300)."""
+    import pyarrow.compute as pc
+    from mlflow.tracking import MlflowClient
+
+    storage, _ = sampled
+    spec = pipeline(storage)
+    spec["steps"] += [
+        {"id": "held_out", "op": "ingest.digits", "params": {"split": "test", "limit": 200}},
+        {"id": "zero_shot", "op": "evaluate.diffusion_classifier",
+         "inputs": ["held_out", "teacher"], "resources": {"batch_size": 100}},
+    ]  # fmt: skip
+    out = difforge.run(spec, until="zero_shot")
+    table = difforge.open_dataset(out.step("zero_shot").uri).to_arrow()
+    assert table.num_rows == 200 and "image" not in table.column_names
+    accuracy = pc.mean(pc.equal(table.column("label"), table.column("predicted_label"))).as_py()
+    assert accuracy >= 0.3, accuracy
+    assert set(table.column("evaluations").to_pylist()) == {160}
+    errors = np.stack(table.column("class_errors").to_numpy(zero_copy_only=False))
+    assert errors.shape == (200, 10)
+    assert (errors.argmin(1) == table.column("predicted_label").to_numpy()).mean() > 0.9
+    run = MlflowClient(out.tracking_uri).get_run(out.step("zero_shot").run_id)
+    assert run.data.metrics["accuracy"] == pytest.approx(accuracy)
+    assert run.data.metrics["evaluations_per_image"] == 160
+    names = {a.path for a in MlflowClient(out.tracking_uri).list_artifacts(run.info.run_id)}
+    assert "confusion.png" in names
