@@ -12,6 +12,7 @@ from PIL import Image, ImageFilter
 
 import difforge
 from difforge.models.metrics import frechet_distance, precision_recall
+from difforge.platform.errors import DifforgeError
 from tests.conftest import digits_pipeline
 
 
@@ -255,3 +256,41 @@ def test_the_teacher_as_a_zero_shot_classifier(sampled):
     assert run.data.metrics["evaluations_per_image"] == 160
     names = {a.path for a in MlflowClient(out.tracking_uri).list_artifacts(run.info.run_id)}
     assert "confusion.png" in names
+
+
+def test_diffusion_features_carry_the_class_and_a_probe_reads_them(sampled):
+    """The shared teacher's mid-block features of the training digits (noised to t = 0.1,
+    unconditionally): a linear probe reads the class far better than the same probe on
+    shuffled labels (the control), and its learning curve is logged point by point."""
+    from mlflow.tracking import MlflowClient
+
+    storage, _ = sampled
+    spec = pipeline(storage)
+    spec["steps"] += [
+        {"id": "dfeats", "op": "encode.diffusion_features", "inputs": ["raw", "teacher"],
+         "params": {"block": "mid_block", "t": 0.1}},
+        {"id": "probe", "op": "evaluate.linear_probe", "inputs": ["dfeats"],
+         "params": {"fractions": [0.25, 1.0]}},
+        {"id": "control", "op": "evaluate.linear_probe", "inputs": ["dfeats"],
+         "params": {"fractions": [1.0], "shuffle_labels": True}},
+    ]  # fmt: skip
+    out = difforge.run(spec)
+    feats = difforge.open_dataset(out.step("dfeats").uri)
+    assert feats.metadata["features"]["kind"] == "diffusion"
+    assert feats.metadata["features"]["block"] == "mid_block"
+    table = feats.to_arrow()
+    assert "image" not in table.column_names and table.num_rows == out.step("raw").rows_out
+    curve = difforge.open_dataset(out.step("probe").uri).to_arrow().to_pylist()
+    control = difforge.open_dataset(out.step("control").uri).to_arrow().to_pylist()
+    assert [r["train_rows"] for r in curve][-1] == control[-1]["train_rows"]
+    assert curve[-1]["eval_accuracy"] > control[-1]["eval_accuracy"] + 0.3, (curve, control)
+    client = MlflowClient(out.tracking_uri)
+    run = out.step("probe").run_id
+    history = client.get_metric_history(run, "eval_accuracy")
+    assert [m.step for m in history] == [r["train_rows"] for r in curve]
+    assert "learning_curve.png" in {a.path for a in client.list_artifacts(run)}
+    with pytest.raises(DifforgeError, match="no block 'nope'"):
+        bad = pipeline(storage)
+        bad["steps"].append({"id": "bad", "op": "encode.diffusion_features",
+                             "inputs": ["raw", "teacher"], "params": {"block": "nope"}})  # fmt: skip
+        difforge.run(bad, until="bad")

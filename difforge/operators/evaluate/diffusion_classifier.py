@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from difforge.diffusion.recognition import Path, clean_inputs
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
 from difforge.platform.operator import MapOperator, passthrough
@@ -124,12 +125,7 @@ class DiffusionClassifier(MapOperator):
         self.model = model.to(self.device, self.dtype).eval()
         self.vae = vae.to(self.device).eval() if vae is not None else None
         self.info, self.kind = info, info["backbone"]
-        self.flow = info.get("objective") == "flow_matching"
-        self.T = int(config.get("num_train_timesteps", 1000))
-        if not self.flow:
-            import diffusers
-
-            self.alphas = diffusers.DDPMScheduler.from_config(config).alphas_cumprod
+        self.path = Path(info, config, self.device)
         self.cond = None
         if text:  # one prompt per class, by the model's own encoder
             from difforge.diffusion.model_folder import text_conditioning
@@ -147,44 +143,15 @@ class DiffusionClassifier(MapOperator):
         g = torch.Generator().manual_seed(self.params.seed)
         self.noise = torch.randn((trials, *shape), generator=g)
 
-    def _x0(self, images: list[bytes]):
-        import numpy as np
-        import torch
-
-        from difforge.platform.imaging import to_array
-
-        shape = tuple(self.info["sample_shape"])
-        channels = self.vae.config.in_channels if self.vae is not None else shape[0]
-        arr = np.stack([to_array(b, "L" if channels == 1 else "RGB") for b in images])
-        arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
-        x = torch.from_numpy(arr).float().div(127.5).sub(1.0).to(self.device)
-        if self.vae is not None:
-            with torch.no_grad():
-                x = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
-        if tuple(x.shape[1:]) != shape:
-            raise DifforgeError(f"{self.name}: images give samples of shape "
-                                f"{list(x.shape[1:])}; the model takes {list(shape)} "
-                                "(resize them as its training data was)")  # fmt: skip
-        return x.float()
-
     def _errors(self, x0, classes: list[int], trial: int):
         """Each image's error under each of `classes` at one trial: [n, len(classes)]."""
         import torch
 
         from difforge.diffusion.backbones import forward
-        from difforge.diffusion.schedules import alpha_sigma, x0_eps
 
         n, k = len(x0), len(classes)
         eps = self.noise[trial].to(self.device).expand_as(x0)
-        tf = float(self.times[trial])
-        if self.flow:
-            xt = x0 + tf * (eps - x0)
-            t = torch.full((n,), tf * self.T, device=self.device)
-            target = eps - x0
-        else:
-            t = torch.full((n,), min(self.T - 1, int(round(tf * self.T))), device=self.device)
-            a, s = alpha_sigma(self.alphas.to(self.device), t)
-            xt, target = a * x0 + s * eps, eps
+        xt, t, target = self.path.at(x0, eps, float(self.times[trial]))
         xs, ts = xt.repeat(k, 1, 1, 1), t.repeat(k)
         labels = torch.tensor(classes, device=self.device).repeat_interleave(n)
         cond = None
@@ -193,9 +160,7 @@ class DiffusionClassifier(MapOperator):
             cond, labels = self.cond[index].repeat_interleave(n, 0), None
         with torch.no_grad():
             out = forward(self.model, self.kind, xs.to(self.dtype), ts, labels, cond).float()
-        if not self.flow:
-            a, s = alpha_sigma(self.alphas.to(self.device), ts)
-            _, out = x0_eps(out, xs, a, s, self.info.get("prediction_type", "epsilon"), False)
+        out = self.path.read(out, xs, ts)
         err = ((out - target.repeat(k, 1, 1, 1)) ** 2).mean(dim=(1, 2, 3))
         return err.view(k, n).T
 
@@ -206,7 +171,8 @@ class DiffusionClassifier(MapOperator):
 
         from difforge.platform.tensors import to_column
 
-        x0 = self._x0(batch.column(C.IMAGE).to_pylist())
+        x0 = clean_inputs(batch.column(C.IMAGE).to_pylist(), self.info, self.vae, self.device,
+                          self.name)  # fmt: skip
         n, m = len(x0), len(self.classes)
         sums = torch.zeros(n, m)
         counts = torch.zeros(n, m)

@@ -1,0 +1,148 @@
+"""`encode.diffusion_features`: a trained denoiser's hidden features of each image, as a member
+of the feature-operator family (a fixed-shape `features` column, like `encode.features`).
+
+The image is noised to one time of the model's path (a fixed noise per image, drawn from its
+id and the seed), the network runs once, unconditionally where it is conditional (the null
+class of classifier-free guidance, or a text model's null condition), and the output of one
+block is kept, averaged over space (`pooling: mean`) or whole (`none`). Xiang et al. ("Denoising
+Diffusion Autoencoders are Unified Self-supervised Learners", ICCV 2023) and Mukhopadhyay et al.
+("Diffusion Models Beat GANs on Image Classification", 2023) read such features with a linear
+probe and find the best block and noise level in the middle of the network and at a small t;
+`evaluate.linear_probe` is that probe.
+
+Blocks are named as the network's modules are: `down_blocks.1`, `mid_block`, `up_blocks.0` on
+UNets, `transformer_blocks.3` on DiT (`difforge ops encode.diffusion_features` lists how)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from difforge.diffusion.recognition import Path, clean_inputs
+from difforge.models.features import FEATURES
+from difforge.platform import columns as C
+from difforge.platform.errors import DifforgeError
+from difforge.platform.operator import MapOperator, passthrough
+from difforge.platform.spec import Resources
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    block: str = Field("mid_block", description="the module whose output is kept: mid_block, "
+                       "down_blocks.N, up_blocks.N (UNets), transformer_blocks.N (DiT)")  # fmt: skip
+    t: float = Field(0.1, ge=0, le=1, description="the noise level, as a fraction of the path "
+                     "(0: the clean image)")  # fmt: skip
+    pooling: Literal["mean", "none"] = Field("mean", description="mean: one vector per image "
+                                             "(channels); none: the whole feature map")  # fmt: skip
+    weights: Literal["ema", "model"] = "ema"
+    seed: int = 0
+
+
+class DiffusionFeatures(MapOperator):
+    """A trained denoiser's features of each image at one block and noise level."""
+
+    name = "encode.diffusion_features"
+    version = 1
+    Params = Params
+    stateful = True
+    inputs: ClassVar[tuple[int, int]] = (2, 2)
+    reads = (C.ID, C.IMAGE)
+    writes = (FEATURES,)
+    resources = Resources(batch_size=128, num_gpus="auto")
+    gpus_when_available = 1.0
+
+    @classmethod
+    def output_columns(cls, params, input_columns):
+        return passthrough(input_columns, add=(FEATURES,),
+                           remove=(C.IMAGE, C.FORMAT, C.WIDTH, C.HEIGHT, C.MODE))  # fmt: skip
+
+    def setup(self, ctx) -> None:
+
+        from difforge.diffusion.model_folder import load_model
+        from difforge.models.resolve import model_of
+
+        uri = model_of(ctx.input(1))[C.MODEL_URI]
+        model, info, config, vae = load_model(uri, self.params.weights)
+        if info.get("guidance_embedding"):
+            raise DifforgeError(f"{self.name}: a guided student takes w; use its teacher")
+        self.device, self.dtype = ctx.torch_device()
+        self.model = model.to(self.device, self.dtype).eval()
+        self.vae = vae.to(self.device).eval() if vae is not None else None
+        self.info, self.kind = info, info["backbone"]
+        self.path = Path(info, config, self.device)
+        modules = dict(self.model.named_modules())
+        if self.params.block not in modules or not self.params.block:
+            blocks = [n for n in modules if n.count(".") <= 1 and n.split(".")[0] in
+                      ("down_blocks", "mid_block", "up_blocks", "transformer_blocks")]  # fmt: skip
+            raise DifforgeError(f"{self.name}: no block '{self.params.block}' in this "
+                                f"{self.kind}; it has {', '.join(b for b in blocks if b)}")  # fmt: skip
+        self.block = modules[self.params.block]
+        self.cond = None
+        if info.get("conditioning") == "text":
+            from difforge.diffusion.model_folder import text_conditioning
+
+            _, null = text_conditioning(uri, self.device)
+            self.cond = null.to(self.device, self.dtype)
+        self.null = info.get("null_condition")
+
+    def _noise(self, ids: list[str], shape):
+        import hashlib
+
+        import torch
+
+        return torch.stack([
+            torch.randn(shape, generator=torch.Generator().manual_seed(
+                int(hashlib.sha256(f"{self.params.seed}:{i}".encode()).hexdigest()[:15], 16)))
+            for i in ids
+        ])  # fmt: skip
+
+    def features(self, images: list[bytes], ids: list[str]):
+        """[n, C] (pooling mean) or [n, C, h, w] float32 numpy."""
+        import torch
+
+        from difforge.diffusion.backbones import forward
+
+        x0 = clean_inputs(images, self.info, self.vae, self.device, self.name)
+        eps = self._noise(ids, tuple(x0.shape[1:])).to(self.device)
+        xt, t, _ = self.path.at(x0, eps, self.params.t)
+        kept: dict[str, Any] = {}
+
+        def hook(_module, _args, out):
+            kept["out"] = out[0] if isinstance(out, tuple) else out
+
+        n = len(x0)
+        labels = None if self.null is None else torch.full((n,), self.null, device=self.device)
+        cond = None if self.cond is None else self.cond.expand(n, *self.cond.shape)
+        handle = self.block.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                forward(self.model, self.kind, xt.to(self.dtype), t, labels, cond)
+        finally:
+            handle.remove()
+        f = kept["out"].float()
+        if self.kind == "DiTTransformer2DModel" and f.ndim == 3:  # tokens: [n, tokens, dim]
+            f = f.mean(1) if self.params.pooling == "mean" else f.transpose(1, 2)
+        elif self.params.pooling == "mean":
+            f = f.mean(dim=(2, 3))
+        return f.cpu().numpy()
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        from difforge.platform.tensors import to_column
+
+        f = self.features(batch.column(C.IMAGE).to_pylist(), batch.column(C.ID).to_pylist())
+        keep = [c for c in batch.column_names
+                if c not in (C.IMAGE, C.FORMAT, C.WIDTH, C.HEIGHT, C.MODE)]  # fmt: skip
+        return batch.select(keep).append_column(FEATURES, to_column(f))
+
+    def output_metadata(self, inputs: list[Any]) -> dict[str, Any]:
+        from difforge.models.resolve import model_of
+
+        p = self.params
+        return {"features": {"kind": "diffusion", "model": model_of(inputs[1])[C.MODEL_URI],
+                             "block": p.block, "t": p.t, "pooling": p.pooling,
+                             "weights": p.weights, "seed": p.seed}}  # fmt: skip
