@@ -66,15 +66,46 @@ def fit(
         ),
     )
     if progress is None:
-        result = trainer.fit()
+        result = _fit(trainer)
     else:
         metric, total, unit = progress
         with MetricProgress(ctx.log, ctx.step, metric, total, unit):
-            result = trainer.fit()
+            result = _fit(trainer)
     nodes = f"{work.rstrip('/')}/nodes"  # nodes_uri, on `fs`
     if fs.exists(nodes):
         saw_nodes(fs.cat_file(p).decode() for p in fs.ls(nodes, detail=False))
     return result
+
+
+def _fit(trainer):
+    """`trainer.fit()`, with Ctrl-C kept as an interruption. On the main thread Ray Train's fit
+    installs a SIGINT handler of its own that ends the process with `sys.exit` (a "failed" step,
+    `SystemExit`) and never puts the previous handler back. Ours, installed in its place (and
+    removed after), asks the run's controller to stop its workers, as Ray's does, and raises
+    KeyboardInterrupt, so the step ends as an interruption (runs KILLED, checkpoints kept)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def register(controller) -> None:
+        def on_sigint(signum, frame):
+            signal.signal(signal.SIGINT, previous)  # a second Ctrl-C is the caller's again
+            try:
+                controller.abort.remote()  # Ray Train stops its workers; we do not wait
+            except Exception:  # the controller is gone already
+                pass
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+    trainer._register_sigint_handler = register  # Ray Train's hook for its own handler
+    try:
+        return trainer.fit()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _tune_ray_train() -> None:

@@ -169,3 +169,38 @@ def test_ctrl_c_stops_cleanly_and_marks_the_run_killed(tmp_path):
         "slow": "KILLED",
     }
     wait_for(lambda: ray_processes_of(proc.pid) == [], 30, "Ray's processes to exit")
+
+
+def test_ctrl_c_during_training_is_an_interruption_not_a_failure(tmp_path):
+    """Ray Train installs a SIGINT handler of its own when fit() runs on the main thread (it
+    calls sys.exit): difforge keeps Ctrl-C, so a training step stops as an interruption."""
+    home = tmp_path / "home"
+    path = tmp_path / "train.yaml"
+    path.write_text(
+        f"name: slow\nstorage: {tmp_path / 'storage'}\ntracking: {{experiment: train-ctrl-c}}\n"
+        "steps:\n  - id: raw\n    op: ingest.digits\n    params: {limit: 200}\n"
+        "  - id: model\n    op: train.diffusion\n    inputs: [raw]\n"
+        "    params: {backbone: {type: UNet2DModel, block_out_channels: [8, 16],"
+        " layers_per_block: 1, norm_num_groups: 4, down_block_types: [DownBlock2D, DownBlock2D],"
+        " up_block_types: [UpBlock2D, UpBlock2D]}, batch_size: 8, max_steps: 100000,"
+        " checkpoint_every: 100000}\n"
+        "    resources: {num_workers: 1, num_cpus: 1}\n"
+    )
+    proc = start(path, dict(os.environ), home)
+    try:
+        # the training loop is running once its worker wrote where it runs
+        wait_for(lambda: any((tmp_path / "storage" / "slow" / "model").glob("*/_work/nodes/rank-0")),
+                 180, "the training loop")  # fmt: skip
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out
+    assert "interrupted" in out and "SystemExit" not in out and "Traceback" not in out
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    exp = client.get_experiment_by_name("train-ctrl-c")
+    runs = client.search_runs([exp.experiment_id])
+    status = {r.data.tags.get("difforge.step", "pipeline"): r.info.status for r in runs}
+    assert status == {"pipeline": "KILLED", "raw": "FINISHED", "model": "KILLED"}
+    wait_for(lambda: ray_processes_of(proc.pid) == [], 30, "Ray's processes to exit")
