@@ -171,13 +171,12 @@ def load_model(uri: str, weights: str = "ema", training_step: int | None = None)
     with open(os.path.join(path, INFO)) as f:
         info = parse_info(json.load(f), uri).model_dump(mode="json")
     sub = "ema" if weights == "ema" and os.path.isdir(os.path.join(path, "ema")) else "model"
-    step = training_step
-    if step is not None:
-        if step not in (info.get("snapshots") or []):
-            raise DifforgeError(f"{uri}: no snapshot at step {step}; it has "
+    if training_step is not None:
+        if training_step not in (info.get("snapshots") or []):
+            raise DifforgeError(f"{uri}: no snapshot at step {training_step}; it has "
                                 f"{info.get('snapshots') or 'none (train with export_every)'}")  # fmt: skip
-        sub = snapshot_folder(step)
-    if weights == "adapter" and step is None:
+        sub = snapshot_folder(training_step)
+    if weights == "adapter" and training_step is None:
         model = _from_adapter(path, info, uri)
     else:
         model = getattr(diffusers, info["backbone"]).from_pretrained(os.path.join(path, sub))

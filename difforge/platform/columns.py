@@ -17,6 +17,8 @@ MODEL_URI = "model_uri"  # a job operator's artifact folder
 REASON = "reason"  # why a row was rejected
 
 IMAGE_COLUMNS = (ID, IMAGE, FORMAT, WIDTH, HEIGHT, MODE)
+#: an encoded image and what describes it: what a step that reads images down to numbers drops
+ENCODED_IMAGE = IMAGE_COLUMNS[1:]
 
 DESCRIPTIONS = {
     ID: "stable row id (string)",

@@ -72,3 +72,18 @@ def to_array(data: bytes, mode: str | None = None) -> np.ndarray:
     if mode and img.mode != mode:
         img = img.convert(mode)
     return np.asarray(img)
+
+
+def channels_first(images: list[bytes], channels: int) -> np.ndarray:
+    """Encoded images decoded to one uint8 array [N, C, H, W], in grey (1 channel) or RGB."""
+    import numpy as np
+
+    arr = np.stack([to_array(b, "L" if channels == 1 else "RGB") for b in images])
+    return arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
+
+
+def without_image(table):
+    """The table without its encoded image and what describes it (`columns.ENCODED_IMAGE`)."""
+    from difforge.platform import columns as C
+
+    return table.drop_columns([c for c in C.ENCODED_IMAGE if c in table.column_names])

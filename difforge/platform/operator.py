@@ -54,6 +54,17 @@ class StepOutcome:
         tables = list(self.iter_main(columns))
         return pa.concat_tables(tables) if tables else None
 
+    def column_names(self) -> list[str]:
+        """The main output's columns (its first shard's schema; none without shards)."""
+        if not self.main_files:
+            return []
+        import pyarrow.parquet as pq
+
+        from difforge.platform.datasets import url_to_fs
+
+        fs, path = url_to_fs(self.main_files[0])
+        return pq.read_schema(path, filesystem=fs).names
+
     def iter_main(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         """The main output's shards, one table at a time."""
         for uri in self.main_files:

@@ -126,3 +126,27 @@ def captioned_grid(items: list[tuple[bytes | None, str]], tile: int = 96, column
         ImageDraw.Draw(canvas).text((2, tile + 1), str(caption)[:16], fill="black")
         tiles.append(canvas)
     return grid(tiles, columns=columns)
+
+
+def figure(width: float, height: float):
+    """A matplotlib (figure, axes) drawn off-screen, for `figure_image`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height), dpi=100)
+
+
+def figure_image(fig) -> Image.Image:
+    """A matplotlib figure as a PIL image (to log to MLflow), the figure closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return Image.open(io.BytesIO(buf.getvalue()))

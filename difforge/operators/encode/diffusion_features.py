@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from difforge.diffusion.recognition import Path, clean_inputs
+from difforge.diffusion.recognition import Denoiser
 from difforge.models.features import FEATURES
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
@@ -59,85 +59,60 @@ class DiffusionFeatures(MapOperator):
     @classmethod
     def output_columns(cls, params, input_columns):
         return passthrough(input_columns, add=(FEATURES,),
-                           remove=(C.IMAGE, C.FORMAT, C.WIDTH, C.HEIGHT, C.MODE))  # fmt: skip
+                           remove=C.ENCODED_IMAGE)  # fmt: skip
 
     def setup(self, ctx) -> None:
-
-        from difforge.diffusion.model_folder import load_model
-        from difforge.models.resolve import model_of
-
-        uri = model_of(ctx.input(1))[C.MODEL_URI]
-        model, info, config, vae = load_model(uri, self.params.weights)
-        if info.get("guidance_embedding"):
-            raise DifforgeError(f"{self.name}: a guided student takes w; use its teacher")
-        self.device, self.dtype = ctx.torch_device()
-        self.model = model.to(self.device, self.dtype).eval()
-        self.vae = vae.to(self.device).eval() if vae is not None else None
-        self.info, self.kind = info, info["backbone"]
-        self.path = Path(info, config, self.device)
-        modules = dict(self.model.named_modules())
-        if self.params.block not in modules or not self.params.block:
+        self.net = net = Denoiser(ctx.input(1), self.params.weights, ctx, self.name)
+        modules = dict(net.model.named_modules())
+        if not self.params.block or self.params.block not in modules:
             blocks = [n for n in modules if n.count(".") <= 1 and n.split(".")[0] in
                       ("down_blocks", "mid_block", "up_blocks", "transformer_blocks")]  # fmt: skip
             raise DifforgeError(f"{self.name}: no block '{self.params.block}' in this "
-                                f"{self.kind}; it has {', '.join(b for b in blocks if b)}")  # fmt: skip
+                                f"{net.kind}; it has {', '.join(b for b in blocks if b)}")  # fmt: skip
         self.block = modules[self.params.block]
-        self.cond = None
-        if info.get("conditioning") == "text":
+        self.cond = None  # the unconditional input: a text model's null, or the null class
+        if net.info.get("conditioning") == "text":
             from difforge.diffusion.model_folder import text_conditioning
 
-            _, null = text_conditioning(uri, self.device)
-            self.cond = null.to(self.device, self.dtype)
-        self.null = info.get("null_condition")
-
-    def _noise(self, ids: list[str], shape):
-        import hashlib
-
-        import torch
-
-        return torch.stack([
-            torch.randn(shape, generator=torch.Generator().manual_seed(
-                int(hashlib.sha256(f"{self.params.seed}:{i}".encode()).hexdigest()[:15], 16)))
-            for i in ids
-        ])  # fmt: skip
+            self.cond = text_conditioning(net.uri, net.device)[1]
+        self.null = net.info.get("null_condition")
 
     def features(self, images: list[bytes], ids: list[str]):
         """[n, C] (pooling mean) or [n, C, h, w] float32 numpy."""
         import torch
 
-        from difforge.diffusion.backbones import forward
+        from difforge.platform.ids import id_noise
 
-        x0 = clean_inputs(images, self.info, self.vae, self.device, self.name)
-        eps = self._noise(ids, tuple(x0.shape[1:])).to(self.device)
-        xt, t, _ = self.path.at(x0, eps, self.params.t)
+        net = self.net
+        x0 = net.clean(images)
+        eps = id_noise(ids, tuple(x0.shape[1:]), self.params.seed).to(net.device)
+        xt, t, _ = net.path.at(x0, eps, self.params.t)
         kept: dict[str, Any] = {}
 
         def hook(_module, _args, out):
             kept["out"] = out[0] if isinstance(out, tuple) else out
 
         n = len(x0)
-        labels = None if self.null is None else torch.full((n,), self.null, device=self.device)
+        labels = None if self.null is None else torch.full((n,), self.null, device=net.device)
         cond = None if self.cond is None else self.cond.expand(n, *self.cond.shape)
         handle = self.block.register_forward_hook(hook)
         try:
-            with torch.no_grad():
-                forward(self.model, self.kind, xt.to(self.dtype), t, labels, cond)
+            net(xt, t, labels, cond)
         finally:
             handle.remove()
         f = kept["out"].float()
-        if self.kind == "DiTTransformer2DModel" and f.ndim == 3:  # tokens: [n, tokens, dim]
+        if net.kind == "DiTTransformer2DModel" and f.ndim == 3:  # tokens: [n, tokens, dim]
             f = f.mean(1) if self.params.pooling == "mean" else f.transpose(1, 2)
         elif self.params.pooling == "mean":
             f = f.mean(dim=(2, 3))
         return f.cpu().numpy()
 
     def process(self, batch: pa.Table) -> pa.Table:
+        from difforge.platform.imaging import without_image
         from difforge.platform.tensors import to_column
 
         f = self.features(batch.column(C.IMAGE).to_pylist(), batch.column(C.ID).to_pylist())
-        keep = [c for c in batch.column_names
-                if c not in (C.IMAGE, C.FORMAT, C.WIDTH, C.HEIGHT, C.MODE)]  # fmt: skip
-        return batch.select(keep).append_column(FEATURES, to_column(f))
+        return without_image(batch).append_column(FEATURES, to_column(f))
 
     def output_metadata(self, inputs: list[Any]) -> dict[str, Any]:
         from difforge.models.resolve import model_of

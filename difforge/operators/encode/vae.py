@@ -3,7 +3,6 @@ et al.): encoded once here, so training and sampling work in the smaller latent 
 
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -78,36 +77,20 @@ class EncodeVAE(MapOperator):
 
     def encode(self, images: list[bytes], ids: list[str]):
         """Latents (scaled) as a float32 numpy array [N, C, h, w]."""
-        import numpy as np
         import torch
 
-        from difforge.platform.imaging import to_array
+        from difforge.platform.ids import id_noise
+        from difforge.platform.imaging import channels_first
 
-        mode = "L" if self.channels == 1 else "RGB"
-        arr = np.stack([to_array(b, mode) for b in images])
-        arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
+        arr = channels_first(images, self.channels)
         x = torch.from_numpy(arr).to(self.device, self.dtype).div_(127.5).sub_(1.0)
         with torch.no_grad():
             dist = self.vae.encode(x).latent_dist
             if self.params.sample == "mean":
                 z = dist.mean
             else:
-                noise = torch.stack(
-                    [
-                        torch.randn(
-                            dist.mean.shape[1:],
-                            generator=torch.Generator().manual_seed(
-                                int(
-                                    hashlib.sha256(f"{self.params.seed}:{i}".encode()).hexdigest()[
-                                        :15
-                                    ],
-                                    16,
-                                )
-                            ),
-                        )
-                        for i in ids
-                    ]  # fmt: skip
-                ).to(dist.mean.device, dist.mean.dtype)
+                noise = id_noise(ids, tuple(dist.mean.shape[1:]), self.params.seed)
+                noise = noise.to(dist.mean.device, dist.mean.dtype)
                 z = dist.mean + dist.std * noise
         return (z.float() * self.scaling).cpu().numpy()
 

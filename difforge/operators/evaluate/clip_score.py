@@ -58,7 +58,7 @@ class CLIPScore(MapOperator):
     @classmethod
     def output_columns(cls, params, input_columns):
         return passthrough(input_columns, add=(SCORE,),
-                           remove=(C.IMAGE, C.FORMAT, C.WIDTH, C.HEIGHT, C.MODE))  # fmt: skip
+                           remove=C.ENCODED_IMAGE)  # fmt: skip
 
     def external_state(self) -> dict[str, str] | None:
         """What scores, fixed at plan time: a registry alias or `latest` pinned to its version,
@@ -92,25 +92,21 @@ class CLIPScore(MapOperator):
         import numpy as np
         import pyarrow as pa
 
+        from difforge.platform.imaging import without_image
+
         texts = batch.column(self.params.text_column).to_pylist()
         scores = scores_of(self.model, self.processor, batch.column(C.IMAGE).to_pylist(), texts,
                            self.device)  # fmt: skip
-        keep = [c for c in batch.column_names
-                if c not in (C.IMAGE, C.FORMAT, C.WIDTH, C.HEIGHT, C.MODE)]  # fmt: skip
-        return batch.select(keep).append_column(SCORE, pa.array(scores.astype(np.float32)))
+        return without_image(batch).append_column(SCORE, pa.array(scores.astype(np.float32)))
 
     def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
         """The mean score, and the mean at each guidance scale where there are several."""
-        import pyarrow as pa
         import pyarrow.compute as pc
 
-        if not outcome.main_files:
+        cols = [c for c in (SCORE, "guidance_scale") if c in outcome.column_names()]
+        table = outcome.read_main(cols) if cols else None
+        if table is None or not table.num_rows:
             return {}
-        # the output is small (no images): read whole
-        table = pa.concat_tables([outcome.read_file(u) for u in outcome.main_files])
-        if not table.num_rows:
-            return {}
-        cols = table.column_names
         metrics = {SCORE: float(pc.mean(table.column(SCORE)).as_py())}
         if "guidance_scale" in cols:
             scales = sorted(set(table.column("guidance_scale").to_pylist()))

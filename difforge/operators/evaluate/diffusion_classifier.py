@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from difforge.diffusion.recognition import Path, clean_inputs
+from difforge.diffusion.recognition import Denoiser
+from difforge.models.features import PREDICTED
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
 from difforge.platform.operator import MapOperator, passthrough
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
     from difforge.platform.context import FinalizeContext
     from difforge.platform.operator import StepOutcome
 
-PREDICTED = "predicted_label"
 ERRORS = "class_errors"
 EVALUATIONS = "evaluations"
 
@@ -98,19 +98,13 @@ class DiffusionClassifier(MapOperator):
     @classmethod
     def output_columns(cls, params, input_columns):
         return passthrough(input_columns, add=(PREDICTED, ERRORS, EVALUATIONS),
-                           remove=(C.IMAGE, C.FORMAT, C.WIDTH, C.HEIGHT, C.MODE))  # fmt: skip
+                           remove=C.ENCODED_IMAGE)  # fmt: skip
 
     def setup(self, ctx) -> None:
         import torch
 
-        from difforge.diffusion.model_folder import load_model
-        from difforge.models.resolve import model_of
-
-        uri = model_of(ctx.input(1))[C.MODEL_URI]
-        model, info, config, vae = load_model(uri, self.params.weights)
-        if info.get("guidance_embedding"):
-            raise DifforgeError(f"{self.name}: a guided student takes w, not a class alone; "
-                                "classify with its teacher")  # fmt: skip
+        self.net = net = Denoiser(ctx.input(1), self.params.weights, ctx, self.name)
+        uri, info = net.uri, net.info
         text = info.get("conditioning") == "text"
         n = info.get("num_classes") or 0
         names = info.get("classes") or [str(i) for i in range(n)]
@@ -121,18 +115,13 @@ class DiffusionClassifier(MapOperator):
         if any(not 0 <= c < len(names) for c in self.classes):
             raise DifforgeError(f"{self.name}: classes {self.params.classes}: the model has "
                                 f"{len(names)}")  # fmt: skip
-        self.device, self.dtype = ctx.torch_device()
-        self.model = model.to(self.device, self.dtype).eval()
-        self.vae = vae.to(self.device).eval() if vae is not None else None
-        self.info, self.kind = info, info["backbone"]
-        self.path = Path(info, config, self.device)
         self.cond = None
         if text:  # one prompt per class, by the model's own encoder
             from difforge.diffusion.model_folder import text_conditioning
 
-            encoder, _ = text_conditioning(uri, self.device)
+            encoder, _ = text_conditioning(uri, net.device)
             prompts = [self.params.prompt.replace("{class}", names[c]) for c in self.classes]
-            self.cond = torch.from_numpy(encoder.embed(prompts)).to(self.device, self.dtype)
+            self.cond = torch.from_numpy(encoder.embed(prompts)).to(net.device)
         # the trials: an evenly spaced grid of times, interleaved (any prefix spans the range),
         # and one noise per trial, the same for every image and class (paired comparison)
         trials = self.params.stages[-1].trials
@@ -147,20 +136,17 @@ class DiffusionClassifier(MapOperator):
         """Each image's error under each of `classes` at one trial: [n, len(classes)]."""
         import torch
 
-        from difforge.diffusion.backbones import forward
-
         n, k = len(x0), len(classes)
-        eps = self.noise[trial].to(self.device).expand_as(x0)
-        xt, t, target = self.path.at(x0, eps, float(self.times[trial]))
+        net = self.net
+        eps = self.noise[trial].to(net.device).expand_as(x0)
+        xt, t, target = net.path.at(x0, eps, float(self.times[trial]))
         xs, ts = xt.repeat(k, 1, 1, 1), t.repeat(k)
-        labels = torch.tensor(classes, device=self.device).repeat_interleave(n)
+        labels = torch.tensor(classes, device=net.device).repeat_interleave(n)
         cond = None
         if self.cond is not None:
             index = [self.classes.index(c) for c in classes]
             cond, labels = self.cond[index].repeat_interleave(n, 0), None
-        with torch.no_grad():
-            out = forward(self.model, self.kind, xs.to(self.dtype), ts, labels, cond).float()
-        out = self.path.read(out, xs, ts)
+        out = net.path.read(net(xs, ts, labels, cond), xs, ts)
         err = ((out - target.repeat(k, 1, 1, 1)) ** 2).mean(dim=(1, 2, 3))
         return err.view(k, n).T
 
@@ -169,10 +155,10 @@ class DiffusionClassifier(MapOperator):
         import pyarrow as pa
         import torch
 
+        from difforge.platform.imaging import without_image
         from difforge.platform.tensors import to_column
 
-        x0 = clean_inputs(batch.column(C.IMAGE).to_pylist(), self.info, self.vae, self.device,
-                          self.name)  # fmt: skip
+        x0 = self.net.clean(batch.column(C.IMAGE).to_pylist())
         n, m = len(x0), len(self.classes)
         sums = torch.zeros(n, m)
         counts = torch.zeros(n, m)
@@ -193,9 +179,7 @@ class DiffusionClassifier(MapOperator):
             alive = torch.zeros_like(alive).scatter_(1, keep, True)
         best = alive.float().argmax(1)
         errors = (sums / counts.clamp(min=1)).numpy().astype(np.float32)
-        keep_cols = [c for c in batch.column_names
-                     if c not in (C.IMAGE, C.FORMAT, C.WIDTH, C.HEIGHT, C.MODE)]  # fmt: skip
-        out = batch.select(keep_cols)
+        out = without_image(batch)
         predicted = [self.classes[int(i)] for i in best]
         out = out.append_column(PREDICTED, pa.array(predicted, pa.int64()))
         out = out.append_column(ERRORS, to_column(errors))
@@ -204,14 +188,11 @@ class DiffusionClassifier(MapOperator):
     def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
         """Accuracy against the images' labels, evaluations per image, a confusion matrix."""
         import numpy as np
-        import pyarrow as pa
 
-        if not outcome.main_files:
-            return {}
-        first = outcome.read_file(outcome.main_files[0])
-        cols = [PREDICTED, EVALUATIONS] + ([C.LABEL] if C.LABEL in first.column_names else [])
-        table = pa.concat_tables([outcome.read_file(u, cols) for u in outcome.main_files])
-        if not table.num_rows:
+        names = outcome.column_names()
+        cols = [PREDICTED, EVALUATIONS] + ([C.LABEL] if C.LABEL in names else [])
+        table = outcome.read_main(cols) if names else None
+        if table is None or not table.num_rows:
             return {}
         metrics = {"evaluations_per_image": float(np.mean(table.column(EVALUATIONS).to_numpy()))}
         if C.LABEL in cols:
@@ -239,19 +220,14 @@ def _interleaved(n: int) -> list[int]:
 
 def _confusion(y, p):
     """A confusion matrix as a PIL image (rows: true class, columns: predicted)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
-    from PIL import Image
+
+    from difforge.platform.show import figure, figure_image
 
     k = int(max(y.max(), p.max())) + 1
     m = np.zeros((k, k), np.int64)
     np.add.at(m, (y, p), 1)
-    fig, ax = plt.subplots(figsize=(1 + 0.45 * k, 1 + 0.4 * k), dpi=100)
+    fig, ax = figure(1 + 0.45 * k, 1 + 0.4 * k)
     ax.imshow(m, cmap="Blues")
     for i in range(k):
         for j in range(k):
@@ -261,8 +237,4 @@ def _confusion(y, p):
     ax.set_ylabel("true")
     ax.set_xticks(range(k))
     ax.set_yticks(range(k))
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return Image.open(io.BytesIO(buf.getvalue()))
+    return figure_image(fig)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from difforge.models.features import FEATURES
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
+from difforge.platform.ids import id_fraction, id_hash
 from difforge.platform.operator import JobOperator, JobResult
 from difforge.platform.spec import Resources
 
@@ -76,7 +77,7 @@ class LinearProbe(JobOperator):
             ys.append(batch.column(p.label_column).to_numpy())
         x, y = np.concatenate(xs).astype(np.float64), np.concatenate(ys).astype(np.int64)
         if len(ids) > p.max_rows:  # a subset chosen by id hash, whatever the order
-            keep = by_hash(ids, p.max_rows / len(ids), f"rows:{p.seed}")
+            keep = id_fraction(ids, p.max_rows / len(ids), f"rows:{p.seed}")
             ids, x, y = [i for i, k in zip(ids, keep, strict=True) if k], x[keep], y[keep]
         return ids, x, y
 
@@ -92,7 +93,7 @@ class LinearProbe(JobOperator):
             _, x_eval, y_eval = self._read(ctx.inputs[1])
             x_train, y_train, train_ids = x, y, ids
         else:
-            out = by_hash(ids, p.eval_fraction, f"eval:{p.seed}")
+            out = id_fraction(ids, p.eval_fraction, f"eval:{p.seed}")
             x_train, y_train, x_eval, y_eval = x[~out], y[~out], x[out], y[out]
             train_ids = [i for i, o in zip(ids, out, strict=True) if not o]
         if len(np.unique(y_train)) < 2 or not len(y_eval):
@@ -104,7 +105,7 @@ class LinearProbe(JobOperator):
         scaler = StandardScaler().fit(x_train)
         x_train, x_eval = scaler.transform(x_train), scaler.transform(x_eval)
         # growing prefixes of one fixed order of the training rows (by id hash)
-        order = np.argsort([hash_key(i, f"order:{p.seed}") for i in train_ids])
+        order = np.argsort([id_hash(i, f"order:{p.seed}") for i in train_ids])
         rows, figures = [], []
         for fraction in sorted(set(p.fractions)):
             n = max(2, int(round(fraction * len(order))))
@@ -136,36 +137,13 @@ class LinearProbe(JobOperator):
                                                     "shuffle_labels": p.shuffle_labels}})  # fmt: skip
 
 
-def hash_key(row_id: str, salt: str) -> int:
-    import hashlib
-
-    return int(hashlib.sha256(f"{salt}:{row_id}".encode()).hexdigest()[:12], 16)
-
-
-def by_hash(ids: list[str], fraction: float, salt: str):
-    """A boolean mask choosing about `fraction` of the rows by id hash (any order, any split)."""
-    import numpy as np
-
-    return np.asarray([hash_key(i, salt) for i in ids]) < fraction * float(1 << 48)
-
-
 def _curve(points: list[tuple[int, float]], shuffled: bool):
-    import io
+    from difforge.platform.show import figure, figure_image
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    fig, ax = plt.subplots(figsize=(4, 3), dpi=100)
+    fig, ax = figure(4, 3)
     ax.plot([n for n, _ in points], [a for _, a in points], marker="o")
     ax.set_xscale("log")
     ax.set_xlabel("training rows")
     ax.set_ylabel("held-out accuracy")
     ax.set_title("linear probe" + (" (shuffled labels)" if shuffled else ""))
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return Image.open(io.BytesIO(buf.getvalue()))
+    return figure_image(fig)

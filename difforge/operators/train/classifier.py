@@ -47,12 +47,9 @@ class Params(BaseModel):
 
 def held_out(ids: list[str], fraction: float, seed: int) -> np.ndarray:
     """Which rows (by id hash) are held out for evaluation when no evaluation input is given."""
-    import hashlib
+    from difforge.platform.ids import id_fraction
 
-    import numpy as np
-
-    keys = [int(hashlib.sha256(f"{seed}:{i}".encode()).hexdigest()[:8], 16) for i in ids]
-    return np.asarray(keys, dtype=np.int64) < fraction * 0xFFFFFFFF
+    return id_fraction(ids, fraction, str(seed))
 
 
 def trained_on(ids: list[str], fraction: float, seed: int) -> np.ndarray:
