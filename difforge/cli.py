@@ -164,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scheduler",
         default=None,
-        choices=["ddpm", "ddim", "dpm_solver_pp", "euler", "heun"],
-        help="default: the model's (ddim; euler for a flow-matching model)",
+        choices=["ddpm", "ddim", "dpm_solver_pp", "euler", "heun", "lcm"],
+        help="default: the model's (ddim; euler for a flow-matching model, lcm for a "
+        "consistency student)",
     )
     p.add_argument(
         "--training-step",
@@ -515,7 +516,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from difforge.diffusion.model_folder import load_model
-    from difforge.diffusion.sampling import sample_batch, to_pil
+    from difforge.diffusion.sampling import built_in_guidance, sample_batch, to_pil
     from difforge.diffusion.schedules import default_scheduler, make_scheduler
     from difforge.platform.errors import DifforgeError
     from difforge.platform.show import grid
@@ -543,9 +544,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                          [args.negative_prompt] * args.n)  # fmt: skip
     steps = args.steps or (info.get("num_inference_steps") or 25)
     args.scheduler = args.scheduler or default_scheduler(config)
+    guidance, drawn_at = built_in_guidance(info, [args.guidance] * args.n)
+    if drawn_at is not guidance:
+        args.guidance = f"{drawn_at[0]} (built into the model)"
     x = sample_batch(model, info["backbone"], make_scheduler(args.scheduler, config),
                      tuple(info["sample_shape"]), [args.seed + i for i in range(args.n)], labels,
-                     [args.guidance] * args.n, classes or None, steps, cond=cond, uncond=uncond)  # fmt: skip
+                     guidance, classes or None, steps, cond=cond, uncond=uncond)  # fmt: skip
     images = to_pil(x, vae)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,20 @@ class CEP(BaseModel):
     gamma: float = Field(1.0, ge=0, description="perturbation scale (the paper's gamma)")
 
 
+class RepaParams(BaseModel):
+    """REPA's settings (difforge/diffusion/repa.py has the method)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    features: str = Field("features", description="the training input's column of the "
+                          "encoder's features of each clean image: [D, H, W] or [D]")  # fmt: skip
+    block: int = Field(0, ge=0, description="align the output of this block (UNet down "
+                       "block, or DiT transformer block)")  # fmt: skip
+    weight: float = Field(0.5, gt=0, description="lambda of eq. 9 (the paper: 0.5)")
+    projector_dim: int = Field(256, ge=1, description="the MLP projector's hidden width "
+                               "(the paper: 2048)")  # fmt: skip
+
+
 def cep_delta(shape: tuple[int, ...], kind: str, gamma: float, generator=None, device="cpu"):
     """Chen et al. eq. 8: the perturbation added to a condition embedding of dimension d."""
     import torch

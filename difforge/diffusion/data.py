@@ -57,11 +57,13 @@ ShuffleMB = Annotated[
 
 @dataclass
 class Batch:
-    """x0 as float32 [B, C, H, W] in the model's space; labels [B]; condition embeddings."""
+    """x0 as float32 [B, C, H, W] in the model's space; labels [B]; condition embeddings; an
+    auxiliary tensor column's values (REPA's encoder features)."""
 
     x0: np.ndarray
     labels: np.ndarray | None
     cond: np.ndarray | None
+    aux: np.ndarray | None = None
 
 
 @dataclass
@@ -69,6 +71,12 @@ class _Window:
     x: np.ndarray
     labels: np.ndarray | None
     cond: np.ndarray | None
+    aux: np.ndarray | None = None
+
+    def take(self, idx: np.ndarray) -> _Window:
+        """These rows, in this order."""
+        return _Window(*(None if a is None else a[idx]
+                         for a in (self.x, self.labels, self.cond, self.aux)))  # fmt: skip
 
 
 class ShardStream:
@@ -78,7 +86,7 @@ class ShardStream:
     (decoded and scaled to [-1, 1]) or `latent`; a window holds `window_bytes` of decoded
     samples (at least one row). `batch(i)` is this rank's `i`-th micro batch
     (`i = step * grad_accum + micro_step`). With `keep`, the shards' `rows` must be the rows
-    each keeps (`with_kept_rows`)."""
+    each keeps (`with_kept_rows`). `aux` names a tensor column read beside x0 (`Batch.aux`)."""
 
     def __init__(
         self,
@@ -90,10 +98,11 @@ class ShardStream:
         world: int = 1,
         window_bytes: int = DEFAULT_SHUFFLE_MB << 20,
         keep: Keep | None = None,
+        aux: str | None = None,
     ):
         import numpy as np
 
-        self.keep = keep
+        self.keep, self.aux = keep, aux
         self.shards = [s for s in shards if s["rows"]]
         if not self.shards:
             raise ValueError("the training input has no rows")
@@ -107,11 +116,12 @@ class ShardStream:
         #: seconds `batch` spent waiting for reads (the rest of a step is compute)
         self.wait_s = 0.0
         self._interval: tuple[float, float] | None = None  # (start, wait_s then) for timing()
-        first = _read(self.shards[0], column, keep)
+        first = _read(self.shards[0], column, keep, aux)
         self.sample_shape = tuple(first.x.shape[1:])
         self.has_labels = first.labels is not None
         self.cond_shape = tuple(first.cond.shape[1:]) if first.cond is not None else None
-        row_bytes = first.x[0].nbytes + (first.cond[0].nbytes if first.cond is not None else 0)
+        self.aux_shape = tuple(first.aux.shape[1:]) if first.aux is not None else None
+        row_bytes = sum(a[0].nbytes for a in (first.x, first.cond, first.aux) if a is not None)
         self.window_rows = max(1, window_bytes // row_bytes)
 
     def __len__(self) -> int:
@@ -175,20 +185,9 @@ class ShardStream:
         parts: dict[tuple[int, int], list[int]] = {}
         for epoch, w, row in self.positions(index):
             parts.setdefault((epoch, w), []).append(row)
-        xs, labels, conds = [], [], []
-        for key, rows in parts.items():
-            window = self._window(key)
-            idx = np.asarray(rows)
-            xs.append(window.x[idx])
-            if window.labels is not None:
-                labels.append(window.labels[idx])
-            if window.cond is not None:
-                conds.append(window.cond[idx])
-        return Batch(
-            np.concatenate(xs),
-            np.concatenate(labels) if labels else None,
-            np.concatenate(conds) if conds else None,
-        )
+        picked = [self._window(key).take(np.asarray(rows)) for key, rows in parts.items()]
+        w = _concat(picked)
+        return Batch(w.x, w.labels, w.cond, w.aux)
 
     def _next_key(self, key: tuple[int, int]) -> tuple[int, int]:
         epoch, w = key
@@ -243,17 +242,16 @@ class ShardStream:
 
         epoch, w = key
         windows, _ = self.epoch_plan(epoch)
-        window = _concat([_read(self.shards[i], self.column, self.keep) for i in windows[w]])
-        perm = np.random.default_rng([self.seed, epoch, w]).permutation(len(window.x))
-        return _Window(
-            window.x[perm],
-            window.labels[perm] if window.labels is not None else None,
-            window.cond[perm] if window.cond is not None else None,
+        window = _concat(
+            [_read(self.shards[i], self.column, self.keep, self.aux) for i in windows[w]]
         )
+        return window.take(np.random.default_rng([self.seed, epoch, w]).permutation(len(window.x)))
 
 
-def _read(shard: dict[str, Any], column: str, keep: Keep | None = None) -> _Window:
-    """A shard's (kept) rows: x0 float32 [N, C, H, W] in the model's space, labels, condition."""
+def _read(shard: dict[str, Any], column: str, keep: Keep | None = None,
+          aux: str | None = None) -> _Window:  # fmt: skip
+    """A shard's (kept) rows: x0 float32 [N, C, H, W] in the model's space, labels, condition,
+    and the `aux` column where asked (an error names it when the shard lacks it)."""
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -263,7 +261,9 @@ def _read(shard: dict[str, Any], column: str, keep: Keep | None = None) -> _Wind
 
     pf = pq.ParquetFile(read_shard(shard["file"], shard.get("bytes"), shard.get("sha256", "")))
     names = pf.schema_arrow.names
-    wanted = [c for c in (column, C.LABEL, C.COND_EMBEDDING) if c in names]
+    if aux is not None and aux not in names:
+        raise ValueError(f"the training input has no column {aux!r} (columns: {names})")
+    wanted = [c for c in (column, C.LABEL, C.COND_EMBEDDING, aux) if c is not None and c in names]
     if keep is None:
         t = pf.read(columns=wanted)
     else:  # decode only the kept rows
@@ -282,6 +282,7 @@ def _read(shard: dict[str, Any], column: str, keep: Keep | None = None) -> _Wind
         t.column(C.LABEL).to_numpy().astype(np.int64) if C.LABEL in t.column_names else None,
         to_numpy(t.column(C.COND_EMBEDDING)).astype(np.float32)
         if C.COND_EMBEDDING in t.column_names else None,
+        to_numpy(t.column(aux)).astype(np.float32) if aux is not None else None,
     )  # fmt: skip
 
 
@@ -289,11 +290,12 @@ def _concat(parts: list[_Window]) -> _Window:
     import numpy as np
 
     parts = [p for p in parts if len(p.x)] or parts[:1]
-    return _Window(
-        np.concatenate([p.x for p in parts]),
-        np.concatenate([p.labels for p in parts]) if parts[0].labels is not None else None,
-        np.concatenate([p.cond for p in parts]) if parts[0].cond is not None else None,
-    )
+
+    def cat(name: str):
+        return None if getattr(parts[0], name) is None else np.concatenate(
+            [getattr(p, name) for p in parts])  # fmt: skip
+
+    return _Window(np.concatenate([p.x for p in parts]), cat("labels"), cat("cond"), cat("aux"))
 
 
 def with_kept_rows(shards: list[dict[str, Any]], keep: Keep) -> list[dict[str, Any]]:

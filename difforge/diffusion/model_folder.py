@@ -69,6 +69,9 @@ class ModelInfo(BaseModel):
     corruption: dict[str, Any] | None = None
     num_inference_steps: int | None = None
     guidance_embedding: dict[str, Any] | None = None
+    guidance_scale: float | None = Field(
+        None, description="a distilled student's built-in classifier-free guidance: it is "
+        "sampled with one conditional pass per step, at this w")  # fmt: skip
     distilled_from: str | None = None
     distillation: dict[str, Any] | None = None
     adapter: dict[str, Any] | None = Field(

@@ -15,6 +15,7 @@ def sample_batch(model, kind: str, scheduler, shape: tuple[int, ...], seeds: lis
     shallow path in between; `faster=(key_steps, interval)` runs its encoder at key steps only
     (Faster Diffusion's encoder propagation)."""
     import contextlib
+    import inspect
 
     import torch
 
@@ -23,8 +24,11 @@ def sample_batch(model, kind: str, scheduler, shape: tuple[int, ...], seeds: lis
 
     dtype = dtype or torch.float32
     scheduler.set_timesteps(steps)
-    x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
-                     for s in seeds]).to(device)  # fmt: skip
+    # each sample's own generator draws its starting noise and, for samplers that inject noise
+    # on the way (ddpm, lcm), that noise too: a sample depends on its seed alone
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+    noisy = "generator" in inspect.signature(scheduler.step).parameters
     x = x * getattr(scheduler, "init_noise_sigma", 1.0)
     # a flow's sampler (no input scaling) steps through real-valued times; the network was
     # trained on those, not on their integer part
@@ -71,8 +75,19 @@ def sample_batch(model, kind: str, scheduler, shape: tuple[int, ...], seeds: lis
                 out = off + w * (on - off)
             else:
                 out = forward(model, kind, xin, tt, None if text else labels, cond).float()
-        x = scheduler.step(out, t, x).prev_sample
+        extra = {"generator": generators} if noisy else {}
+        x = scheduler.step(out, t, x, **extra).prev_sample
     return x
+
+
+def built_in_guidance(info: dict, guidance: list[float]) -> tuple[list[float], list[float]]:
+    """(what the sampler applies, what the images were drawn at). A student distilled from a
+    guided teacher at a fixed w (`guidance_scale` in its difforge.json) has that guidance in its
+    one conditional pass: it is sampled without classifier-free guidance, at its own w."""
+    w = info.get("guidance_scale")
+    if w is None:
+        return guidance, guidance
+    return [1.0] * len(guidance), [float(w)] * len(guidance)
 
 
 def prompt_conditions(text, prompts: list[str | None], negatives: list[str | None] | None = None):

@@ -37,6 +37,7 @@ SCHEDULERS = {
     "dpm_solver_pp": "DPMSolverMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
     "heun": "HeunDiscreteScheduler",
+    "lcm": "LCMScheduler",  # multistep consistency sampling (a consistency-distilled student)
 }
 FLOW_SCHEDULERS = {"euler": "FlowMatchEulerDiscreteScheduler",
                    "heun": "FlowMatchHeunDiscreteScheduler"}  # fmt: skip
@@ -53,11 +54,14 @@ def is_flow(config: dict[str, Any]) -> bool:
 
 
 def default_scheduler(config: dict[str, Any]) -> str:
-    return "euler" if is_flow(config) else "ddim"
+    """A model's own sampler: euler for a flow, lcm for a consistency student, else ddim."""
+    if is_flow(config):
+        return "euler"
+    return "lcm" if config.get("_class_name") == "LCMScheduler" else "ddim"
 
 
 def make_scheduler(name: str | None, config: dict[str, Any]):
-    """The sampler `name` (None: the model's default, DDIM, or Euler for a flow) from the
+    """The sampler `name` (None: the model's default, see `default_scheduler`) from the
     model's saved noise schedule; a flow-matching model samples with Euler or Heun only."""
     import diffusers
 
@@ -114,3 +118,25 @@ def flow_times(n: int, density: dict[str, Any], generator):
         u = torch.randn(n, generator=generator) * density["std"] + density["mean"]
         return torch.sigmoid(u)
     return torch.rand(n, generator=generator)
+
+
+def consistency_grid(num_train_timesteps: int, ode_steps: int) -> list[int]:
+    """The N = `ode_steps` times a consistency student is trained and sampled on: k - 1,
+    2k - 1, ..., T - 1 with k = T // N (Luo et al., "Latent Consistency Models", 2023, sec. 4.3:
+    a skipping step k over the teacher's DDPM times; diffusers' LCMScheduler samples on the
+    same grid, its `original_inference_steps` = N)."""
+    k = num_train_timesteps // ode_steps
+    return [n * k - 1 for n in range(1, ode_steps + 1)]
+
+
+def consistency_scalings(t: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5):
+    """c_skip(t) and c_out(t) of the consistency function f(x, t) = c_skip x + c_out x0(x, t)
+    (Song et al., "Consistency Models", 2023, eq. 5 / appendix C; with Latent Consistency
+    Models' discrete-time form, t scaled by `timestep_scaling`): c_skip(0) = 1 and c_out(0) = 0,
+    so f is the identity on clean data (the boundary condition), and f is ~x0(x, t) elsewhere.
+    Equal to diffusers' `LCMScheduler.get_scalings_for_boundary_condition_discrete`, which
+    samples the students (a unit test holds them equal)."""
+    scaled = t.float().clamp(min=0) * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2).sqrt()
+    return c_skip[:, None, None, None], c_out[:, None, None, None]

@@ -31,6 +31,14 @@ class SmallCNN(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last convolutional block's map, before pooling: [B, 4w, H/4, W/4]."""
+        return self.body[:-2](x)
+
+    def pool(self, fmap: torch.Tensor) -> torch.Tensor:
+        """`features` from `feature_map`'s output."""
+        return self.body[-2:](fmap)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
 

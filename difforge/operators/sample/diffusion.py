@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from difforge.diffusion.model_folder import load_model
-from difforge.diffusion.sampling import prompt_conditions, sample_batch
+from difforge.diffusion.sampling import built_in_guidance, prompt_conditions, sample_batch
 from difforge.diffusion.schedules import make_scheduler
 from difforge.platform import columns as C
 from difforge.platform.operator import MapOperator, passthrough
@@ -42,9 +42,9 @@ class FasterParams(BaseModel):
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    scheduler: Literal["ddpm", "ddim", "dpm_solver_pp", "euler", "heun"] | None = Field(
-        None, description="default: the model's, ddim (euler for a flow-matching model); a "
-        "flow-matching model samples with euler or heun")  # fmt: skip
+    scheduler: Literal["ddpm", "ddim", "dpm_solver_pp", "euler", "heun", "lcm"] | None = Field(
+        None, description="default: the model's, ddim (euler for a flow-matching model, lcm "
+        "for a consistency student); a flow-matching model samples with euler or heun")  # fmt: skip
     num_inference_steps: int | None = Field(
         None,
         ge=1,
@@ -76,8 +76,9 @@ class SampleDiffusion(MapOperator):
 
     name = "sample.diffusion"
     # 3: scheduler defaults to the model's own (flow-matching models: euler); heun; training_step;
-    # faster_diffusion
-    version = 3
+    # faster_diffusion; 4: lcm (consistency students), noise injected by a sampler drawn from each
+    # sample's own seed, a student's built-in guidance
+    version = 4
     Params = Params
     stateful = True
     resumable = True
@@ -131,9 +132,9 @@ class SampleDiffusion(MapOperator):
                          if "negative_prompt" in batch.column_names else None)  # fmt: skip
             cond, uncond = prompt_conditions(self.text, batch.column("prompt").to_pylist(),
                                              negatives)  # fmt: skip
+        guidance, drawn_at = built_in_guidance(info, batch.column("guidance_scale").to_pylist())
         x = sample_batch(self.model, info["backbone"], self.scheduler, tuple(info["sample_shape"]),
-                         batch.column("seed").to_pylist(), labels,
-                         batch.column("guidance_scale").to_pylist(),
+                         batch.column("seed").to_pylist(), labels, guidance,
                          info["num_classes"] or None,
                          self.params.num_inference_steps or (info.get("num_inference_steps") or 25),
                          self.device, self.dtype, self.deepcache, cond, uncond,
@@ -141,6 +142,9 @@ class SampleDiffusion(MapOperator):
         images = to_pil(x, self.vae)
         n = len(images)
         out = batch.drop_columns([C.MODEL_URI])
+        if drawn_at is not guidance:  # the model's own w, not the plan's
+            i = out.column_names.index("guidance_scale")
+            out = out.set_column(i, "guidance_scale", pa.array(drawn_at, pa.float64()))
         cols = {C.IMAGE: pa.array([encode_png(im) for im in images], pa.binary()),
                 C.FORMAT: pa.array(["png"] * n), C.WIDTH: pa.array([im.width for im in images], pa.int32()),
                 C.HEIGHT: pa.array([im.height for im in images], pa.int32()),

@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
-from difforge.diffusion.backbones import CEP, Backbone, CEPHook, build_backbone, cep_delta, forward
+from difforge.diffusion.backbones import (
+    CEP,
+    Backbone,
+    CEPHook,
+    RepaParams,
+    build_backbone,
+    cep_delta,
+    forward,
+)
 from difforge.diffusion.data import DEFAULT_SHUFFLE_MB, ShardStream, ShuffleMB
 from difforge.diffusion.finetune import Finetune, adapter_state, merged_state, prepare
 from difforge.diffusion.model_folder import ModelInfo, snapshot_folder, write_model_folder
@@ -92,6 +100,9 @@ class Params(BaseModel):
     seed: int = 0
     shuffle_mb: ShuffleMB = DEFAULT_SHUFFLE_MB
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    repa: RepaParams | None = Field(
+        None, description="REPA (Yu et al.): align a block's hidden state, through an MLP "
+        "projector, with an encoder's features of the clean image (a column of the input)")  # fmt: skip
 
     @model_validator(mode="after")
     def _check(self) -> Params:
@@ -123,8 +134,9 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
 
     # data: this rank's stream of micro batches, in an order fixed by the seed
     micro = max(1, p["batch_size"] // (world * p["grad_accum"]))
+    repa = p.get("repa")
     data = ShardStream(config["shards"], config["column"], p["seed"], micro, rank, world,
-                       p["shuffle_mb"] << 20)  # fmt: skip
+                       p["shuffle_mb"] << 20, aux=repa["features"] if repa else None)  # fmt: skip
     num_classes = config["num_classes"] if data.has_labels else 0
     kind = p["backbone"]["type"]
 
@@ -147,6 +159,10 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
         cond_module.register_forward_hook(cep_hook)
     noise_scheduler = make_noise_scheduler(p, config["column"])
     ema = copy.deepcopy(model).eval().requires_grad_(False) if p["ema_decay"] else None
+    if repa:  # the projector trains with the network, in its engine and checkpoints
+        from difforge.diffusion.repa import Aligned
+
+        model = Aligned(model, kind, repa, data.aux_shape[0])
 
     # DeepSpeed engine: a torch AdamW (DeepSpeed's fused Adam would JIT-compile for minutes)
     # only what trains goes to the optimizer (and into ZeRO's partitions)
@@ -168,6 +184,8 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
     if config.get("null_cond") is not None:
         null_c = torch.tensor(config["null_cond"]).to(device)
     losses: list[float] = []
+    align_losses: list[float] = []  # REPA's alignment term, logged on its own
+    network = model.net if repa else model  # without REPA's projector
     # throughput since this run's first optimizer step (start-up excluded)
     first_step_at = window_start = None
     window_steps = 0
@@ -203,6 +221,10 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
             cep_hook.generator = tg  # CEP on class embeddings draws from this step's generator
             out = forward(engine, kind, xt.to(dtype), t, y, c.to(dtype) if c is not None else None)
             loss = torch.nn.functional.mse_loss(out.float(), target)
+            if repa:  # eq. 9: L + lambda L_REPA
+                align = engine.module.alignment_loss(torch.from_numpy(batch.aux).to(device))
+                align_losses.append(align.item())
+                loss = loss + repa["weight"] * align
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
@@ -217,22 +239,26 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
                 # warmed-up decay: early on the average must not be dominated by the random
                 # initial weights (0.999^1500 of them would still be 22% of it)
                 d = min(p["ema_decay"], (1 + step) / (10 + step))
-                for pe, pm in zip(ema.parameters(), engine.module.parameters(), strict=True):
+                for pe, pm in zip(ema.parameters(), network.parameters(), strict=True):
                     pe.mul_(d).add_(pm.detach().float(), alpha=1 - d)
         if p["export_every"] and step % p["export_every"] == 0 and rank == 0:
-            _snapshot(config["snapshots_uri"], step, ema if ema is not None else engine.module)
+            _snapshot(config["snapshots_uri"], step, ema if ema is not None else network)
         if step % p["checkpoint_every"] == 0 or step == p["max_steps"]:
             rate = window_steps * p["batch_size"] / max(1e-9, now - window_start)
             metrics = {"step": step, "loss": float(np.mean(losses)),
                        "lr": scheduler.get_last_lr()[0], "samples_per_s": rate,
                        "first_step_at": first_step_at}  # fmt: skip
+            if align_losses:
+                metrics["repa_loss"] = float(np.mean(align_losses))
             io.save(engine, ema, step, metrics)
             timing = data.timing()  # each worker: seconds waiting for data, and computing
             # a restart after a failure replays steps; log_new never logs one twice
             if rank == 0:
                 timing.update(loss=metrics["loss"], lr=metrics["lr"], samples_per_s=rate)
+                if align_losses:
+                    timing["repa_loss"] = metrics["repa_loss"]
             step_log.log_new(timing, step=step)
-            losses = []
+            losses, align_losses = [], []
 
 
 def _snapshot(uri: str, step: int, model) -> None:
@@ -283,7 +309,8 @@ class DiffusionTraining(JobOperator):
     # 3: the input is streamed, each example once per epoch (was drawn with replacement)
     # 4: init_from and finetune; trainable and total parameter counts logged
     # 5: objective (flow_matching beside epsilon and v_prediction) and timesteps
-    version = 5
+    # 6: repa
+    version = 6
     Params = Params
     reads = (C.ID,)
     resources = Resources(num_workers=1, num_gpus="auto")
@@ -302,9 +329,10 @@ class DiffusionTraining(JobOperator):
 
     @classmethod
     def required_columns(cls, params: Params) -> set[str]:
+        repa = {params.repa.features} if params.repa else set()
         if params.backbone.type == "UNet2DConditionModel":
-            return {C.ID, C.COND_EMBEDDING}
-        return {C.ID, C.LABEL}
+            return {C.ID, C.COND_EMBEDDING, *repa}
+        return {C.ID, C.LABEL, *repa}
 
     @classmethod
     def output_columns(cls, params, input_columns):
@@ -437,6 +465,7 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext,
     in MLflow's registry with its lineage."""
     import torch
 
+    from difforge.diffusion.repa import backbone_state
     from difforge.diffusion.sampling import sample_batch
     from difforge.diffusion.schedules import make_scheduler, saved_config
     from difforge.platform.show import grid
@@ -453,7 +482,7 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext,
     trained = build()  # as trained: with its adapter layers, if any
     trainable, total = prepare(trained, kind, ft, config["retrain_classes"])
     with checkpoint.as_directory() as d:
-        trained.load_state_dict(consolidated_state(d))
+        trained.load_state_dict(backbone_state(consolidated_state(d)))  # REPA's projector dropped
         ema_state = (torch.load(os.path.join(d, "ema.pt"), weights_only=True)
                      if os.path.exists(os.path.join(d, "ema.pt")) else None)  # fmt: skip
     ema_trained = None
