@@ -43,7 +43,10 @@ class RepaParams(BaseModel):
                           "encoder's features of each clean image: [D, H, W] or [D]")  # fmt: skip
     block: int = Field(0, ge=0, description="align the output of this block (UNet down "
                        "block, or DiT transformer block)")  # fmt: skip
-    weight: float = Field(0.5, gt=0, description="lambda of eq. 9 (the paper: 0.5)")
+    weight: float = Field(0.5, ge=0, description="lambda of eq. 9 (the paper: 0.5); 0: a "
+                          "control, the network trains as without REPA while the projector "
+                          "learns on its detached hidden state (alignment measured, not "
+                          "trained)")  # fmt: skip
     projector_dim: int = Field(256, ge=1, description="the MLP projector's hidden width "
                                "(the paper: 2048)")  # fmt: skip
 

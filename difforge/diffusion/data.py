@@ -121,7 +121,9 @@ class ShardStream:
         self.has_labels = first.labels is not None
         self.cond_shape = tuple(first.cond.shape[1:]) if first.cond is not None else None
         self.aux_shape = tuple(first.aux.shape[1:]) if first.aux is not None else None
-        row_bytes = sum(a[0].nbytes for a in (first.x, first.cond, first.aux) if a is not None)
+        # the aux column does not size the windows: the order is the same with or without it
+        # (a REPA run sees its control's batches); its memory comes on top
+        row_bytes = first.x[0].nbytes + (first.cond[0].nbytes if first.cond is not None else 0)
         self.window_rows = max(1, window_bytes // row_bytes)
 
     def __len__(self) -> int:

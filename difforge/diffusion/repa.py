@@ -73,11 +73,14 @@ class Aligned(nn.Module):
         side = int(round(h.shape[1] ** 0.5))  # DiT patch tokens [B, N, C] on a square grid
         return h, (side, side)
 
-    def alignment_loss(self, target: torch.Tensor) -> torch.Tensor:
+    def alignment_loss(self, target: torch.Tensor, probe: bool = False) -> torch.Tensor:
         """-mean cosine similarity between the projected hidden state and the encoder's
         features (eq. 8), position by position; pooled features ([B, D]) align with the
-        mean of the projected positions."""
+        mean of the projected positions. `probe`: the hidden state detached, so that only the
+        projector learns (how aligned the network is on its own: the control of weight 0)."""
         tokens, (hh, ww) = self.tokens()
+        if probe:
+            tokens = tokens.detach()
         projected = self.projector(tokens.float())  # [B, N, D]
         if target.ndim == 2:
             sim = nn.functional.cosine_similarity(projected.mean(1), target, dim=-1)

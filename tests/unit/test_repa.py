@@ -41,9 +41,9 @@ def digits_with_features(tmp_path_factory):
     return D.open_dataset(str(root / "with-features"))
 
 
-def run(folder, data, steps: int, repa: dict | None):
+def run(folder, data, steps: int, repa: dict | None, **params):
     p = Params(backbone=TINY_UNET, batch_size=32, warmup_steps=2, checkpoint_every=20,
-               max_steps=steps, lr=1e-3, repa=repa).model_dump()  # fmt: skip
+               max_steps=steps, lr=1e-3, repa=repa, **params).model_dump()  # fmt: skip
     return train_locally({"params": p, "shards": data.shards(), "column": "image",
                           "num_classes": 10, "threads": 2}, str(folder), train)  # fmt: skip
 
@@ -65,6 +65,30 @@ def test_alignment_loss_falls_and_the_projector_learns(tmp_path, digits_with_fea
     bare = backbone_state(final)
     assert not any(k.startswith(("projector.", "net.")) for k in bare)
     assert set(bare) == {k[len("net.") :] for k in final if k.startswith("net.")}
+
+
+def test_weight_zero_is_a_control_the_network_trains_as_without_repa(tmp_path,
+                                                                      digits_with_features):  # fmt: skip
+    """weight 0: the projector learns on the detached hidden state (alignment measured, the
+    same batches), and the network ends where a run without REPA ends, up to the rounding
+    noise of a different parameter layout in DeepSpeed's flat buffers; with a weight, REPA's
+    gradient moves it far more."""
+
+    def network(name: str, weight: float | None):
+        repa = None if weight is None else {"block": 0, "weight": weight, "projector_dim": 32}
+        io = run(tmp_path / name, digits_with_features, 20, repa, grad_clip=None)
+        return io.history[0], backbone_state(consolidated_state(io.folder))
+
+    (h0, control), (_, plain), (h1, aligned) = (network("control", 0.0),
+                                                network("plain", None), network("repa", 1.0))  # fmt: skip
+
+    def distance(a, b):
+        return max((a[k] - b[k]).abs().max().item() for k in a)
+
+    assert set(control) == set(plain) == set(aligned)
+    # measured: 0.0008 against 0.032
+    assert distance(control, plain) < 0.2 * distance(aligned, plain)
+    assert "repa_loss" in h0 and "repa_loss" in h1
 
 
 def test_the_hidden_state_is_the_blocks_and_the_grids_are_matched():

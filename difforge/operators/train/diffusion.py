@@ -221,13 +221,14 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
             cep_hook.generator = tg  # CEP on class embeddings draws from this step's generator
             out = forward(engine, kind, xt.to(dtype), t, y, c.to(dtype) if c is not None else None)
             loss = torch.nn.functional.mse_loss(out.float(), target)
-            if repa:  # eq. 9: L + lambda L_REPA
-                align = engine.module.alignment_loss(torch.from_numpy(batch.aux).to(device))
+            losses.append(loss.item())  # the diffusion loss alone, with or without REPA
+            if repa:  # eq. 9: L + lambda L_REPA (weight 0: the projector alone learns)
+                probe = repa["weight"] == 0
+                align = engine.module.alignment_loss(torch.from_numpy(batch.aux).to(device), probe)
                 align_losses.append(align.item())
-                loss = loss + repa["weight"] * align
+                loss = loss + (1.0 if probe else repa["weight"]) * align
             engine.backward(loss)
             engine.step()
-            losses.append(loss.item())
         step += 1
         now = time.time()
         if first_step_at is None:
