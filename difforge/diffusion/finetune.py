@@ -13,7 +13,8 @@
 - `bias`: bias terms only (BitFit-style).
 
 The class embedding also trains whenever it was re-initialised (a pretrained model fine-tuned
-on a different number of classes), whatever the method.
+on a different number of classes), or when `train_class_embedding` asks for it (classes the
+pretrained model saw no examples of), whatever the method.
 
 The adapter of a partial method is the set of parameters that trained; it is saved alone (next
 to the merged model) and applied back onto the parent model by `apply_adapter`."""
@@ -47,6 +48,10 @@ class Finetune(BaseModel):
     target_modules: list[str] | None = Field(
         None, description="LoRA: layer names (suffixes) to adapt; default: attention projections "
         "(and feed-forward layers on DiT)")  # fmt: skip
+    train_class_embedding: bool = Field(
+        False, description="the class embedding trains too, whatever the method: for a "
+        "fine-tune set whose classes the pretrained model never saw under their labels "
+        "(it trains anyway when the class count differs)")  # fmt: skip
 
 
 def is_class_embedding(name: str) -> bool:
@@ -81,11 +86,12 @@ def prepare(model, kind: str, ft: dict[str, Any], retrain_classes: bool = False)
             layer.register_parameter(GAMMA, torch.nn.Parameter(torch.ones(out)))
             layer.register_forward_hook(_scale)
     if method != "full":
+        classes = retrain_classes or ft.get("train_class_embedding", False)
         norms = {f"{n}.{p}" if n else p for n, m in model.named_modules() if _is_norm(m)
                  for p, _ in m.named_parameters(recurse=False)}  # fmt: skip
         for name, p in model.named_parameters():
             cls = is_class_embedding(name)
-            p.requires_grad_(_trains(name, method, name in norms, cls) or (retrain_classes and cls))
+            p.requires_grad_(_trains(name, method, name in norms, cls) or (classes and cls))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
 

@@ -137,6 +137,24 @@ def test_a_pretrained_model_fixes_the_architecture_and_a_new_class_count_retrain
     assert not load_into(same, state)  # same classes: nothing re-initialised
 
 
+@pytest.mark.parametrize("cfg", [ATTN_UNET, TINY_DIT], ids=["unet", "dit"])
+def test_train_class_embedding_adds_the_class_rows_to_any_method(cfg):
+    """Fine-tuning on classes the parent never saw under their labels: with
+    train_class_embedding, LoRA and bias train the class embedding too (the adapter keeps it)."""
+    for method in ("lora", "bias"):
+        plain, with_classes = build(cfg), build(cfg)
+        n0, _ = prepare(plain, cfg["type"], {"method": method, **FT})
+        n1, _ = prepare(with_classes, cfg["type"],
+                        {"method": method, **FT, "train_class_embedding": True})  # fmt: skip
+        rows = [(n, p) for n, p in with_classes.named_parameters() if is_class_embedding(n)]
+        assert rows and all(p.requires_grad for _, p in rows)
+        assert not any(
+            p.requires_grad for n, p in plain.named_parameters() if is_class_embedding(n)
+        )
+        assert n1 == n0 + sum(p.numel() for _, p in rows)
+        assert set(adapter_state(with_classes)) >= {n for n, _ in rows}
+
+
 def test_bad_starts_are_clear_errors_at_plan_time(tmp_path):
     spec = {"name": "ft", "storage": str(tmp_path), "steps": [
         {"id": "raw", "op": "ingest.digits"},

@@ -310,7 +310,7 @@ class DiffusionTraining(JobOperator):
     # 3: the input is streamed, each example once per epoch (was drawn with replacement)
     # 4: init_from and finetune; trainable and total parameter counts logged
     # 5: objective (flow_matching beside epsilon and v_prediction) and timesteps
-    # 6: repa
+    # 6: repa; finetune.train_class_embedding
     version = 6
     Params = Params
     reads = (C.ID,)
