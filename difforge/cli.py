@@ -464,8 +464,22 @@ def _type_name(annotation: Any) -> str:
 
     if typing.get_origin(annotation) is typing.Literal:
         return "one of: " + ", ".join(str(v) for v in typing.get_args(annotation))
+    args = typing.get_args(annotation)
+    if type(None) in args and len(args) == 2:  # X | None
+        return _type_name(next(a for a in args if a is not type(None))) + " | None"
     text = getattr(annotation, "__name__", None) or str(annotation)
     return text.replace("typing.", "")
+
+
+def _default(info):
+    """A field's default as a user writes it: a default factory's value, models' settings."""
+
+    def plain(v):
+        if hasattr(v, "model_dump"):
+            return v.model_dump(mode="json")
+        return [plain(x) for x in v] if isinstance(v, list) else v
+
+    return plain(info.get_default(call_default_factory=True))
 
 
 def cmd_ops(args: argparse.Namespace) -> int:
@@ -476,7 +490,7 @@ def cmd_ops(args: argparse.Namespace) -> int:
         op = registry.get(name)
         print(f"{name}  (v{op.version}, {op.kind})  {op.description()}")
         for field, info in op.Params.model_fields.items():
-            default = "required" if info.is_required() else f"default {info.default!r}"
+            default = "required" if info.is_required() else f"default {_default(info)!r}"
             desc = f"  {info.description}" if info.description else ""
             print(f"    {field}: {_type_name(info.annotation)} ({default}){desc}")
         if args.name:

@@ -79,6 +79,10 @@ def test_ops_lists_operators_with_params():
     assert "size: " in out.stdout and "(required)" in out.stdout
     one = difforge_cli("ops", "image.resize")
     assert "side outputs: rejects" in one.stdout
+    # defaults made by a factory are shown as values, not as pydantic's placeholder
+    dc = difforge_cli("ops", "evaluate.diffusion_classifier").stdout
+    assert "PydanticUndefined" not in out.stdout
+    assert "stages: list (default [{'trials': 10, 'keep': 3}, {'trials': 30, 'keep': 1}])" in dc
 
 
 def test_schema_is_json_schema_of_the_spec():

@@ -131,3 +131,20 @@ def test_features_rows_travel_with_their_images(digits_with_features):
     for x, f in zip(batch.x0, batch.aux, strict=True):
         i = int(np.argmin(np.abs(feats - f).reshape(len(feats), -1).sum(1)))
         assert np.allclose(feats[i], f) and np.allclose(images[i] / 127.5 - 1.0, x, atol=1e-6)
+
+
+def test_a_dit_aligns_its_patch_tokens():
+    """On DiT, block k's patch tokens (on their grid) are aligned; the gradient reaches the
+    blocks before it."""
+    from difforge.diffusion.backbones import build_backbone
+
+    dit = {"type": "DiTTransformer2DModel", "num_layers": 2, "num_attention_heads": 2,
+           "attention_head_dim": 8, "patch_size": 2, "norm_num_groups": 4}  # fmt: skip
+    net, _ = build_backbone({"backbone": dit}, 8, 4, 10, None)
+    model = Aligned(net, "DiTTransformer2DModel", {"block": 1, "projector_dim": 16}, 128)
+    model(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), class_labels=torch.tensor([1, 2]))
+    tokens, grid = model.tokens()
+    assert tokens.shape == (2, 16, 16) and grid == (4, 4)  # 8x8 latents in 2x2 patches
+    model.alignment_loss(torch.randn(2, 128, 8, 8)).backward()
+    assert net.transformer_blocks[0].attn1.to_q.weight.grad is not None
+    assert net.proj_out_2.weight.grad is None  # the layers after the aligned output: none
