@@ -41,8 +41,8 @@ class RepaParams(BaseModel):
 
     features: str = Field("features", description="the training input's column of the "
                           "encoder's features of each clean image: [D, H, W] or [D]")  # fmt: skip
-    block: int = Field(0, ge=0, description="align the output of this block (UNet down "
-                       "block, or DiT transformer block)")  # fmt: skip
+    block: int = Field(0, ge=0, description="align the output of this block: "
+                       "down_blocks.<block> of a UNet, transformer_blocks.<block> of a DiT")  # fmt: skip
     weight: float = Field(0.5, ge=0, description="lambda of eq. 9 (the paper: 0.5); 0: a "
                           "control, the network trains as without REPA while the projector "
                           "learns on its detached hidden state (alignment measured, not "
@@ -122,3 +122,33 @@ def forward(model, kind: str, x, t, labels, cond):
     if kind == "UNet2DConditionModel":
         return model(x, t, encoder_hidden_states=cond).sample
     return model(x, t, class_labels=labels).sample
+
+
+BLOCK_FAMILIES = ("down_blocks", "mid_block", "up_blocks", "transformer_blocks")
+
+
+def named_block(model, name: str, who: str):
+    """The block of a backbone named as its modules are (`down_blocks.1`, `mid_block`,
+    `up_blocks.0` on UNets, `transformer_blocks.3` on DiT); an unknown name is an error that
+    lists the backbone's blocks. `who` names the setting in the error."""
+    modules = dict(model.named_modules())
+    if not name or name not in modules or name.split(".")[0] not in BLOCK_FAMILIES:
+        blocks = [n for n in modules if n.count(".") <= 1 and n.split(".")[0] in BLOCK_FAMILIES]
+        raise DifforgeError(f"{who}: no block '{name}' in this {type(model).__name__}; it has "
+                            f"{', '.join(b for b in blocks if b)}")  # fmt: skip
+    return modules[name]
+
+
+class BlockOutput:
+    """Records what one block outputs at each forward pass of its backbone (a UNet block's
+    feature map [B, C, H, W], a DiT block's patch tokens [B, N, C]); `remove()` unhooks it."""
+
+    def __init__(self, model, name: str, who: str):
+        self.value = None
+        self._handle = named_block(model, name, who).register_forward_hook(self._record)
+
+    def _record(self, _module, _inputs, output) -> None:
+        self.value = output[0] if isinstance(output, tuple) else output
+
+    def remove(self) -> None:
+        self._handle.remove()

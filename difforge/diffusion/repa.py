@@ -25,15 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from difforge.diffusion.backbones import BlockOutput
 
-def hidden_module(net: nn.Module, kind: str, block: int) -> nn.Module:
-    """The module whose output is aligned."""
-    from difforge.platform.errors import DifforgeError
 
-    blocks = net.transformer_blocks if kind == "DiTTransformer2DModel" else net.down_blocks
-    if block >= len(blocks):
-        raise DifforgeError(f"repa.block {block}: the {kind} has {len(blocks)} blocks")
-    return blocks[block]
+def block_name(kind: str, block: int) -> str:
+    """`repa.block` k as the backbone's block name (see `backbones.named_block`)."""
+    return (
+        f"transformer_blocks.{block}" if kind == "DiTTransformer2DModel" else f"down_blocks.{block}"
+    )
 
 
 def hidden_channels(net: nn.Module, kind: str, block: int) -> int:
@@ -50,23 +49,19 @@ class Aligned(nn.Module):
         super().__init__()
         self.net, self.kind = net, kind
         width = p["projector_dim"]
+        self._hidden = BlockOutput(net, block_name(kind, p["block"]), "repa.block")
         c = hidden_channels(net, kind, p["block"])
         # the paper's projector: a 3-layer MLP with SiLU, at each position
         self.projector = nn.Sequential(nn.Linear(c, width), nn.SiLU(), nn.Linear(width, width),
                                        nn.SiLU(), nn.Linear(width, feature_dim))  # fmt: skip
-        self._hidden: torch.Tensor | None = None
-        hidden_module(net, kind, p["block"]).register_forward_hook(self._record)
-
-    def _record(self, module, inputs, output):
-        self._hidden = output[0] if isinstance(output, tuple) else output
 
     def forward(self, *args, **kwargs):
-        self._hidden = None
+        self._hidden.value = None
         return self.net(*args, **kwargs)
 
     def tokens(self) -> torch.Tensor:
         """The last forward's hidden state as [B, N, C] with its grid (h, w)."""
-        h = self._hidden
+        h = self._hidden.value
         if h.ndim == 4:  # a UNet feature map [B, C, H, W]
             b, c, hh, ww = h.shape
             return h.flatten(2).transpose(1, 2), (hh, ww)

@@ -86,8 +86,9 @@ def test_weight_zero_is_a_control_the_network_trains_as_without_repa(tmp_path,
         return max((a[k] - b[k]).abs().max().item() for k in a)
 
     assert set(control) == set(plain) == set(aligned)
-    # measured: 0.0008 against 0.032
-    assert distance(control, plain) < 0.2 * distance(aligned, plain)
+    near, far = distance(control, plain), distance(aligned, plain)
+    print(f"weight 0 vs no REPA: {near:.4f}; weight 1 vs no REPA: {far:.4f}")  # pytest -s
+    assert near < 0.2 * far
     assert "repa_loss" in h0 and "repa_loss" in h1
 
 

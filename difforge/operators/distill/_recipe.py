@@ -10,7 +10,6 @@ Phases, in order:
 - `halve` (Salimans and Ho, "Progressive Distillation for Fast Sampling of Diffusion Models"):
   the student learns to take in one DDIM step what the teacher takes in two, on the teacher's
   N-step grid; at the end of the phase the student becomes the next phase's teacher, N / 2.
-
 - `consistency` (Song et al., "Consistency Models", 2023, Algorithm 2, consistency
   distillation; in the discrete-time, skipping-step form of Luo et al., "Latent Consistency
   Models", 2023): on the grid t_n = n k - 1, the teacher takes one DDIM step from a noised
@@ -24,7 +23,9 @@ Phases, in order:
 max(alpha^2/sigma^2, 1) of Salimans and Ho, well-posed at every noise level for v-prediction
 models (an epsilon model's x0 estimate divides by alpha, which is ~0 at the noisiest step: distil
 v-prediction teachers). DDIM grids are "trailing" (they start at t = T - 1), as the students'
-saved schedulers sample.
+saved schedulers sample. Each phase of an operator's `plan()` names its `kind`, its `steps`
+and `sample_steps`, the steps the student samples in once the phase ends (its round's grid is
+drawn at them; the last phase's are the exported model's default).
 """
 
 from __future__ import annotations
@@ -192,10 +193,8 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
         ends_phase = step == start + phase["steps"]
         if ends_phase and rank == 0:
             # each round: a grid of the student at its new step count (and its FD if asked)
-            after = plan[index + 1]["teacher_steps"] if index + 1 < len(plan) else None
-            steps_now = {"halve": phase.get("teacher_steps", 2) // 2,
-                         "consistency": phase.get("sample_steps")}.get(phase["kind"], after)  # fmt: skip
-            log_round(config, _unwrap(engine), info, sched_cfg, vae, index, steps_now or 1, step)
+            log_round(config, _unwrap(engine), info, sched_cfg, vae, index,
+                      phase["sample_steps"], step)  # fmt: skip
         if step % p["checkpoint_every"] == 0 or ends_phase:
             metrics = {"step": step, "loss": float(np.mean(losses)), "phase": index,
                        "lr": lr_sched.get_last_lr()[0]}  # fmt: skip

@@ -60,9 +60,6 @@ class Consistency(_Distill):
         return [{"kind": "consistency", "steps": p.steps, "ode_steps": p.ode_steps,
                  "sample_steps": p.num_inference_steps}]  # fmt: skip
 
-    def student_steps(self) -> int:
-        return self.params.num_inference_steps
-
     def check_teacher(self, info: dict) -> None:
         from difforge.platform.errors import DifforgeError
 

@@ -98,15 +98,19 @@ class _Distill(JobOperator):
 
     def plan(self) -> list[dict[str, Any]]:
         p = self.params
-        phases = [{"kind": "guide", "steps": p.guide_steps}] if self.guided else []
+        phases = []
+        if self.guided:  # w is learnt on the teacher's own grid
+            phases.append({"kind": "guide", "steps": p.guide_steps,
+                           "sample_steps": p.teacher_steps})  # fmt: skip
         for r in range(p.rounds):
             phases.append({"kind": "halve", "teacher_steps": p.teacher_steps >> r,
-                           "steps": p.steps_per_round})  # fmt: skip
+                           "steps": p.steps_per_round,
+                           "sample_steps": p.teacher_steps >> (r + 1)})  # fmt: skip
         return phases
 
     def student_steps(self) -> int:
-        """The steps the student samples in by default."""
-        return self.params.teacher_steps >> self.params.rounds
+        """The steps the student samples in by default: its last phase's."""
+        return self.plan()[-1]["sample_steps"]
 
     def check_teacher(self, info: dict) -> None:
         """Refuse a teacher this distillation cannot follow, before any worker starts."""

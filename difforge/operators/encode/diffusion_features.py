@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from difforge.diffusion.backbones import BlockOutput, named_block
 from difforge.diffusion.recognition import Denoiser
 from difforge.models.features import FEATURES
 from difforge.platform import columns as C
-from difforge.platform.errors import DifforgeError
 from difforge.platform.operator import MapOperator, passthrough
 from difforge.platform.spec import Resources
 
@@ -63,13 +63,7 @@ class DiffusionFeatures(MapOperator):
 
     def setup(self, ctx) -> None:
         self.net = net = Denoiser(ctx.input(1), self.params.weights, ctx, self.name)
-        modules = dict(net.model.named_modules())
-        if not self.params.block or self.params.block not in modules:
-            blocks = [n for n in modules if n.count(".") <= 1 and n.split(".")[0] in
-                      ("down_blocks", "mid_block", "up_blocks", "transformer_blocks")]  # fmt: skip
-            raise DifforgeError(f"{self.name}: no block '{self.params.block}' in this "
-                                f"{net.kind}; it has {', '.join(b for b in blocks if b)}")  # fmt: skip
-        self.block = modules[self.params.block]
+        named_block(net.model, self.params.block, self.name)  # an unknown name fails here
         self.cond = None  # the unconditional input: a text model's null, or the null class
         if net.info.get("conditioning") == "text":
             from difforge.diffusion.model_folder import text_conditioning
@@ -87,20 +81,15 @@ class DiffusionFeatures(MapOperator):
         x0 = net.clean(images)
         eps = id_noise(ids, tuple(x0.shape[1:]), self.params.seed).to(net.device)
         xt, t, _ = net.path.at(x0, eps, self.params.t)
-        kept: dict[str, Any] = {}
-
-        def hook(_module, _args, out):
-            kept["out"] = out[0] if isinstance(out, tuple) else out
-
         n = len(x0)
         labels = None if self.null is None else torch.full((n,), self.null, device=net.device)
         cond = None if self.cond is None else self.cond.expand(n, *self.cond.shape)
-        handle = self.block.register_forward_hook(hook)
+        kept = BlockOutput(net.model, self.params.block, self.name)
         try:
             net(xt, t, labels, cond)
         finally:
-            handle.remove()
-        f = kept["out"].float()
+            kept.remove()
+        f = kept.value.float()
         if net.kind == "DiTTransformer2DModel" and f.ndim == 3:  # tokens: [n, tokens, dim]
             f = f.mean(1) if self.params.pooling == "mean" else f.transpose(1, 2)
         elif self.params.pooling == "mean":
