@@ -32,6 +32,11 @@ class StepLog(Protocol):
         """Log `metrics` at `step` unless that step was logged before (a training run that
         resumes from a checkpoint replays steps: each is logged once)."""
 
+    def log_progress(self, step: int, loss: float) -> None:
+        """A training loop's heartbeat, called by rank 0 at every step: `running_loss` at
+        `step`, logged at most every few seconds, for the driver's progress line (checkpoint
+        metrics can be minutes apart)."""
+
     def log_image(self, image: Any, name: str) -> None: ...
 
     def log_text(self, text: str, name: str) -> None: ...
@@ -61,6 +66,9 @@ class NullLog:
         pass
 
     def log_new(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_progress(self, step: int, loss: float) -> None:
         pass
 
     def log_image(self, image: Any, name: str) -> None:

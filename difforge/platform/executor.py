@@ -50,15 +50,20 @@ class StepSummary:
     uri: str
     side_rows: dict[str, int] = field(default_factory=dict)
     run_id: str | None = None
+    kind: str = "map"  # the operator's kind
 
     def line(self) -> str:
-        """The one line a step ends with on the console."""
+        """The one line a step ends with on the console. Rows flow through a source, map or
+        filter step (its rate is rows/s); a job reads its input whole, as often as it likes (a
+        training step's own throughput is its `samples_per_s` metric)."""
         if self.cached:
             return f"step {self.step} ({self.op}): cached, {self.rows_out} rows"
         sides = "".join(f" (+{n} {k})" for k, n in self.side_rows.items())
+        head = f"step {self.step} ({self.op}): {self.rows_out} rows{sides} in {self.seconds:.1f}s"
+        if self.kind == "job":
+            return head + (f", from {self.rows_in:,} input rows" if self.rows_in else "")
         rows = self.rows_in if self.rows_in is not None else self.rows_out
-        rate = f", {rows / self.seconds:,.0f} rows/s" if self.seconds > 0 and rows else ""
-        return f"step {self.step} ({self.op}): {self.rows_out} rows{sides} in {self.seconds:.1f}s{rate}"
+        return head + (f", {rows / self.seconds:,.0f} rows/s" if self.seconds > 0 and rows else "")
 
 
 @dataclass
@@ -322,6 +327,7 @@ class Executor:
             step.uri,
             side_rows,
             s.log.run_id,
+            step.op_cls.kind,
         )
 
 

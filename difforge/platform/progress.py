@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("difforge")
 
 QUIET_EVERY_S = 30.0
+#: a training loop's heartbeat (`StepLog.log_progress`): its loss, at most every PROGRESS_EVERY_S
+PROGRESS_METRIC, PROGRESS_EVERY_S = "running_loss", 5.0
 CHATTY = ("ray", "ray.data", "ray.train", "mlflow", "alembic", "deepspeed", "urllib3", "filelock")
 _log_file: Path | None = None
 
@@ -86,10 +88,14 @@ class Progress:
             self.bar = tqdm(total=total, desc=label, unit=f" {unit}", leave=False, file=sys.stderr,
                             dynamic_ncols=True)  # fmt: skip
 
-    def update(self, done: int | None = None, step: int = 1, **postfix: Any) -> None:
+    def update(self, done: int | None = None, step: int = 1, show: bool = True,
+               **postfix: Any) -> None:  # fmt: skip
+        """Record work done (and figures to show beside it); draw it unless `show` is False."""
         self.done = done if done is not None else self.done + step
         self.postfix = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                  for k, v in postfix.items())  # fmt: skip
+        if not show:
+            return
         if self.bar is not None:
             self.bar.n = self.done
             if postfix:
@@ -105,7 +111,7 @@ class Progress:
         elapsed = time.time() - self.started
         of = f"/{self.total}" if self.total else ""
         eta = ""
-        if self.total and self.done:
+        if self.total and 0 < self.done < self.total:
             eta = f", about {elapsed / self.done * (self.total - self.done):.0f}s left"
         extra = f", {self.postfix}" if self.postfix else ""
         return f"{self.label}: {self.done}{of} {self.unit} in {elapsed:.0f}s{eta}{extra}"
@@ -132,17 +138,28 @@ class MetricProgress:
     def __exit__(self, *exc: Any) -> None:
         self.stop.set()
         self.thread.join(timeout=5)
+        if exc[0] is None:  # where training ended, in one line (the bar goes)
+            self._update(-1, show=False)
+            log.info("%s", self.progress.line())
         self.progress.close()
 
     def _poll(self) -> None:
         seen = -1
         while not self.stop.wait(2.0):
-            try:
-                history = self.step_log.metric_history(self.metric)
-            except Exception:  # noqa: BLE001 - progress is a courtesy; never fails a run
-                continue
-            if history:
-                step, value = max(history)
-                if step != seen:
-                    seen = step
-                    self.progress.update(step, **{self.metric: value})
+            seen = self._update(seen)
+
+    def _update(self, seen: int, show: bool = True) -> int:
+        """Show the newest point of the checkpoints' metric or of the heartbeat between them."""
+        try:
+            points = [(step, value, self.metric) for step, value in
+                      self.step_log.metric_history(self.metric)]  # fmt: skip
+            points += [(step, value, "loss") for step, value in
+                       self.step_log.metric_history(PROGRESS_METRIC)]  # fmt: skip
+        except Exception:  # noqa: BLE001 - progress is a courtesy; never fails a run
+            return seen
+        if points:
+            step, value, name = max(points)
+            if step != seen:
+                self.progress.update(step, show=show, **{name: value})
+                return step
+        return seen

@@ -14,12 +14,13 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difforge.platform import settings
 from difforge.platform.events import RunObserver, StepLog
-from difforge.platform.progress import quiet_libraries
+from difforge.platform.progress import PROGRESS_EVERY_S, PROGRESS_METRIC, quiet_libraries
 from difforge.platform.watchdog import process_identity, reap_dead_runs
 
 if TYPE_CHECKING:
@@ -138,6 +139,12 @@ class StepTracker:
                 last[key] = step
         if fresh:
             self.log_metrics(fresh, step)
+
+    def log_progress(self, step: int, loss: float) -> None:
+        now = time.time()
+        if now - self.__dict__.get("_beat", -PROGRESS_EVERY_S) >= PROGRESS_EVERY_S:
+            self._beat = now
+            self.log_metrics({PROGRESS_METRIC: loss}, step)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for k, v in tags.items():

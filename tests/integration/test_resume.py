@@ -191,6 +191,16 @@ def test_ctrl_c_during_training_is_an_interruption_not_a_failure(tmp_path):
         # the training loop is running once its worker wrote where it runs
         wait_for(lambda: any((tmp_path / "storage" / "slow" / "model").glob("*/_work/nodes/rank-0")),
                  180, "the training loop")  # fmt: skip
+        # long before its first checkpoint, the step's run shows how far training got
+        tracking = MlflowClient(f"sqlite:///{home}/mlflow.db")
+
+        def heartbeat() -> list:
+            exp = tracking.get_experiment_by_name("train-ctrl-c")
+            runs = tracking.search_runs([exp.experiment_id], "tags.`difforge.step` = 'model'")
+            return runs and tracking.get_metric_history(runs[0].info.run_id, "running_loss")
+
+        wait_for(lambda: bool(heartbeat()), 60, "the training heartbeat")
+        assert all(m.step >= 1 and m.value > 0 for m in heartbeat())
         os.killpg(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
     finally:

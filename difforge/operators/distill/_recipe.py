@@ -190,6 +190,8 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
                     target_p.lerp_(p_.detach().float(), 1.0 - p["target_ema"])
         losses.append(loss.item())
         step += 1
+        if rank == 0:
+            step_log.log_progress(step, losses[-1])
         ends_phase = step == start + phase["steps"]
         if ends_phase and rank == 0:
             # each round: a grid of the student at its new step count (and its FD if asked)

@@ -230,6 +230,8 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
             engine.backward(loss)
             engine.step()
         step += 1
+        if rank == 0:
+            step_log.log_progress(step, losses[-1])
         now = time.time()
         if first_step_at is None:
             first_step_at = window_start = now

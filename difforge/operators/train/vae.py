@@ -118,6 +118,8 @@ def train_loop(config: dict[str, Any]) -> None:
         opt.step()
         losses.append(mse.item())
         done = step + 1
+        if rank == 0:
+            step_log.log_progress(done, losses[-1])
         if done % p["checkpoint_every"] == 0 or done == p["max_steps"]:
             psnr = 10 * math.log10(4.0 / max(1e-10, float(np.mean(losses))))
             metrics = {"step": done, "mse": float(np.mean(losses)), "psnr": psnr}
