@@ -144,7 +144,10 @@ class StepTracker:
         now = time.time()
         if now - self.__dict__.get("_beat", -PROGRESS_EVERY_S) >= PROGRESS_EVERY_S:
             self._beat = now
-            self.log_metrics({PROGRESS_METRIC: loss}, step)
+            try:
+                self.log_metrics({PROGRESS_METRIC: loss}, step)
+            except Exception:  # noqa: BLE001 - a heartbeat never stops training (a busy store)
+                log.debug("heartbeat at step %d not logged", step, exc_info=True)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
