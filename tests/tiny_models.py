@@ -37,3 +37,20 @@ def tiny_clip(folder: str | Path, image_size: int = 32, seed: int = 0) -> str:
                                 crop_size={"height": image_size, "width": image_size})  # fmt: skip
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
     return str(folder)
+
+
+def tiny_dinov2(folder: str | Path, image_size: int = 32, seed: int = 0) -> str:
+    """A DINOv2 backbone (transformers' `Dinov2Model`, random weights) and its image processor
+    (resize the short side, centre-crop, ImageNet normalisation), saved as a user's folder is."""
+    import torch
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          mlp_ratio=2, image_size=image_size, patch_size=8)  # fmt: skip
+    torch.manual_seed(seed)
+    Dinov2Model(config).eval().save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": image_size},
+                      crop_size={"height": image_size, "width": image_size},
+                      image_mean=[0.485, 0.456, 0.406],
+                      image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)  # fmt: skip
+    return str(folder)

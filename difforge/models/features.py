@@ -9,7 +9,11 @@ float32 features [N, D] and, for a classifier, its predicted labels. Kinds:
   sound, fast extractor for small data;
 - `inception`: the 2048-d pool features of the FID Inception-v3 network (TorchScript), images
   resized to 299x299 bilinearly and scaled as the TensorFlow network expects (v / 128 - 1);
-- `pixels`: the image itself, scaled to [-1, 1] and flattened (memorization's default).
+- `pixels`: the image itself, scaled to [-1, 1] and flattened (memorization's default);
+- `transformers`: the image embedding of a `transformers` vision model with its own image
+  processor (CLIP and SigLIP: the projected embedding `get_image_features`; DINOv2 and other
+  backbones: the pooled output, else the first token), L2-normalised where asked: what
+  embedding-based curation (`encode.image`) compares.
 
 `encode.features` writes them as a step; `evaluate.fid` and `evaluate.memorization` compute them
 through `featurize`, the same actor-pool pass, so the driver only ever reads summaries.
@@ -38,12 +42,15 @@ PREDICTED = "predicted_label"
 class FeatureSpec:
     """What extractor to build: its kind and the model it loads."""
 
-    kind: str  # classifier | inception | pixels
-    model_uri: str | None = None  # classifier: the model folder
+    kind: str  # classifier | inception | pixels | transformers
+    model_uri: str | None = None  # classifier: the model folder; transformers: the reference
     weights: str | None = None  # inception: the TorchScript file
     mode: str | None = None  # image mode read: "L" or "RGB" (None: as stored)
     #: the map before pooling, [D, H, W] (a classifier's last feature map; pixels as an image)
     spatial: bool = False
+    #: transformers: the weights' digest (pinned at plan time), and L2 normalisation
+    digest: str | None = None
+    normalize: bool = False
 
     def identity(self) -> dict[str, Any]:
         """What fixes the features: for cache keys, fingerprints and manifests."""
@@ -54,6 +61,8 @@ class FeatureSpec:
             out["model"] = self.model_uri
         elif self.kind == "inception":
             out["weights_sha1"] = _file_digest(self.weights or "")
+        elif self.kind == "transformers":
+            out.update(model=self.model_uri, weights_sha256=self.digest, normalize=self.normalize)
         return out
 
 
@@ -108,6 +117,8 @@ class Extractor:
             self.net, _ = load_classifier(spec.model_uri, device)
         elif spec.kind == "inception":
             self.net = torch.jit.load(spec.weights, map_location=device).eval()
+        elif spec.kind == "transformers":
+            self.net, self.processor = load_vision_model(spec.model_uri, device)
         elif spec.kind != "pixels":
             raise DifforgeError(f"unknown feature kind {spec.kind!r}")
         if spec.spatial and spec.kind == "inception":
@@ -134,6 +145,8 @@ class Extractor:
         if self.spec.kind == "pixels":
             flat = x if self.spec.spatial else x.reshape(len(x), -1)
             return flat.astype(np.float32) / 127.5 - 1.0, None
+        if self.spec.kind == "transformers":
+            return self._embeddings(x, batch), None
         feats, preds = [], []
         with torch.no_grad():
             for s in range(0, len(x), batch):
@@ -155,17 +168,76 @@ class Extractor:
         out = np.concatenate(feats).astype(np.float32)
         return out, (np.concatenate(preds).astype(np.int64) if preds else None)
 
+    def _embeddings(self, x: np.ndarray, batch: int) -> np.ndarray:
+        """A vision model's embedding of uint8 [N, C, H, W] images, through its own processor
+        (resize, crop, normalise) as RGB."""
+        import numpy as np
+        import torch
 
-def with_features(batch: pa.Table, extractor: Extractor, keep_image: bool = False) -> pa.Table:
-    """The batch with `features` and (a classifier's) `predicted_label`; its image dropped
-    unless kept."""
+        if x.shape[1] == 1:
+            x = x.repeat(3, axis=1)
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(x), batch):
+                pixels = self.processor(images=list(x[s : s + batch]), return_tensors="pt",
+                                        input_data_format="channels_first")["pixel_values"]  # fmt: skip
+                e = image_embedding(self.net, pixels.to(self.device, self.net.dtype)).float()
+                if self.spec.normalize:
+                    e = torch.nn.functional.normalize(e, dim=-1)
+                out.append(e.cpu().numpy())
+        return np.concatenate(out).astype(np.float32)
+
+
+def load_vision_model(ref: str, device: str = "cpu"):
+    """(model, image processor) of a transformers vision model given as any reference the
+    resolver takes, or a clear error naming what it is not."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    from difforge.models.resolve import resolve
+
+    path = resolve(ref, "image embedding model")
+    try:
+        model = AutoModel.from_pretrained(path).to(device).eval()
+        processor = AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise DifforgeError(f"{ref} is not a transformers vision model with its image processor "
+                            f"({type(exc).__name__}: {exc})") from None  # fmt: skip
+    if not hasattr(model, "get_image_features") and "pixel_values" not in _forward_args(model):
+        raise DifforgeError(f"{ref} ({type(model).__name__}) takes no images")
+    return model, processor
+
+
+def _forward_args(model) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)
+
+
+def image_embedding(model, pixel_values):
+    """One vector per image: a CLIP-like model's projected image embedding (what its text
+    side is compared with), else the backbone's pooled output (DINOv2: the normed class
+    token), else its first token."""
+    if hasattr(model, "get_image_features"):
+        out = model.get_image_features(pixel_values=pixel_values)
+        return out if hasattr(out, "norm") else out.pooler_output  # transformers 5: an output
+    out = model(pixel_values=pixel_values)
+    pooled = getattr(out, "pooler_output", None)
+    if pooled is not None:
+        return pooled.flatten(1)
+    return out.last_hidden_state[:, 0]
+
+
+def with_features(batch: pa.Table, extractor: Extractor, keep_image: bool = False,
+                  column: str = FEATURES) -> pa.Table:  # fmt: skip
+    """The batch with `column` (`features`) and (a classifier's) `predicted_label`; its image
+    dropped unless kept."""
     import pyarrow as pa
 
     from difforge.platform.tensors import to_column
 
     feats, preds = extractor(batch.column(C.IMAGE).to_pylist())
     out = batch if keep_image else batch.drop_columns([C.IMAGE])
-    out = out.append_column(FEATURES, to_column(feats))
+    out = out.append_column(column, to_column(feats))
     if preds is not None:
         out = out.append_column(PREDICTED, pa.array(preds, pa.int64()))
     return out

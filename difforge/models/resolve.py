@@ -145,6 +145,19 @@ def resolve(ref: str, what: str = "model") -> str:
     raise DifforgeError(f"{what} '{ref}': no such folder")
 
 
+def pinned_identity(ref: str, what: str = "model") -> dict[str, str]:
+    """What a user-named model is, fixed at plan time (for a step's fingerprint): a registry
+    alias or `latest` pinned to its version, a hub id to its commit, and a folder's (or a
+    copied URI's) weights by their digest, so that changed weights recompute."""
+    from difforge.diffusion.pretrained import weights_sha256
+
+    ref = pin(ref)
+    local = ref.startswith("models:/") or "://" in ref or os.path.isdir(os.path.expanduser(ref))
+    if not local:  # a hub id, pinned to its commit
+        return {"model": ref}
+    return {"model": ref, "weights_sha256": weights_sha256(resolve(ref, what))}
+
+
 def model_of(ds) -> dict:
     """The row a model step (`train.*`, `distill.*`) wrote: `model_uri`, `kind` and its figures;
     a clear error for a dataset that is not one."""

@@ -61,18 +61,10 @@ class CLIPScore(MapOperator):
                            remove=C.ENCODED_IMAGE)  # fmt: skip
 
     def external_state(self) -> dict[str, str] | None:
-        """What scores, fixed at plan time: a registry alias or `latest` pinned to its version,
-        a hub id to its commit, and a folder's weights by their digest (changed weights rescore)."""
-        import os
+        """What scores, fixed at plan time (`resolve.pinned_identity`)."""
+        from difforge.models.resolve import pinned_identity
 
-        from difforge.diffusion.pretrained import weights_sha256
-        from difforge.models.resolve import pin, resolve
-
-        ref = pin(self.params.model)
-        local = ref.startswith("models:/") or "://" in ref or os.path.isdir(os.path.expanduser(ref))
-        if not local:  # a hub id, pinned to its commit
-            return {"model": ref}
-        return {"model": ref, "weights_sha256": weights_sha256(resolve(ref, "CLIP model"))}
+        return pinned_identity(self.params.model, "CLIP model")
 
     def setup(self, ctx) -> None:
         from transformers import CLIPModel, CLIPProcessor
