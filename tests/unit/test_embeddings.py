@@ -79,3 +79,73 @@ def test_what_is_not_a_vision_model_is_named(tmp_path):
         Extractor(FeatureSpec("transformers", str(tmp_path / "empty"), mode="RGB"))
     with pytest.raises(DifforgeError, match="image embedding model '.*nope': no such folder"):
         Extractor(FeatureSpec("transformers", str(tmp_path / "nope"), mode="RGB"))
+
+
+def planted(n: int = 1600, copies: int = 400, dim: int = 32, seed: int = 0):
+    """Unit embeddings in 20 loose blobs (members far apart: cosine about 0.1), and `copies`
+    near-copies of random rows (cosine about 0.999): ids a* for originals, b* for copies."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(20, dim))
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    base = centers[rng.integers(0, 20, n)] + rng.normal(scale=0.5, size=(n, dim))
+    of = rng.choice(n, copies, replace=False)
+    near = base[of] + rng.normal(scale=0.02, size=(copies, dim))
+    e = np.concatenate([base, near]).astype(np.float32)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    ids = [f"a{i:05d}" for i in range(n)] + [f"b{i:05d}" for i in range(copies)]
+    return ids, e, {f"b{i:05d}": f"a{j:05d}" for i, j in enumerate(of)}
+
+
+def cluster_table(ids, e, role="main", score=None):
+    import pyarrow as pa
+
+    from difforge.platform.tensors import to_column
+
+    return pa.table({"id": ids, "key": ["0"] * len(ids), "role": [role] * len(ids),
+                     "score": pa.array(score if score is not None else np.zeros(len(ids))),
+                     "e": to_column(e)})  # fmt: skip
+
+
+def pairs(found) -> dict[str, str]:
+    """{dropped id: the id it duplicates} of a `duplicates` table."""
+    return dict(zip(found["id"].to_pylist(), found["duplicate_of"].to_pylist(), strict=True))
+
+
+def test_within_a_cluster_the_lower_ranked_copy_goes():
+    from difforge.operators.curate.semantic_dedup import Params, SemanticDedup
+
+    ids, e, copy_of = planted(200, 50)
+    found = SemanticDedup(Params(threshold=0.95)).match(cluster_table(ids, e), reference=False)
+    assert pairs(found) == copy_of
+    assert min(found["similarity"].to_pylist()) >= 0.95
+    # ranked by a score instead: the copies score higher, so the originals go
+    score = np.r_[np.zeros(200), np.ones(50)]
+    op = SemanticDedup(Params(threshold=0.95, score_column="aesthetic"))
+    found = op.match(cluster_table(ids, e, score=score), reference=False)
+    assert {kept: gone for gone, kept in pairs(found).items()} == copy_of
+
+
+def test_against_a_reference_only_reference_rows_count():
+    import pyarrow as pa
+
+    from difforge.operators.curate.semantic_dedup import Decontaminate, DecontaminateParams
+
+    ids, e, copy_of = planted(200, 50)
+    train = cluster_table(ids[:200], e[:200])  # originals only: no pair among them
+    ref_of = {c: o for c, o in copy_of.items()}
+    ref = cluster_table(list(ref_of), e[200:], role="ref")
+    found = Decontaminate(DecontaminateParams()).match(pa.concat_tables([train, ref]), True)
+    assert pairs(found) == {o: c for c, o in ref_of.items()}
+    with pytest.raises(ValueError, match="score_column: decontamination"):
+        DecontaminateParams(score_column="aesthetic")
+
+
+def test_what_is_not_an_embedding_column_is_named():
+    import pyarrow as pa
+
+    from difforge.operators.curate.semantic_dedup import unit_embeddings
+
+    with pytest.raises(DifforgeError, match="no column `embedding`; embed the images first"):
+        unit_embeddings(pa.table({"id": ["a"]}), "embedding", "curate.semantic_dedup")
+    with pytest.raises(DifforgeError, match="`label` is not a tensor column"):
+        unit_embeddings(pa.table({"id": ["a"], "label": [1]}), "label", "curate.semantic_dedup")
