@@ -87,3 +87,38 @@ def test_semantic_dedup_finds_planted_copies_and_decontamination_the_reference(
     gone = difforge.open_dataset(f"{clean.uri}/duplicates").to_arrow()
     assert set(gone["id"].to_pylist()) == set(held)  # the originals evaluated on; their copies
     assert clean.rows_out == unique.rows_out - 30  # went in the step before
+
+
+def test_scores_from_a_head_filter_with_reasons_and_a_threshold_preview(ray_session, tmp_path):
+    """A linear head over the embeddings scores each digit; the filter keeps the scores at or
+    above a threshold, rejects the others with their reason, and shows where it decided."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    torch.save({"linear.weight": torch.eye(16)[:1] * 10, "linear.bias": torch.zeros(1)},
+               tmp_path / "aesthetic.pt")  # score: 10 x the first embedding coordinate  # fmt: skip
+    spec = embedding_pipeline(tmp_path / "storage", tiny_clip(tmp_path / "clip", image_size=16))
+    spec["steps"].append(
+        {"id": "scored", "op": "curate.score", "inputs": ["embedded"],
+         "params": {"column": "aesthetic", "head": str(tmp_path / "aesthetic.pt")}})  # fmt: skip
+    first = difforge.run(spec)
+    scored = difforge.open_dataset(first.step("scored").uri).to_arrow()
+    e = to_numpy(scored.column("embedding"))
+    assert np.allclose(scored.column("aesthetic").to_numpy(), 10 * e[:, 0], atol=1e-5)
+    median = float(np.median(scored.column("aesthetic").to_numpy()))
+    spec["steps"].append({"id": "good", "op": "curate.filter", "inputs": ["scored"],
+                          "params": {"min_score": {"aesthetic": median}}})  # fmt: skip
+    summary = difforge.run(spec)
+    assert summary.step("scored").cached
+    good = summary.step("good")
+    below = int((scored.column("aesthetic").to_numpy() < median).sum())
+    assert 100 < below < 200 and good.rows_out == 300 - below
+    rejects = difforge.open_dataset(f"{good.uri}/rejects").to_arrow()
+    assert set(rejects.column("reason").to_pylist()) == {"min_score.aesthetic"}
+    client = MlflowClient(summary.tracking_uri)
+    run = client.get_run(good.run_id)
+    assert run.data.metrics["removed_by_min_score.aesthetic"] == below
+    shown = {a.path for a in client.list_artifacts(good.run_id)}
+    assert {"aesthetic_histogram.png", "aesthetic_threshold.png"} <= shown
+    assert "aesthetic_histogram.png" in {a.path for a in client.list_artifacts(
+        first.step("scored").run_id)}  # fmt: skip

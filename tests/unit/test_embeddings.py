@@ -149,3 +149,48 @@ def test_what_is_not_an_embedding_column_is_named():
         unit_embeddings(pa.table({"id": ["a"]}), "embedding", "curate.semantic_dedup")
     with pytest.raises(DifforgeError, match="`label` is not a tensor column"):
         unit_embeddings(pa.table({"id": ["a"], "label": [1]}), "label", "curate.semantic_dedup")
+
+
+def test_a_heads_linear_layers_are_read_in_order_between_dropouts(tmp_path):
+    """The improved aesthetic predictor's layout: Linear layers at 0, 2, 4 of a Sequential
+    whose odd entries are dropouts (no weights), no activations between them."""
+    from safetensors.torch import save_file
+
+    from difforge.operators.curate.score import load_head
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Dropout(0.2),
+                              torch.nn.Linear(8, 4), torch.nn.Dropout(0.1),
+                              torch.nn.Linear(4, 1)).eval()  # fmt: skip
+    state = {f"layers.{k}": v for k, v in mlp.state_dict().items()}
+    save_file(state, tmp_path / "head.safetensors")
+    torch.save({"linear.weight": torch.ones(1, 16)}, tmp_path / "linear.pt")  # LAION-5B's form
+    e = np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32)
+    with torch.no_grad():
+        want = mlp(torch.from_numpy(e)).squeeze(1).numpy()
+    assert np.allclose(load_head(str(tmp_path / "head.safetensors"), "none")(e), want, atol=1e-6)
+    assert np.allclose(load_head(str(tmp_path / "linear.pt"), "none")(e), e.sum(1), atol=1e-5)
+    with pytest.raises(DifforgeError, match="takes 16-d embeddings, the column has 8"):
+        load_head(str(tmp_path / "linear.pt"), "none")(e[:, :8])
+    (tmp_path / "junk.pt").write_bytes(b"not weights")
+    with pytest.raises(DifforgeError, match="junk.pt is not a safetensors or torch state-dict"):
+        load_head(str(tmp_path / "junk.pt"), "none")
+
+
+def test_zero_shot_scores_are_clips_softmax_over_the_prompts(tmp_path, images):
+    from transformers import CLIPModel, CLIPProcessor
+
+    from difforge.operators.curate.score import PromptScorer
+
+    folder = tiny_clip(tmp_path / "clip")
+    e, _ = Extractor(FeatureSpec("transformers", folder, mode="RGB", normalize=True))(images)
+    prompts = ["a photo with a watermark", "a clean photo", "a drawing"]
+    got = PromptScorer(folder, prompts)(e)
+    model, processor = (
+        CLIPModel.from_pretrained(folder).eval(),
+        CLIPProcessor.from_pretrained(folder),
+    )
+    rgb = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+    with torch.no_grad():
+        out = model(**processor(text=prompts, images=rgb, return_tensors="pt", padding=True))
+    assert np.allclose(got, out.logits_per_image.softmax(-1)[:, 0].numpy(), atol=1e-5)

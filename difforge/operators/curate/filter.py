@@ -1,4 +1,9 @@
-"""`curate.filter`: declarative filters on columns; each reports how many rows it removed."""
+"""`curate.filter`: declarative filters on columns; each reports how many rows it removed.
+
+Scores (`curate.score`'s, or any numeric column) are thresholded with `min_score` /
+`max_score`; for each, the step logs the scores' histogram with the threshold, and a grid of the
+images just above and just below it (`<column>_threshold.png`): what the threshold keeps and
+what it drops, where it decides."""
 
 from __future__ import annotations
 
@@ -29,6 +34,10 @@ class Params(BaseModel):
     labels: list[int] | None = Field(None, description="keep only these labels")
     min_caption_words: int | None = Field(None, ge=0)
     max_caption_words: int | None = Field(None, ge=1)
+    min_score: dict[str, float] | None = Field(None, description="keep rows whose score "
+                                               "column is at least this: {aesthetic: 5.0}")  # fmt: skip
+    max_score: dict[str, float] | None = Field(None, description="keep rows whose score "
+                                               "column is at most this: {watermark: 0.5}")  # fmt: skip
 
 
 SIZE = ("min_width", "max_width", "min_height", "max_height", "min_aspect", "max_aspect")
@@ -39,9 +48,17 @@ class Filter(FilterOperator):
     """Keeps rows that pass every configured filter; the others go to `rejects`, named by filter."""
 
     name = "curate.filter"
-    version = 1
+    version = 2  # 2: min_score, max_score
     Params = Params
     resources = Resources(batch_size=4096)
+
+    def scored(self) -> dict[str, dict[str, float]]:
+        """{column: {"min": t, "max": t}} of the score thresholds."""
+        out: dict[str, dict[str, float]] = {}
+        for bound in ("min", "max"):
+            for col, t in (getattr(self.params, f"{bound}_score") or {}).items():
+                out.setdefault(col, {})[bound] = t
+        return out
 
     @classmethod
     def required_columns(cls, params: Params) -> set[str]:
@@ -52,6 +69,8 @@ class Filter(FilterOperator):
             cols.add(C.LABEL)
         if any(getattr(params, f) is not None for f in CAPTION):
             cols.add(C.CAPTION)
+        for bound in (params.min_score, params.max_score):
+            cols |= set(bound or {})
         return cols
 
     def _failed(self, row: dict[str, Any]) -> str | None:
@@ -72,10 +91,17 @@ class Filter(FilterOperator):
             value = getattr(p, name)
             if value is not None and not ok(value):
                 return name
+        for col, bounds in self.scored().items():  # a missing score fails its filter
+            v = row.get(col)
+            if "min" in bounds and (v is None or v < bounds["min"]):
+                return f"min_score.{col}"
+            if "max" in bounds and (v is None or v > bounds["max"]):
+                return f"max_score.{col}"
         return None
 
     def judge(self, batch: pa.Table) -> Verdicts:
-        cols = [c for c in (C.WIDTH, C.HEIGHT, C.LABEL, C.CAPTION) if c in batch.column_names]
+        wanted = (C.WIDTH, C.HEIGHT, C.LABEL, C.CAPTION, *self.scored())
+        cols = [c for c in wanted if c in batch.column_names]
         return Verdicts([self._failed(r) for r in batch.select(cols).to_pylist()])
 
     def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
@@ -83,5 +109,68 @@ class Filter(FilterOperator):
         counts = Counter()
         if rejects.num_rows:
             counts.update(rejects.to_arrow(columns=[C.REASON]).column(C.REASON).to_pylist())
-        active = [f for f in Params.model_fields if getattr(self.params, f) is not None]
+        active = [f for f in Params.model_fields if getattr(self.params, f) is not None
+                  and not f.endswith("_score")]  # fmt: skip
+        active += [f"{b}_score.{col}" for col, bounds in self.scored().items() for b in bounds]
+        for col, bounds in self.scored().items():
+            preview_threshold(outcome, ctx, col, bounds)
         return {f"removed_by_{f}": float(counts.get(f, 0)) for f in active}
+
+
+def nearest(table: pa.Table, col: str, t: float, n: int) -> pa.Table:
+    """The `n` rows whose `col` is nearest `t`."""
+    import pyarrow.compute as pc
+
+    return table.take(pc.sort_indices(pc.abs(pc.subtract(table.column(col), t)))).slice(0, n)
+
+
+def preview_threshold(outcome: StepOutcome, ctx: FinalizeContext, col: str,
+                      bounds: dict[str, float], n: int = 8) -> None:  # fmt: skip
+    """The histogram of a score with its thresholds, and the `n` images on either side of
+    each threshold (kept nearest it, and rejected nearest it) as `<col>_threshold.png`."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from difforge.operators.curate.score import log_histogram
+    from difforge.platform.datasets import url_to_fs
+
+    parts = list(outcome.iter_main([C.ID, col]))
+    kept = pa.concat_tables(parts) if parts else pa.table({C.ID: pa.array([], pa.string()),
+                                                           col: pa.array([], pa.float32())})  # fmt: skip
+    rejects = outcome.sides["rejects"]
+    gone = rejects.to_arrow(columns=[C.ID, col, C.REASON]) if rejects.num_rows else None
+    values = [kept.column(col)]
+    if gone is not None:
+        values.append(gone.column(col))
+    scores = np.concatenate([v.to_numpy(zero_copy_only=False) for v in values])
+    log_histogram(ctx, scores[~np.isnan(scores.astype(float))], col, bounds)
+    if C.IMAGE not in outcome.column_names():
+        return
+    items: list[tuple[str, str, float]] = []  # (where, id, score)
+    for bound, t in bounds.items():
+        near_kept = nearest(kept, col, t, n)
+        items += [("kept", i, s) for i, s in zip(near_kept.column(C.ID).to_pylist(),
+                                                 near_kept.column(col).to_pylist(), strict=True)]  # fmt: skip
+        if gone is not None:
+            mine = gone.filter(pc.equal(gone.column(C.REASON), f"{bound}_score.{col}"))
+            near = nearest(mine, col, t, n)
+            items += [("dropped", i, s) for i, s in zip(near.column(C.ID).to_pylist(),
+                                                        near.column(col).to_pylist(), strict=True)]  # fmt: skip
+    wanted = {i for _, i, _ in items}
+    images: dict[str, bytes] = {}
+    for uri in outcome.main_files:  # only the shown rows' images are read
+        fs, path = url_to_fs(uri)
+        t = pq.read_table(path, filesystem=fs, columns=[C.ID, C.IMAGE],
+                          filters=[(C.ID, "in", sorted(wanted))])  # fmt: skip
+        images.update(zip(t.column(C.ID).to_pylist(), t.column(C.IMAGE).to_pylist(), strict=True))
+    if gone is not None:
+        shown = rejects.rows_with_ids(wanted - set(images), [C.IMAGE])
+        images.update(zip(shown.column(C.ID).to_pylist(), shown.column(C.IMAGE).to_pylist(),
+                          strict=True))  # fmt: skip
+    from difforge.platform.show import captioned_grid
+
+    grid = [(images.get(i), f"{where} {s:.3g}") for where, i, s in items]
+    if grid:
+        ctx.log.log_image(captioned_grid(grid, columns=n), f"{col}_threshold.png")
