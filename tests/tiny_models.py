@@ -54,3 +54,47 @@ def tiny_dinov2(folder: str | Path, image_size: int = 32, seed: int = 0) -> str:
                       image_mean=[0.485, 0.456, 0.406],
                       image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)  # fmt: skip
     return str(folder)
+
+
+CAPTION_WORDS = ("a", "photo", "of", "digit", "zero", "one", "two", "dark", "bright", "small",
+                 "large", "centered", "blurry", "drawing", "the")  # fmt: skip
+
+
+def tiny_captioner(folder: str | Path, image_size: int = 16, seed: int = 0) -> str:
+    """An image-to-text model (transformers' `VisionEncoderDecoderModel`: a ViT encoder and a
+    GPT-2 decoder, random weights), its image processor and a word-level tokenizer built with
+    `tokenizers` over CAPTION_WORDS, saved as a user's captioning folder is."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        GPT2Config,
+        PreTrainedTokenizerFast,
+        VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+        ViTConfig,
+        ViTImageProcessor,
+    )
+
+    special = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
+    vocab = {w: i for i, w in enumerate([*special, *CAPTION_WORDS])}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="[PAD]",
+                                        bos_token="[BOS]", eos_token="[EOS]",
+                                        unk_token="[UNK]")  # fmt: skip
+    encoder = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, image_size=image_size, patch_size=8)  # fmt: skip
+    decoder = GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 1, 0, 2
+    torch.manual_seed(seed)
+    model = VisionEncoderDecoderModel(config=config).eval()
+    with torch.no_grad():  # special tokens score 0 (the output layer is tied): words win
+        model.decoder.get_output_embeddings().weight[: len(special)] = 0.0
+    model.generation_config.decoder_start_token_id = 1
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 2
+    model.save_pretrained(folder)
+    ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -4,6 +4,7 @@ with a vision model the user names, and which weights embedded is part of the st
 from __future__ import annotations
 
 import numpy as np
+from mlflow.tracking import MlflowClient
 
 import difforge
 from difforge.platform.tensors import to_numpy
@@ -89,36 +90,74 @@ def test_semantic_dedup_finds_planted_copies_and_decontamination_the_reference(
     assert clean.rows_out == unique.rows_out - 30  # went in the step before
 
 
-def test_scores_from_a_head_filter_with_reasons_and_a_threshold_preview(ray_session, tmp_path):
-    """A linear head over the embeddings scores each digit; the filter keeps the scores at or
-    above a threshold, rejects the others with their reason, and shows where it decided."""
-    import torch
-    from mlflow.tracking import MlflowClient
+def test_the_embedding_curation_pipeline_accounts_for_every_image(ray_session, tmp_path):
+    """pipelines/curate-embeddings.yaml as shipped, on a folder of real digits with planted
+    exact copies and a broken file, offline with tiny models: each image ends in the output
+    or in one side output, with its reason."""
+    from pathlib import Path
 
-    torch.save({"linear.weight": torch.eye(16)[:1] * 10, "linear.bias": torch.zeros(1)},
-               tmp_path / "aesthetic.pt")  # score: 10 x the first embedding coordinate  # fmt: skip
-    spec = embedding_pipeline(tmp_path / "storage", tiny_clip(tmp_path / "clip", image_size=16))
-    spec["steps"].append(
-        {"id": "scored", "op": "curate.score", "inputs": ["embedded"],
-         "params": {"column": "aesthetic", "head": str(tmp_path / "aesthetic.pt")}})  # fmt: skip
-    first = difforge.run(spec)
-    scored = difforge.open_dataset(first.step("scored").uri).to_arrow()
-    e = to_numpy(scored.column("embedding"))
-    assert np.allclose(scored.column("aesthetic").to_numpy(), 10 * e[:, 0], atol=1e-5)
-    median = float(np.median(scored.column("aesthetic").to_numpy()))
-    spec["steps"].append({"id": "good", "op": "curate.filter", "inputs": ["scored"],
-                          "params": {"min_score": {"aesthetic": median}}})  # fmt: skip
-    summary = difforge.run(spec)
-    assert summary.step("scored").cached
-    good = summary.step("good")
-    below = int((scored.column("aesthetic").to_numpy() < median).sum())
-    assert 100 < below < 200 and good.rows_out == 300 - below
-    rejects = difforge.open_dataset(f"{good.uri}/rejects").to_arrow()
-    assert set(rejects.column("reason").to_pylist()) == {"min_score.aesthetic"}
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from tests.tiny_models import tiny_captioner
+
+    digits = load_digits()
+    sidecar = ["file,caption"]
+    for i in range(60):
+        folder = tmp_path / "images" / str(digits.target[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (digits.images[i] * 255 / 16).astype(np.uint8)
+        Image.fromarray(pixels).resize((32, 32)).convert("RGB").save(folder / f"{i}.png")
+        sidecar.append(f"{digits.target[i]}/{i}.png,handwritten {digits.target[i]}")
+    for i in range(5):  # exact copies
+        src = next((tmp_path / "images").rglob(f"{i}.png"))
+        (src.parent / f"copy{i}.png").write_bytes(src.read_bytes())
+    (tmp_path / "images" / "0" / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "captions.csv").write_text("\n".join(sidecar) + "\n")
+    # the watermark scores the pipeline should give, computed here without Ray: its threshold
+    # goes at their median, so that the filter keeps some and rejects some
+    from difforge.models.features import Extractor, FeatureSpec
+    from difforge.operators.curate.score import PromptScorer
+
+    clip = tiny_clip(tmp_path / "clip", image_size=16)
+    files = sorted((tmp_path / "images").rglob("[0-9]*.png"))
+    e, _ = Extractor(FeatureSpec("transformers", clip, mode="RGB", normalize=True))(
+        [f.read_bytes() for f in files])  # fmt: skip
+    expected = PromptScorer(clip, ["a photo with a watermark", "a photo"])(e)
+    median = float(np.median(expected))
+    root = Path(__file__).resolve().parents[2]
+    summary = difforge.run(str(root / "pipelines" / "curate-embeddings.yaml"), [
+        f"storage={tmp_path / 'storage'}", f"raw.params.path={tmp_path / 'images'}",
+        f"raw.params.sidecar={tmp_path / 'captions.csv'}",
+        f"embedded.params.model={clip}", f"kept.params.max_score.watermark={median}",
+        f"captioned.params.model={tiny_captioner(tmp_path / 'captioner')}",
+        "captioned.params.max_new_tokens=4", "images.params.size=32",
+    ])  # fmt: skip
+    rows = {s.step: s.rows_out for s in summary.steps}
+    sides = {s.step: s.side_rows for s in summary.steps}
+    assert rows["raw"] == 66 and sides["clean"]["rejects"] == 1
+    assert sides["unique"]["duplicates"] == 5
+    assert rows["semantic"] == 60 - sides["semantic"]["duplicates"]
+    kept = summary.step("kept")
+    assert 0 < sides["kept"]["rejects"] < rows["semantic"]
+    assert rows["kept"] == rows["semantic"] - sides["kept"]["rejects"]
+    assert rows["images"] == rows["captioned"] == rows["kept"]
+    scored = difforge.open_dataset(summary.step("scored").uri).to_arrow()
+    by_file = dict(zip([f.name for f in files], expected.tolist(), strict=True))
+    for source, w in zip(scored.column("source").to_pylist(),
+                         scored.column("watermark").to_pylist(), strict=True):  # fmt: skip
+        assert abs(w - by_file[Path(source).name]) < 1e-4  # what CLIP's zero-shot gives
+    rejects = difforge.open_dataset(f"{kept.uri}/rejects").to_arrow()
+    assert set(rejects.column("reason").to_pylist()) == {"max_score.watermark"}
     client = MlflowClient(summary.tracking_uri)
-    run = client.get_run(good.run_id)
-    assert run.data.metrics["removed_by_min_score.aesthetic"] == below
-    shown = {a.path for a in client.list_artifacts(good.run_id)}
-    assert {"aesthetic_histogram.png", "aesthetic_threshold.png"} <= shown
-    assert "aesthetic_histogram.png" in {a.path for a in client.list_artifacts(
-        first.step("scored").run_id)}  # fmt: skip
+    assert client.get_run(kept.run_id).data.metrics["removed_by_max_score.watermark"] == len(
+        rejects
+    )
+    assert {"watermark_histogram.png", "watermark_threshold.png"} <= {
+        a.path for a in client.list_artifacts(kept.run_id)
+    }
+    out = difforge.open_dataset(summary.step("images").uri).to_arrow()
+    assert {"caption", "original_caption", "embedding", "watermark"} <= set(out.column_names)
+    assert all(c.startswith("handwritten ") for c in out.column("original_caption").to_pylist())
+    assert all(c for c in out.column("caption").to_pylist())
+    assert max(out.column("watermark").to_pylist()) <= median

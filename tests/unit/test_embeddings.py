@@ -194,3 +194,45 @@ def test_zero_shot_scores_are_clips_softmax_over_the_prompts(tmp_path, images):
     with torch.no_grad():
         out = model(**processor(text=prompts, images=rgb, return_tensors="pt", padding=True))
     assert np.allclose(got, out.logits_per_image.softmax(-1)[:, 0].numpy(), atol=1e-5)
+
+
+def test_a_caption_prompt_is_filled_from_each_row():
+    import pyarrow as pa
+
+    from difforge.operators.caption.vlm import CaptionVLM, Params
+
+    op = CaptionVLM(Params(model="x", prompt="A photo of {class}. Old caption: {caption}"))
+    op.classes = ["T-shirt/top", "Trouser"]
+    batch = pa.table({"id": ["a", "b"], "label": [1, 0], "caption": ["grey", None]})
+    assert op.prompts(batch) == ["A photo of Trouser. Old caption: grey",
+                                 "A photo of T-shirt/top. Old caption: "]  # fmt: skip
+    assert CaptionVLM.required_columns(op.params) == {"id", "image", "caption", "label"}
+    with pytest.raises(ValueError, match="fields are plain column names"):
+        Params(model="x", prompt="{caption.__class__}")
+
+
+def test_captions_are_greedy_by_default_and_sampled_by_seed(tmp_path, images):
+    """Greedy: a row's caption does not depend on its batch. Sampling (temperature > 0): the
+    same seed and batch, the same captions; another seed, others. The old caption is kept."""
+    import pyarrow as pa
+
+    from difforge.operators.caption.vlm import CaptionVLM, Params, load_captioner
+    from tests.tiny_models import CAPTION_WORDS, tiny_captioner
+
+    model, processor = load_captioner(tiny_captioner(tmp_path / "cap"))
+
+    def caption(rows: slice, **params):
+        op = CaptionVLM(Params(model="x", max_new_tokens=4, **params))
+        op.model, op.processor, op.device = model, processor, "cpu"
+        batch = pa.table({"id": ["a", "b", "c", "d"], "image": images,
+                          "caption": ["one", "two", "three", "four"]})[rows]  # fmt: skip
+        out = op.process(batch)
+        assert out.column("original_caption").to_pylist() == batch.column("caption").to_pylist()
+        return out.column("caption").to_pylist()
+
+    greedy = caption(slice(0, 4))
+    assert caption(slice(2, 4)) == greedy[2:]
+    assert all(1 <= len(c.split()) <= 4 and set(c.split()) <= set(CAPTION_WORDS) for c in greedy)
+    hot = caption(slice(0, 4), temperature=2.0, seed=0)
+    assert caption(slice(0, 4), temperature=2.0, seed=0) == hot
+    assert caption(slice(0, 4), temperature=2.0, seed=1) != hot

@@ -279,8 +279,15 @@ def test_fashion_mnist_missing_says_how_to_install(tmp_path):
 def test_every_shipped_pipeline_validates(tmp_path):
     from PIL import Image
 
+    from tests.tiny_models import tiny_captioner, tiny_clip
+
     Image.new("RGB", (40, 40)).save(tmp_path / "one.png")
-    needs = {"curate-images.yaml": [f"raw.params.path={tmp_path}"]}  # its data is the user's
+    needs = {  # their data and (offline) their models are the user's
+        "curate-images.yaml": [f"raw.params.path={tmp_path}"],
+        "curate-embeddings.yaml": [f"raw.params.path={tmp_path}",
+                                   f"embedded.params.model={tiny_clip(tmp_path / 'clip')}",
+                                   f"captioned.params.model={tiny_captioner(tmp_path / 'cap')}"],
+    }  # fmt: skip
     root = Path(__file__).resolve().parents[2] / "pipelines"
     files = sorted(root.rglob("*.yaml"))
     assert files
