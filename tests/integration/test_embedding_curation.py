@@ -117,13 +117,13 @@ def test_the_embedding_curation_pipeline_accounts_for_every_image(ray_session, t
     # the watermark scores the pipeline should give, computed here without Ray: its threshold
     # goes at their median, so that the filter keeps some and rejects some
     from difforge.models.features import Extractor, FeatureSpec
-    from difforge.operators.curate.score import PromptScorer
+    from difforge.operators.curate.score import TextSide
 
     clip = tiny_clip(tmp_path / "clip", image_size=16)
     files = sorted((tmp_path / "images").rglob("[0-9]*.png"))
     e, _ = Extractor(FeatureSpec("transformers", clip, mode="RGB", normalize=True))(
         [f.read_bytes() for f in files])  # fmt: skip
-    expected = PromptScorer(clip, ["a photo with a watermark", "a photo"])(e)
+    expected = TextSide(clip, ["a photo with a watermark", "a photo"])(e)
     median = float(np.median(expected))
     root = Path(__file__).resolve().parents[2]
     summary = difforge.run(str(root / "pipelines" / "curate-embeddings.yaml"), [

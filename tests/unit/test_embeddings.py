@@ -180,12 +180,12 @@ def test_a_heads_linear_layers_are_read_in_order_between_dropouts(tmp_path):
 def test_zero_shot_scores_are_clips_softmax_over_the_prompts(tmp_path, images):
     from transformers import CLIPModel, CLIPProcessor
 
-    from difforge.operators.curate.score import PromptScorer
+    from difforge.operators.curate.score import TextSide
 
     folder = tiny_clip(tmp_path / "clip")
     e, _ = Extractor(FeatureSpec("transformers", folder, mode="RGB", normalize=True))(images)
     prompts = ["a photo with a watermark", "a clean photo", "a drawing"]
-    got = PromptScorer(folder, prompts)(e)
+    got = TextSide(folder, prompts)(e)
     model, processor = (
         CLIPModel.from_pretrained(folder).eval(),
         CLIPProcessor.from_pretrained(folder),
@@ -236,3 +236,22 @@ def test_captions_are_greedy_by_default_and_sampled_by_seed(tmp_path, images):
     hot = caption(slice(0, 4), temperature=2.0, seed=0)
     assert caption(slice(0, 4), temperature=2.0, seed=0) == hot
     assert caption(slice(0, 4), temperature=2.0, seed=1) != hot
+
+
+def test_caption_similarity_is_clip_score(tmp_path, images):
+    """The caption scorer on stored embeddings agrees with evaluate.clip_score, torchmetrics'
+    CLIPScore computed from the images themselves."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from difforge.operators.curate.score import TextSide
+    from difforge.operators.evaluate.clip_score import scores_of
+
+    folder = tiny_clip(tmp_path / "clip")
+    e, _ = Extractor(FeatureSpec("transformers", folder, mode="RGB", normalize=True))(images)
+    texts = ["a zero", "a one", "a two", "a zero again"]
+    got = TextSide(folder).caption_scores(e, texts)
+    model, processor = (
+        CLIPModel.from_pretrained(folder).eval(),
+        CLIPProcessor.from_pretrained(folder),
+    )
+    assert np.allclose(got, scores_of(model, processor, images, texts), atol=1e-3)

@@ -145,7 +145,11 @@ class CaptionVLM(MapOperator):
         import torch
 
         ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
-        if ids is not None and out.shape[1] >= ids.shape[1] and torch.equal(out[:, : ids.shape[1]], ids):
+        if (
+            ids is not None
+            and out.shape[1] >= ids.shape[1]
+            and torch.equal(out[:, : ids.shape[1]], ids)
+        ):
             out = out[:, ids.shape[1] :]
             prompts = None
         tokenizer = getattr(self.processor, "tokenizer", self.processor)

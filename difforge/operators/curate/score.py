@@ -15,6 +15,10 @@ Two kinds of scorer, both reading the embedding `encode.image` wrote (no image i
   prompt ("a photo with a watermark" against "a photo without a watermark"). The text side is
   the CLIP model that embedded the images: the embedding's manifest names it, and another model
   is refused, since its text space is not the images' one.
+- `caption_column`: how well each image matches its own caption, CLIPScore's scaling
+  (Hessel et al. 2021, eq. 1, as torchmetrics computes it): max(100 cos(image, caption), 0),
+  the caption embedded by the same model's text side: a low score flags a caption that does
+  not describe its image.
 
 `finalize` logs the scores' histogram and their quantiles to the step's MLflow run."""
 
@@ -49,12 +53,16 @@ class Params(BaseModel):
     )
     prompts: list[str] | None = Field(None, min_length=2, description="zero-shot: the score "
                                       "is the probability of the first prompt among them")  # fmt: skip
+    caption_column: str | None = Field(None, description="image-caption similarity: "
+                                       "max(100 cos(image, this column's text), 0)")  # fmt: skip
     embedding_column: str = Field("embedding", description="the embedding column it reads")
 
     @model_validator(mode="after")
     def _one_scorer(self):
-        if (self.head is None) == (self.prompts is None):
-            raise ValueError("give one scorer: `head` (a weights file) or `prompts`")
+        given = [k for k in ("head", "prompts", "caption_column") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give one scorer: `head` (a weights file), `prompts`, or "
+                             f"`caption_column` (given: {', '.join(given) or 'none'})")  # fmt: skip
         return self
 
 
@@ -70,7 +78,9 @@ class Score(MapOperator):
 
     @classmethod
     def required_columns(cls, params: Params) -> set[str]:
-        return {C.ID, params.embedding_column}
+        return {C.ID, params.embedding_column} | (
+            {params.caption_column} if params.caption_column else set()
+        )
 
     @classmethod
     def output_columns(cls, params, input_columns):
@@ -97,7 +107,7 @@ class Score(MapOperator):
             if not meta.get("model"):
                 raise DifforgeError(f"{self.name}: prompts need the CLIP model that embedded "
                                     "the images; the input has no encode.image embedding")  # fmt: skip
-            self.scorer = PromptScorer(meta["model"], self.params.prompts)
+            self.scorer = TextSide(meta["model"], self.params.prompts)
 
     def process(self, batch: pa.Table) -> pa.Table:
         import numpy as np
@@ -112,9 +122,13 @@ class Score(MapOperator):
             if col not in batch.column_names:
                 unit_embeddings(batch, col, self.name)  # its clear error
             e = to_numpy(batch.column(col)).astype(np.float32).reshape(batch.num_rows, -1)
+            scores = self.scorer(e)
+        elif self.params.prompts is not None:
+            scores = self.scorer(unit_embeddings(batch, col, self.name))
         else:
-            e = unit_embeddings(batch, col, self.name)
-        scores = self.scorer(e)
+            texts = ["" if t is None else str(t)
+                     for t in batch.column(self.params.caption_column).to_pylist()]  # fmt: skip
+            scores = self.scorer.caption_scores(unit_embeddings(batch, col, self.name), texts)
         return batch.append_column(self.params.column, pa.array(scores, pa.float32()))
 
     def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
@@ -192,32 +206,49 @@ def _natural(key: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
 
-class PromptScorer:
-    """Zero-shot: softmax over prompts of logit_scale * cos(image, prompt); the first's share."""
+class TextSide:
+    """The text side of the CLIP-like model that embedded the images: zero-shot prompt
+    scores (`__call__`) and image-caption similarity (`caption_scores`)."""
 
-    def __init__(self, model_ref: str, prompts: list[str]):
-        import torch
+    def __init__(self, model_ref: str, prompts: list[str] | None = None):
         from transformers import AutoModel, AutoTokenizer
 
         from difforge.models.resolve import resolve
 
         path = resolve(model_ref, "CLIP model")
-        model = AutoModel.from_pretrained(path).eval()
-        if not hasattr(model, "get_text_features"):
-            raise DifforgeError(f"curate.score: prompts need a CLIP-like model with a text side; "
-                                f"the embeddings are {type(model).__name__}'s")  # fmt: skip
-        tokens = AutoTokenizer.from_pretrained(path)(prompts, padding=True, return_tensors="pt")
+        self.model = AutoModel.from_pretrained(path).eval()
+        if not hasattr(self.model, "get_text_features"):
+            raise DifforgeError(f"curate.score: prompts and captions need a CLIP-like model with "
+                                f"a text side; the embeddings are {type(self.model).__name__}'s")  # fmt: skip
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.scale = (float(self.model.logit_scale.exp()) if hasattr(self.model, "logit_scale")
+                      else 100.0)  # fmt: skip
+        if prompts is not None:
+            self.text = self.embed(prompts)
+
+    def embed(self, texts: list[str]):
+        """Unit text embeddings [N, D] (truncated to the model's context)."""
+        import torch
+
+        tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
         with torch.no_grad():
-            t = model.get_text_features(**tokens)
+            t = self.model.get_text_features(**tokens)
             t = t if hasattr(t, "norm") else t.pooler_output
-            self.text = torch.nn.functional.normalize(t.float(), dim=-1)
-            self.scale = float(model.logit_scale.exp()) if hasattr(model, "logit_scale") else 100.0
+        return torch.nn.functional.normalize(t.float(), dim=-1)
 
     def __call__(self, e: np.ndarray):
+        """softmax over the prompts of logit_scale * cos(image, prompt): the first's share."""
         import torch
 
         logits = self.scale * torch.from_numpy(e) @ self.text.T
         return logits.softmax(dim=-1)[:, 0].numpy()
+
+    def caption_scores(self, e: np.ndarray, texts: list[str]):
+        """max(100 cos(image, its caption), 0) per row."""
+        import torch
+
+        cos = (torch.from_numpy(e) * self.embed(texts)).sum(-1)
+        return (100 * cos).clamp(min=0).numpy()
 
 
 def log_histogram(ctx, values: np.ndarray, name: str, thresholds: dict[str, float] | None = None):

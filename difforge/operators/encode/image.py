@@ -60,10 +60,20 @@ class EncodeImage(MapOperator):
                            remove=() if params.keep_image else (C.IMAGE,))  # fmt: skip
 
     def external_state(self) -> dict[str, str] | None:
-        """The model, pinned (`resolve.pinned_identity`): other weights embed anew."""
-        from difforge.models.resolve import pinned_identity
+        """The model, pinned (`resolve.pinned_identity`), and its preprocessing's settings:
+        other weights, or another resize or normalisation, embed anew."""
+        import hashlib
+        import os
 
-        return pinned_identity(self.params.model, "image embedding model")
+        from difforge.models.resolve import pinned_identity, resolve
+
+        identity = pinned_identity(self.params.model, "image embedding model")
+        if "weights_sha256" in identity:  # a folder: its processor's settings too
+            config = os.path.join(resolve(identity["model"]), "preprocessor_config.json")
+            if os.path.isfile(config):
+                with open(config, "rb") as f:
+                    identity["preprocessor_sha256"] = hashlib.sha256(f.read()).hexdigest()
+        return identity
 
     def spec(self) -> FeatureSpec:
         identity = self.external_state() or {}
