@@ -255,3 +255,33 @@ def test_caption_similarity_is_clip_score(tmp_path, images):
         CLIPProcessor.from_pretrained(folder),
     )
     assert np.allclose(got, scores_of(model, processor, images, texts), atol=1e-3)
+
+
+def test_the_models_weights_and_preprocessing_are_part_of_the_steps_identity(tmp_path):
+    """Planned (not run): the same folder with other weights, or another image size in its
+    processor, gives `encode.image` another fingerprint; the same folder the same one."""
+    import json
+
+    import difforge
+
+    folder = tiny_clip(tmp_path / "clip")
+    spec = {"name": "embed", "storage": str(tmp_path / "storage"), "steps": [
+        {"id": "raw", "op": "ingest.digits", "params": {"limit": 10}},
+        {"id": "embedded", "op": "encode.image", "inputs": ["raw"], "params": {"model": folder}},
+    ]}  # fmt: skip
+
+    def fingerprint() -> str:
+        return next(s.fingerprint for s in difforge.plan(spec).steps if s.id == "embedded")
+
+    first = fingerprint()
+    assert fingerprint() == first
+    tiny_clip(tmp_path / "clip", seed=1)  # other weights
+    second = fingerprint()
+    assert second != first
+    (config,) = [
+        p for p in (tmp_path / "clip").iterdir() if p.name.endswith("processor_config.json")
+    ]
+    settings = json.loads(config.read_text())
+    settings["image_processor"]["image_mean"] = [0.5, 0.5, 0.5]
+    config.write_text(json.dumps(settings))
+    assert fingerprint() not in (first, second)

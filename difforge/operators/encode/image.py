@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 EMBEDDING = "embedding"
+#: where transformers keeps a processor's settings (an image processor's own file, or the
+#: combined processor's)
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 class Params(BaseModel):
@@ -69,10 +72,13 @@ class EncodeImage(MapOperator):
 
         identity = pinned_identity(self.params.model, "image embedding model")
         if "weights_sha256" in identity:  # a folder: its processor's settings too
-            config = os.path.join(resolve(identity["model"]), "preprocessor_config.json")
-            if os.path.isfile(config):
-                with open(config, "rb") as f:
-                    identity["preprocessor_sha256"] = hashlib.sha256(f.read()).hexdigest()
+            h = hashlib.sha256()
+            for name in PROCESSOR_FILES:
+                path = os.path.join(resolve(identity["model"]), name)
+                if os.path.isfile(path):
+                    with open(path, "rb") as f:
+                        h.update(name.encode() + b"\0" + f.read())
+            identity["preprocessor_sha256"] = h.hexdigest()
         return identity
 
     def spec(self) -> FeatureSpec:
