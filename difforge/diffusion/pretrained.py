@@ -9,8 +9,6 @@ every model is (`difforge.models.resolve`): a path, an `s3://` URI, `models:/NAM
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -20,7 +18,6 @@ from difforge.platform.errors import DifforgeError
 
 #: config keys that size the class embedding: set from the data, not taken from the weights
 CLASS_KEYS = ("num_class_embeds", "num_embeds_ada_norm")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
 @dataclass(frozen=True)
@@ -46,7 +43,7 @@ KINDS = {
 def pretrained(ref: str, kind: str = "backbone") -> Pretrained:
     """The pretrained network `ref` names (a diffusion backbone, or a VAE), pinned and resolved.
     Its weights are hashed once per process for as long as their files are unchanged."""
-    from difforge.models.resolve import pin, resolve
+    from difforge.models.resolve import pin, resolve, weights_sha256
 
     pinned = pin(ref)
     root = resolve(pinned, "pretrained model")
@@ -74,27 +71,6 @@ def network_folder(root: str, ref: str, subfolders: tuple[str, ...]) -> str:
     raise DifforgeError(f"{ref}: no network in it (a difforge model folder, a diffusers "
                         f"pipeline with {'/ or '.join(s for s in subfolders if s)}/, or a "
                         "save_pretrained folder)")  # fmt: skip
-
-
-def weights_sha256(folder: str) -> str:
-    """One digest over a folder's weight files (names and bytes, in name order)."""
-    names = sorted(n for n in os.listdir(folder) if n.endswith(WEIGHT_SUFFIXES))
-    if not names:
-        raise DifforgeError(f"{folder}: no weight files")
-    stats = tuple((n, os.stat(os.path.join(folder, n)).st_size,
-                   os.stat(os.path.join(folder, n)).st_mtime_ns) for n in names)  # fmt: skip
-    return _digest(folder, stats)
-
-
-@functools.lru_cache(maxsize=64)
-def _digest(folder: str, stats: tuple) -> str:
-    h = hashlib.sha256()
-    for name, _, _ in stats:
-        h.update(name.encode() + b"\0")
-        with open(os.path.join(folder, name), "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def architecture(given: dict[str, Any], pre: Pretrained) -> dict[str, Any]:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from difforge.platform.errors import DifforgeError
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w.-]+)?$")
 _registry: str | None = None
 
@@ -149,13 +151,32 @@ def pinned_identity(ref: str, what: str = "model") -> dict[str, str]:
     """What a user-named model is, fixed at plan time (for a step's fingerprint): a registry
     alias or `latest` pinned to its version, a hub id to its commit, and a folder's (or a
     copied URI's) weights by their digest, so that changed weights recompute."""
-    from difforge.diffusion.pretrained import weights_sha256
-
     ref = pin(ref)
     local = ref.startswith("models:/") or "://" in ref or os.path.isdir(os.path.expanduser(ref))
     if not local:  # a hub id, pinned to its commit
         return {"model": ref}
     return {"model": ref, "weights_sha256": weights_sha256(resolve(ref, what))}
+
+
+def weights_sha256(folder: str) -> str:
+    """One digest over a folder's weight files (names and bytes, in name order)."""
+    names = sorted(n for n in os.listdir(folder) if n.endswith(WEIGHT_SUFFIXES))
+    if not names:
+        raise DifforgeError(f"{folder}: no weight files")
+    stats = tuple((n, os.stat(os.path.join(folder, n)).st_size,
+                   os.stat(os.path.join(folder, n)).st_mtime_ns) for n in names)  # fmt: skip
+    return _digest(folder, stats)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(folder: str, stats: tuple) -> str:
+    h = hashlib.sha256()
+    for name, _, _ in stats:
+        h.update(name.encode() + b"\0")
+        with open(os.path.join(folder, name), "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def model_of(ds) -> dict:
