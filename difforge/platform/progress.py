@@ -80,6 +80,7 @@ class Progress:
     def __init__(self, label: str, total: int | None, unit: str):
         self.label, self.total, self.unit = label, total, unit
         self.done, self.started, self.last_line = 0, time.time(), time.time()
+        self.first: tuple[float, int] | None = None  # (time, done) of the first work seen
         self.postfix = ""
         self.bar = None
         if sys.stderr.isatty():
@@ -92,6 +93,8 @@ class Progress:
                **postfix: Any) -> None:  # fmt: skip
         """Record work done (and figures to show beside it); draw it unless `show` is False."""
         self.done = done if done is not None else self.done + step
+        if self.first is None and self.done > 0:
+            self.first = (time.time(), self.done)
         self.postfix = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                  for k, v in postfix.items())  # fmt: skip
         if not show:
@@ -111,8 +114,13 @@ class Progress:
         elapsed = time.time() - self.started
         of = f"/{self.total}" if self.total else ""
         eta = ""
-        if self.total and 0 < self.done < self.total:
-            eta = f", about {elapsed / self.done * (self.total - self.done):.0f}s left"
+        if self.total and 0 < self.done < self.total and self.first is not None:
+            # the rate since the first work seen: start-up (a training job's workers, a pass's
+            # actors) is not work, and would make early estimates wild
+            t0, d0 = self.first
+            if self.done > d0:
+                rate = (self.done - d0) / max(1e-9, time.time() - t0)
+                eta = f", about {(self.total - self.done) / rate:.0f}s left"
         extra = f", {self.postfix}" if self.postfix else ""
         return f"{self.label}: {self.done}{of} {self.unit} in {elapsed:.0f}s{eta}{extra}"
 
