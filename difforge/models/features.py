@@ -322,6 +322,26 @@ def choose_rows(ds, limit: int, seed: int) -> list[list[int]] | None:
             for a, b in zip(bounds[:-1], bounds[1:], strict=True)]  # fmt: skip
 
 
+def unit_embeddings(batch: pa.Table, column: str, op: str) -> np.ndarray:
+    """[N, D] float32 rows of unit length, or a clear error for a column that is not one."""
+    import numpy as np
+
+    from difforge.platform.tensors import to_numpy
+
+    if column not in batch.column_names:
+        raise DifforgeError(f"{op}: no column `{column}`; embed the images first (encode.image)")
+    try:
+        e = to_numpy(batch.column(column)).astype(np.float32)
+    except (AttributeError, TypeError):
+        raise DifforgeError(f"{op}: `{column}` is not a tensor column of embeddings") from None
+    e = e.reshape(len(e), -1)
+    norm = np.linalg.norm(e, axis=1, keepdims=True)
+    if (norm == 0).any():
+        raise DifforgeError(f"{op}: `{column}` has an all-zero embedding (row "
+                            f"{batch.column(C.ID)[int(np.flatnonzero(norm[:, 0] == 0)[0])]})")  # fmt: skip
+    return np.ascontiguousarray(e / norm)
+
+
 def same_size(a, b, op: str, a_name: str, b_name: str) -> None:
     """Two image datasets of one size (their first rows tell), or a clear error."""
     from difforge.platform.imaging import decode

@@ -8,6 +8,7 @@ import tempfile
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import numpy as np
     from PIL import Image
 
     from difforge.platform.datasets import Dataset
@@ -150,3 +151,16 @@ def figure_image(fig) -> Image.Image:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return Image.open(io.BytesIO(buf.getvalue()))
+
+
+def log_histogram(ctx, values: np.ndarray, name: str, thresholds: dict[str, float] | None = None):
+    """A histogram of `values` (with threshold lines) as `<name>_histogram.png`."""
+    fig, ax = figure(5, 3)
+    ax.hist(values, bins=50, color="#4c72b0")
+    for label, t in (thresholds or {}).items():
+        ax.axvline(t, color="#c44e52", linestyle="--", label=f"{label} {t:g}")
+    if thresholds:
+        ax.legend()
+    ax.set_xlabel(name)
+    ax.set_ylabel("rows")
+    ctx.log.log_image(figure_image(fig), f"{name}_histogram.png")

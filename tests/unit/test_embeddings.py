@@ -143,7 +143,7 @@ def test_against_a_reference_only_reference_rows_count():
 def test_what_is_not_an_embedding_column_is_named():
     import pyarrow as pa
 
-    from difforge.operators.curate.semantic_dedup import unit_embeddings
+    from difforge.models.features import unit_embeddings
 
     with pytest.raises(DifforgeError, match="no column `embedding`; embed the images first"):
         unit_embeddings(pa.table({"id": ["a"]}), "embedding", "curate.semantic_dedup")

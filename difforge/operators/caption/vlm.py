@@ -88,7 +88,7 @@ class CaptionVLM(MapOperator):
     def setup(self, ctx) -> None:
         from difforge.models.resolve import resolve
 
-        self.device, dtype = ctx.torch_device()
+        self.device, _ = ctx.torch_device()
         self.model, self.processor = load_captioner(resolve(self.params.model,
                                                             "captioning model"), self.device)  # fmt: skip
         self.classes = ctx.metadata(0).get("classes")

@@ -133,8 +133,8 @@ def preview_threshold(outcome: StepOutcome, ctx: FinalizeContext, col: str,
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from difforge.operators.curate.score import log_histogram
     from difforge.platform.datasets import url_to_fs
+    from difforge.platform.show import log_histogram
 
     parts = list(outcome.iter_main([C.ID, col]))
     kept = pa.concat_tables(parts) if parts else pa.table({C.ID: pa.array([], pa.string()),

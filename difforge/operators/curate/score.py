@@ -113,7 +113,7 @@ class Score(MapOperator):
         import numpy as np
         import pyarrow as pa
 
-        from difforge.operators.curate.semantic_dedup import unit_embeddings
+        from difforge.models.features import unit_embeddings
 
         col = self.params.embedding_column
         if self.params.head is not None:  # the head sees the embedding as it was written
@@ -134,6 +134,8 @@ class Score(MapOperator):
     def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
         """The scores' histogram (logged as `<column>_histogram.png`) and quantiles."""
         import numpy as np
+
+        from difforge.platform.show import log_histogram
 
         table = outcome.read_main([self.params.column])
         if table is None or not table.num_rows:
@@ -217,12 +219,11 @@ class TextSide:
 
         path = resolve(model_ref, "CLIP model")
         self.model = AutoModel.from_pretrained(path).eval()
-        if not hasattr(self.model, "get_text_features"):
+        if not (hasattr(self.model, "get_text_features") and hasattr(self.model, "logit_scale")):
             raise DifforgeError(f"curate.score: prompts and captions need a CLIP-like model with "
                                 f"a text side; the embeddings are {type(self.model).__name__}'s")  # fmt: skip
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.scale = (float(self.model.logit_scale.exp()) if hasattr(self.model, "logit_scale")
-                      else 100.0)  # fmt: skip
+        self.scale = float(self.model.logit_scale.exp())
         if prompts is not None:
             self.text = self.embed(prompts)
 
@@ -249,18 +250,3 @@ class TextSide:
 
         cos = (torch.from_numpy(e) * self.embed(texts)).sum(-1)
         return (100 * cos).clamp(min=0).numpy()
-
-
-def log_histogram(ctx, values: np.ndarray, name: str, thresholds: dict[str, float] | None = None):
-    """A histogram of `values` (with threshold lines) as `<name>_histogram.png`."""
-    from difforge.platform.show import figure, figure_image
-
-    fig, ax = figure(5, 3)
-    ax.hist(values, bins=50, color="#4c72b0")
-    for label, t in (thresholds or {}).items():
-        ax.axvline(t, color="#c44e52", linestyle="--", label=f"{label} {t:g}")
-    if thresholds:
-        ax.legend()
-    ax.set_xlabel(name)
-    ax.set_ylabel("rows")
-    ctx.log.log_image(figure_image(fig), f"{name}_histogram.png")

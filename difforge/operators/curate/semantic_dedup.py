@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from difforge.models.features import unit_embeddings
 from difforge.platform import columns as C
 from difforge.platform.dedup import DedupOperator, run_dedup
 from difforge.platform.errors import DifforgeError
@@ -158,26 +159,6 @@ class Decontaminate(SemanticDedup):
     Params = DecontaminateParams
     inputs: ClassVar[tuple[int, int]] = (2, 2)
     grid = "contaminated.png"
-
-
-def unit_embeddings(batch: pa.Table, column: str, op: str) -> np.ndarray:
-    """[N, D] float32 rows of unit length, or a clear error for a column that is not one."""
-    import numpy as np
-
-    from difforge.platform.tensors import to_numpy
-
-    if column not in batch.column_names:
-        raise DifforgeError(f"{op}: no column `{column}`; embed the images first (encode.image)")
-    try:
-        e = to_numpy(batch.column(column)).astype(np.float32)
-    except (AttributeError, TypeError):
-        raise DifforgeError(f"{op}: `{column}` is not a tensor column of embeddings") from None
-    e = e.reshape(len(e), -1)
-    norm = np.linalg.norm(e, axis=1, keepdims=True)
-    if (norm == 0).any():
-        raise DifforgeError(f"{op}: `{column}` has an all-zero embedding (row "
-                            f"{batch.column(C.ID)[int(np.flatnonzero(norm[:, 0] == 0)[0])]})")  # fmt: skip
-    return np.ascontiguousarray(e / norm)
 
 
 def nearest_centroids(centroids: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -89,9 +89,13 @@ class EncodeImage(MapOperator):
 
     def setup(self, ctx) -> None:
         from difforge.models.features import Extractor
+        from difforge.models.resolve import pin
 
+        # the digest only names the weights; each actor would hash them again for nothing
         device, _ = ctx.torch_device()
-        self.extractor = Extractor(self.spec(), device)
+        spec = FeatureSpec("transformers", pin(self.params.model), mode="RGB",
+                           normalize=self.params.normalize)  # fmt: skip
+        self.extractor = Extractor(spec, device)
 
     def process(self, batch: pa.Table) -> pa.Table:
         from difforge.models.features import with_features
