@@ -1,7 +1,8 @@
 """The machinery of the dedup shape (`difforge.platform.operator.DedupOperator`), written once:
-keys for every row in parallel tasks, a shuffle that brings rows sharing a key together, the
-operator's `match` within each group, one verdict per duplicate row, then a second parallel
-pass that drops (or flags) those rows. Only small shard descriptions reach the driver."""
+keys for every row in parallel tasks, a shuffle that brings rows sharing a key together (for
+small inputs, one task), the operator's `match` within each group, one verdict per duplicate
+row, then a second parallel pass that drops (or flags) those rows. Only small shard
+descriptions reach the driver."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from difforge.platform import columns as C
 from difforge.platform.datasets import join, url_to_fs
 from difforge.platform.operator import JobOperator, JobResult
-from difforge.platform.outputs import MAIN, collect
+from difforge.platform.outputs import MAIN, SHARD_ROWS, collect
 from difforge.platform.parallel import SINGLE_TASK_ROWS
 
 if TYPE_CHECKING:
@@ -45,7 +46,8 @@ class DedupOperator(JobOperator):
     single_task_rows: ClassVar[int] = SINGLE_TASK_ROWS
 
     def keys(self, batch: pa.Table, role: str) -> pa.Table:
-        """Zero or more rows per input row: `id`, `key` (a string), `role` ("main", or "ref"
+        """Zero or more rows per input row: `id`, `key` (a string or an integer), `role`
+        ("main", or "ref"
         for reference rows) and whatever `match` needs."""
         raise NotImplementedError
 
@@ -71,28 +73,30 @@ class DropIds:
     def __init__(self, id_files: list[str], flag: str | None = None):
         self.id_files, self.flag, self._ids = id_files, flag, None
 
-    def ids(self) -> dict[str, str]:
+    def ids(self) -> tuple[pa.Array, pa.Array]:
+        """(the duplicates' ids, the id each duplicates)."""
         if self._ids is None:
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            self._ids = {}
+            ids, of = [pa.array([], pa.string())], [pa.array([], pa.string())]
             for uri in self.id_files:
                 fs, path = url_to_fs(uri)
                 t = pq.read_table(path, filesystem=fs, columns=[C.ID, "duplicate_of"])
-                self._ids.update(zip(t.column(0).to_pylist(), t.column(1).to_pylist(),
-                                     strict=True))  # fmt: skip
+                ids += t.column(0).cast(pa.string()).chunks
+                of += t.column(1).cast(pa.string()).chunks
+            self._ids = (pa.concat_arrays(ids), pa.concat_arrays(of))
         return self._ids
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import pyarrow as pa
+        import pyarrow.compute as pc
 
-        ids = self.ids()
+        ids, of = self.ids()
+        at = pc.index_in(batch.column(C.ID).cast(ids.type), value_set=ids)  # null: not listed
         if self.flag:
-            near = [ids.get(i) for i in batch.column(C.ID).to_pylist()]
-            batch = batch.append_column(self.flag, pa.array([n is not None for n in near]))
-            return batch.append_column(f"{self.flag}_id", pa.array(near, pa.string()))
-        mask = [i not in ids for i in batch.column(C.ID).to_pylist()]
-        return batch.filter(pa.array(mask, pa.bool_()))
+            batch = batch.append_column(self.flag, pc.is_valid(at))
+            return batch.append_column(f"{self.flag}_id", of.take(at))
+        return batch.filter(pc.is_null(at))
 
 
 def first_by(rank: tuple[str, ...], group: pa.Table) -> pa.Table:
@@ -102,58 +106,93 @@ def first_by(rank: tuple[str, ...], group: pa.Table) -> pa.Table:
     return group.from_pylist(rows[:1], schema=group.schema)
 
 
+class _ShardKeys:
+    """The keys of one (role, shard)'s rows."""
+
+    def __init__(self, op: DedupOperator, batch_size: int, columns: list[str]):
+        self.op, self.batch_size, self.columns = op, batch_size, columns
+
+    def __call__(self, item: tuple[str, Any]) -> pa.Table:
+        from difforge.platform.parallel import apply_to_shard
+
+        role, shard = item
+        return apply_to_shard(shard, partial(self.op.keys, role=role), self.batch_size,
+                              self.columns)  # fmt: skip
+
+
 class _InOneTask:
-    """Every key's group in one task: match within each, then one verdict per row."""
+    """Every key's group of a part in one task: match within each, then one verdict per row
+    (a row's keys all in this part)."""
 
     def __init__(self, op: DedupOperator, match, outputs: dict):
         self.op, self.match, self.outputs = op, match, outputs
 
-    def __call__(self, table: pa.Table) -> pa.Table:
+    def __call__(self, part: int, tables: list[pa.Table]) -> pa.Table:
+        import pyarrow as pa
+
         from difforge.platform.parallel import apply_to_groups, shard_rows
 
-        found = apply_to_groups(table, "key", self.match)
+        found = apply_to_groups(pa.concat_tables(tables), "key", self.match) if tables else None
         if found is not None and not self.op.one_key_per_row:
             found = apply_to_groups(found, C.ID, partial(first_by, self.op.rank))
-        return shard_rows({DUPLICATES: found} if found is not None else {}, self.outputs, "all")
+        return shard_rows({DUPLICATES: found} if found is not None else {}, self.outputs,
+                          f"part-{part:04d}")  # fmt: skip
 
 
 def run_dedup(op: DedupOperator, ctx: JobContext) -> JobResult:
     """Keys, a shuffle by key, `match` per group, one verdict per row, then the drop pass."""
+    from difforge.platform.outputs import cluster_cpus
     from difforge.platform.parallel import (
         as_function,
         default_partitions,
+        get,
         group_and_write,
-        map_files,
+        group_in_tasks,
         read_files,
     )
 
     res = ctx.resources
     columns = sorted(op.required_columns(op.params))
+    match = partial(op.match, reference=len(ctx.inputs) > 1)
+    side = {DUPLICATES: ctx.outputs[DUPLICATES]}
+    roles = ["main", "ref"][: len(ctx.inputs)]
+    if sum(ds.num_rows for ds in ctx.inputs) <= op.single_task_rows:
+        # small enough for a few tasks' memory: keys and groups in plain Ray tasks, no Ray
+        # Data shuffle (its fixed cost is seconds)
+        items = [(role, s) for ds, role in zip(ctx.inputs, roles, strict=True)
+                 for s in ds.shards()]  # fmt: skip
+        # one part per CPU; one in all where a row has several keys (its verdicts must meet)
+        parts = cluster_cpus() if op.one_key_per_row else 1
+        refs = group_in_tasks(items, _ShardKeys(op, res.batch_size, columns),
+                              _InOneTask(op, match, side), parts, res.num_cpus)  # fmt: skip
+        found = collect((r for t in get(refs) for r in t.to_pylist()), side)[DUPLICATES]
+        return _drop(op, ctx, found)
     keys = read_files(ctx.inputs[0].shards(), partial(op.keys, role="main"), res.batch_size,
                       res.num_cpus, columns)  # fmt: skip
     if len(ctx.inputs) > 1:
         ref = read_files(ctx.inputs[1].shards(), partial(op.keys, role="ref"), res.batch_size,
                          res.num_cpus, columns)  # fmt: skip
         keys = keys.union(ref)
-    match = partial(op.match, reference=len(ctx.inputs) > 1)
-    side = {DUPLICATES: ctx.outputs[DUPLICATES]}
-    if sum(ds.num_rows for ds in ctx.inputs) <= op.single_task_rows:
-        # small enough for one task's memory: group there, no shuffle
-        whole = keys.repartition(1).map_batches(
-            as_function(_InOneTask(op, match, side)), batch_size=None, batch_format="pyarrow"
-        )
-        found = collect(whole.iter_rows(), side)[DUPLICATES]
-    elif op.one_key_per_row:  # a row is in one group only: its verdict is final
+    if op.one_key_per_row:  # a row is in one group only: its verdict is final
         found = group_and_write(keys, "key", match, side)[DUPLICATES]
     else:
         pairs = keys.groupby("key", num_partitions=default_partitions()).map_groups(
             as_function(match), batch_format="pyarrow"
         )
         found = group_and_write(pairs, C.ID, partial(first_by, op.rank), side)[DUPLICATES]
-    id_files = [join(side[DUPLICATES].uri, e["path"]) for e in found if e["path"]]
+    return _drop(op, ctx, found)
+
+
+def _drop(op: DedupOperator, ctx: JobContext, found: list[dict]) -> JobResult:
+    """The second pass: every input row but the duplicates found (or all, flagged)."""
+    from difforge.platform.parallel import map_files
+
+    res = ctx.resources
+    id_files = [join(ctx.outputs[DUPLICATES].uri, e["path"]) for e in found if e["path"]]
     flag = op.flag_column()
+    # a filter: whole shards at a time (their writers bound them), one output shard each
     main = map_files(ctx.inputs[0].shards(), DropIds(id_files, flag), {MAIN: ctx.outputs[MAIN]},
-                     res.batch_size, res.num_cpus)[MAIN]  # fmt: skip
+                     SHARD_ROWS, res.num_cpus)[MAIN]  # fmt: skip
     if op.grid and C.IMAGE in ctx.inputs[0].schema.names:
         log_pairs(ctx, side_pairs(id_files), op.grid)
     return JobResult(entries={MAIN: main, DUPLICATES: found})

@@ -48,13 +48,18 @@ class _FileWorker:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import pyarrow as pa
 
+        return pa.concat_tables([self.one(json.loads(raw))
+                                 for raw in batch.column("item").to_pylist()])  # fmt: skip
+
+    def one(self, item: dict[str, Any]) -> pa.Table:
+        """One shard's batches through `fn`, their outputs written: the entries' table."""
+        import pyarrow as pa
+
         outs = []
-        for raw in batch.column("item").to_pylist():
-            item = json.loads(raw)
-            batches = shard_batches(item["shard"], self.batch_size, self.columns)
-            for seq, table in enumerate(batches):
-                result = self.fn(table)
-                outs.append(shard_rows(result, self.outputs, f"{item['index']:06d}-{seq:04d}"))
+        batches = shard_batches(item["shard"], self.batch_size, self.columns)
+        for seq, table in enumerate(batches):
+            result = self.fn(table)
+            outs.append(shard_rows(result, self.outputs, f"{item['index']:06d}-{seq:04d}"))
         return pa.concat_tables(outs) if outs else shard_rows({}, self.outputs, "")
 
 
@@ -119,54 +124,138 @@ def map_files(
 ) -> dict[str, list[dict[str, Any]]]:
     """Apply `fn` to every batch of every file (a shard may list the rows it `take`s), in
     parallel tasks. `fn` may be `(class, args)` (a model): built once per worker process on
-    CPUs; with `num_gpus`, in an actor pool of one GPU per actor. Returns the entries."""
-    rows = [{"item": json.dumps({"shard": _shard(f), "index": i})} for i, f in enumerate(files)]
-    data = map_files_lazy(rows, fn, outputs, batch_size, num_cpus, columns, num_gpus)
-    return collect(data.iter_rows(), outputs)
+    CPUs; with `num_gpus`, in an actor pool of one GPU per actor. Returns the entries.
+
+    On CPUs each file is a plain Ray task (the shards it writes are its result's rows): no
+    Ray Data pipeline to plan and start, whose fixed cost is about a second a call."""
+    if num_gpus:
+        return _on_gpus(files, fn, outputs, batch_size, num_cpus, columns, num_gpus)
+    if isinstance(fn, tuple):  # built once per worker process, reused by its later tasks
+        fn = _BuildOnce(*fn)
+    worker = _FileWorker(fn, outputs, batch_size, columns)
+    items = [{"shard": _shard(f), "index": i} for i, f in enumerate(files)]
+    return collect((row for t in get(tasks(worker.one, items, num_cpus)) for row in t.to_pylist()),
+                   outputs)  # fmt: skip
 
 
-def map_files_lazy(rows, fn, outputs, batch_size, num_cpus, columns, num_gpus=0.0):
+def _on_gpus(files, fn, outputs, batch_size, num_cpus, columns, num_gpus):
+    """map_files on GPUs: an actor pool of one model per GPU, fed by Ray Data."""
+    import ray
     import ray.data
 
+    rows = [{"item": json.dumps({"shard": _shard(f), "index": i})} for i, f in enumerate(files)]
     data = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    extra = {"num_gpus": num_gpus} if num_gpus else {}
-    if isinstance(fn, tuple) and not num_gpus:
-        # on CPUs, tasks: they run in Ray's reused worker processes, each building the model
-        # once, where an actor pool would start fresh processes (seconds each)
-        fn = _BuildOnce(*fn)
-    if isinstance(fn, tuple):
-        import ray
+    if not isinstance(fn, tuple):
+        fn = (_Same, (fn,))
+    size = max(1, min(len(rows), int(ray.cluster_resources().get("GPU", 0))))
+    out = data.map_batches(_FileWorker, fn_constructor_args=(fn, outputs, batch_size, columns),
+                           batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
+                           num_gpus=num_gpus,
+                           compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size))  # fmt: skip
+    return collect(out.iter_rows(), outputs)
 
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        size = max(1, min(len(rows), gpus if num_gpus else max(1, int(cpus // num_cpus))))
-        return data.map_batches(_FileWorker, fn_constructor_args=(fn, outputs, batch_size, columns),
-                                batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
-                                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size),
-                                **extra)  # fmt: skip
-    worker = _FileWorker(fn, outputs, batch_size, columns)
-    return data.map_batches(worker, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
-                            **extra)  # fmt: skip
+
+class _Same:
+    """A plain function as a (class, args) pair an actor builds."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, table: pa.Table):
+        return self.fn(table)
 
 
 def read_files(files: list[Shard], fn: Callable[[pa.Table], pa.Table], batch_size: int = 4096,
                num_cpus: float = 1.0, columns: list[str] | None = None) -> ray.data.Dataset:  # fmt: skip
     """A Ray Dataset of `fn` applied to every batch of the files (rows stay in Ray)."""
+    import pyarrow as pa
     import ray.data
 
     def run(batch: pa.Table) -> pa.Table:
-        import pyarrow as pa
-
-        out = []
-        for raw in batch.column("shard").to_pylist():
-            pf = open_parquet(json.loads(raw))
-            for rb in pf.iter_batches(batch_size=batch_size, columns=columns):
-                out.append(fn(pa.Table.from_batches([rb])))
-        return pa.concat_tables(out)
+        return pa.concat_tables([apply_to_shard(json.loads(raw), fn, batch_size, columns)
+                                 for raw in batch.column("shard").to_pylist()])  # fmt: skip
 
     items = [{"shard": json.dumps(_shard(f))} for f in files]
     data = ray.data.from_items(items, override_num_blocks=max(1, len(files)))
     return data.map_batches(run, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus)
+
+
+def apply_to_shard(shard: Shard, fn: Callable[[pa.Table], pa.Table], batch_size: int = 4096,
+                   columns: list[str] | None = None) -> pa.Table:  # fmt: skip
+    """`fn` applied to every batch of one shard, the results concatenated."""
+    import pyarrow as pa
+
+    pf = open_parquet(shard)
+    out = [fn(pa.Table.from_batches([rb]))
+           for rb in pf.iter_batches(batch_size=batch_size, columns=columns)]  # fmt: skip
+    if not out:  # a shard of no rows
+        empty = pf.schema_arrow.empty_table()
+        out = [fn(empty.select(columns) if columns else empty)]
+    return pa.concat_tables(out)
+
+
+def _call(fn: Callable, *args):
+    return fn(*args)
+
+
+def tasks(fn: Callable, items: list, num_cpus: float = 1.0) -> list[ray.ObjectRef]:
+    """`fn(item)` for each item as a plain Ray task (in Ray's reused worker processes; `fn` is
+    sent once): their results' refs, in order. What the tasks return stays in Ray's object
+    store until someone gets it."""
+    import ray
+
+    shared = ray.put(fn)
+    remote = ray.remote(_call).options(num_cpus=num_cpus)
+    return [remote.remote(shared, item) for item in items]
+
+
+def group_in_tasks(items: list, keys: Callable[[Any], pa.Table],
+                   group: Callable[[int, list[pa.Table]], Any], parts: int = 1,
+                   num_cpus: float = 1.0) -> list[ray.ObjectRef]:  # fmt: skip
+    """A shuffle in plain Ray tasks, for data a few tasks can hold: `keys(item)` for each item
+    (a table with a `key` column, split into `parts` by key), then `group(part, tables)` once
+    per part, given every keys table's rows of that part (rows sharing a key meet in one
+    part). The tables go from task to task through the object store, never through the
+    driver. Returns the refs of `group`'s results."""
+    import ray
+
+    split = ray.remote(_split_by_key).options(num_cpus=num_cpus, num_returns=parts)
+    shared = ray.put(keys)
+    cut = [split.remote(shared, parts, item) for item in items]
+    cut = [c if parts > 1 else [c] for c in cut]
+    gather = ray.remote(_gather).options(num_cpus=num_cpus)
+    return [gather.remote(group, i, *[c[i] for c in cut]) for i in range(parts)]
+
+
+def _split_by_key(keys: Callable, parts: int, item) -> pa.Table | tuple[pa.Table, ...]:
+    import zlib
+
+    import numpy as np
+    import pyarrow as pa
+
+    table = keys(item)
+    if parts == 1:
+        return table
+    column = table.column("key")
+    if pa.types.is_integer(column.type):
+        part = column.to_numpy() % parts
+    else:  # a hash every process agrees on (Python's own is salted per process)
+        part = np.array([zlib.crc32(str(k).encode()) % parts for k in column.to_pylist()],
+                        dtype=np.int64)  # fmt: skip
+    order = np.argsort(part, kind="stable")
+    table, starts = table.take(order), np.searchsorted(part[order], np.arange(parts + 1))
+    return tuple(table.slice(a, b - a) for a, b in zip(starts[:-1], starts[1:], strict=True))
+
+
+def _gather(group: Callable, part: int, *tables):
+    return group(part, list(tables))
+
+
+def get(refs):
+    """Results of tasks (a ref or a list of them)."""
+    import ray
+
+    return ray.get(refs)
 
 
 class _GroupWriter:
@@ -200,7 +289,9 @@ def apply_to_groups(table: pa.Table, key: str, fn) -> pa.Table | None:
     if table.num_rows == 0:
         return None
     table = table.sort_by(key)
-    keys = np.asarray(table.column(key).to_pylist(), dtype=object)
+    column = table.column(key)
+    keys = (column.to_numpy() if pa.types.is_integer(column.type)
+            else np.asarray(column.to_pylist(), dtype=object))  # fmt: skip
     bounds = [0, *(np.flatnonzero(keys[1:] != keys[:-1]) + 1).tolist(), len(keys)]
     out = [fn(table.slice(a, b - a)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     out = [t for t in out if t is not None and t.num_rows]

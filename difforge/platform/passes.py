@@ -336,8 +336,9 @@ def run_map_pass(
             PassWorker,
             fn_constructor_args=(stages, markers),
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(
-                min_size=fitted.min_actors, max_size=fitted.max_actors
+            compute=ray.data.ActorPoolStrategy(  # no more actors than input shards
+                min_size=max(1, min(fitted.min_actors, len(rows))),
+                max_size=max(1, min(fitted.max_actors, len(rows))),
             ),
             **common,
         )

@@ -76,7 +76,9 @@ def fit(step: str, res: Resources, cluster: dict[str, float], gpus_when_availabl
         if max_actors * num_cpus > cpus:
             # more actors than fit: share the CPUs rather than wait for ones that never free up
             num_cpus = cpus / max_actors
-    min_actors = min(res.min_actors or 1, max_actors)
+    # a fixed pool by default: every actor loads its model at once, where a growing pool
+    # would start one and add the others only once work queues (seconds later each)
+    min_actors = min(res.min_actors or max_actors, max_actors)
     return Fitted(
         num_cpus=num_cpus,
         num_gpus=num_gpus,

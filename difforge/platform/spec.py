@@ -50,7 +50,9 @@ class Resources(BaseModel):
         description="GPUs (or a fraction) per actor or worker; 'auto': where the cluster has them",
     )
     batch_size: int | None = Field(None, gt=0, description="rows per batch handed to the operator")
-    min_actors: int | None = Field(None, ge=1, description="smallest actor pool")
+    min_actors: int | None = Field(None, ge=1, description="smallest actor pool (default: "
+                                   "the largest, all started at once; less: it grows with "
+                                   "the work queued)")  # fmt: skip
     max_actors: int | None = Field(None, ge=1, description="largest actor pool")
     num_workers: int | None = Field(None, ge=1, description="training workers of a job operator")
 

@@ -101,7 +101,7 @@ def cluster_table(ids, e, role="main", score=None):
 
     from difforge.platform.tensors import to_column
 
-    return pa.table({"id": ids, "key": ["0"] * len(ids), "role": [role] * len(ids),
+    return pa.table({"id": ids, "key": [0] * len(ids), "role": [role] * len(ids),
                      "score": pa.array(score if score is not None else np.zeros(len(ids))),
                      "e": to_column(e)})  # fmt: skip
 
@@ -121,6 +121,10 @@ def test_within_a_cluster_the_lower_ranked_copy_goes():
     # ranked by a score instead: the copies score higher, so the originals go
     score = np.r_[np.zeros(200), np.ones(50)]
     op = SemanticDedup(Params(threshold=0.95, score_column="aesthetic"))
+    found = op.match(cluster_table(ids, e, score=score), reference=False)
+    assert {kept: gone for gone, kept in pairs(found).items()} == copy_of
+    # a row without a score ranks below every scored row
+    score = np.r_[np.full(200, np.nan), np.zeros(50)]
     found = op.match(cluster_table(ids, e, score=score), reference=False)
     assert {kept: gone for gone, kept in pairs(found).items()} == copy_of
 

@@ -5,7 +5,7 @@ web-scale through semantic deduplication", 2023, sec. 3): k-means over the image
 then within each cluster every pair whose cosine similarity is at least `threshold` (their
 1 - epsilon) is a duplicate pair; of each such pair the row that ranks lower goes. The rule
 here: a row is dropped when a row of its cluster that ranks above it is that similar, ranking
-by `score_column` (highest first) when given, then by the lowest id. Clustering confines the
+by `score_column` (highest first, rows without a score last) when given, then by the lowest id. Clustering confines the
 quadratic comparison to a cluster: pairs split across two clusters are missed, as in the paper
 (near-duplicates lie close together and rarely straddle a boundary).
 
@@ -16,7 +16,7 @@ images: such rows would let a model score well on images it was trained on.
 It scales as the other dedup steps do (`platform.dedup`): the centroids are fitted by faiss on
 a sample of at most `sample_rows` embeddings (the only embeddings the driver reads), rows are
 assigned to their nearest centroid in parallel tasks, each cluster's rows are brought together
-(one task, or Ray Data's shuffle for large inputs) and compared there."""
+(plain tasks, one per CPU, or Ray Data's shuffle for large inputs) and compared there."""
 
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ class Params(BaseModel):
     sample_rows: int = Field(100_000, ge=1, description="rows the centroids are fitted on")
     iterations: int = Field(20, ge=1, description="k-means iterations")
     score_column: str | None = Field(None, description="of a duplicate pair the row with the "
-                                     "higher score stays (ties: the lower id); default: the "
-                                     "lower id stays")  # fmt: skip
+                                     "higher score stays (ties: the lower id; no score: "
+                                     "ranked last); default: the lower id stays")  # fmt: skip
     seed: int = 0
 
 
@@ -72,7 +72,7 @@ class SemanticDedup(DedupOperator):
     pairs above a cosine similarity."""
 
     name = "curate.semantic_dedup"
-    version = 1
+    version = 2  # 2: a row without a score ranks below every scored row
     Params = Params
     inputs: ClassVar[tuple[int, int]] = (1, 1)
     reads = (C.ID,)
@@ -107,7 +107,7 @@ class SemanticDedup(DedupOperator):
                  if p.score_column else np.zeros(len(e)))  # fmt: skip
         return pa.table({
             C.ID: batch.column(C.ID).cast(pa.string()),
-            "key": pa.array([str(k) for k in nearest], pa.string()),
+            "key": pa.array(nearest, pa.int64()),
             "role": pa.array([role] * len(e), pa.string()),
             "score": pa.array(score, pa.float64()),
             "e": to_column(e),
@@ -126,17 +126,17 @@ class SemanticDedup(DedupOperator):
         e = to_numpy(group.column("e"))
         score = group.column("score").to_numpy()
         main = np.flatnonzero(~ref)
+        # rank 0 is kept first: the highest score (none: last), then the lowest id
+        rank = np.empty(len(ids), np.int64)
+        rank[np.lexsort((ids, np.nan_to_num(-score, nan=np.inf)))] = np.arange(len(ids))
         out_id, out_of, out_sim = [], [], []
         for start in range(0, len(main), 2048):  # a block of rows against the whole cluster
             rows = main[start : start + 2048]
             sim = e[rows] @ e.T
             if reference:
                 sim[:, ~ref] = -np.inf
-            else:  # only rows ranked above: a higher score, or the same and a lower id
-                above = (score[None, :] > score[rows, None]) | (
-                    (score[None, :] == score[rows, None]) & (ids[None, :] < ids[rows, None])
-                )
-                sim[~above] = -np.inf
+            else:  # only rows ranked above
+                sim[rank[None, :] >= rank[rows, None]] = -np.inf
             best = sim.argmax(1)
             hit = sim[np.arange(len(rows)), best] >= self.params.threshold
             out_id += ids[rows[hit]].tolist()
@@ -146,7 +146,7 @@ class SemanticDedup(DedupOperator):
             C.ID: pa.array(out_id, pa.string()),
             "duplicate_of": pa.array(out_of, pa.string()),
             "similarity": pa.array(out_sim, pa.float32()),
-            "cluster": pa.array([int(group.column("key")[0].as_py())] * len(out_id), pa.int64()),
+            "cluster": pa.array([group.column("key")[0].as_py()] * len(out_id), pa.int64()),
         })  # fmt: skip
 
 
