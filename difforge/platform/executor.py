@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -210,7 +211,11 @@ class Executor:
                 if not keep:  # what this attempt wrote is of no use now
                     for name in output_names(s.step):
                         Output(s.step.output_uri(name), s.attempt).abort()
-            if isinstance(exc, (KeyboardInterrupt, DifforgeError)):
+            ray = sys.modules.get("ray")  # a worker's error (Ray's type subclasses the user's)
+            from_worker = ray is not None and isinstance(exc, ray.exceptions.RayError)
+            if isinstance(exc, KeyboardInterrupt) or (
+                isinstance(exc, DifforgeError) and not from_worker
+            ):
                 raise
             failed = failed_step(exc, group) if len(done) == 0 else started[len(done)].step
             where = f" (in one pass with {', '.join(ids)})" if len(group) > 1 else ""
