@@ -41,8 +41,9 @@ class DedupOperator(JobOperator):
     rank: ClassVar[tuple[str, ...]] = ()
     #: the MLflow image of removed rows beside what they duplicated ("" for none)
     grid: ClassVar[str] = "duplicates.png"
-    #: up to this many input rows, the keys are grouped in one task (no shuffle: its fixed
-    #: cost is seconds); above it, by Ray Data's shuffle across the cluster
+    #: up to this many input rows per grouping task (one per CPU with `one_key_per_row`, else
+    #: one), keys are grouped in plain Ray tasks (Ray Data's shuffle costs seconds more);
+    #: above, by Ray Data's shuffle across the cluster. Size it by what a row's keys hold.
     single_task_rows: ClassVar[int] = SINGLE_TASK_ROWS
 
     def keys(self, batch: pa.Table, role: str) -> pa.Table:
@@ -52,8 +53,9 @@ class DedupOperator(JobOperator):
         raise NotImplementedError
 
     def match(self, group: pa.Table, reference: bool) -> pa.Table:
-        """Given the rows sharing one key: a row (`id`, `duplicate_of`, and any detail
-        columns) for each main row that duplicates another: one with a lower id, by
+        """Given the rows sharing one key (a key of one row has nothing to compare, and
+        difforge may skip `match` for it): a row (`id`, `duplicate_of`, and any
+        detail columns) for each main row that duplicates another: one with a lower id, by
         convention, or, when the step has a `reference` input, a reference row."""
         raise NotImplementedError
 
@@ -106,6 +108,10 @@ def first_by(rank: tuple[str, ...], group: pa.Table) -> pa.Table:
     return group.from_pylist(rows[:1], schema=group.schema)
 
 
+def _pairs_only(match, group: pa.Table) -> pa.Table | None:
+    return match(group) if group.num_rows > 1 else None
+
+
 class _ShardKeys:
     """The keys of one (role, shard)'s rows."""
 
@@ -132,9 +138,10 @@ class _InOneTask:
 
         from difforge.platform.parallel import apply_to_groups, shard_rows
 
-        found = apply_to_groups(pa.concat_tables(tables), "key", self.match) if tables else None
+        found = (apply_to_groups(pa.concat_tables(tables), "key", self.match, single="skip")
+                 if tables else None)  # fmt: skip
         if found is not None and not self.op.one_key_per_row:
-            found = apply_to_groups(found, C.ID, partial(first_by, self.op.rank))
+            found = apply_to_groups(found, C.ID, partial(first_by, self.op.rank), single="keep")
         return shard_rows({DUPLICATES: found} if found is not None else {}, self.outputs,
                           f"part-{part:04d}")  # fmt: skip
 
@@ -156,13 +163,13 @@ def run_dedup(op: DedupOperator, ctx: JobContext) -> JobResult:
     match = partial(op.match, reference=len(ctx.inputs) > 1)
     side = {DUPLICATES: ctx.outputs[DUPLICATES]}
     roles = ["main", "ref"][: len(ctx.inputs)]
-    if sum(ds.num_rows for ds in ctx.inputs) <= op.single_task_rows:
+    # one part per CPU; one in all where a row has several keys (its verdicts must meet)
+    parts = cluster_cpus() if op.one_key_per_row else 1
+    if sum(ds.num_rows for ds in ctx.inputs) <= op.single_task_rows * parts:
         # small enough for a few tasks' memory: keys and groups in plain Ray tasks, no Ray
         # Data shuffle (its fixed cost is seconds)
         items = [(role, s) for ds, role in zip(ctx.inputs, roles, strict=True)
                  for s in ds.shards()]  # fmt: skip
-        # one part per CPU; one in all where a row has several keys (its verdicts must meet)
-        parts = cluster_cpus() if op.one_key_per_row else 1
         refs = group_in_tasks(items, _ShardKeys(op, res.batch_size, columns),
                               _InOneTask(op, match, side), parts, res.num_cpus)  # fmt: skip
         found = collect((r for t in get(refs) for r in t.to_pylist()), side)[DUPLICATES]
@@ -174,7 +181,7 @@ def run_dedup(op: DedupOperator, ctx: JobContext) -> JobResult:
                          res.num_cpus, columns)  # fmt: skip
         keys = keys.union(ref)
     if op.one_key_per_row:  # a row is in one group only: its verdict is final
-        found = group_and_write(keys, "key", match, side)[DUPLICATES]
+        found = group_and_write(keys, "key", partial(_pairs_only, match), side)[DUPLICATES]
     else:
         pairs = keys.groupby("key", num_partitions=default_partitions()).map_groups(
             as_function(match), batch_format="pyarrow"

@@ -1,6 +1,7 @@
 """Parallel building blocks for job operators that must see a whole dataset at once (dedup,
-pairing) but keep the driver's memory flat: per-shard maps that write shards, and grouping by
-key through Ray Data's shuffle. Only small shard descriptions ever reach the driver."""
+pairing) but keep the driver's memory flat: per-shard maps that write shards (plain Ray tasks;
+an actor pool on GPUs), and grouping by key (plain Ray tasks for data a few tasks can hold,
+Ray Data's shuffle beyond). Only small shard descriptions ever reach the driver."""
 
 from __future__ import annotations
 
@@ -151,7 +152,7 @@ def _on_gpus(files, fn, outputs, batch_size, num_cpus, columns, num_gpus):
     out = data.map_batches(_FileWorker, fn_constructor_args=(fn, outputs, batch_size, columns),
                            batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
                            num_gpus=num_gpus,
-                           compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size))  # fmt: skip
+                           compute=ray.data.ActorPoolStrategy(min_size=size, max_size=size))  # fmt: skip
     return collect(out.iter_rows(), outputs)
 
 
@@ -281,8 +282,10 @@ class _GroupWriter:
 SINGLE_TASK_ROWS = 250_000
 
 
-def apply_to_groups(table: pa.Table, key: str, fn) -> pa.Table | None:
-    """`fn` applied to each group of rows sharing `key`, the results concatenated."""
+def apply_to_groups(table: pa.Table, key: str, fn, single: str = "call") -> pa.Table | None:
+    """`fn` applied to each group of rows sharing `key`, the results concatenated. A group of
+    one row, with `single`: "call" `fn` on it, "skip" it (nothing), or "keep" the row as it is
+    (where most groups are single, `fn`'s per-call cost would be most of the work)."""
     import numpy as np
     import pyarrow as pa
 
@@ -292,8 +295,13 @@ def apply_to_groups(table: pa.Table, key: str, fn) -> pa.Table | None:
     column = table.column(key)
     keys = (column.to_numpy() if pa.types.is_integer(column.type)
             else np.asarray(column.to_pylist(), dtype=object))  # fmt: skip
-    bounds = [0, *(np.flatnonzero(keys[1:] != keys[:-1]) + 1).tolist(), len(keys)]
-    out = [fn(table.slice(a, b - a)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    bounds = np.r_[0, np.flatnonzero(keys[1:] != keys[:-1]) + 1, len(keys)]
+    starts, sizes = bounds[:-1], np.diff(bounds)
+    alone = sizes == 1 if single != "call" else np.zeros(len(sizes), bool)
+    out = [fn(table.slice(a, n)) for a, n in zip(starts[~alone].tolist(), sizes[~alone].tolist(),
+                                                 strict=True)]  # fmt: skip
+    if single == "keep" and alone.any():
+        out.append(table.take(starts[alone]))
     out = [t for t in out if t is not None and t.num_rows]
     return pa.concat_tables(out) if out else None
 

@@ -57,7 +57,10 @@ def run(tmp_path, op, params=None, ref=None):
 def strategy(request, monkeypatch):
     """Small inputs group in one task; large ones through Ray Data's shuffle: same results."""
     if request.param == "shuffle":
-        monkeypatch.setattr(DedupOperator, "single_task_rows", 0)
+        from difforge.operators.curate.dedup_exact import DedupExact
+
+        for cls in (DedupOperator, DedupExact):  # the exact dedup's own bound too
+            monkeypatch.setattr(cls, "single_task_rows", 0)
     return request.param
 
 

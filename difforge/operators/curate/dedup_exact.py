@@ -29,6 +29,7 @@ class DedupExact(DedupOperator):
     reads = (C.ID, C.IMAGE)
     resources = Resources(batch_size=2048)
     one_key_per_row = True
+    single_task_rows = 2_000_000  # keys of ~150 bytes a row: 300 MB a grouping task at most
 
     @classmethod
     def side_output_columns(cls, params, name):
