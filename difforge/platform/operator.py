@@ -107,6 +107,8 @@ class Operator:
     inputs: ClassVar[tuple[int, int]] = (1, 1)
     #: may use GPUs when `num_gpus: auto` finds them; the fraction it asks for then
     gpus_when_available: ClassVar[float] = 0.0
+    #: the MLflow metrics of its runs that `difforge report` tabulates and plots
+    report_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: BaseModel):
         self.params = params

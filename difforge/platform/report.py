@@ -19,8 +19,6 @@ from typing import Any
 
 from difforge.platform.errors import DifforgeError
 
-METRICS = ("fid", "precision", "recall", "class_accuracy")
-
 
 @dataclass
 class Row:
@@ -79,19 +77,26 @@ def collect(target: str, client) -> tuple[str, str | None, list[Row]]:
                   if k.startswith("matrix.")}  # fmt: skip
         row = Row(name, v.info.run_id, params, {"seconds": v.data.metrics.get("seconds", math.nan)})
         for step in _children(client, exp_id, v.info.run_id):
-            op = step.data.tags.get("difforge.op", "")
-            if op not in ("evaluate.fid", "sample.diffusion"):
+            wanted = _report_metrics(step.data.tags.get("difforge.op", ""))
+            if not wanted:
                 continue  # the steps the report has columns for (a cached one costs a query)
             metrics = _computed_metrics(client, exp_id, step)
+            if "rows_per_s" in metrics:  # a sampling step's rate is its samples/s
+                metrics.setdefault("samples_per_s", metrics["rows_per_s"])
             sid = step.data.tags.get("difforge.step", "")
-            if op == "evaluate.fid":
-                for m in METRICS:
-                    if m in metrics:
-                        row.metrics[f"{sid}.{m}"] = metrics[m]
-            elif op == "sample.diffusion" and "rows_per_s" in metrics:
-                row.metrics[f"{sid}.samples_per_s"] = metrics["rows_per_s"]
+            for m in wanted:
+                if m in metrics:
+                    row.metrics[f"{sid}.{m}"] = metrics[m]
         rows.append(row)
     return title, log_to, rows
+
+
+def _report_metrics(op: str) -> tuple[str, ...]:
+    """The metrics an operator declares for reports (none for an operator not installed)."""
+    from difforge.platform import registry
+
+    cls = registry.find(op) if op else None
+    return tuple(getattr(cls, "report_metrics", ()))
 
 
 def _computed_metrics(client, exp_id: str, step) -> dict[str, float]:

@@ -86,6 +86,7 @@ class DiffusionClassifier(MapOperator):
     """A conditional diffusion model as a zero-shot classifier of images (Li et al. 2023)."""
 
     name = "evaluate.diffusion_classifier"
+    report_metrics = ("accuracy", "evaluations_per_image")
     version = 1
     Params = Params
     stateful = True

@@ -75,6 +75,7 @@ class FID(JobOperator):
     """Fréchet distance, KID, precision/recall and class accuracy of samples against real data."""
 
     name = "evaluate.fid"
+    report_metrics = ("fid", "precision", "recall", "class_accuracy")
     # 3: features computed by an actor pool (GPUs where present) and read back as statistics
     version = 3
     Params = Params

@@ -49,6 +49,7 @@ class LinearProbe(JobOperator):
     """A linear classifier on a feature column against labels, with its learning curve."""
 
     name = "evaluate.linear_probe"
+    report_metrics = ("accuracy",)
     version = 1
     Params = Params
     inputs: ClassVar[tuple[int, int]] = (1, 2)

@@ -75,6 +75,7 @@ class SampleDiffusion(MapOperator):
     """Draws the images of a sample plan (PNG bytes plus the plan's columns)."""
 
     name = "sample.diffusion"
+    report_metrics = ("samples_per_s",)
     # 3: scheduler defaults to the model's own (flow-matching models: euler); heun; training_step;
     # faster_diffusion; 4: lcm (consistency students), noise injected by a sampler drawn from each
     # sample's own seed, a student's built-in guidance

@@ -143,6 +143,7 @@ class Classifier(JobOperator):
     """A small CNN image classifier trained with Ray Train; saves its weights and accuracy."""
 
     name = "train.classifier"
+    report_metrics = ("accuracy",)
     # 3: the input is streamed, each image once per epoch; evaluation on at most eval_rows
     # 4: weights saved as safetensors; registered in MLflow's model registry
     version = 4

@@ -308,6 +308,7 @@ class DiffusionTraining(JobOperator):
     """Trains a class- or text-conditional diffusers model with DeepSpeed under Ray Train."""
 
     name = "train.diffusion"
+    report_metrics = ("trainable_params",)
     # 2: CEP on class embeddings draws from each step's generator (resumable)
     # 3: the input is streamed, each example once per epoch (was drawn with replacement)
     # 4: init_from and finetune; trainable and total parameter counts logged
