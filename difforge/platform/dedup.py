@@ -37,6 +37,9 @@ class DedupOperator(JobOperator):
     side_outputs: ClassVar[tuple[str, ...]] = (DUPLICATES,)
     #: each row has exactly one key (no second shuffle to pick one verdict per row)
     one_key_per_row: ClassVar[bool] = False
+    #: `match` takes the rows of many keys at once (each key's rows together, sorted by key)
+    #: and answers for all of them: one call per grouping task instead of one per key
+    match_many_keys: ClassVar[bool] = False
     #: columns of `match`'s rows ordering a row's verdicts: the first one is kept
     rank: ClassVar[tuple[str, ...]] = ()
     #: the MLflow image of removed rows beside what they duplicated ("" for none)
@@ -138,7 +141,8 @@ class _InOneTask:
 
         from difforge.platform.parallel import apply_to_groups, shard_rows
 
-        found = (apply_to_groups(pa.concat_tables(tables), "key", self.match, single="skip")
+        found = (apply_to_groups(pa.concat_tables(tables), "key", self.match, single="skip",
+                                 at_once=self.op.match_many_keys)
                  if tables else None)  # fmt: skip
         if found is not None and not self.op.one_key_per_row:
             found = apply_to_groups(found, C.ID, partial(first_by, self.op.rank), single="keep")

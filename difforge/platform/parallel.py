@@ -282,10 +282,12 @@ class _GroupWriter:
 SINGLE_TASK_ROWS = 250_000
 
 
-def apply_to_groups(table: pa.Table, key: str, fn, single: str = "call") -> pa.Table | None:
+def apply_to_groups(table: pa.Table, key: str, fn, single: str = "call",
+                    at_once: bool = False) -> pa.Table | None:  # fmt: skip
     """`fn` applied to each group of rows sharing `key`, the results concatenated. A group of
     one row, with `single`: "call" `fn` on it, "skip" it (nothing), or "keep" the row as it is
-    (where most groups are single, `fn`'s per-call cost would be most of the work)."""
+    (where most groups are single, `fn`'s per-call cost would be most of the work).
+    `at_once`: `fn` is called once, on every group's rows (sorted by `key`)."""
     import numpy as np
     import pyarrow as pa
 
@@ -298,8 +300,12 @@ def apply_to_groups(table: pa.Table, key: str, fn, single: str = "call") -> pa.T
     bounds = np.r_[0, np.flatnonzero(keys[1:] != keys[:-1]) + 1, len(keys)]
     starts, sizes = bounds[:-1], np.diff(bounds)
     alone = sizes == 1 if single != "call" else np.zeros(len(sizes), bool)
-    out = [fn(table.slice(a, n)) for a, n in zip(starts[~alone].tolist(), sizes[~alone].tolist(),
-                                                 strict=True)]  # fmt: skip
+    if at_once:
+        rows = table.filter(pa.array(np.repeat(~alone, sizes)))
+        out = [fn(rows)] if rows.num_rows else []
+    else:
+        out = [fn(table.slice(a, n)) for a, n in zip(starts[~alone].tolist(),
+                                                     sizes[~alone].tolist(), strict=True)]  # fmt: skip
     if single == "keep" and alone.any():
         out.append(table.take(starts[alone]))
     out = [t for t in out if t is not None and t.num_rows]
