@@ -156,7 +156,6 @@ def run_dedup(op: DedupOperator, ctx: JobContext) -> JobResult:
     from difforge.platform.parallel import (
         as_function,
         default_partitions,
-        get,
         group_and_write,
         group_in_tasks,
         read_files,
@@ -174,9 +173,9 @@ def run_dedup(op: DedupOperator, ctx: JobContext) -> JobResult:
         # Data shuffle (its fixed cost is seconds)
         items = [(role, s) for ds, role in zip(ctx.inputs, roles, strict=True)
                  for s in ds.shards()]  # fmt: skip
-        refs = group_in_tasks(items, _ShardKeys(op, res.batch_size, columns),
+        done = group_in_tasks(items, _ShardKeys(op, res.batch_size, columns),
                               _InOneTask(op, match, side), parts, res.num_cpus)  # fmt: skip
-        found = collect((r for t in get(refs) for r in t.to_pylist()), side)[DUPLICATES]
+        found = collect((r for t in done for r in t.to_pylist()), side)[DUPLICATES]
         return _drop(op, ctx, found)
     keys = read_files(ctx.inputs[0].shards(), partial(op.keys, role="main"), res.batch_size,
                       res.num_cpus, columns)  # fmt: skip

@@ -135,8 +135,8 @@ def map_files(
         fn = _BuildOnce(*fn)
     worker = _FileWorker(fn, outputs, batch_size, columns)
     items = [{"shard": _shard(f), "index": i} for i, f in enumerate(files)]
-    return collect((row for t in get(tasks(worker.one, items, num_cpus)) for row in t.to_pylist()),
-                   outputs)  # fmt: skip
+    done = run_tasks(worker.one, items, num_cpus)
+    return collect((row for t in done for row in t.to_pylist()), outputs)
 
 
 def _on_gpus(files, fn, outputs, batch_size, num_cpus, columns, num_gpus):
@@ -199,25 +199,24 @@ def _call(fn: Callable, *args):
     return fn(*args)
 
 
-def tasks(fn: Callable, items: list, num_cpus: float = 1.0) -> list[ray.ObjectRef]:
+def run_tasks(fn: Callable, items: list, num_cpus: float = 1.0) -> list:
     """`fn(item)` for each item as a plain Ray task (in Ray's reused worker processes; `fn` is
-    sent once): their results' refs, in order. What the tasks return stays in Ray's object
-    store until someone gets it."""
+    sent once): their results, in order."""
     import ray
 
     shared = ray.put(fn)
     remote = ray.remote(_call).options(num_cpus=num_cpus)
-    return [remote.remote(shared, item) for item in items]
+    return ray.get([remote.remote(shared, item) for item in items])
 
 
 def group_in_tasks(items: list, keys: Callable[[Any], pa.Table],
                    group: Callable[[int, list[pa.Table]], Any], parts: int = 1,
-                   num_cpus: float = 1.0) -> list[ray.ObjectRef]:  # fmt: skip
+                   num_cpus: float = 1.0) -> list:  # fmt: skip
     """A shuffle in plain Ray tasks, for data a few tasks can hold: `keys(item)` for each item
     (a table with a `key` column, split into `parts` by key), then `group(part, tables)` once
     per part, given every keys table's rows of that part (rows sharing a key meet in one
     part). The tables go from task to task through the object store, never through the
-    driver. Returns the refs of `group`'s results."""
+    driver. Returns `group`'s results, one per part."""
     import ray
 
     split = ray.remote(_split_by_key).options(num_cpus=num_cpus, num_returns=parts)
@@ -225,7 +224,7 @@ def group_in_tasks(items: list, keys: Callable[[Any], pa.Table],
     cut = [split.remote(shared, parts, item) for item in items]
     cut = [c if parts > 1 else [c] for c in cut]
     gather = ray.remote(_gather).options(num_cpus=num_cpus)
-    return [gather.remote(group, i, *[c[i] for c in cut]) for i in range(parts)]
+    return ray.get([gather.remote(group, i, *[c[i] for c in cut]) for i in range(parts)])
 
 
 def _split_by_key(keys: Callable, parts: int, item) -> pa.Table | tuple[pa.Table, ...]:
@@ -250,13 +249,6 @@ def _split_by_key(keys: Callable, parts: int, item) -> pa.Table | tuple[pa.Table
 
 def _gather(group: Callable, part: int, *tables):
     return group(part, list(tables))
-
-
-def get(refs):
-    """Results of tasks (a ref or a list of them)."""
-    import ray
-
-    return ray.get(refs)
 
 
 class _GroupWriter:
