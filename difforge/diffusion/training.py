@@ -104,6 +104,24 @@ def consolidated_state(folder: str, tag: str = "state") -> dict[str, Any]:
     return state
 
 
+def to_device(x, device):
+    """A numpy array or CPU tensor on `device`. On a GPU it is copied from pinned memory without
+    blocking the host: a recipe that reads no result back each step prepares the next batch
+    while the device still computes this one."""
+    import numpy as np
+    import torch
+
+    t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+    if torch.device(device).type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def cpu_state(module) -> dict[str, Any]:
+    """A module's state on the CPU: what a checkpoint holds, loadable where no GPU is."""
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
 class RayTrainIO:
     """Checkpoints through Ray Train: each rank saves its DeepSpeed shard, Ray merges them into
     one checkpoint folder under the step's work folder."""
@@ -122,7 +140,9 @@ class RayTrainIO:
             if ema is not None and os.path.exists(os.path.join(d, "ema.pt")):
                 import torch
 
-                ema.load_state_dict(torch.load(os.path.join(d, "ema.pt"), weights_only=True))
+                ema.load_state_dict(
+                    torch.load(os.path.join(d, "ema.pt"), map_location="cpu", weights_only=True)
+                )
             with open(os.path.join(d, "progress.json")) as f:
                 return json.load(f)["step"]
 
@@ -136,7 +156,7 @@ class RayTrainIO:
                 with open(os.path.join(d, "progress.json"), "w") as f:
                     json.dump({"step": step}, f)
                 if ema is not None:
-                    torch.save(ema.state_dict(), os.path.join(d, "ema.pt"))
+                    torch.save(cpu_state(ema), os.path.join(d, "ema.pt"))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -156,7 +176,11 @@ class FolderIO:
         if ema is not None:
             import torch
 
-            ema.load_state_dict(torch.load(os.path.join(self.folder, "ema.pt"), weights_only=True))
+            ema.load_state_dict(
+                torch.load(
+                    os.path.join(self.folder, "ema.pt"), map_location="cpu", weights_only=True
+                )
+            )
         with open(progress) as f:
             return json.load(f)["step"]
 
@@ -166,7 +190,7 @@ class FolderIO:
         engine.save_checkpoint(self.folder, tag="state")
         if self.rank == 0:
             if ema is not None:
-                torch.save(ema.state_dict(), os.path.join(self.folder, "ema.pt"))
+                torch.save(cpu_state(ema), os.path.join(self.folder, "ema.pt"))
             with open(os.path.join(self.folder, "progress.json"), "w") as f:
                 json.dump({"step": step}, f)
         self.history.append(metrics)

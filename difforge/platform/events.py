@@ -32,10 +32,11 @@ class StepLog(Protocol):
         """Log `metrics` at `step` unless that step was logged before (a training run that
         resumes from a checkpoint replays steps: each is logged once)."""
 
-    def log_progress(self, step: int, loss: float) -> None:
+    def log_progress(self, step: int, loss: Any) -> None:
         """A training loop's heartbeat, called by rank 0 at every step: `running_loss` at
         `step`, logged at most every few seconds, for the driver's progress line (checkpoint
-        metrics can be minutes apart)."""
+        metrics can be minutes apart). `loss` is a float or a one-element tensor, read only
+        when logged (a device tensor's read waits for the device)."""
 
     def log_image(self, image: Any, name: str) -> None: ...
 
@@ -68,7 +69,7 @@ class NullLog:
     def log_new(self, metrics: dict[str, float], step: int) -> None:
         pass
 
-    def log_progress(self, step: int, loss: float) -> None:
+    def log_progress(self, step: int, loss: Any) -> None:
         pass
 
     def log_image(self, image: Any, name: str) -> None:

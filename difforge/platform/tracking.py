@@ -140,12 +140,12 @@ class StepTracker:
         if fresh:
             self.log_metrics(fresh, step)
 
-    def log_progress(self, step: int, loss: float) -> None:
+    def log_progress(self, step: int, loss: Any) -> None:
         now = time.time()
         if now - self.__dict__.get("_beat", -PROGRESS_EVERY_S) >= PROGRESS_EVERY_S:
             self._beat = now
-            try:
-                self.log_metrics({PROGRESS_METRIC: loss}, step)
+            try:  # a device tensor is read (and the device waited for) only here
+                self.log_metrics({PROGRESS_METRIC: float(loss)}, step)
             except Exception:  # noqa: BLE001 - a heartbeat never stops training (a busy store)
                 log.debug("heartbeat at step %d not logged", step, exc_info=True)
 

@@ -63,7 +63,7 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
     from difforge.diffusion.backbones import forward
     from difforge.diffusion.data import ShardStream
     from difforge.diffusion.model_folder import load_model
-    from difforge.diffusion.training import deepspeed_config, import_deepspeed
+    from difforge.diffusion.training import deepspeed_config, import_deepspeed, to_device
 
     deepspeed = import_deepspeed()
     p, plan = config["params"], config["plan"]
@@ -105,7 +105,7 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
     if any(ph.get("ode_steps", 0) > T for ph in plan):
         raise ValueError(f"ode_steps exceeds the teacher's {T} noise levels")
     step_log = config["log"]
-    losses: list[float] = []
+    losses: list = []  # device tensors
     while step < total:
         index, phase, start = phase_at(plan, step)
         if step == start and phase["kind"] == "halve" and (index > 0 or guided):
@@ -113,22 +113,18 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
             teacher.load_state_dict(_unwrap(engine).state_dict())
         g = np.random.default_rng([p["seed"], step, rank])
         batch = data.batch(step)
-        x0 = torch.from_numpy(batch.x0).to(device)
+        x0 = to_device(batch.x0, device)
         tg = torch.Generator().manual_seed(int(g.integers(2**62)))
-        noise = torch.randn(x0.shape, generator=tg).to(device)
-        y = (
-            torch.from_numpy(batch.labels).to(device)
-            if batch.labels is not None and num_classes
-            else None
-        )
-        c = torch.from_numpy(batch.cond).to(device) if batch.cond is not None else None
+        noise = to_device(torch.randn(x0.shape, generator=tg), device)
+        y = to_device(batch.labels, device) if batch.labels is not None and num_classes else None
+        c = to_device(batch.cond, device) if batch.cond is not None else None
         w = None
         if guided or p.get("guidance_scale") is not None:
             lo, hi = (p["w_min"], p["w_max"]) if guided else (p["guidance_scale"],) * 2
-            w = lo + (hi - lo) * torch.rand(micro, generator=tg).to(device)
+            w = lo + (hi - lo) * to_device(torch.rand(micro, generator=tg), device)
         # the frozen networks (the teacher, the phase's teacher, the target) are float32
         if phase["kind"] == "guide":
-            t = torch.randint(0, T, (micro,), generator=tg).to(device)
+            t = to_device(torch.randint(0, T, (micro,), generator=tg), device)
             a, s = alpha_sigma(alphas, t)
             z = a * x0 + s * noise
             with torch.no_grad():
@@ -136,7 +132,7 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
                 target, _ = x0_eps(out, z, a, s, prediction_type, clip)
         elif phase["kind"] == "consistency":
             grid = torch.tensor(consistency_grid(T, phase["ode_steps"]), device=device)
-            t = grid[torch.randint(0, len(grid), (micro,), generator=tg).to(device)]
+            t = grid[to_device(torch.randint(0, len(grid), (micro,), generator=tg), device)]
             t1 = t - (T // phase["ode_steps"])  # one step down the grid; -1: clean data
             a, s = alpha_sigma(alphas, t)
             a1, s1 = alpha_sigma(alphas, t1)
@@ -188,7 +184,7 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
                 for target_p, p_ in zip(teacher.parameters(), _unwrap(engine).parameters(),
                                         strict=True):  # fmt: skip
                     target_p.lerp_(p_.detach().float(), 1.0 - p["target_ema"])
-        losses.append(loss.item())
+        losses.append(loss.detach())  # read at checkpoints: no wait for the device each step
         step += 1
         if rank == 0:
             step_log.log_progress(step, losses[-1])
@@ -198,7 +194,8 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
             log_round(config, _unwrap(engine), info, sched_cfg, vae, index,
                       phase["sample_steps"], step)  # fmt: skip
         if step % p["checkpoint_every"] == 0 or ends_phase:
-            metrics = {"step": step, "loss": float(np.mean(losses)), "phase": index,
+            metrics = {"step": step, "loss": float(np.mean([x.item() for x in losses])),
+                       "phase": index,
                        "lr": lr_sched.get_last_lr()[0]}  # fmt: skip
             io.save(engine, teacher, step, metrics)
             timing = data.timing()  # every worker's data-wait and compute seconds

@@ -42,6 +42,7 @@ from difforge.diffusion.training import (
     deepspeed_config,
     import_deepspeed,
     lr_lambda,
+    to_device,
 )
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
@@ -131,6 +132,8 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     on_gpu = torch.cuda.is_available() and config.get("use_gpu", False)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else "cpu"
+    if on_gpu:  # fixed shapes every step: let cuDNN pick its fastest convolutions once
+        torch.backends.cudnn.benchmark = True
 
     # data: this rank's stream of micro batches, in an order fixed by the seed
     micro = max(1, p["batch_size"] // (world * p["grad_accum"]))
@@ -158,7 +161,8 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
     if cond_module is not None:
         cond_module.register_forward_hook(cep_hook)
     noise_scheduler = make_noise_scheduler(p, config["column"])
-    ema = copy.deepcopy(model).eval().requires_grad_(False) if p["ema_decay"] else None
+    # the average lives where the network trains (it is updated every step)
+    ema = copy.deepcopy(model).eval().requires_grad_(False).to(device) if p["ema_decay"] else None
     if repa:  # the projector trains with the network, in its engine and checkpoints
         from difforge.diffusion.repa import Aligned
 
@@ -183,9 +187,17 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
     null_c = None
     if config.get("null_cond") is not None:
         null_c = torch.tensor(config["null_cond"]).to(device)
-    losses: list[float] = []
-    align_losses: list[float] = []  # REPA's alignment term, logged on its own
+    # losses stay on the device until logged: no host sync per step, so the host prepares the
+    # next batch while the device computes (copies from pinned memory, without blocking)
+    losses: list = []
+    align_losses: list = []  # REPA's alignment term, logged on its own
+
+    def put(a):
+        return to_device(a, device)
+
     network = model.net if repa else model  # without REPA's projector
+    ema_params = list(ema.parameters()) if ema is not None else []
+    net_params = list(network.parameters())
     # throughput since this run's first optimizer step (start-up excluded)
     first_step_at = window_start = None
     window_steps = 0
@@ -195,25 +207,24 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
             # resumed run continues the same sequence
             g = np.random.default_rng([p["seed"], step, micro_step, rank])
             batch = data.batch(step * p["grad_accum"] + micro_step)
-            x0 = torch.from_numpy(batch.x0).to(device)
+            x0 = put(batch.x0)
             tg = torch.Generator().manual_seed(int(g.integers(2**62)))
-            noise = torch.randn(x0.shape, generator=tg).to(device)
+            noise = put(torch.randn(x0.shape, generator=tg))
             if flow:  # x_t = (1 - t) x0 + t noise; the network sees t scaled to [0, T)
-                tf = flow_times(micro, p["timesteps"], tg).to(device)
+                tf = put(flow_times(micro, p["timesteps"], tg))
                 xt = x0 + tf[:, None, None, None] * (noise - x0)
                 t = tf * p["num_train_timesteps"]
             else:
-                t = torch.randint(0, p["num_train_timesteps"], (micro,), generator=tg).to(device)
+                t = put(torch.randint(0, p["num_train_timesteps"], (micro,), generator=tg))
                 xt = noise_scheduler.add_noise(x0, noise, t)
-            drop = torch.rand(micro, generator=tg).to(device) < p["cond_drop_prob"]
+            drop = put(torch.rand(micro, generator=tg)) < p["cond_drop_prob"]
             y = c = None
             if batch.labels is not None:
-                y = torch.from_numpy(batch.labels).to(device).masked_fill(drop, num_classes)
+                y = put(batch.labels).masked_fill(drop, num_classes)
             if batch.cond is not None:
-                c = torch.from_numpy(batch.cond).to(device)
-                c = c + cep_delta(tuple(c.shape), p["cep"]["kind"], p["cep"]["gamma"], tg).to(
-                    device
-                )
+                c = put(batch.cond)
+                if p["cep"]["kind"] != "none":
+                    c = c + put(cep_delta(tuple(c.shape), p["cep"]["kind"], p["cep"]["gamma"], tg))
                 # dropped to the encoder's own empty prompt: the null the sampler guides against
                 null = null_c if null_c is not None else torch.zeros_like(c[0])
                 c = torch.where(drop[:, None, None] if c.ndim == 3 else drop[:, None], null, c)
@@ -221,17 +232,20 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
             cep_hook.generator = tg  # CEP on class embeddings draws from this step's generator
             out = forward(engine, kind, xt.to(dtype), t, y, c.to(dtype) if c is not None else None)
             loss = torch.nn.functional.mse_loss(out.float(), target)
-            losses.append(loss.item())  # the diffusion loss alone, with or without REPA
+            losses.append(loss.detach())  # the diffusion loss alone, with or without REPA
             if repa:  # eq. 9: L + lambda L_REPA (weight 0: the projector alone learns)
                 probe = repa["weight"] == 0
-                align = engine.module.alignment_loss(torch.from_numpy(batch.aux).to(device), probe)
-                align_losses.append(align.item())
+                align = engine.module.alignment_loss(put(batch.aux), probe)
+                align_losses.append(align.detach())
                 loss = loss + (1.0 if probe else repa["weight"]) * align
             engine.backward(loss)
             engine.step()
         step += 1
         if rank == 0:
             step_log.log_progress(step, losses[-1])
+        checkpoint = step % p["checkpoint_every"] == 0 or step == p["max_steps"]
+        if on_gpu and (first_step_at is None or checkpoint):
+            torch.cuda.synchronize(device)  # the clock reads finished work, not queued work
         now = time.time()
         if first_step_at is None:
             first_step_at = window_start = now
@@ -242,17 +256,18 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
                 # warmed-up decay: early on the average must not be dominated by the random
                 # initial weights (0.999^1500 of them would still be 22% of it)
                 d = min(p["ema_decay"], (1 + step) / (10 + step))
-                for pe, pm in zip(ema.parameters(), network.parameters(), strict=True):
-                    pe.mul_(d).add_(pm.detach().float(), alpha=1 - d)
+                torch._foreach_mul_(ema_params, d)
+                torch._foreach_add_(ema_params, [q.detach().float() for q in net_params],
+                                    alpha=1 - d)  # fmt: skip
         if p["export_every"] and step % p["export_every"] == 0 and rank == 0:
             _snapshot(config["snapshots_uri"], step, ema if ema is not None else network)
-        if step % p["checkpoint_every"] == 0 or step == p["max_steps"]:
+        if checkpoint:
             rate = window_steps * p["batch_size"] / max(1e-9, now - window_start)
-            metrics = {"step": step, "loss": float(np.mean(losses)),
+            metrics = {"step": step, "loss": float(np.mean([x.item() for x in losses])),
                        "lr": scheduler.get_last_lr()[0], "samples_per_s": rate,
                        "first_step_at": first_step_at}  # fmt: skip
             if align_losses:
-                metrics["repa_loss"] = float(np.mean(align_losses))
+                metrics["repa_loss"] = float(np.mean([x.item() for x in align_losses]))
             io.save(engine, ema, step, metrics)
             timing = data.timing()  # each worker: seconds waiting for data, and computing
             # a restart after a failure replays steps; log_new never logs one twice
@@ -487,7 +502,7 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext,
     trainable, total = prepare(trained, kind, ft, config["retrain_classes"])
     with checkpoint.as_directory() as d:
         trained.load_state_dict(backbone_state(consolidated_state(d)))  # REPA's projector dropped
-        ema_state = (torch.load(os.path.join(d, "ema.pt"), weights_only=True)
+        ema_state = (torch.load(os.path.join(d, "ema.pt"), map_location="cpu", weights_only=True)
                      if os.path.exists(os.path.join(d, "ema.pt")) else None)  # fmt: skip
     ema_trained = None
     if ema_state is not None:
