@@ -12,6 +12,16 @@ Reports, side by side in one run:
 
 Writes benchmarks/results/scale.json. The datasets (about 16 KB a row) are written under a
 temporary folder and deleted at the end.
+
+    .venv/bin/python benchmarks/scale.py --huge 2000000 [--folder /big/disk] [--steps 500]
+
+Larger than the machine: ROWS rows (2M: about 33 GB, more than this machine's 24 GiB of RAM)
+written directly as a committed dataset under FOLDER (default: .difforge-bench/huge), then
+(1) one full epoch of the training loader alone (`ShardStream`, a fresh process: rows/s and its
+peak RSS) and (2) a `train.diffusion` step of STEPS steps through the real path (`difforge.run`,
+Ray Train, one worker), with Ray's spill folder pinned under FOLDER; the machine's memory in use
+is sampled through the whole run and its peak reported. The data is deleted afterwards.
+Writes benchmarks/results/scale_huge.json.
 """
 
 from __future__ import annotations
@@ -88,18 +98,136 @@ def run_worker(uri: str, steps: int, shuffle_mb: int, work: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def loader_epoch(uri: str, batch: int) -> None:
+    """In a fresh process: read one full epoch through the training loader; print rows/s and
+    this process's peak RSS."""
+    from difforge.diffusion.data import ShardStream
+    from difforge.platform.datasets import open_dataset
+
+    stream = ShardStream(open_dataset(uri).shards(), "latent", 0, batch)
+    t0 = time.perf_counter()
+    seen = 0
+    for i in range(len(stream) // batch):
+        seen += len(stream.batch(i).x0)
+    seconds = time.perf_counter() - t0
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"rows": seen, "seconds": round(seconds, 1),
+                      "rows_per_s": round(seen / seconds), "peak_rss_mib": round(rss_mib)}))  # fmt: skip
+
+
+class MemorySampler:
+    """The machine's memory in use (total - available, so page cache is not counted), sampled
+    every half second in a thread; `peak` above the level when it started."""
+
+    def __init__(self):
+        import threading
+
+        import psutil
+
+        self._vm = psutil.virtual_memory
+        self.base = self.peak = self._used()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _used(self) -> int:
+        vm = self._vm()
+        return vm.total - vm.available
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self.peak = max(self.peak, self._used())
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {"base_used_mib": self.base >> 20, "peak_used_mib": self.peak >> 20,
+                "peak_above_base_mib": (self.peak - self.base) >> 20}  # fmt: skip
+
+
+def huge(rows: int, folder: Path, steps: int) -> None:
+    import ray
+
+    import difforge
+
+    folder.mkdir(parents=True, exist_ok=True)
+    uri, spill = str(folder / "latents"), folder / "ray-spill"
+    os.environ["DIFFORGE_HOME"] = str(folder / "home")
+    results: dict = {
+        "command": f"python benchmarks/scale.py --huge {rows} --steps {steps}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB RAM",
+        "rows": rows, "latent_shape": list(SHAPE),
+    }  # fmt: skip
+    memory = MemorySampler()
+    try:
+        t0 = time.perf_counter()
+        write_latents(uri, rows)
+        size = sum(f.stat().st_size for f in Path(uri).rglob("*.parquet"))
+        results["written"] = {
+            "seconds": round(time.perf_counter() - t0),
+            "gb": round(size / 1e9, 1),
+        }
+        print(f"written: {rows:,} rows, {size / 1e9:.1f} GB in {results['written']['seconds']} s",
+              flush=True)  # fmt: skip
+        out = subprocess.run([sys.executable, __file__, "--loader", uri], capture_output=True,
+                             text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})  # fmt: skip
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr[-3000:])
+        results["loader_epoch"] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"loader, one epoch: {results['loader_epoch']}", flush=True)
+
+        spilling = {"type": "filesystem", "params": {"directory_path": str(spill)}}
+        ray.init(address="local", include_dashboard=False,
+                 _system_config={"object_spilling_config": json.dumps(spilling)})  # fmt: skip
+        spec = {"name": "scale-huge", "storage": str(folder / "storage"),
+                "tracking": {"experiment": "benchmarks"},
+                "steps": [{"id": "model", "op": "train.diffusion", "inputs": [uri],
+                           "params": {"backbone": UNET, "batch_size": 32, "max_steps": steps,
+                                      "checkpoint_every": steps, "warmup_steps": 5,
+                                      "ema_decay": None},
+                           "resources": {"num_workers": 1}}]}  # fmt: skip
+        t0 = time.perf_counter()
+        summary = difforge.run(spec)
+        from mlflow.tracking import MlflowClient
+
+        run = MlflowClient(summary.tracking_uri).get_run(summary.step("model").run_id)
+        spilled = sum(f.stat().st_size for f in spill.rglob("*") if f.is_file())
+        results["train"] = {"steps": steps, "batch_size": 32, "seconds": round(time.perf_counter() - t0),
+                            "samples_per_s": round(run.data.metrics["samples_per_s"], 1),
+                            "ray_spilled_mb": round(spilled / 1e6, 1)}  # fmt: skip
+        print(f"train.diffusion: {results['train']}", flush=True)
+        ray.shutdown()
+    finally:
+        results["memory"] = memory.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    print(f"machine memory in use: {results['memory']}")
+    out_file = ROOT / "benchmarks" / "results" / "scale_huge.json"
+    out_file.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out_file}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--small", type=int, default=20_000)
     parser.add_argument("--large", type=int, default=400_000)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, help="default: 60, or 500 with --huge")
     parser.add_argument("--worker")
     parser.add_argument("--shuffle-mb", type=int, default=256)
     parser.add_argument("--folder")
+    parser.add_argument("--huge", type=int, help="rows of the larger-than-memory run")
+    parser.add_argument("--loader")
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.steps, args.shuffle_mb, args.folder)
         return
+    if args.loader:
+        loader_epoch(args.loader, 256)
+        return
+    if args.huge:
+        huge(args.huge, Path(args.folder or ROOT / ".difforge-bench" / "huge"), args.steps or 500)
+        return
+    args.steps = args.steps or 60
 
     from difforge.diffusion.data import DEFAULT_SHUFFLE_MB
 

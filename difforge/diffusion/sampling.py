@@ -111,7 +111,10 @@ def prompt_conditions(text, prompts: list[str | None], negatives: list[str | Non
 
 
 def to_pil(x, vae=None):
-    """Model outputs in [-1, 1] (decoded through the VAE for latents) as PIL images."""
+    """Model outputs in [-1, 1] (decoded through the VAE for latents) as PIL images. Other
+    channel counts than 1 and 3 (latents with no VAE to decode them) show each channel side by
+    side in grey."""
+    import numpy as np
     import torch
     from PIL import Image
 
@@ -121,4 +124,6 @@ def to_pil(x, vae=None):
     arr = x.clamp(-1, 1).add(1).mul(127.5).round().byte().cpu().numpy()
     if arr.shape[1] == 1:
         return [Image.fromarray(a[0], "L") for a in arr]
+    if arr.shape[1] != 3:
+        return [Image.fromarray(np.concatenate(list(a), axis=1), "L") for a in arr]
     return [Image.fromarray(a.transpose(1, 2, 0), "RGB") for a in arr]

@@ -165,3 +165,15 @@ def test_text_conditional_unet_with_cep_on_the_embedding(tmp_path):
     io = train_locally({"params": p, "shards": D.open_dataset(uri).shards(), "column": "image",
                         "num_classes": 0}, str(tmp_path / "c"), train)  # fmt: skip
     assert io.history[-1]["step"] == 4 and np.isfinite(io.history[-1]["loss"])
+
+
+def test_latents_with_no_vae_show_each_channel_side_by_side():
+    """A model trained on latents that no VAE decodes still gets its sample grid: each of the
+    four channels in grey, side by side (a three-channel view would mislabel them as RGB)."""
+    from difforge.diffusion.sampling import to_pil
+
+    x = torch.linspace(-1, 1, 2 * 4 * 3 * 5).reshape(2, 4, 3, 5)
+    images = to_pil(x)
+    assert [(im.mode, im.size) for im in images] == [("L", (20, 3))] * 2
+    second_channel = (x[1, 1] + 1).mul(127.5).round().byte().numpy()
+    np.testing.assert_array_equal(np.asarray(images[1])[:, 5:10], second_channel)
