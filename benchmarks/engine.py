@@ -178,6 +178,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--quickstart-storage", help="where the quickstart has run already")
+    parser.add_argument("--skip-quickstart", action="store_true", help="(a) and (b) only")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="difforge-bench-"))
     os.environ["DIFFORGE_HOME"] = str(work / "home")
@@ -185,7 +186,8 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "rows": args.rows,
         "command": f"python benchmarks/engine.py --rows {args.rows}"
-        + (f" --quickstart-storage {args.quickstart_storage}" if args.quickstart_storage else ""),
+        + (f" --quickstart-storage {args.quickstart_storage}" if args.quickstart_storage else "")
+        + (" --skip-quickstart" if args.skip_quickstart else ""),
     }
     input_uri = str(work / "input")
     t0 = time.perf_counter()
@@ -249,18 +251,19 @@ def main() -> None:
     ray.shutdown()
 
     # (c) fully cached rerun of the quickstart, and (d) validate, each a fresh process
-    qs = str(ROOT / "pipelines" / "quickstart.yaml")
-    if args.quickstart_storage:  # computed already: the cache lives in the storage
-        storage = f"storage={Path(args.quickstart_storage).resolve()}"
-    else:
-        storage = f"storage={work / 'quickstart'}"
-    timed_cli("run", qs, "--set", storage)
-    cached = min(timed_cli("run", qs, "--set", storage) for _ in range(3))
-    validate = min(timed_cli("validate", qs, "--set", storage) for _ in range(3))
-    print(f"(c) fully cached quickstart rerun:   {cached:.2f}s (target < 5 s)")
-    print(f"(d) difforge validate:               {validate:.2f}s (target < 2 s)")
-    results["cached_quickstart_seconds"] = round(cached, 2)
-    results["validate_seconds"] = round(validate, 2)
+    if not args.skip_quickstart:
+        qs = str(ROOT / "pipelines" / "quickstart.yaml")
+        if args.quickstart_storage:  # computed already: the cache lives in the storage
+            storage = f"storage={Path(args.quickstart_storage).resolve()}"
+        else:
+            storage = f"storage={work / 'quickstart'}"
+        timed_cli("run", qs, "--set", storage)
+        cached = min(timed_cli("run", qs, "--set", storage) for _ in range(3))
+        validate = min(timed_cli("validate", qs, "--set", storage) for _ in range(3))
+        print(f"(c) fully cached quickstart rerun:   {cached:.2f}s (target < 5 s)")
+        print(f"(d) difforge validate:               {validate:.2f}s (target < 2 s)")
+        results["cached_quickstart_seconds"] = round(cached, 2)
+        results["validate_seconds"] = round(validate, 2)
 
     out = ROOT / "benchmarks" / "results" / "engine.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -330,8 +330,8 @@ def run_map_pass(
     if resumed:
         log.info("%s: %d of %d input shards already done by an earlier run",
                  "+".join(s.step.id for s in chain), resumed, len(rows))  # fmt: skip
-    data = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
     if getattr(head.op_cls, "stateful", False):
+        data = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
         data = data.map_batches(
             PassWorker,
             fn_constructor_args=(stages, markers),
@@ -342,18 +342,44 @@ def run_map_pass(
             ),
             **common,
         )
-    else:
-        data = data.map_batches(_task(stages, markers), batch_size=1, **common)
+        results = data.iter_rows()
+    else:  # a stateless chain: one plain Ray task per item, no Ray Data pipeline around them
+        results = _in_tasks(_task(stages, markers), rows, common)
     entries: list[dict[str, list[dict]]] = [{n: [] for n in s.outputs} for s in stages]
     work = [0.0] * len(chain)
     unit = "read tasks" if issubclass(head.op_cls, SourceOperator) else "shards"
     progress = Progress("+".join(s.step.id for s in chain), len(rows), unit)
     try:
-        for row in data.iter_rows():
+        for row in results:
             _account(row, entries, rows_in, work, progress)
     finally:
         progress.close()
     return entries, rows_in, work, resumed
+
+
+def _in_tasks(fn, rows: list[dict], resources: dict[str, Any]) -> Iterator[dict]:
+    """`fn` over each item in its own Ray task; the rows each returns, as tasks finish."""
+    import ray
+
+    shared = ray.put(fn)
+    remote = ray.remote(_call_one).options(
+        num_cpus=resources["num_cpus"], num_gpus=resources.get("num_gpus", 0)
+    )
+    pending = [remote.remote(shared, row) for row in rows]
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            table: pa.Table = ray.get(done[0])
+            yield from table.to_pylist()
+    finally:
+        for ref in pending:  # a failure: the rest is not wanted
+            ray.cancel(ref)
+
+
+def _call_one(fn, row: dict):
+    import pyarrow as pa
+
+    return fn(pa.table({k: [v] for k, v in row.items()}))
 
 
 def _account(row: dict, entries: list, rows_in: list, work: list, progress: Progress) -> None:
