@@ -1,5 +1,6 @@
-"""The pass runner: one Ray Data pass over a step's input shards (or a source's read tasks),
-for one map step or a chain of fused ones, with per-shard resume.
+"""The pass runner: one pass over a step's input shards (or a source's read tasks), for one
+map step or a chain of fused ones, with per-shard resume. A stateless chain runs one plain Ray
+task per item; a chain headed by a stateful (model) step, a Ray Data actor pool.
 
 The head step reads its item itself (a source its read task, a map operator one input shard,
 in batches); each later step of the chain takes the batch the step before it produced, still in
