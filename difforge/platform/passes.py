@@ -373,8 +373,11 @@ def _in_tasks(fn, rows: list[dict], resources: dict[str, Any]) -> Iterator[dict]
             table: pa.Table = ray.get(done[0])
             yield from table.to_pylist()
     finally:
-        for ref in pending:  # a failure: the rest is not wanted
-            ray.cancel(ref)
+        # a failure: the rest is not wanted. Forced: a task stopped by an exception raised in
+        # it (the unforced cancel) can leave its worker process, which Ray reuses, with a
+        # half-imported module (seen: pandas without `core` in every later task there)
+        for ref in pending:
+            ray.cancel(ref, force=True)
 
 
 def _call_one(fn, row: dict):
