@@ -256,9 +256,9 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
                 # warmed-up decay: early on the average must not be dominated by the random
                 # initial weights (0.999^1500 of them would still be 22% of it)
                 d = min(p["ema_decay"], (1 + step) / (10 + step))
+                # in place, no float copy of the network (a bf16 one is added to fp32 as is)
                 torch._foreach_mul_(ema_params, d)
-                torch._foreach_add_(ema_params, [q.detach().float() for q in net_params],
-                                    alpha=1 - d)  # fmt: skip
+                torch._foreach_add_(ema_params, net_params, alpha=1 - d)
         if p["export_every"] and step % p["export_every"] == 0 and rank == 0:
             _snapshot(config["snapshots_uri"], step, ema if ema is not None else network)
         if checkpoint:
