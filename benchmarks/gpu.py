@@ -284,9 +284,9 @@ def _latent_dataset(folder: str, rows: int, size: int, tokens: int, cond_dim: in
 def train(smoke: bool, batch: int | None, steps: int, peak_tflops: float | None,
           variants: bool = True) -> dict:  # fmt: skip
     import torch
-    import torch.distributed as dist
 
     from difforge.diffusion.backbones import build_backbone
+    from difforge.diffusion.training import single_process_group
     from difforge.operators.train.diffusion import Params
     from difforge.operators.train.diffusion import train as recipe
 
@@ -340,18 +340,7 @@ def train(smoke: bool, batch: int | None, steps: int, peak_tflops: float | None,
     rows = max(2 * batch, 64)
     shards = _latent_dataset(work, rows, size, tokens, cond_dim, max(8, rows // 8))
     p["batch_size"] = batch
-    if not dist.is_initialized():
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():  # fmt: skip
-            os.environ.setdefault(k, v)
-        if cuda:
-            torch.cuda.set_device(0)
-        dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    single_process_group(cuda)
 
     def run(params: dict) -> _Metrics:
         sink = _Metrics()

@@ -75,30 +75,31 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "images": args.images, "ddim_steps": args.steps, "runs": {},
     }  # fmt: skip
+    topologies = {  # name: what the printout calls it
+        "two_nodes": "two nodes (1 CPU each)",
+        "one_node": "one node (2 CPUs)",
+    }
     seed = 0
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1,
-                                                            "include_dashboard": False})  # fmt: skip
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    try:
-        for actors in (1, 2):
-            seed += 1
-            r = sample_once(storage, args.images, args.steps, actors, seed)
-            results["runs"][f"two_nodes_{actors}_actors"] = r
-            print(f"two nodes (1 CPU each), {actors} actor(s): {r}", flush=True)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
-        for actors in (1, 2):
-            seed += 1
-            r = sample_once(storage, args.images, args.steps, actors, seed)
-            results["runs"][f"one_node_{actors}_actors"] = r
-            print(f"one node (2 CPUs), {actors} actor(s): {r}", flush=True)
-    finally:
-        ray.shutdown()
+    for name, what in topologies.items():
+        cluster = None
+        if name == "two_nodes":
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1,
+                                                                    "include_dashboard": False})  # fmt: skip
+            cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address)
+        else:
+            ray.init(address="local", num_cpus=2, include_dashboard=False)
+        try:
+            for actors in (1, 2):
+                seed += 1
+                r = sample_once(storage, args.images, args.steps, actors, seed)
+                results["runs"][f"{name}_{actors}_actors"] = r
+                print(f"{what}, {actors} actor(s): {r}", flush=True)
+        finally:
+            ray.shutdown()
+            if cluster is not None:
+                cluster.shutdown()
     runs = results["runs"]
     ratio = runs["two_nodes_2_actors"]["images_per_s"] / runs["one_node_2_actors"]["images_per_s"]
     results["two_nodes_over_one_node_2_actors"] = round(ratio, 3)

@@ -196,21 +196,34 @@ class FolderIO:
         self.history.append(metrics)
 
 
-def train_locally(config: dict[str, Any], folder: str, recipe) -> FolderIO:
-    """Run the recipe (`train.diffusion`'s, or another with its signature, such as distillation's) in this
-    process as rank 0 of 1 (DeepSpeed's single-rank set-up)."""
+def single_process_group(on_gpu: bool = False) -> None:
+    """This process as rank 0 of 1 (DeepSpeed's single-rank set-up): NCCL on a GPU, gloo on
+    CPUs. Nothing when a process group exists already."""
     import socket
 
+    import torch
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():  # fmt: skip
-            os.environ.setdefault(k, v)
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():  # fmt: skip
+        os.environ.setdefault(k, v)
+    if on_gpu:
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if on_gpu else "gloo", rank=0, world_size=1)
+
+
+def train_locally(config: dict[str, Any], folder: str, recipe) -> FolderIO:
+    """Run the recipe (`train.diffusion`'s, or another with its signature, such as distillation's) in this
+    process as rank 0 of 1."""
+    import torch
+    import torch.distributed as dist
+
+    single_process_group(torch.cuda.is_available() and config.get("use_gpu", False))
     io = FolderIO(folder)
     recipe({"log": NullLog(), **config}, dist.get_rank(), dist.get_world_size(), io)
     return io

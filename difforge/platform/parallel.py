@@ -209,6 +209,26 @@ def run_tasks(fn: Callable, items: list, num_cpus: float = 1.0) -> list:
     return ray.get([remote.remote(shared, item) for item in items])
 
 
+def as_finished(fn: Callable, items: list, num_cpus: float = 1.0,
+                num_gpus: float = 0.0) -> Iterator:  # fmt: skip
+    """`fn(item)` for each item as a plain Ray task: their results as the tasks finish. When
+    the caller stops early (a failure), the rest is cancelled by force: an unforced cancel
+    raises inside a running task, which can interrupt an import and leave the worker process,
+    which Ray reuses, with a half-imported module (seen: pandas without `core`)."""
+    import ray
+
+    shared = ray.put(fn)
+    remote = ray.remote(_call).options(num_cpus=num_cpus, num_gpus=num_gpus)
+    pending = [remote.remote(shared, item) for item in items]
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+
+
 def group_in_tasks(items: list, keys: Callable[[Any], pa.Table],
                    group: Callable[[int, list[pa.Table]], Any], parts: int = 1,
                    num_cpus: float = 1.0) -> list:  # fmt: skip

@@ -36,7 +36,7 @@ from difforge.platform.outputs import (
     saw_nodes,
     write_batch,
 )
-from difforge.platform.parallel import shard_batches
+from difforge.platform.parallel import as_finished, shard_batches
 from difforge.platform.plan import PlannedStep
 from difforge.platform.progress import Progress
 from difforge.platform.resources import Fitted
@@ -345,7 +345,11 @@ def run_map_pass(
         )
         results = data.iter_rows()
     else:  # a stateless chain: one plain Ray task per item, no Ray Data pipeline around them
-        results = _in_tasks(_task(stages, markers), rows, common)
+        import pyarrow as pa
+
+        tables = as_finished(_task(stages, markers), [pa.Table.from_pylist([r]) for r in rows],
+                             fitted.num_cpus, fitted.num_gpus)  # fmt: skip
+        results = (row for t in tables for row in t.to_pylist())
     entries: list[dict[str, list[dict]]] = [{n: [] for n in s.outputs} for s in stages]
     work = [0.0] * len(chain)
     unit = "read tasks" if issubclass(head.op_cls, SourceOperator) else "shards"
@@ -356,34 +360,6 @@ def run_map_pass(
     finally:
         progress.close()
     return entries, rows_in, work, resumed
-
-
-def _in_tasks(fn, rows: list[dict], resources: dict[str, Any]) -> Iterator[dict]:
-    """`fn` over each item in its own Ray task; the rows each returns, as tasks finish."""
-    import ray
-
-    shared = ray.put(fn)
-    remote = ray.remote(_call_one).options(
-        num_cpus=resources["num_cpus"], num_gpus=resources.get("num_gpus", 0)
-    )
-    pending = [remote.remote(shared, row) for row in rows]
-    try:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            table: pa.Table = ray.get(done[0])
-            yield from table.to_pylist()
-    finally:
-        # a failure: the rest is not wanted. Forced: a task stopped by an exception raised in
-        # it (the unforced cancel) can leave its worker process, which Ray reuses, with a
-        # half-imported module (seen: pandas without `core` in every later task there)
-        for ref in pending:
-            ray.cancel(ref, force=True)
-
-
-def _call_one(fn, row: dict):
-    import pyarrow as pa
-
-    return fn(pa.table({k: [v] for k, v in row.items()}))
 
 
 def _account(row: dict, entries: list, rows_in: list, work: list, progress: Progress) -> None:

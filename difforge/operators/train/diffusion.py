@@ -13,6 +13,7 @@ c + delta, with delta ~ U(-gamma/sqrt(d), gamma/sqrt(d)) (uniform) or N(0, (gamm
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import tempfile
@@ -192,9 +193,7 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
     losses: list = []
     align_losses: list = []  # REPA's alignment term, logged on its own
 
-    def put(a):
-        return to_device(a, device)
-
+    put = functools.partial(to_device, device=device)
     network = model.net if repa else model  # without REPA's projector
     ema_params = list(ema.parameters()) if ema is not None else []
     net_params = list(network.parameters())
