@@ -117,6 +117,22 @@ def to_device(x, device):
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def log_interval(step_log, step: int, data, rank: int, metrics: dict[str, float]) -> None:
+    """At a checkpoint: every rank's data-wait and compute seconds since the last one and rank
+    0's `metrics`, logged by rank 0 alone (the other ranks' timings are gathered to it): one
+    writer to the tracking store however many workers train. A restart replays steps from its
+    checkpoint; log_new never logs one twice. Every rank calls it, at the same steps."""
+    import torch.distributed as dist
+
+    timing = data.timing()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size() if rank == 0 else None
+        dist.gather_object(timing, parts, dst=0)
+        timing = {k: v for part in parts or [] for k, v in part.items()}
+    if rank == 0:
+        step_log.log_new({**timing, **metrics}, step)
+
+
 def cpu_state(module) -> dict[str, Any]:
     """A module's state on the CPU: what a checkpoint holds, loadable where no GPU is."""
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}

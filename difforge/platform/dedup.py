@@ -111,10 +111,6 @@ def first_by(rank: tuple[str, ...], group: pa.Table) -> pa.Table:
     return group.from_pylist(rows[:1], schema=group.schema)
 
 
-def _pairs_only(match, group: pa.Table) -> pa.Table | None:
-    return match(group) if group.num_rows > 1 else None
-
-
 class _ShardKeys:
     """The keys of one (role, shard)'s rows."""
 
@@ -184,12 +180,13 @@ def run_dedup(op: DedupOperator, ctx: JobContext) -> JobResult:
                          res.num_cpus, columns)  # fmt: skip
         keys = keys.union(ref)
     if op.one_key_per_row:  # a row is in one group only: its verdict is final
-        found = group_and_write(keys, "key", partial(_pairs_only, match), side)[DUPLICATES]
+        found = group_and_write(keys, "key", match, side, single="skip")[DUPLICATES]
     else:
         pairs = keys.groupby("key", num_partitions=default_partitions()).map_groups(
             as_function(match), batch_format="pyarrow"
         )
-        found = group_and_write(pairs, C.ID, partial(first_by, op.rank), side)[DUPLICATES]
+        found = group_and_write(pairs, C.ID, partial(first_by, op.rank), side,
+                                single="keep")[DUPLICATES]  # fmt: skip
     return _drop(op, ctx, found)
 
 

@@ -318,9 +318,10 @@ class Executor:
         }
         if rows_in is not None:
             metrics["rows_in"] = rows_in
-            metrics["rows_per_s"] = rows_in / seconds if seconds > 0 else 0.0
-        elif manifest.num_rows:
-            metrics["rows_per_s"] = manifest.num_rows / seconds if seconds > 0 else 0.0
+        if rows_in is not None or manifest.num_rows:
+            rows = rows_in if rows_in is not None else manifest.num_rows
+            metrics["rows_per_s"] = rows / seconds if seconds > 0 else 0.0
+            metrics[f"{step.operator.rows_are}_per_s"] = metrics["rows_per_s"]
         self.events.step_finished(step, metrics, manifest.model_dump(mode="json"))
         return StepSummary(
             step.id,

@@ -109,6 +109,9 @@ class Operator:
     gpus_when_available: ClassVar[float] = 0.0
     #: the MLflow metrics of its runs that `difforge report` tabulates and plots
     report_metrics: ClassVar[tuple[str, ...]] = ()
+    #: what its rows are, naming the step's rate metric `<rows_are>_per_s` (a sampler's rows
+    #: are samples); rows_per_s is logged as well
+    rows_are: ClassVar[str] = "rows"
 
     def __init__(self, params: BaseModel):
         self.params = params

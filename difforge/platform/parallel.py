@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from difforge.platform.datasets import read_shard
@@ -325,28 +326,39 @@ def apply_to_groups(table: pa.Table, key: str, fn, single: str = "call",
 
 
 class _OneTaskGroups:
-    def __init__(self, key: str, fn: Callable, outputs: dict[str, Output]):
-        self.key, self.fn, self.outputs = key, fn, outputs
+    def __init__(self, key: str, fn: Callable, outputs: dict[str, Output], single: str):
+        self.key, self.fn, self.outputs, self.single = key, fn, outputs, single
 
     def __call__(self, table: pa.Table) -> pa.Table:
         name = next(iter(self.outputs)) if len(self.outputs) == 1 else MAIN
-        result = apply_to_groups(table, self.key, self.fn)
+        result = apply_to_groups(table, self.key, self.fn, self.single)
         return shard_rows({name: result} if result is not None else {}, self.outputs, "all")
 
 
 def group_and_write(data: ray.data.Dataset, key: str, fn: Callable, outputs: dict[str, Output],
-                    num_partitions: int | None = None,
-                    rows: int | None = None) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
+                    num_partitions: int | None = None, rows: int | None = None,
+                    single: str = "call") -> dict[str, list[dict[str, Any]]]:  # fmt: skip
     """Group rows by `key`, apply `fn` to each group (a table back) and write what it returns
-    as shards. With `rows` (about how many rows `data` has) up to SINGLE_TASK_ROWS, in one
-    task; else by a shuffle. No group passes through the driver either way."""
+    as shards; a group of one row as `apply_to_groups`'s `single` says. With `rows` (about how
+    many rows `data` has) up to SINGLE_TASK_ROWS, in one task; else by a shuffle. No group
+    passes through the driver either way."""
     if rows is not None and rows <= SINGLE_TASK_ROWS:
-        out = data.repartition(1).map_batches(as_function(_OneTaskGroups(key, fn, outputs)),
-                                              batch_size=None, batch_format="pyarrow")  # fmt: skip
+        out = data.repartition(1).map_batches(
+            as_function(_OneTaskGroups(key, fn, outputs, single)), batch_size=None,
+            batch_format="pyarrow")  # fmt: skip
         return collect(out.iter_rows(), outputs)
     grouped = data.groupby(key, num_partitions=num_partitions or default_partitions())
+    if single != "call":
+        fn = partial(_one_group, fn, single)
     out = grouped.map_groups(as_function(_GroupWriter(fn, outputs)), batch_format="pyarrow")
     return collect(out.iter_rows(), outputs)
+
+
+def _one_group(fn: Callable, single: str, group: pa.Table) -> pa.Table | None:
+    """`fn` on a group of several rows; a group of one skipped ("skip") or kept as it is."""
+    if group.num_rows > 1:
+        return fn(group)
+    return group if single == "keep" else None
 
 
 def default_partitions() -> int:

@@ -10,6 +10,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from difforge.platform.outputs import saw_nodes
@@ -27,9 +28,13 @@ def fit(
     config: dict[str, Any],
     max_failures: int = 2,
     progress: tuple[str, int, str] | None = None,
+    alongside: Future | None = None,
 ):
     """Run `loop` on ctx.resources.num_workers Ray Train workers; return the Result.
-    `progress`: (metric, total, unit): the metric rank 0 logs with its step, for the bar."""
+    `progress`: (metric, total, unit): the metric rank 0 logs with its step, for the bar.
+    `alongside`: the driver's own work (a check, say) running in a thread while Ray Train
+    starts its workers, seconds that would otherwise come first; should it fail, the workers
+    are stopped and its error is the step's."""
     import ray.train
     from pyarrow.fs import FSSpecHandler, PyFileSystem
     from ray.train.torch import TorchTrainer
@@ -66,46 +71,66 @@ def fit(
         ),
     )
     if progress is None:
-        result = _fit(trainer)
+        result = _fit(trainer, alongside)
     else:
         metric, total, unit = progress
         with MetricProgress(ctx.log, ctx.step, metric, total, unit):
-            result = _fit(trainer)
+            result = _fit(trainer, alongside)
     nodes = f"{work.rstrip('/')}/nodes"  # nodes_uri, on `fs`
     if fs.exists(nodes):
         saw_nodes(fs.cat_file(p).decode() for p in fs.ls(nodes, detail=False))
     return result
 
 
-def _fit(trainer):
-    """`trainer.fit()`, with Ctrl-C kept as an interruption. On the main thread Ray Train's fit
-    installs a SIGINT handler of its own that ends the process with `sys.exit` (a "failed" step,
-    `SystemExit`) and never puts the previous handler back. Ours, installed in its place (and
-    removed after), asks the run's controller to stop its workers, as Ray's does, and raises
-    KeyboardInterrupt, so the step ends as an interruption (runs KILLED, checkpoints kept)."""
+def _fit(trainer, alongside: Future | None = None):
+    """`trainer.fit()`, with Ctrl-C kept as an interruption, and stopped early should the
+    `alongside` work fail (its error raised, not the stopped run's).
+
+    On the main thread Ray Train's fit installs a SIGINT handler of its own that ends the
+    process with `sys.exit` (a "failed" step, `SystemExit`) and never puts the previous handler
+    back. Ours, installed in its place (and removed after), asks the run's controller to stop
+    its workers, as Ray's does, and raises KeyboardInterrupt, so the step ends as an
+    interruption (runs KILLED, checkpoints kept). Ray hands out the controller only there: off
+    the main thread the `alongside` work is waited for before the run starts."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
+        if alongside is not None:
+            alongside.result()
         return trainer.fit()
+    if alongside is not None and alongside.done():
+        alongside.result()  # failed already: start nothing
     previous = signal.getsignal(signal.SIGINT)
+
+    def stop(controller) -> None:
+        try:
+            controller.abort.remote()  # Ray Train stops its workers; we do not wait
+        except Exception:  # the controller is gone already
+            pass
 
     def register(controller) -> None:
         def on_sigint(signum, frame):
             signal.signal(signal.SIGINT, previous)  # a second Ctrl-C is the caller's again
-            try:
-                controller.abort.remote()  # Ray Train stops its workers; we do not wait
-            except Exception:  # the controller is gone already
-                pass
+            stop(controller)
             raise KeyboardInterrupt
 
         signal.signal(signal.SIGINT, on_sigint)
+        if alongside is not None:
+            alongside.add_done_callback(lambda f: f.exception() is not None and stop(controller))
 
     trainer._register_sigint_handler = register  # Ray Train's hook for its own handler
     try:
-        return trainer.fit()
+        result = trainer.fit()
+    except Exception:
+        if alongside is not None and alongside.done() and alongside.exception() is not None:
+            alongside.result()  # the cause, rather than the stopped run's error
+        raise
     finally:
         signal.signal(signal.SIGINT, previous)
+    if alongside is not None:
+        alongside.result()
+    return result
 
 
 def _tune_ray_train() -> None:

@@ -81,8 +81,6 @@ def collect(target: str, client) -> tuple[str, str | None, list[Row]]:
             if not wanted:
                 continue  # the steps the report has columns for (a cached one costs a query)
             metrics = _computed_metrics(client, exp_id, step)
-            if "rows_per_s" in metrics:  # a sampling step's rate is its samples/s
-                metrics.setdefault("samples_per_s", metrics["rows_per_s"])
             sid = step.data.tags.get("difforge.step", "")
             for m in wanted:
                 if m in metrics:

@@ -176,3 +176,13 @@ def test_fp16_on_cpu_is_a_clear_error(ray_session, tmp_path, precision):
     s["steps"][1]["params"]["deepspeed"]["precision"] = precision
     with pytest.raises(difforge.platform.errors.DifforgeError, match="fp16 is not supported"):
         difforge.run(s)
+
+
+def test_a_backbone_argument_that_makes_no_network_is_named(ray_session, tmp_path):
+    # checked on the driver while Ray Train starts its workers: the step fails with the
+    # backbone's own complaint, not with a worker's error after Ray Train's retries
+    s = spec(tmp_path, 10, 2, name="typo")
+    s["steps"][1]["params"]["backbone"] = {**TINY_UNET, "layers_per_blok": 1}
+    with pytest.raises(difforge.platform.errors.DifforgeError,
+                       match="backbone UNet2DModel: .*layers_per_blok"):  # fmt: skip
+        difforge.run(s)

@@ -8,6 +8,7 @@ import io
 
 import numpy as np
 import pytest
+from mlflow.tracking import MlflowClient
 from PIL import Image, ImageFilter
 
 import difforge
@@ -46,6 +47,9 @@ def test_each_index_once_and_metrics_logged(sampled):
     q = difforge.open_dataset(summary.step("quality").uri).to_arrow().to_pylist()[0]
     assert q["fid"] > 0 and 0 <= q["precision"] <= 1 and 0 <= q["recall"] <= 1
     assert 0 <= q["class_accuracy"] <= 1 and q["num_samples"] == 60
+    # a sampler's rows are samples: its rate is logged (and reported) as samples/s
+    m = MlflowClient(summary.tracking_uri).get_run(summary.step("samples").run_id).data.metrics
+    assert m["samples_per_s"] == m["rows_per_s"] > 0
 
 
 def test_same_seed_same_image_whatever_the_batch_or_pool(sampled):
@@ -177,8 +181,6 @@ def test_memorization_finds_the_copies(sampled, tmp_path):
         assert r["memorized"] and r["distance"] < 1e-2 and r["nearest_id"] == sources[i]
     fresh = [rows[f"fresh-{i}"]["memorized"] for i in range(80)]
     assert sum(fresh) <= 4  # held-out digits are not copies of training digits
-    from mlflow.tracking import MlflowClient
-
     run = MlflowClient(out.tracking_uri).get_run(out.step("mem").run_id)
     assert 0.2 <= run.data.metrics["memorized_fraction"] <= 0.24
     assert "closest_pairs.png" in {
@@ -233,7 +235,6 @@ def test_the_teacher_as_a_zero_shot_classifier(sampled):
     chance (10%), with the adaptive schedule spending 10 trials on every class and 20 more on
     the 3 likeliest (160 evaluations per image instead of 300)."""
     import pyarrow.compute as pc
-    from mlflow.tracking import MlflowClient
 
     storage, _ = sampled
     spec = pipeline(storage)
@@ -262,8 +263,6 @@ def test_diffusion_features_carry_the_class_and_a_probe_reads_them(sampled):
     """The shared teacher's mid-block features of the training digits (noised to t = 0.1,
     unconditionally): a linear probe reads the class far better than the same probe on
     shuffled labels (the control), and its learning curve is logged point by point."""
-    from mlflow.tracking import MlflowClient
-
     storage, _ = sampled
     spec = pipeline(storage)
     spec["steps"] += [

@@ -63,7 +63,12 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
     from difforge.diffusion.backbones import forward
     from difforge.diffusion.data import ShardStream
     from difforge.diffusion.model_folder import load_model
-    from difforge.diffusion.training import deepspeed_config, import_deepspeed, to_device
+    from difforge.diffusion.training import (
+        deepspeed_config,
+        import_deepspeed,
+        log_interval,
+        to_device,
+    )
 
     deepspeed = import_deepspeed()
     p, plan = config["params"], config["plan"]
@@ -198,10 +203,13 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
                        "phase": index,
                        "lr": lr_sched.get_last_lr()[0]}  # fmt: skip
             io.save(engine, teacher, step, metrics)
-            timing = data.timing()  # every worker's data-wait and compute seconds
-            if rank == 0:
-                timing.update({"loss": metrics["loss"], f"loss_phase_{index}": metrics["loss"]})
-            step_log.log_new(timing, step=step)
+            log_interval(
+                step_log,
+                step,
+                data,
+                rank,
+                {"loss": metrics["loss"], f"loss_phase_{index}": metrics["loss"]},
+            )
             losses = []
 
 

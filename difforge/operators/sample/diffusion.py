@@ -76,6 +76,7 @@ class SampleDiffusion(MapOperator):
 
     name = "sample.diffusion"
     report_metrics = ("samples_per_s",)
+    rows_are = "samples"
     # 3: scheduler defaults to the model's own (flow-matching models: euler); heun; training_step;
     # faster_diffusion; 4: lcm (consistency students), noise injected by a sampler drawn from each
     # sample's own seed, a student's built-in guidance

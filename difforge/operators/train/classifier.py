@@ -65,6 +65,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch.nn.functional as F
 
     from difforge.diffusion.data import ShardStream, read_batches
+    from difforge.diffusion.training import log_interval
     from difforge.models.classifier import SmallCNN
     from difforge.platform.raytrain import report, restore, unwrap
 
@@ -131,12 +132,8 @@ def train_loop(config: dict[str, Any]) -> None:
         state = {"model": unwrap(model).state_dict(), "opt": opt.state_dict(), "epoch": epoch,
                  "sched": sched.state_dict() if sched is not None else None}  # fmt: skip
         report(metrics, state if rank == 0 else None)
-        # every worker's data-wait and compute seconds; rank 0's loss and accuracy. A restart
-        # replays epochs from its checkpoint; log_new never logs one twice
-        timing = data.timing()
-        if rank == 0:
-            timing.update(train_loss=metrics["train_loss"], accuracy=accuracy)
-        step_log.log_new(timing, epoch)
+        log_interval(step_log, epoch, data, rank, {"train_loss": metrics["train_loss"],
+                                                   "accuracy": accuracy})  # fmt: skip
 
 
 class Classifier(JobOperator):

@@ -18,6 +18,7 @@ import logging
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
@@ -42,6 +43,7 @@ from difforge.diffusion.training import (
     consolidated_state,
     deepspeed_config,
     import_deepspeed,
+    log_interval,
     lr_lambda,
     to_device,
 )
@@ -268,13 +270,10 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
             if align_losses:
                 metrics["repa_loss"] = float(np.mean([x.item() for x in align_losses]))
             io.save(engine, ema, step, metrics)
-            timing = data.timing()  # each worker: seconds waiting for data, and computing
-            # a restart after a failure replays steps; log_new never logs one twice
-            if rank == 0:
-                timing.update(loss=metrics["loss"], lr=metrics["lr"], samples_per_s=rate)
-                if align_losses:
-                    timing["repa_loss"] = metrics["repa_loss"]
-            step_log.log_new(timing, step=step)
+            logged = {"loss": metrics["loss"], "lr": metrics["lr"], "samples_per_s": rate}
+            if align_losses:
+                logged["repa_loss"] = metrics["repa_loss"]
+            log_interval(step_log, step, data, rank, logged)
             losses, align_losses = [], []
 
 
@@ -391,10 +390,24 @@ class DiffusionTraining(JobOperator):
         encoder = null_cond = None  # a text model's: loaded once, for training's null and the grid
         if params["backbone"]["type"] == "UNet2DConditionModel":
             encoder, null_cond = _text_null(data)
-        trainable, total, retrain = _count(params, data, x_shape, num_classes, state)
-        log.info("step %s: %s, %s of %s parameters train (%.2f%%)%s", ctx.step,
-                 params["finetune"]["method"] if pre else "from scratch", f"{trainable:,}",
-                 f"{total:,}", 100 * trainable / total, f", from {pre.ref}" if pre else "")  # fmt: skip
+        # the parameter count builds the network on the meta device: it is also the check
+        # that the backbone's arguments make a network. Its imports (diffusers, seconds) run on
+        # the driver while Ray Train starts the workers; a failure stops them (raytrain.fit)
+        import torch  # noqa: F401 - imported here, before the thread and Ray Train both need it
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix=f"{ctx.step}-count")
+        counted = pool.submit(_count, params, data, x_shape, num_classes, state)
+        pool.shutdown(wait=False)
+
+        def counted_line(f) -> None:
+            if f.exception() is None:
+                trainable, total, _ = f.result()
+                log.info("step %s: %s, %s of %s parameters train (%.2f%%)%s", ctx.step,
+                         params["finetune"]["method"] if pre else "from scratch",
+                         f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+                         f", from {pre.ref}" if pre else "")  # fmt: skip
+
+        counted.add_done_callback(counted_line)
         if state is not None:
             import ray
 
@@ -403,7 +416,6 @@ class DiffusionTraining(JobOperator):
             "params": params,
             "init_state": state,
             "pretrained": pre.lineage() if pre else None,
-            "retrain_classes": retrain,
             "null_cond": null_cond,
             "shards": data.shards(),
             "column": column,
@@ -413,7 +425,8 @@ class DiffusionTraining(JobOperator):
             "use_gpu": ctx.resources.num_gpus > 0,
         }
         progress = ("loss", self.params.max_steps, "steps")
-        result = _raytrain.fit(ctx, ray_train_loop, config, progress=progress)
+        result = _raytrain.fit(ctx, ray_train_loop, config, progress=progress, alongside=counted)
+        config["retrain_classes"] = counted.result()[2]  # for the export
         model_uri, info = export(params, result.checkpoint, data, config, ctx, encoder)
         table = pa.table(
             {

@@ -80,6 +80,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
+    from difforge.diffusion.training import log_interval
     from difforge.platform.raytrain import report, restore, unwrap
 
     ctx = ray.train.get_context()
@@ -125,12 +126,8 @@ def train_loop(config: dict[str, Any]) -> None:
             metrics = {"step": done, "mse": float(np.mean(losses)), "psnr": psnr}
             state = {"model": unwrap(model).vae.state_dict(), "opt": opt.state_dict(), "step": done}
             report(metrics, state if rank == 0 else None)
-            # every worker's data-wait and compute seconds; rank 0's loss. A restart replays
-            # steps from its checkpoint; log_new never logs one twice
-            timing = data.timing()
-            if rank == 0:
-                timing.update(train_mse=metrics["mse"], train_psnr=psnr)
-            step_log.log_new(timing, step=done)
+            log_interval(step_log, done, data, rank, {"train_mse": metrics["mse"],
+                                                      "train_psnr": psnr})  # fmt: skip
             losses = []
 
 
