@@ -365,11 +365,16 @@ def train(smoke: bool, batch: int | None, steps: int, peak_tflops: float | None,
             p["batch_size"] = batch
             print(f"train: out of memory; again at batch {batch}")
     wall = time.perf_counter() - t0
-    # what the recipe's options cost: the same run without EMA, and with ZeRO off (stage 0)
+    # what the recipe's options cost: the same run without EMA, with ZeRO off (stage 0), and
+    # with fp32 weights under DeepSpeed's torch autocast in bf16 (the plain step's precision)
     measured: dict = {}
     short = {"max_steps": max(3, steps // 2), "checkpoint_every": max(3, steps // 2)}
+    autocast = {"precision": "fp32", "extra": {"torch_autocast": {"enabled": True,
+                                                                  "dtype": "bfloat16"}}}  # fmt: skip
     for name, change in {"no_ema": {"ema_decay": None},
-                         "zero_stage_0": {"deepspeed": {**p["deepspeed"], "zero_stage": 0}}}.items():  # fmt: skip
+                         "zero_stage_0": {"deepspeed": {**p["deepspeed"], "zero_stage": 0}},
+                         "fp32_weights_bf16_autocast": {"deepspeed": {**p["deepspeed"],
+                                                                      **autocast}}}.items():  # fmt: skip
         if not variants:
             break
         try:

@@ -73,9 +73,12 @@ def main() -> None:
     out = work / "torchrun.json"
     env = {**os.environ, "DIFFORGE_BENCH_OUT": str(out), "OMP_NUM_THREADS": "1"}
     t1 = time.time()
-    subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
-                    str(ROOT / "benchmarks" / "_train_torchrun.py"), str(cfg_path)],
-                   env=env, check=True, capture_output=True)  # fmt: skip
+    done = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node",
+                           "2", "--master_port", str(_free_port()),
+                           str(ROOT / "benchmarks" / "_train_torchrun.py"), str(cfg_path)],
+                          env=env, capture_output=True, text=True)  # fmt: skip
+    if done.returncode:
+        sys.exit(f"torchrun failed ({done.returncode}):\n{done.stderr[-4000:]}")
     bare_total = time.time() - t1
     bare = json.loads(out.read_text())
     bare_rate = bare["samples_per_s"]
@@ -101,6 +104,15 @@ def main() -> None:
     (ROOT / "benchmarks" / "results" / "train.json").write_text(
         json.dumps(results, indent=2) + "\n"
     )
+
+
+def _free_port() -> int:
+    """A port nothing listens on now (torchrun's default, 29500, may be taken)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
