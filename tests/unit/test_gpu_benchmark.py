@@ -1,0 +1,32 @@
+"""`benchmarks/gpu.py` runs on a lent GPU machine, a few minutes at a time: a script that breaks
+there wastes them. Its --smoke mode (tiny models and sizes, any device) runs every part here,
+so a change to the recipe or the models it measures cannot break it unseen."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PARTS = ("peak", "encode", "train", "diagnose")
+
+
+def test_every_part_of_the_gpu_benchmark_runs(tmp_path):
+    only = [arg for part in PARTS for arg in ("--only", part)]
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", *only],
+                          env={**os.environ, "OUT": str(tmp_path)}, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu.json").read_text())
+    broken = {part: results[part]["error"] for part in PARTS if "error" in results[part]}
+    assert not broken, broken
+    train = results["train"]
+    assert train["recipe_samples_per_s"] > 0 and train["gflop_per_sample"] > 0
+    # each variant of the recipe ran (a failed one is reported as its error text)
+    variants = train["recipe_variants_samples_per_s"]
+    assert set(variants) == {"no_ema", "zero_stage_0", "fp32_weights_bf16_autocast"}
+    assert all(isinstance(v, float) and v > 0 for v in variants.values()), variants
+    assert results["encode"]["operator_images_per_s"] > 0
