@@ -1,7 +1,7 @@
 """GPU benchmark of two compute paths, for a machine with a CUDA GPU (Ray not needed).
 
     python benchmarks/gpu.py                # a CUDA GPU: all three parts below
-    python benchmarks/gpu.py --only train   # one part: peak, encode or train
+    python benchmarks/gpu.py --only train   # one part: peak, encode, train, diagnose, compile
     python benchmarks/gpu.py --smoke        # anywhere: tiny models and sizes, checks the script
 
 - `peak`: an 8192^3 bf16 matrix product (the ceiling the MFU figures are also quoted against,
@@ -20,7 +20,12 @@
   forward, backward and a fused AdamW step in plain PyTorch (bf16 autocast): the ceiling the
   recipe can approach. MFU = model FLOPs per sample (forward + backward, counted by
   `torch.utils.flop_counter` at a small batch) x samples/s / peak. Target (issue 14): >= 35% of
-  the GPU's dense bf16 peak.
+  the GPU's dense bf16 peak. Beside the recipe as configured: without EMA, with ZeRO off, and
+  with fp32 weights under DeepSpeed's bf16 torch autocast (the plain step's precision).
+- `diagnose` (not in the default three): the recipe's kernels by device time
+  (torch.profiler, 8 steps) and its `aten::copy_` calls by input shapes and dtypes.
+- `compile` (not in the default three; minutes of compilation: a device call of its own): the
+  plain step under torch.compile against eager.
 
 Writes benchmarks/results/gpu.json (not with --smoke), and $OUT/gpu.json where OUT is set.
 Models have random weights: speed does not depend on them.
@@ -415,7 +420,48 @@ def train(smoke: bool, batch: int | None, steps: int, peak_tflops: float | None,
 
 def diagnose(smoke: bool, batch: int | None) -> dict:
     """Where the recipe's time goes: its kernels by device time (torch.profiler over a short
-    run), and the plain step with torch.compile against eager (is the target reachable?)."""
+    run), and its copies (`aten::copy_`) by input shapes and dtypes, to tell the casts of the
+    weights (their shapes) from those of activations (the batch's)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    batch = batch or (4 if smoke else 256)
+    out: dict = {"batch": batch}
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    steps = 3 if smoke else 8
+    with profile(activities=acts, record_shapes=True) as prof:
+        t0 = time.perf_counter()
+        train(smoke, batch, steps, None, variants=False)
+        wall = time.perf_counter() - t0
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    by_op = prof.key_averages()
+    table = by_op.table(sort_by=key, row_limit=25)
+    copies = [e for e in prof.key_averages(group_by_input_shape=True) if e.key == "aten::copy_"]
+    copies.sort(key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in by_op) or 1
+    lines = [f"{getattr(e, key) / total:7.2%}  {e.count:6d} calls  {e.input_shapes}"
+             for e in copies[:20]]  # fmt: skip
+    copy_share = sum(getattr(e, key) for e in copies) / total
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "profile.txt").write_text(table)
+        Path(os.environ["OUT"], "copies.txt").write_text("\n".join(lines) + "\n")
+    print(table[:6000])
+    print(f"diagnose: aten::copy_ {copy_share:.1%} of the time; the largest by input shapes "
+          "(share, calls, [destination, source, non_blocking]):")  # fmt: skip
+    print("\n".join(lines[:12]))
+    busy = total / 1e6
+    out.update(profiled_run_s=round(wall, 1), device_busy_s=round(busy, 1),
+               copy_share=round(copy_share, 3), copies_by_shape=lines[:12])  # fmt: skip
+    print(f"diagnose: {steps}-step recipe run {wall:.1f} s (start-up included), device busy "
+          f"{busy:.1f} s")  # fmt: skip
+    return out
+
+
+def compiled(smoke: bool, batch: int | None) -> dict:
+    """The plain step with torch.compile against eager, on the same network and batch: is the
+    target reachable on this network at all? (Compiling the SD 2 UNet took over 200 s on the
+    H200: give this part a device call of its own.)"""
     import torch
 
     from difforge.diffusion.backbones import build_backbone
@@ -425,43 +471,26 @@ def diagnose(smoke: bool, batch: int | None) -> dict:
     size, tokens, cond_dim = (8, 8, 32) if smoke else (32, 77, 1024)
     batch = batch or (4 if smoke else 256)
     p = Params(backbone=TINY_UNET if smoke else SD2_UNET).model_dump()
-    out: dict = {"batch": batch}
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    steps = 3 if smoke else 8
-    with profile(activities=acts) as prof:
-        t0 = time.perf_counter()
-        train(smoke, batch, steps, None, variants=False)
-        wall = time.perf_counter() - t0
-    key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=25)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "profile.txt").write_text(table)
-    print(table[:6000])
-    busy = sum(getattr(e, key) for e in prof.key_averages()) / 1e6
-    out["profiled_run_s"], out["device_busy_s"] = round(wall, 1), round(busy, 1)
-    print(f"diagnose: {steps}-step recipe run {wall:.1f} s (start-up included), device busy "
-          f"{busy:.1f} s")  # fmt: skip
-
     torch.manual_seed(0)
     model, _ = build_backbone(p, size, 4, 0, cond_dim)
     model = model.to("cuda" if cuda else "cpu").train()
     n = 2 if smoke else 10
     eager = _plain_step_rate(model, batch, cond_dim, tokens, size, n)
     t0 = time.perf_counter()
-    compiled = _plain_step_rate(torch.compile(model), batch, cond_dim, tokens, size, n)
-    out.update(eager_samples_per_s=round(eager, 1), compiled_samples_per_s=round(compiled, 1),
-               compile_and_run_s=round(time.perf_counter() - t0, 1))  # fmt: skip
-    print(f"diagnose: plain step eager {eager:.1f}, torch.compile {compiled:.1f} samples/s "
-          f"({compiled / eager:.2f}x; compile and run {out['compile_and_run_s']} s)")  # fmt: skip
+    fast = _plain_step_rate(torch.compile(model), batch, cond_dim, tokens, size, n)
+    out = {"batch": batch, "eager_samples_per_s": round(eager, 1),
+           "compiled_samples_per_s": round(fast, 1),
+           "compile_and_run_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    print(f"compile: plain step eager {eager:.1f}, torch.compile {fast:.1f} samples/s "
+          f"({fast / eager:.2f}x; compile and run {out['compile_and_run_s']} s)")  # fmt: skip
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny models and sizes, CPU allowed")
-    parser.add_argument("--only", choices=["peak", "encode", "train", "diagnose"], action="append")
+    parser.add_argument("--only", choices=["peak", "encode", "train", "diagnose", "compile"],
+                        action="append")  # fmt: skip
     parser.add_argument("--batch", type=int, default=64, help="encode: images per batch")
     parser.add_argument("--batches", type=int, default=20, help="encode: timed batches")
     parser.add_argument("--train-batch", type=int, help="train: default, the largest that fits")
@@ -484,6 +513,7 @@ def main() -> None:
         "train": lambda: train(args.smoke, args.train_batch, steps,
                                results.get("peak", {}).get("matmul_tflops")),
         "diagnose": lambda: diagnose(args.smoke, args.train_batch),
+        "compile": lambda: compiled(args.smoke, args.train_batch),
     }  # fmt: skip
     for part in parts:  # one part's failure is reported and does not lose the others
         try:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PARTS = ("peak", "encode", "train", "diagnose")
+PARTS = ("peak", "encode", "train", "diagnose", "compile")
 
 
 def test_every_part_of_the_gpu_benchmark_runs(tmp_path):
