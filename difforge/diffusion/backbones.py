@@ -111,7 +111,7 @@ def build_backbone(p: dict[str, Any], sample_size: int, channels: int, num_class
             cfg.setdefault("num_embeds_ada_norm", num_classes)
             model = cls(**cfg)
             cond_module = model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # an unknown argument, or ones that do not agree
         raise DifforgeError(f"backbone {kind}: {exc}") from None
     return model, cond_module
 

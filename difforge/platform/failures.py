@@ -16,7 +16,8 @@ def _chain(exc: BaseException) -> list[BaseException]:
     """An error and what caused it, outermost first (Ray's wrappers keep theirs in `cause`)."""
     chain, inner = [exc], exc
     for _ in range(8):
-        nxt = getattr(inner, "cause", None) or inner.__cause__ or inner.__context__
+        context = None if inner.__suppress_context__ else inner.__context__  # `from None`
+        nxt = getattr(inner, "cause", None) or inner.__cause__ or context
         if nxt is None or nxt is inner:
             break
         chain.append(nxt)

@@ -124,7 +124,7 @@ def _fit(trainer, alongside: Future | None = None):
         result = trainer.fit()
     except Exception:
         if alongside is not None and alongside.done() and alongside.exception() is not None:
-            alongside.result()  # the cause, rather than the stopped run's error
+            raise alongside.exception() from None  # the cause, not the stopped run's error
         raise
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import difforge
+from tests.conftest import difforge_cli
 from tests.unit.test_diffusion_recipe import TINY_UNET
 
 
@@ -184,5 +185,23 @@ def test_a_backbone_argument_that_makes_no_network_is_named(ray_session, tmp_pat
     s = spec(tmp_path, 10, 2, name="typo")
     s["steps"][1]["params"]["backbone"] = {**TINY_UNET, "layers_per_blok": 1}
     with pytest.raises(difforge.platform.errors.DifforgeError,
-                       match="backbone UNet2DModel: .*layers_per_blok"):  # fmt: skip
+                       match="^backbone UNet2DModel: .*'layers_per_blok'"):  # fmt: skip
         difforge.run(s)
+
+
+def test_a_backbone_check_failing_after_ray_train_started_stops_it(ray_session, tmp_path):
+    # in a fresh `difforge run` the check imports diffusers for seconds: it fails after Ray
+    # Train has started the run, which is stopped; the user reads the backbone's complaint
+    import ray
+    import yaml
+
+    s = spec(tmp_path, 10, 2, name="typo-cli")
+    s["steps"][1]["params"]["backbone"] = {**TINY_UNET, "block_out_channels": [16, 32, 64]}
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(s))
+    out = difforge_cli("run", str(path), "--address", ray.get_runtime_context().gcs_address)
+    assert out.returncode != 0
+    said = out.stdout + out.stderr
+    assert "error: backbone UNet2DModel: Must provide the same number of `block_out_channels`" \
+        in said, said[-3000:]  # fmt: skip
+    assert "ActorDied" not in said
