@@ -225,9 +225,10 @@ def single_process_group(on_gpu: bool = False) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():  # fmt: skip
-        os.environ.setdefault(k, v)
+    # set, not defaulted: a port inherited from the parent's environment is the parent's own
+    # process group's (bound there: EADDRINUSE here)
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})  # fmt: skip
     if on_gpu:
         torch.cuda.set_device(0)
     dist.init_process_group("nccl" if on_gpu else "gloo", rank=0, world_size=1)
