@@ -129,11 +129,14 @@ class StepTracker:
         replays steps from its last checkpoint, and MLflow cannot delete points: so a replayed
         step is never logged twice, whether or not its checkpoint was registered in time."""
         last = self.__dict__.setdefault("_last", {})
+        unknown = [key for key in metrics if key not in last]
+        if unknown:  # one query says which have points at all (none, in a fresh run)
+            logged = set(self.client.get_run(self.run_id).data.metrics)
+            for key in unknown:
+                history = self.client.get_metric_history(self.run_id, key) if key in logged else []
+                last[key] = max((m.step for m in history), default=-1)
         fresh = {}
         for key, value in metrics.items():
-            if key not in last:
-                history = self.client.get_metric_history(self.run_id, key)
-                last[key] = max((m.step for m in history), default=-1)
             if step > last[key]:
                 fresh[key] = value
                 last[key] = step
