@@ -84,6 +84,11 @@ TINY_UNET = {**SD2_UNET, "block_out_channels": [32, 64], "attention_head_dim": [
              "norm_num_groups": 8}  # fmt: skip
 
 
+def _network(smoke: bool) -> tuple[dict, int, int, int]:
+    """The UNet measured and its inputs: (backbone, latent size, text tokens, text width)."""
+    return (TINY_UNET, 8, 8, 32) if smoke else (SD2_UNET, 32, 77, 1024)
+
+
 def png_batch(n: int, size: int, seed: int = 0) -> list[bytes]:
     import numpy as np
     from PIL import Image
@@ -297,8 +302,7 @@ def train(smoke: bool, batch: int | None, steps: int, peak_tflops: float | None,
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
-    size, tokens, cond_dim = (8, 8, 32) if smoke else (32, 77, 1024)
-    backbone = TINY_UNET if smoke else SD2_UNET
+    backbone, size, tokens, cond_dim = _network(smoke)
     p = Params(backbone=backbone, batch_size=batch or 4, max_steps=steps,
                checkpoint_every=steps, warmup_steps=1).model_dump()  # fmt: skip
 
@@ -437,18 +441,22 @@ def diagnose(smoke: bool, batch: int | None) -> dict:
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     by_op = prof.key_averages()
     table = by_op.table(sort_by=key, row_limit=25)
-    copies = [e for e in prof.key_averages(group_by_input_shape=True) if e.key == "aten::copy_"]
-    copies.sort(key=lambda e: getattr(e, key), reverse=True)
+    copies: dict[str, list] = {}  # (shapes, dtypes): [time, calls]
+    for e in prof.events():
+        if e.name == "aten::copy_":
+            seen = copies.setdefault(f"{e.input_shapes} {e.input_dtypes}", [0.0, 0])
+            seen[0] += getattr(e, key)
+            seen[1] += 1
     total = sum(getattr(e, key) for e in by_op) or 1
-    lines = [f"{getattr(e, key) / total:7.2%}  {e.count:6d} calls  {e.input_shapes}"
-             for e in copies[:20]]  # fmt: skip
-    copy_share = sum(getattr(e, key) for e in copies) / total
+    ranked = sorted(copies.items(), key=lambda kv: kv[1][0], reverse=True)
+    lines = [f"{t / total:7.2%}  {n:6d} calls  {what}" for what, (t, n) in ranked[:20]]
+    copy_share = sum(t for t, _ in copies.values()) / total
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "profile.txt").write_text(table)
         Path(os.environ["OUT"], "copies.txt").write_text("\n".join(lines) + "\n")
     print(table[:6000])
     print(f"diagnose: aten::copy_ {copy_share:.1%} of the time; the largest by input shapes "
-          "(share, calls, [destination, source, non_blocking]):")  # fmt: skip
+          "and dtypes (share, calls, [destination, source, non_blocking] twice):")  # fmt: skip
     print("\n".join(lines[:12]))
     busy = total / 1e6
     out.update(profiled_run_s=round(wall, 1), device_busy_s=round(busy, 1),
@@ -468,9 +476,9 @@ def compiled(smoke: bool, batch: int | None) -> dict:
     from difforge.operators.train.diffusion import Params
 
     cuda = torch.cuda.is_available()
-    size, tokens, cond_dim = (8, 8, 32) if smoke else (32, 77, 1024)
+    backbone, size, tokens, cond_dim = _network(smoke)
     batch = batch or (4 if smoke else 256)
-    p = Params(backbone=TINY_UNET if smoke else SD2_UNET).model_dump()
+    p = Params(backbone=backbone).model_dump()
     torch.manual_seed(0)
     model, _ = build_backbone(p, size, 4, 0, cond_dim)
     model = model.to("cuda" if cuda else "cpu").train()

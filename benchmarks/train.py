@@ -40,6 +40,7 @@ def main() -> None:
 
     import difforge
     from difforge.operators.train.diffusion import Params
+    from difforge.platform.runtime import free_port
 
     params = {"backbone": BACKBONE, "batch_size": args.batch_size, "max_steps": args.steps,
               "checkpoint_every": args.steps, "ema_decay": None,
@@ -74,7 +75,7 @@ def main() -> None:
     env = {**os.environ, "DIFFORGE_BENCH_OUT": str(out), "OMP_NUM_THREADS": "1"}
     t1 = time.time()
     done = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node",
-                           "2", "--master_port", str(_free_port()),
+                           "2", "--master_port", str(free_port()),  # 29500 may be taken
                            str(ROOT / "benchmarks" / "_train_torchrun.py"), str(cfg_path)],
                           env=env, capture_output=True, text=True)  # fmt: skip
     if done.returncode:
@@ -104,15 +105,6 @@ def main() -> None:
     (ROOT / "benchmarks" / "results" / "train.json").write_text(
         json.dumps(results, indent=2) + "\n"
     )
-
-
-def _free_port() -> int:
-    """A port nothing listens on now (torchrun's default, 29500, may be taken)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

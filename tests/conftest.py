@@ -47,10 +47,10 @@ os.environ.pop("DIFFORGE_SCHEDULES", None)
 
 def free_port(pair_offset: int | None = None) -> int:
     """A free loopback port (and port+offset free too, for servers that open both)."""
+    from difforge.platform.runtime import free_port as one_free_port
+
     for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = one_free_port()
         if pair_offset is None:
             return port
         if port + pair_offset < 65536:

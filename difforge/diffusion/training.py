@@ -215,20 +215,17 @@ class FolderIO:
 def single_process_group(on_gpu: bool = False) -> None:
     """This process as rank 0 of 1 (DeepSpeed's single-rank set-up): NCCL on a GPU, gloo on
     CPUs. Nothing when a process group exists already."""
-    import socket
-
     import torch
     import torch.distributed as dist
 
+    from difforge.platform.runtime import free_port
+
     if dist.is_initialized():
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     # set, not defaulted: a port inherited from the parent's environment is the parent's own
     # process group's (bound there: EADDRINUSE here)
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})  # fmt: skip
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})  # fmt: skip
     if on_gpu:
         torch.cuda.set_device(0)
     dist.init_process_group("nccl" if on_gpu else "gloo", rank=0, world_size=1)

@@ -70,6 +70,15 @@ def warnings_to(log_file):
         handler.close()
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now (the caller binds it soon after)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class RayRuntime:
     """Starts Ray on first use; shuts it down only if it started it."""
 

@@ -395,19 +395,16 @@ class DiffusionTraining(JobOperator):
         # the driver while Ray Train starts the workers; a failure stops them (raytrain.fit)
         import torch  # noqa: F401 - imported here, before the thread and Ray Train both need it
 
+        def count() -> bool:  # whether the class embedding is re-initialised
+            trainable, total, retrain = _count(params, data, x_shape, num_classes, state)
+            log.info("step %s: %s, %s of %s parameters train (%.2f%%)%s", ctx.step,
+                     params["finetune"]["method"] if pre else "from scratch", f"{trainable:,}",
+                     f"{total:,}", 100 * trainable / total, f", from {pre.ref}" if pre else "")  # fmt: skip
+            return retrain
+
         pool = ThreadPoolExecutor(1, thread_name_prefix=f"{ctx.step}-count")
-        counted = pool.submit(_count, params, data, x_shape, num_classes, state)
+        counted = pool.submit(count)
         pool.shutdown(wait=False)
-
-        def counted_line(f) -> None:
-            if f.exception() is None:
-                trainable, total, _ = f.result()
-                log.info("step %s: %s, %s of %s parameters train (%.2f%%)%s", ctx.step,
-                         params["finetune"]["method"] if pre else "from scratch",
-                         f"{trainable:,}", f"{total:,}", 100 * trainable / total,
-                         f", from {pre.ref}" if pre else "")  # fmt: skip
-
-        counted.add_done_callback(counted_line)
         if state is not None:
             import ray
 
@@ -426,7 +423,7 @@ class DiffusionTraining(JobOperator):
         }
         progress = ("loss", self.params.max_steps, "steps")
         result = _raytrain.fit(ctx, ray_train_loop, config, progress=progress, alongside=counted)
-        config["retrain_classes"] = counted.result()[2]  # for the export
+        config["retrain_classes"] = counted.result()  # for the export
         model_uri, info = export(params, result.checkpoint, data, config, ctx, encoder)
         table = pa.table(
             {
