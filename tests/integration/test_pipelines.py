@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -92,6 +93,13 @@ def test_quickstart_is_tracked_in_mlflow(quickstart):
     history = client.get_metric_history(clf.info.run_id, "accuracy")
     assert [m.step for m in history] == [0, 1]  # one point per epoch, none twice
     assert "model" in {a.path for a in client.list_artifacts(clf.info.run_id)}
+    # the diffusion model's grid, drawn by its training worker: 10 rows of 8 samples decoded
+    # through the VAE to 32 x 32 images (4 x 8 x 8 latents would tile 32 x 8), 3x, 2 px apart
+    from PIL import Image
+
+    drawn = Image.open(client.download_artifacts(by_step["model"].info.run_id, "samples.png"))
+    assert drawn.size == (3 * (8 * 34 + 2), 3 * (10 * 34 + 2))
+    assert np.asarray(drawn.convert("L")).std() > 10  # not a blank canvas
     # each step records the Ray nodes its work ran on (here: the one local node), in its
     # manifest and its MLflow run: a map pass, a training job, an evaluation job
     import ray

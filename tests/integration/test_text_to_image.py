@@ -75,7 +75,8 @@ def test_text_to_image_pipeline(ray_session, tmp_path, capsys):
     # each sample keeps the class its prompt names: evaluate.fid's class_accuracy scores that
     assert samples.column("label").to_pylist() == held.column("label").to_pylist()
     client = MlflowClient(summary.tracking_uri)
-    assert "samples.png" in {a.path for a in client.list_artifacts(summary.step("samples").run_id)}
+    for step in ("model", "samples"):  # training's grid: a row per training caption, under it
+        assert "samples.png" in {a.path for a in client.list_artifacts(summary.step(step).run_id)}
 
     # CLIP score per sample, against its own prompt: 100 cos(image, text), clipped at 0, as a
     # direct computation with the same model gives it; the mean logged

@@ -12,6 +12,7 @@ c + delta, with delta ~ U(-gamma/sqrt(d), gamma/sqrt(d)) (uniform) or N(0, (gamm
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -275,6 +276,81 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
                 logged["repa_loss"] = metrics["repa_loss"]
             log_interval(step_log, step, data, rank, logged)
             losses, align_losses = [], []
+    # the trained model's sample grid, drawn where it trained (a GPU on a cluster: the driver
+    # may have none), from the weights in memory; a run restored at its last step draws it again
+    if config.get("grid"):
+        shown = ema if ema is not None else network
+        whole = contextlib.nullcontext()
+        if ema is None and engine.zero_optimization_stage() == 3:  # every rank gathers
+            whole = deepspeed.zero.GatheredParameters(list(shown.parameters()))
+        with whole:
+            if rank == 0:
+                _draw_grid(config, shown.eval(), device, next(shown.parameters()).dtype)
+
+
+def _grid_plan(p: dict, data, text, num_classes: int) -> dict | None:
+    """What the grid at the end of training shows: a row of 8 per class (up to 10 classes), or
+    for a text model a row per training caption (up to 8), embedded here by the text encoder
+    the driver has loaded already; None when there is nothing to condition on."""
+    import torch
+
+    if p["backbone"]["type"] != "UNet2DConditionModel":
+        return {"classes": min(num_classes, 10)} if num_classes else None
+    encoder, null = text
+    if encoder is None or C.CAPTION not in data.manifest.column_names:
+        return None
+    prompts: list[str] = []
+    for batch in data.iter_batches(columns=[C.CAPTION], batch_size=1024):
+        prompts += [t for t in dict.fromkeys(batch.column(C.CAPTION).to_pylist())
+                    if t and t not in prompts]  # fmt: skip
+        if len(prompts) >= 8:
+            break
+    if not prompts:
+        return None
+    from difforge.diffusion.sampling import prompt_conditions
+
+    cond, uncond = prompt_conditions((encoder, torch.as_tensor(null)), prompts[:8])
+    return {"prompts": prompts[:8], "cond": cond.numpy(), "uncond": uncond.numpy()}
+
+
+def _draw_grid(config: dict[str, Any], model, device, dtype) -> None:
+    """Draws `config["grid"]` (fixed seeds, guidance 2, 25 DDIM steps, 8 per row) with the
+    model on its device, decodes latents through the data's VAE there, and logs samples.png."""
+    import torch
+
+    from difforge.diffusion.sampling import sample_batch
+    from difforge.diffusion.schedules import make_scheduler, saved_config
+    from difforge.platform.show import captioned, grid
+
+    p, plan, per = config["params"], config["grid"], 8
+    kind = p["backbone"]["type"]
+    scheduler = make_scheduler(None, saved_config(make_noise_scheduler(p, config["column"])))
+    null, extra = None, {}
+    if "prompts" in plan:
+        extra = {k: torch.as_tensor(plan[k]).repeat_interleave(per, 0) for k in ("cond", "uncond")}
+        labels = torch.zeros(len(extra["cond"]), dtype=torch.long)
+    else:
+        labels = torch.arange(plan["classes"]).repeat_interleave(per)
+        null = config["num_classes"]
+    n = len(labels)
+    x = sample_batch(model, kind, scheduler, tuple(config["sample_shape"]), list(range(n)),
+                     labels.to(device), [2.0] * n, null, 25, device=device, dtype=dtype,
+                     **extra)  # fmt: skip
+    vae = None
+    if config.get("vae_uri"):
+        from diffusers import AutoencoderKL
+
+        from difforge.models.resolve import local_copy
+
+        vae = AutoencoderKL.from_pretrained(local_copy(config["vae_uri"])).eval().to(device)
+    tiles = to_pil(x, vae)
+    if "prompts" in plan:
+        rows = [(t, grid(tiles[i * per : (i + 1) * per], columns=per))
+                for i, t in enumerate(plan["prompts"])]  # fmt: skip
+        config["log"].log_image(captioned(rows), "samples.png")
+        return
+    canvas = grid(tiles, columns=per)
+    config["log"].log_image(canvas.resize((canvas.width * 3, canvas.height * 3), 0), "samples.png")
 
 
 def _snapshot(uri: str, step: int, model) -> None:
@@ -420,11 +496,12 @@ class DiffusionTraining(JobOperator):
             "snapshots_uri": join(ctx.work_uri, "snapshots"),
             "num_classes": num_classes,
             "use_gpu": ctx.resources.num_gpus > 0,
+            "grid": _grid_plan(params, data, (encoder, null_cond), num_classes),
+            "vae_uri": (data.metadata.get("vae") or {}).get("uri"),
         }
         progress = ("loss", self.params.max_steps, "steps")
         result = _raytrain.fit(ctx, ray_train_loop, config, progress=progress, alongside=counted)
-        config["retrain_classes"] = counted.result()  # for the export
-        model_uri, info = export(params, result.checkpoint, data, config, ctx, encoder)
+        model_uri, info = export(params, result.checkpoint, data, config, ctx, counted.result())
         table = pa.table(
             {
                 C.ID: ["model"],
@@ -487,16 +564,13 @@ def _cond_dim(p: dict, data) -> int | None:
 
 
 def export(p: dict, checkpoint, data, config: dict, ctx: JobContext,
-           encoder=None) -> tuple[str, dict]:  # fmt: skip
+           retrain_classes: bool) -> tuple[str, dict]:  # fmt: skip
     """Consolidated fp32 weights (and EMA) as a diffusers folder with the noise scheduler's
-    config, the training input's VAE recorded, a sample grid logged, and the model registered
-    in MLflow's registry with its lineage."""
+    config and the training input's VAE recorded, registered in MLflow's registry with its
+    lineage (the sample grid was drawn by the training loop)."""
     import torch
 
     from difforge.diffusion.repa import backbone_state
-    from difforge.diffusion.sampling import sample_batch
-    from difforge.diffusion.schedules import make_scheduler, saved_config
-    from difforge.platform.show import grid
 
     import_deepspeed()
     num_classes = config["num_classes"]
@@ -508,7 +582,7 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext,
         return build_backbone(p, x_shape[-1], x_shape[0], num_classes, cond_dim)[0]
 
     trained = build()  # as trained: with its adapter layers, if any
-    trainable, total = prepare(trained, kind, ft, config["retrain_classes"])
+    trainable, total = prepare(trained, kind, ft, retrain_classes)
     with checkpoint.as_directory() as d:
         trained.load_state_dict(backbone_state(consolidated_state(d)))  # REPA's projector dropped
         ema_state = (torch.load(os.path.join(d, "ema.pt"), map_location="cpu", weights_only=True)
@@ -553,7 +627,7 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext,
         parent_weights_sha256=pre.get("init_weights_sha256"),
         snapshots=sorted(snapshots) or None,
         adapter=None if adapter is None else {
-            **ft, "retrain_classes": config["retrain_classes"],
+            **ft, "retrain_classes": retrain_classes,
             "trainable_params": trainable, "total_params": total},
     )  # fmt: skip
     info = model_info.model_dump(mode="json")
@@ -568,32 +642,6 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext,
             snap.load_state_dict(state)
             plain(snap).save_pretrained(os.path.join(d, snapshot_folder(at)))
         ctx.publish(d, "model")
-    if ema is not None:
-        model = ema.eval()
-    # a sample grid: one row per class, fixed seeds
-    model.eval()
-    vae = None
-    if vae_info:
-        from diffusers import AutoencoderKL
-
-        from difforge.models.resolve import local_copy
-
-        vae = AutoencoderKL.from_pretrained(local_copy(vae_info["uri"])).eval()
-    per = 8
-    if text and encoder is not None:  # a row per caption of the training data, under it
-        _prompt_grid(model, p, data, (encoder, config["null_cond"]), noise_scheduler, x_shape,
-                     vae, ctx)  # fmt: skip
-    elif num_classes:
-        classes = min(num_classes, 10)
-        labels = torch.arange(classes).repeat_interleave(per)
-        imgs = sample_batch(model, p["backbone"]["type"],
-                            make_scheduler(None, saved_config(noise_scheduler)), x_shape,
-                            list(range(len(labels))), labels, [2.0] * len(labels),
-                            num_classes, 25)  # fmt: skip
-        tiles = to_pil(imgs, vae)
-        ctx.log.log_image(grid(tiles, columns=per).resize(
-            (per * (tiles[0].width + 2) * 3, classes * (tiles[0].height + 2) * 3), 0),
-            "samples.png")  # fmt: skip
     # in the MLflow Model Registry, with the step's lineage as tags
     ctx.log.register_model(
         f"{ctx.pipeline}-{ctx.step}",
@@ -618,37 +666,6 @@ def _read_snapshots(uri: str) -> dict[int, dict]:
         if name.startswith("step-") and name.endswith(".safetensors"):
             out[int(name[5:-12])] = load(fs.cat_file(f))
     return out
-
-
-def _prompt_grid(model, p, data, text, noise_scheduler, x_shape, vae, ctx) -> None:
-    """Samples of a text model for up to 8 of its training captions, each row under its
-    caption (fixed seeds; guided against the model's null condition)."""
-    import torch
-
-    from difforge.diffusion.sampling import prompt_conditions, sample_batch
-    from difforge.diffusion.schedules import make_scheduler, saved_config
-    from difforge.platform.show import captioned, grid
-
-    if C.CAPTION not in data.manifest.column_names:
-        return
-    prompts: list[str] = []
-    for batch in data.iter_batches(columns=[C.CAPTION], batch_size=1024):
-        for caption in batch.column(C.CAPTION).to_pylist():
-            if caption and caption not in prompts:
-                prompts.append(caption)
-        if len(prompts) >= 8:
-            break
-    prompts, per = prompts[:8], 8
-    if not prompts:
-        return
-    each = [t for t in prompts for _ in range(per)]
-    cond, uncond = prompt_conditions((text[0], torch.as_tensor(text[1])), each)
-    imgs = sample_batch(model, p["backbone"]["type"], make_scheduler(None, saved_config(noise_scheduler)),
-                        tuple(x_shape), list(range(len(each))), torch.zeros(len(each), dtype=torch.long),
-                        [2.0] * len(each), None, 25, cond=cond, uncond=uncond)  # fmt: skip
-    tiles = to_pil(imgs, vae)
-    rows = [(t, grid(tiles[i * per : (i + 1) * per], columns=per)) for i, t in enumerate(prompts)]
-    ctx.log.log_image(captioned(rows), "samples.png")
 
 
 def _shape_of(data, column: str) -> tuple[int, ...]:
