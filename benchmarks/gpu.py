@@ -193,6 +193,9 @@ class _Metrics:
     def log_image(self, image, name):
         pass
 
+    def log_image_at(self, image, key, step):
+        pass
+
     def restore(self, engine, ema) -> int:
         return 0
 

@@ -40,6 +40,10 @@ class StepLog(Protocol):
 
     def log_image(self, image: Any, name: str) -> None: ...
 
+    def log_image_at(self, image: Any, key: str, step: int) -> None:
+        """An image of the series `key` at `step` (MLflow's run page steps through a series),
+        unless that step has one already (a resumed training run replays steps)."""
+
     def log_text(self, text: str, name: str) -> None: ...
 
     def log_dict(self, data: dict[str, Any], name: str) -> None: ...
@@ -73,6 +77,9 @@ class NullLog:
         pass
 
     def log_image(self, image: Any, name: str) -> None:
+        pass
+
+    def log_image_at(self, image: Any, key: str, step: int) -> None:
         pass
 
     def log_text(self, text: str, name: str) -> None:

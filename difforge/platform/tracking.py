@@ -166,6 +166,14 @@ class StepTracker:
     def log_image(self, image: np.ndarray | Any, name: str) -> None:
         self.client.log_image(self.run_id, image, artifact_file=name)
 
+    def log_image_at(self, image: np.ndarray | Any, key: str, step: int) -> None:
+        # MLflow files a series' images as images/<key>+step+<step>+...: one listing says
+        # whether this step has one (MLflow cannot delete a logged image)
+        prefix = f"{key.replace('/', '~')}+step+{step}+"
+        logged = self.client.list_artifacts(self.run_id, "images")
+        if not any(f.path.rsplit("/", 1)[-1].startswith(prefix) for f in logged):
+            self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
+
     def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, local_dir, artifact_path)
 

@@ -140,6 +140,7 @@ def test_lora_finetune_of_a_registered_model_resumes_after_a_killed_worker(train
     params.update(
         init_from="models:/diffusion-model/latest",  # pinned to its version now
         finetune={"method": "lora", "rank": 4, "target_modules": ["conv1", "conv2"]},
+        sample_every=10,
     )
     result: dict = {}
 
@@ -168,6 +169,9 @@ def test_lora_finetune_of_a_registered_model_resumes_after_a_killed_worker(train
     run_id = summary.step("model").run_id
     steps = [m.step for m in client.get_metric_history(run_id, "loss")]
     assert steps == sorted(set(steps)) and steps[-1] == 40  # no step logged twice
+    # the grid every 10 steps, as MLflow's image series: once per step, replayed steps too
+    series = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    assert sorted(int(a.split("+step+")[1].split("+")[0]) for a in series) == [10, 20, 30, 40]
     (trainable,) = client.get_metric_history(run_id, "trainable_params")
     (total,) = client.get_metric_history(run_id, "total_params")
     assert 0 < trainable.value < total.value / 5

@@ -102,6 +102,10 @@ class Params(BaseModel):
     export_every: int | None = Field(
         None, ge=1, description="also export the weights every N steps (EMA where kept), to "
         "sample quality against training steps: sample.diffusion's `step`")  # fmt: skip
+    sample_every: int | None = Field(
+        None, ge=1, description="also draw the sample grid every N steps, as the image series "
+        "`samples` (MLflow's run page steps through it); the final grid is always drawn "
+        "(samples.png)")  # fmt: skip
     seed: int = 0
     shuffle_mb: ShuffleMB = DEFAULT_SHUFFLE_MB
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
@@ -200,7 +204,25 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
     network = model.net if repa else model  # without REPA's projector
     ema_params = list(ema.parameters()) if ema is not None else []
     net_params = list(network.parameters())
-    # throughput since this run's first optimizer step (start-up excluded)
+
+    def draw():  # the sample grid, drawn where the model trains (a GPU on a cluster: the
+        # driver may have none), from the weights in memory. Every rank calls it: under ZeRO 3
+        # they gather the weights for rank 0, the one that draws and returns the image
+        shown = ema if ema is not None else network
+        whole = contextlib.nullcontext()
+        if ema is None and engine.zero_optimization_stage() == 3:
+            whole = deepspeed.zero.GatheredParameters(list(shown.parameters()))
+        with whole:
+            if rank != 0:
+                return None
+            was = shown.training
+            try:
+                return _draw_grid(config, shown.eval(), device, next(shown.parameters()).dtype)
+            finally:
+                shown.train(was)
+
+    grids = config.get("grid") is not None
+    # throughput since this run's first optimizer step (start-up and grids excluded)
     first_step_at = window_start = None
     window_steps = 0
     while step < p["max_steps"]:
@@ -263,6 +285,12 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
                 torch._foreach_add_(ema_params, net_params, alpha=1 - d)
         if p["export_every"] and step % p["export_every"] == 0 and rank == 0:
             _snapshot(config["snapshots_uri"], step, ema if ema is not None else network)
+        if grids and p["sample_every"] and step % p["sample_every"] == 0 and step < p["max_steps"]:
+            began = time.time()  # before this step's checkpoint: a replayed step draws again
+            image = draw()
+            if rank == 0:
+                step_log.log_image_at(image, "samples", step)  # once per step
+            window_start += time.time() - began
         if checkpoint:
             rate = window_steps * p["batch_size"] / max(1e-9, now - window_start)
             metrics = {"step": step, "loss": float(np.mean([x.item() for x in losses])),
@@ -276,16 +304,13 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
                 logged["repa_loss"] = metrics["repa_loss"]
             log_interval(step_log, step, data, rank, logged)
             losses, align_losses = [], []
-    # the trained model's sample grid, drawn where it trained (a GPU on a cluster: the driver
-    # may have none), from the weights in memory; a run restored at its last step draws it again
-    if config.get("grid"):
-        shown = ema if ema is not None else network
-        whole = contextlib.nullcontext()
-        if ema is None and engine.zero_optimization_stage() == 3:  # every rank gathers
-            whole = deepspeed.zero.GatheredParameters(list(shown.parameters()))
-        with whole:
-            if rank == 0:
-                _draw_grid(config, shown.eval(), device, next(shown.parameters()).dtype)
+    # the trained model's grid (a run restored at its last step draws it again)
+    if grids:
+        image = draw()
+        if rank == 0:
+            step_log.log_image(image, "samples.png")
+            if p["sample_every"]:  # the series ends with the final model
+                step_log.log_image_at(image, "samples", step)
 
 
 def _grid_plan(p: dict, data, text, num_classes: int) -> dict | None:
@@ -313,9 +338,9 @@ def _grid_plan(p: dict, data, text, num_classes: int) -> dict | None:
     return {"prompts": prompts[:8], "cond": cond.numpy(), "uncond": uncond.numpy()}
 
 
-def _draw_grid(config: dict[str, Any], model, device, dtype) -> None:
-    """Draws `config["grid"]` (fixed seeds, guidance 2, 25 DDIM steps, 8 per row) with the
-    model on its device, decodes latents through the data's VAE there, and logs samples.png."""
+def _draw_grid(config: dict[str, Any], model, device, dtype):
+    """`config["grid"]` drawn (fixed seeds, guidance 2, 25 DDIM steps, 8 per row) with the
+    model on its device, latents decoded through the data's VAE there: a PIL image."""
     import torch
 
     from difforge.diffusion.sampling import sample_batch
@@ -336,21 +361,23 @@ def _draw_grid(config: dict[str, Any], model, device, dtype) -> None:
     x = sample_batch(model, kind, scheduler, tuple(config["sample_shape"]), list(range(n)),
                      labels.to(device), [2.0] * n, null, 25, device=device, dtype=dtype,
                      **extra)  # fmt: skip
-    vae = None
-    if config.get("vae_uri"):
-        from diffusers import AutoencoderKL
-
-        from difforge.models.resolve import local_copy
-
-        vae = AutoencoderKL.from_pretrained(local_copy(config["vae_uri"])).eval().to(device)
-    tiles = to_pil(x, vae)
+    tiles = to_pil(x, _vae(config["vae_uri"], device) if config.get("vae_uri") else None)
     if "prompts" in plan:
         rows = [(t, grid(tiles[i * per : (i + 1) * per], columns=per))
                 for i, t in enumerate(plan["prompts"])]  # fmt: skip
-        config["log"].log_image(captioned(rows), "samples.png")
-        return
+        return captioned(rows)
     canvas = grid(tiles, columns=per)
-    config["log"].log_image(canvas.resize((canvas.width * 3, canvas.height * 3), 0), "samples.png")
+    return canvas.resize((canvas.width * 3, canvas.height * 3), 0)
+
+
+@functools.lru_cache(maxsize=1)
+def _vae(uri: str, device):
+    """The data's VAE on `device`, loaded by a worker's first grid."""
+    from diffusers import AutoencoderKL
+
+    from difforge.models.resolve import local_copy
+
+    return AutoencoderKL.from_pretrained(local_copy(uri)).eval().to(device)
 
 
 def _snapshot(uri: str, step: int, model) -> None:
@@ -403,7 +430,8 @@ class DiffusionTraining(JobOperator):
     # 4: init_from and finetune; trainable and total parameter counts logged
     # 5: objective (flow_matching beside epsilon and v_prediction) and timesteps
     # 6: repa; finetune.train_class_embedding
-    version = 6
+    # 7: sample_every (the grid drawn by the training loop)
+    version = 7
     Params = Params
     reads = (C.ID,)
     resources = Resources(num_workers=1, num_gpus="auto")
