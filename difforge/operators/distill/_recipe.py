@@ -282,8 +282,10 @@ def log_round(config, student, info, sched_cfg, vae, index: int, steps: int, ste
         tiles = draw(8 * min(max(classes, 1), 10), 0)
         ordered = sorted(range(len(tiles)), key=lambda i: (i % max(classes, 1), i))
         canvas = grid([tiles[i] for i in ordered], columns=8)
-        step_log.log_image(canvas.resize((canvas.width * 3, canvas.height * 3), 0),
-                          f"round_{index}_{steps}_steps.png")  # fmt: skip
+        image = canvas.resize((canvas.width * 3, canvas.height * 3), 0)
+        step_log.log_image(image, f"round_{index}_{steps}_steps.png")
+        if index == len(config["plan"]) - 1:  # the exported student's, drawn where it trained
+            step_log.log_image(image, f"samples_{steps}_steps.png")
         ev = config.get("evaluation")
         if ev:
             from difforge.models.classifier import classifier_features

@@ -178,19 +178,15 @@ class _Distill(JobOperator):
     def export(self, ctx: JobContext, checkpoint, teacher_uri: str, steps: int):
         """The student as a model folder: weights, its sampler (DDIM with trailing spacing on
         the teacher's noise schedule, or a consistency student's LCM sampler), its step count,
-        its guidance range or built-in guidance scale; a grid of its samples logged."""
-        import torch
-
+        its guidance range or built-in guidance scale (its grid was logged by the
+        training loop's last round)."""
         from difforge.diffusion.guided import GuidedStudent
         from difforge.diffusion.model_folder import ModelInfo, load_model, write_model_folder
-        from difforge.diffusion.sampling import sample_batch, to_pil
-        from difforge.diffusion.schedules import make_scheduler, saved_config
         from difforge.diffusion.training import consolidated_state, import_deepspeed
         from difforge.operators.distill._recipe import student_scheduler
-        from difforge.platform.show import grid
 
         import_deepspeed()
-        base, info, sched_cfg, vae = load_model(teacher_uri, "ema")
+        base, info, sched_cfg, _ = load_model(teacher_uri, "ema")
         student = GuidedStudent(copy.deepcopy(base), info["backbone"]) if self.guided else base
         with checkpoint.as_directory() as d:
             student.load_state_dict(consolidated_state(d))
@@ -209,19 +205,6 @@ class _Distill(JobOperator):
             write_model_folder(d, ModelInfo(**out), unet, scheduler, extras=extras)
             ctx.publish(d, "model")
         ctx.log.register_model(f"{ctx.pipeline}-{ctx.step}", "model", kind="distilled")
-        classes = info.get("num_classes") or 0
-        if classes:
-            per = 8
-            labels = torch.arange(min(classes, 10)).repeat_interleave(per)
-            w = [float(p.w_max) if self.guided else 1.0] * len(labels)  # see built_in_guidance
-            imgs = sample_batch(student.eval(), info["backbone"],
-                                make_scheduler(None, saved_config(scheduler)),
-                                tuple(info["sample_shape"]), list(range(len(labels))), labels, w,
-                                classes, steps)  # fmt: skip
-            tiles = to_pil(imgs, vae)
-            canvas = grid(tiles, columns=per)
-            ctx.log.log_image(canvas.resize((canvas.width * 3, canvas.height * 3), 0),
-                                  f"samples_{steps}_steps.png")  # fmt: skip
         return ctx.artifact("model"), out
 
 
