@@ -67,6 +67,22 @@ def load_images(
     return arr, (np.asarray(labels, np.int64) if with_labels else None), ids
 
 
+def first_images(dataset, n: int, mode: str | None = None) -> np.ndarray:
+    """A dataset's first `n` images as uint8 [N, C, H, W], reading only the batches they are
+    in (a check on a few hundred images never loads whole shards)."""
+    import numpy as np
+
+    from difforge.platform.imaging import to_array
+
+    images: list = []
+    for batch in dataset.iter_batches(columns=[C.IMAGE], batch_size=min(n, 1024)):
+        images += [to_array(b, mode) for b in batch.column(C.IMAGE).to_pylist()[: n - len(images)]]
+        if len(images) >= n:
+            break
+    arr = np.stack(images) if images else np.zeros((0, 1, 1), np.uint8)
+    return arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
+
+
 def load_classifier(model_uri: str, device: str = "cpu"):
     """The trained network and its config, from a `train.classifier` model folder."""
     import torch

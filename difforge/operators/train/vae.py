@@ -7,18 +7,21 @@ import json
 import math
 import os
 import tempfile
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from difforge.diffusion.data import DEFAULT_SHUFFLE_MB, ShardStream, ShuffleMB
 from difforge.models.vae import build_vae
 from difforge.platform import columns as C
+from difforge.platform.errors import DifforgeError
 from difforge.platform.operator import JobOperator, JobResult
 from difforge.platform.spec import Resources
 
 if TYPE_CHECKING:
     from difforge.platform.context import JobContext
+
+CHECK_ROWS = 256  # images the final check reconstructs (and the latent scale is measured on)
 
 
 class Params(BaseModel):
@@ -137,7 +140,9 @@ class TrainVAE(JobOperator):
     name = "train.vae"
     # 2: the input is streamed, each image once per epoch (was drawn with replacement)
     # 3: init_from; registered in MLflow's model registry
-    version = 3
+    # 4: PSNR on held-out images (a second input) or named as the training images'; the
+    #    check reads 256 rows, not whole shards
+    version = 4
 
     def external_state(self) -> dict[str, str] | None:
         """A pretrained start: its fixed version and weights digest."""
@@ -152,20 +157,31 @@ class TrainVAE(JobOperator):
     reads = (C.ID, C.IMAGE)
     resources = Resources(num_workers=1)
     gpus_when_available = 1.0
+    # the images, and optionally held-out images of the same size to measure it on
+    inputs: ClassVar[tuple[int, int]] = (1, 2)
 
     @classmethod
     def output_columns(cls, params, input_columns):
-        return {C.ID, C.MODEL_URI, "kind", "psnr", "scaling_factor"}
+        return {C.ID, C.MODEL_URI, "kind", "psnr", "psnr_on", "scaling_factor"}
 
     def run(self, ctx: JobContext) -> JobResult:
         import numpy as np
         import pyarrow as pa
         import torch
 
-        from difforge.models.classifier import load_images
+        from difforge.models.classifier import first_images
         from difforge.platform import raytrain as _raytrain
 
         data = ctx.inputs[0]
+        held = ctx.inputs[1] if len(ctx.inputs) > 1 else None
+        if held is not None:  # refused before training, not after
+            if C.IMAGE not in held.manifest.column_names:
+                raise DifforgeError("train.vae: the second input (held-out images to measure "
+                                    f"the VAE on) has no `{C.IMAGE}` column")  # fmt: skip
+            a, b = first_images(data, 1).shape[1:], first_images(held, 1).shape[1:]
+            if a != b:
+                raise DifforgeError(f"train.vae: the held-out images are {list(b)} (channels, "
+                                    f"height, width), the training images {list(a)}")  # fmt: skip
         init = pre = None
         if self.params.init_from:
             import ray
@@ -181,9 +197,11 @@ class TrainVAE(JobOperator):
                                                  "shards": data.shards(), "init": init},
                                progress=("train_mse", self.params.max_steps, "steps"))  # fmt: skip
         state = _raytrain.final_state(result)
-        # Held-out check and the latent scale (LDM: scale latents to unit variance).
-        x, _, _ = load_images(data.file_uris()[:4], with_labels=False)
-        x = x[:256]
+        # the latent scale (LDM: latents scaled to unit variance) from training images, and the
+        # reconstruction PSNR on held-out ones where given: up to 256 rows of each, read alone
+        x = first_images(data, CHECK_ROWS)
+        shown = x if held is None else first_images(held, CHECK_ROWS)
+        psnr_on = "training" if held is None else "held_out"
         if pre is not None:
             from diffusers import AutoencoderKL
 
@@ -193,9 +211,9 @@ class TrainVAE(JobOperator):
         vae.load_state_dict(state["model"])
         vae.eval()
         with torch.no_grad():
-            batch = torch.from_numpy(x).float().div(127.5).sub(1.0)
-            z = vae.encode(batch).latent_dist.mean
-            rec = vae.decode(z).sample.clamp(-1, 1)
+            z = vae.encode(torch.from_numpy(x).float().div(127.5).sub(1.0)).latent_dist.mean
+            batch = torch.from_numpy(shown).float().div(127.5).sub(1.0)
+            rec = vae.decode(vae.encode(batch).latent_dist.mean).sample.clamp(-1, 1)
         mse = float(torch.mean((rec - batch) ** 2))
         psnr = 10 * math.log10(4.0 / max(mse, 1e-10))
         scaling = float(1.0 / z.flatten().std())
@@ -210,15 +228,17 @@ class TrainVAE(JobOperator):
         img = grid([Image.fromarray(t.squeeze(-1) if mode == "L" else t, mode) for t in tiles],
                    columns=16)  # fmt: skip
         ctx.log.log_image(img.resize((img.width * 3, img.height * 3), 0), "reconstructions.png")
-        ctx.log.log_metrics({"holdout_psnr": psnr, "scaling_factor": scaling})
+        figure = "holdout_psnr" if held is not None else "final_train_psnr"
+        ctx.log.log_metrics({figure: psnr, "scaling_factor": scaling})
         with tempfile.TemporaryDirectory() as d:
             vae.save_pretrained(d)
             with open(os.path.join(d, "difforge.json"), "w") as f:
-                json.dump({"kind": "vae", "psnr": psnr, "image_shape": list(x.shape[1:]),
+                json.dump({"kind": "vae", "psnr": psnr, "psnr_on": psnr_on,
+                           "image_shape": list(x.shape[1:]),
                            **(pre.lineage() if pre else {})}, f)  # fmt: skip
             ctx.publish(d, "model")
         ctx.log.register_model(f"{ctx.pipeline}-{ctx.step}", "model", kind="vae",
-                               metrics={"holdout_psnr": psnr})  # fmt: skip
+                               metrics={figure: psnr})  # fmt: skip
         del np
         table = pa.table(
             {
@@ -226,7 +246,9 @@ class TrainVAE(JobOperator):
                 C.MODEL_URI: [ctx.artifact("model")],
                 "kind": ["vae"],
                 "psnr": [psnr],
+                "psnr_on": [psnr_on],
                 "scaling_factor": [scaling],
             }
         )
-        return JobResult(table, metadata={"vae": {"uri": ctx.artifact("model"), "psnr": psnr}})
+        return JobResult(table, metadata={"vae": {"uri": ctx.artifact("model"), "psnr": psnr,
+                                                  "psnr_on": psnr_on}})  # fmt: skip
