@@ -291,8 +291,7 @@ def log_round(config, student, info, sched_cfg, vae, index: int, steps: int, ste
             from difforge.models.classifier import classifier_features
             from difforge.models.metrics import frechet_distance
 
-            net, mode, f_real = _reference(ev["classifier_uri"], tuple(ev["reference_files"]),
-                                           ev["images"])  # fmt: skip
+            net, mode, f_real = _reference(ev["classifier_uri"], ev["reference_uri"], ev["images"])
             arrays = [np.asarray(im.convert(mode)) for im in draw(ev["images"], 10**6)]
             fake = np.stack([a[None] if a.ndim == 2 else a.transpose(2, 0, 1) for a in arrays])
             fd = frechet_distance(f_real, classifier_features(net, fake)[0])
@@ -302,13 +301,15 @@ def log_round(config, student, info, sched_cfg, vae, index: int, steps: int, ste
 
 
 @functools.lru_cache(maxsize=2)
-def _reference(classifier_uri: str, files: tuple[str, ...], images: int):
-    """The judge and the reference side's features, loaded once per worker, not every round."""
-    from difforge.models.classifier import classifier_features, load_classifier, load_images
+def _reference(classifier_uri: str, reference_uri: str, images: int):
+    """The judge and the reference side's features (its first `images` rows, read alone),
+    loaded once per worker, not every round."""
+    from difforge.models.classifier import classifier_features, first_images, load_classifier
+    from difforge.platform.datasets import open_dataset
 
     net, cfg = load_classifier(classifier_uri)
     mode = "L" if cfg["in_channels"] == 1 else "RGB"
-    real = load_images(list(files), mode, with_labels=False)[0][:images]
+    real = first_images(open_dataset(reference_uri), images, mode)
     return net, mode, classifier_features(net, real)[0]
 
 

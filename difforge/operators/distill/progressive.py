@@ -147,7 +147,7 @@ class _Distill(JobOperator):
             if clf.get("kind") != "classifier":
                 raise DifforgeError(f"{self.name}: the third input must be a train.classifier step")
             evaluation = {"classifier_uri": clf[C.MODEL_URI], "images": self.params.eval_images,
-                          "reference_files": ctx.inputs[3].file_uris()}  # fmt: skip
+                          "reference_uri": ctx.inputs[3].uri}  # fmt: skip
         row = teacher_ds.to_arrow().to_pylist()[0]
         if row.get("kind") != "diffusion" or not row.get(C.MODEL_URI):
             raise DifforgeError(f"{self.name}: the first input must be a train.diffusion or "
