@@ -164,8 +164,10 @@ class Captions(JobOperator):
         return JobResult(entries={MAIN: main})
 
     def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
-        table = outcome.read_main(["corrupted"])
-        n = int(table.column("corrupted").to_numpy().sum()) if table is not None else 0
+        import pyarrow.compute as pc
+
+        n = sum(pc.sum(t.column("corrupted")).as_py() or 0
+                 for t in outcome.iter_main(["corrupted"]))  # fmt: skip
         return {"achieved_corruption_ratio": n / max(1, outcome.rows_out), "captions_changed": n}
 
     def metadata(self) -> dict[str, Any]:

@@ -88,8 +88,10 @@ class Labels(MapOperator):
         return batch.append_column("corrupted", pa.array(corrupted, pa.bool_()))
 
     def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
-        table = outcome.read_main(["corrupted"])
-        flipped = int(table.column("corrupted").to_numpy().sum()) if table is not None else 0
+        import pyarrow.compute as pc
+
+        flipped = sum(pc.sum(t.column("corrupted")).as_py() or 0
+                       for t in outcome.iter_main(["corrupted"]))  # fmt: skip
         n = max(1, outcome.rows_out)
         return {"achieved_corruption_ratio": flipped / n, "labels_flipped": float(flipped)}
 

@@ -7,7 +7,6 @@ what it drops, where it decides."""
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -105,10 +104,10 @@ class Filter(FilterOperator):
         return Verdicts([self._failed(r) for r in batch.select(cols).to_pylist()])
 
     def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
+        from difforge.platform.summaries import value_counts
+
         rejects = outcome.sides["rejects"]
-        counts = Counter()
-        if rejects.num_rows:
-            counts.update(rejects.to_arrow(columns=[C.REASON]).column(C.REASON).to_pylist())
+        counts = value_counts(rejects.iter_batches(columns=[C.REASON]), C.REASON)
         active = [f for f in Params.model_fields if getattr(self.params, f) is not None
                   and not f.endswith("_score")]  # fmt: skip
         active += [f"{b}_score.{col}" for col, bounds in self.scored().items() for b in bounds]
@@ -117,46 +116,41 @@ class Filter(FilterOperator):
         return {f"removed_by_{f}": float(counts.get(f, 0)) for f in active}
 
 
-def nearest(table: pa.Table, col: str, t: float, n: int) -> pa.Table:
-    """The `n` rows whose `col` is nearest `t`."""
-    import pyarrow.compute as pc
-
-    return table.take(pc.sort_indices(pc.abs(pc.subtract(table.column(col), t)))).slice(0, n)
-
-
 def preview_threshold(outcome: StepOutcome, ctx: FinalizeContext, col: str,
                       bounds: dict[str, float], n: int = 8) -> None:  # fmt: skip
     """The histogram of a score with its thresholds, and the `n` images on either side of
-    each threshold (kept nearest it, and rejected nearest it) as `<col>_threshold.png`."""
-    import numpy as np
-    import pyarrow as pa
+    each threshold (kept nearest it, and rejected nearest it) as `<col>_threshold.png`. Read a
+    shard at a time: the histogram is drawn from `numeric_summary`'s sample of the scores, and
+    only the shown rows' images are read."""
+    import itertools
+
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from difforge.platform.datasets import url_to_fs
     from difforge.platform.show import log_histogram
+    from difforge.platform.summaries import nearest_rows, numeric_summary
 
-    parts = list(outcome.iter_main([C.ID, col]))
-    kept = pa.concat_tables(parts) if parts else pa.table({C.ID: pa.array([], pa.string()),
-                                                           col: pa.array([], pa.float32())})  # fmt: skip
     rejects = outcome.sides["rejects"]
-    gone = rejects.to_arrow(columns=[C.ID, col, C.REASON]) if rejects.num_rows else None
-    values = [kept.column(col)]
-    if gone is not None:
-        values.append(gone.column(col))
-    scores = np.concatenate([v.to_numpy(zero_copy_only=False) for v in values])
-    log_histogram(ctx, scores[~np.isnan(scores.astype(float))], col, bounds)
+
+    def kept():
+        return outcome.iter_main([C.ID, col])
+
+    def dropped(reason: str | None = None):
+        for b in rejects.iter_batches(columns=[C.ID, col, C.REASON]):
+            yield b if reason is None else b.filter(pc.equal(b.column(C.REASON), reason))
+
+    scores = numeric_summary(itertools.chain(kept(), dropped()), col,
+                             outcome.rows_out + rejects.num_rows)  # fmt: skip
+    log_histogram(ctx, scores.sample, col, bounds)
     if C.IMAGE not in outcome.column_names():
         return
     items: list[tuple[str, str, float]] = []  # (where, id, score)
     for bound, t in bounds.items():
-        near_kept = nearest(kept, col, t, n)
-        items += [("kept", i, s) for i, s in zip(near_kept.column(C.ID).to_pylist(),
-                                                 near_kept.column(col).to_pylist(), strict=True)]  # fmt: skip
-        if gone is not None:
-            mine = gone.filter(pc.equal(gone.column(C.REASON), f"{bound}_score.{col}"))
-            near = nearest(mine, col, t, n)
-            items += [("dropped", i, s) for i, s in zip(near.column(C.ID).to_pylist(),
+        for where, rows in (("kept", kept()), ("dropped", dropped(f"{bound}_score.{col}"))):
+            near = nearest_rows(rows, col, t, n)
+            if near is not None:
+                items += [(where, i, s) for i, s in zip(near.column(C.ID).to_pylist(),
                                                         near.column(col).to_pylist(), strict=True)]  # fmt: skip
     wanted = {i for _, i, _ in items}
     images: dict[str, bytes] = {}
@@ -165,7 +159,7 @@ def preview_threshold(outcome: StepOutcome, ctx: FinalizeContext, col: str,
         t = pq.read_table(path, filesystem=fs, columns=[C.ID, C.IMAGE],
                           filters=[(C.ID, "in", sorted(wanted))])  # fmt: skip
         images.update(zip(t.column(C.ID).to_pylist(), t.column(C.IMAGE).to_pylist(), strict=True))
-    if gone is not None:
+    if rejects.num_rows:
         shown = rejects.rows_with_ids(wanted - set(images), [C.IMAGE])
         images.update(zip(shown.column(C.ID).to_pylist(), shown.column(C.IMAGE).to_pylist(),
                           strict=True))  # fmt: skip

@@ -132,19 +132,19 @@ class Score(MapOperator):
         return batch.append_column(self.params.column, pa.array(scores, pa.float32()))
 
     def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
-        """The scores' histogram (logged as `<column>_histogram.png`) and quantiles."""
-        import numpy as np
-
+        """The scores' histogram (logged as `<column>_histogram.png`), exact mean and
+        quantiles (of every score up to `summaries.SAMPLE_LIMIT` rows, of evenly spaced ones
+        beyond), read a shard at a time."""
         from difforge.platform.show import log_histogram
+        from difforge.platform.summaries import numeric_summary
 
-        table = outcome.read_main([self.params.column])
-        if table is None or not table.num_rows:
-            return {}
-        scores = table.column(0).to_numpy()
-        log_histogram(ctx, scores, self.params.column)
-        q = np.quantile(scores, [0.1, 0.5, 0.9])
         c = self.params.column
-        return {f"{c}_mean": float(scores.mean()), f"{c}_p10": float(q[0]),
+        scores = numeric_summary(outcome.iter_main([c]), c, outcome.rows_out)
+        if not scores.count:
+            return {}
+        log_histogram(ctx, scores.sample, c)
+        q = scores.quantiles([0.1, 0.5, 0.9])
+        return {f"{c}_mean": scores.mean, f"{c}_p10": float(q[0]),
                 f"{c}_p50": float(q[1]), f"{c}_p90": float(q[2])}  # fmt: skip
 
 

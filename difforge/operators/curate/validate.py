@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import re
-from collections import Counter
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -136,10 +135,11 @@ class Validate(FilterOperator):
         return Verdicts(reasons, details, replace)
 
     def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
+        from difforge.platform.summaries import value_counts
+
         rejects = outcome.sides["rejects"]
-        counts = Counter()
+        counts = value_counts(rejects.iter_batches(columns=[C.REASON]), C.REASON)
         if rejects.num_rows:
-            counts.update(rejects.to_arrow(columns=[C.REASON]).column(C.REASON).to_pylist())
             log_reject_grid(rejects, ctx.log)
         total = outcome.rows_in or 0
         fraction = rejects.num_rows / total if total else 0.0

@@ -92,22 +92,29 @@ class CLIPScore(MapOperator):
         return without_image(batch).append_column(SCORE, pa.array(scores.astype(np.float32)))
 
     def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
-        """The mean score, and the mean at each guidance scale where there are several."""
+        """The mean score, and the mean at each guidance scale where there are several (sums
+        and counts added up a shard at a time)."""
         import pyarrow.compute as pc
 
         cols = [c for c in (SCORE, "guidance_scale") if c in outcome.column_names()]
-        table = outcome.read_main(cols) if cols else None
-        if table is None or not table.num_rows:
+        if SCORE not in cols:
             return {}
-        metrics = {SCORE: float(pc.mean(table.column(SCORE)).as_py())}
-        if "guidance_scale" in cols:
-            scales = sorted(set(table.column("guidance_scale").to_pylist()))
-            if len(scales) > 1:
-                for w in scales:
-                    mask = pc.equal(table.column("guidance_scale"), w)
-                    metrics[f"{SCORE}_w{w:g}"] = float(
-                        pc.mean(pc.filter(table.column(SCORE), mask)).as_py()
-                    )
+        sums: dict = {}  # guidance scale (None without the column) -> [sum, count]
+        for t in outcome.iter_main(cols):
+            scales = pc.unique(t.column("guidance_scale")).to_pylist() if len(cols) > 1 else [None]
+            for w in scales:
+                x = t.column(SCORE) if w is None else pc.filter(
+                    t.column(SCORE), pc.equal(t.column("guidance_scale"), w))  # fmt: skip
+                acc = sums.setdefault(w, [0.0, 0])
+                acc[0] += pc.sum(x).as_py() or 0.0
+                acc[1] += len(x) - x.null_count
+        n = sum(c for _, c in sums.values())
+        if not n:
+            return {}
+        metrics = {SCORE: sum(s for s, _ in sums.values()) / n}
+        if len(sums) > 1:
+            for w, (s, c) in sorted(sums.items()):
+                metrics[f"{SCORE}_w{w:g}"] = s / c
         return metrics
 
 

@@ -93,7 +93,8 @@ class SampleDiffusion(MapOperator):
     def setup(self, ctx) -> None:
 
         plan = ctx.input(0)
-        uri = plan.to_arrow(columns=[C.MODEL_URI]).column(0)[0].as_py()
+        # every row of a plan names the same model: its first batch says which
+        uri = next(plan.iter_batches(columns=[C.MODEL_URI], batch_size=1)).column(0)[0].as_py()
         self.model, self.info, config, self.vae = load_model(
             uri, self.params.weights, self.params.training_step
         )

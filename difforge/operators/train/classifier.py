@@ -159,11 +159,14 @@ class Classifier(JobOperator):
         from safetensors.torch import save_file
 
         from difforge.platform import raytrain as _raytrain
+        from difforge.platform.summaries import column_max
 
         train = ctx.inputs[0]
-        labels = train.to_arrow(columns=[C.LABEL]).column(C.LABEL)
         classes = train.metadata.get("classes")
-        num_classes = len(classes) if classes else int(pa.compute.max(labels).as_py()) + 1
+        if classes:
+            num_classes = len(classes)
+        else:  # the label column read a batch at a time
+            num_classes = column_max(train.iter_batches(columns=[C.LABEL]), C.LABEL) + 1
         p = self.params
         shards, keep, eval_keep = train.shards(), None, None
         if len(ctx.inputs) > 1:

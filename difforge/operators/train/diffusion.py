@@ -472,8 +472,9 @@ class DiffusionTraining(JobOperator):
         classes = data.metadata.get("classes")
         num_classes = len(classes) if classes else 0
         if C.LABEL in data.manifest.column_names and not num_classes:
-            labels = data.to_arrow(columns=[C.LABEL]).column(C.LABEL)
-            num_classes = int(pa.compute.max(labels).as_py()) + 1
+            from difforge.platform.summaries import column_max
+
+            num_classes = column_max(data.iter_batches(columns=[C.LABEL]), C.LABEL) + 1
         # refuse what can never run before starting any worker (fp16 on a CPU, say)
         deepspeed_config(self.params.model_dump(), 1, 1, ctx.resources.num_gpus > 0)
         params = self.params.model_dump()
