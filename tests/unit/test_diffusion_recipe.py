@@ -13,6 +13,7 @@ from difforge.diffusion.training import deepspeed_config, train_locally
 from difforge.operators.train.diffusion import Params, train
 from difforge.platform import datasets as D
 from difforge.platform.errors import DifforgeError
+from difforge.platform.events import NullLog
 from difforge.platform.outputs import write_dataset
 from difforge.platform.tensors import to_column
 
@@ -177,3 +178,47 @@ def test_latents_with_no_vae_show_each_channel_side_by_side():
     assert [(im.mode, im.size) for im in images] == [("L", (20, 3))] * 2
     second_channel = (x[1, 1] + 1).mul(127.5).round().byte().numpy()
     np.testing.assert_array_equal(np.asarray(images[1])[:, 5:10], second_channel)
+
+
+class _Images(NullLog):
+    """A step log that keeps the images the recipe logs."""
+
+    def __init__(self):
+        self.images: list[tuple] = []
+
+    def log_image(self, image, name):
+        self.images.append((name, image.size))
+
+    def log_image_at(self, image, key, step):
+        self.images.append((f"{key}@{step}", image.size))
+
+
+def test_an_unconditional_model_gets_its_grid_during_and_after_training(tmp_path):
+    """8 rows of 8 unguided samples (digits with their labels left out), every `sample_every`
+    steps and at the end, from the training loop itself."""
+    from difforge.operators.train.diffusion import _grid_plan
+
+    table = digits_dataset(tmp_path).to_arrow().drop_columns(["label"])
+    write_dataset(str(tmp_path / "unlabeled"), table, "unlabeled")
+    data = D.open_dataset(str(tmp_path / "unlabeled"))
+    p = Params(backbone=TINY_UNET, batch_size=16, max_steps=4, checkpoint_every=4,
+               sample_every=2).model_dump()  # fmt: skip
+    plan = _grid_plan(p, data, (None, None), 0)
+    sink = _Images()
+    train_locally({"params": p, "shards": data.shards(), "column": "image", "num_classes": 0,
+                   "sample_shape": [1, 8, 8], "grid": plan, "log": sink},
+                  str(tmp_path / "c"), train)  # fmt: skip
+    size = (3 * (8 * 10 + 2), 3 * (8 * 10 + 2))  # 8 x 8 tiles of 8 px, 2 px apart, 3x
+    assert sink.images == [("samples@2", size), ("samples.png", size), ("samples@4", size)]
+
+
+def test_a_grid_that_cannot_be_drawn_never_fails_the_training(tmp_path, caplog):
+    data = digits_dataset(tmp_path)
+    p = Params(backbone=TINY_UNET, batch_size=16, max_steps=2, checkpoint_every=2).model_dump()
+    sink = _Images()
+    io = train_locally({"params": p, "shards": data.shards(), "column": "image",
+                        "num_classes": 10, "sample_shape": [1, 8, 8], "grid": {"classes": 10},
+                        "vae_uri": str(tmp_path / "no-such-vae"), "log": sink},
+                       str(tmp_path / "c"), train)  # fmt: skip
+    assert io.history[-1]["step"] == 2 and sink.images == []
+    assert "no sample grid at training step 2" in caplog.text

@@ -218,6 +218,10 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
             was = shown.training
             try:
                 return _draw_grid(config, shown.eval(), device, next(shown.parameters()).dtype)
+            except Exception as exc:  # noqa: BLE001 - a view of the model never fails its training
+                log.warning("no sample grid at training step %d: %s: %s", step,
+                            type(exc).__name__, exc)  # fmt: skip
+                return None
             finally:
                 shown.train(was)
 
@@ -288,7 +292,7 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
         if grids and p["sample_every"] and step % p["sample_every"] == 0 and step < p["max_steps"]:
             began = time.time()  # before this step's checkpoint: a replayed step draws again
             image = draw()
-            if rank == 0:
+            if image is not None:
                 step_log.log_image_at(image, "samples", step)  # once per step
             window_start += time.time() - began
         if checkpoint:
@@ -307,7 +311,7 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
     # the trained model's grid (a run restored at its last step draws it again)
     if grids:
         image = draw()
-        if rank == 0:
+        if image is not None:
             step_log.log_image(image, "samples.png")
             if p["sample_every"]:  # the series ends with the final model
                 step_log.log_image_at(image, "samples", step)
@@ -316,11 +320,12 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
 def _grid_plan(p: dict, data, text, num_classes: int) -> dict | None:
     """What the grid at the end of training shows: a row of 8 per class (up to 10 classes), or
     for a text model a row per training caption (up to 8), embedded here by the text encoder
-    the driver has loaded already; None when there is nothing to condition on."""
+    the driver has loaded already, or 8 rows of an unconditional model's samples; None for a
+    text model with no captions to show."""
     import torch
 
     if p["backbone"]["type"] != "UNet2DConditionModel":
-        return {"classes": min(num_classes, 10)} if num_classes else None
+        return {"classes": min(num_classes, 10)}  # 0: unconditional
     encoder, null = text
     if encoder is None or C.CAPTION not in data.manifest.column_names:
         return None
@@ -339,8 +344,9 @@ def _grid_plan(p: dict, data, text, num_classes: int) -> dict | None:
 
 
 def _draw_grid(config: dict[str, Any], model, device, dtype):
-    """`config["grid"]` drawn (fixed seeds, guidance 2, 25 DDIM steps, 8 per row) with the
-    model on its device, latents decoded through the data's VAE there: a PIL image."""
+    """`config["grid"]` drawn (fixed seeds, guidance 2 where conditional, 25 DDIM steps, 8 per
+    row) with the model on its device, latents decoded through the data's VAE there: a PIL
+    image."""
     import torch
 
     from difforge.diffusion.sampling import sample_batch
@@ -354,12 +360,15 @@ def _draw_grid(config: dict[str, Any], model, device, dtype):
     if "prompts" in plan:
         extra = {k: torch.as_tensor(plan[k]).repeat_interleave(per, 0) for k in ("cond", "uncond")}
         labels = torch.zeros(len(extra["cond"]), dtype=torch.long)
-    else:
+    elif plan["classes"]:
         labels = torch.arange(plan["classes"]).repeat_interleave(per)
         null = config["num_classes"]
-    n = len(labels)
+    else:  # unconditional: 8 rows, no guidance
+        labels = None
+    n = per * per if labels is None else len(labels)
     x = sample_batch(model, kind, scheduler, tuple(config["sample_shape"]), list(range(n)),
-                     labels.to(device), [2.0] * n, null, 25, device=device, dtype=dtype,
+                     None if labels is None else labels.to(device),
+                     [1.0 if labels is None else 2.0] * n, null, 25, device=device, dtype=dtype,
                      **extra)  # fmt: skip
     tiles = to_pil(x, _vae(config["vae_uri"], device) if config.get("vae_uri") else None)
     if "prompts" in plan:
