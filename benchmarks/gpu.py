@@ -442,10 +442,11 @@ def diagnose(smoke: bool, batch: int | None) -> dict:
     # steady steps only: start-up, the first steps (cuDNN's autotuning with benchmark on, lazy
     # kernel loading) and a warm-up step are left out of the profile
     steps, skip = (2, 1) if smoke else (6, 3)
+    run = skip + 1 + steps + 1  # skipped, warm-up, profiled, and one to close the window
     window = torch.profiler.schedule(wait=skip, warmup=1, active=steps, repeat=1)
     with profile(activities=acts, record_shapes=True, schedule=window) as prof:
         t0 = time.perf_counter()
-        train(smoke, batch, skip + 1 + steps + 1, None, variants=False, on_step=prof.step)
+        train(smoke, batch, run, None, variants=False, on_step=prof.step)
         wall = time.perf_counter() - t0
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     by_op = prof.key_averages()
@@ -468,10 +469,12 @@ def diagnose(smoke: bool, batch: int | None) -> dict:
           "and dtypes (share, calls, [destination, source, non_blocking] twice):")  # fmt: skip
     print("\n".join(lines[:12]))
     busy = total / 1e6
-    out.update(run_s=round(wall, 1), profiled_steps=steps, device_busy_s=round(busy, 1),
+    # the optimizer steps the profile holds (torch records each under `Optimizer.step#...`)
+    stepped = sum(1 for e in prof.events() if e.name.startswith("Optimizer.step#"))
+    out.update(run_s=round(wall, 1), profiled_steps=stepped, device_busy_s=round(busy, 1),
                copy_share=round(copy_share, 3), copies_by_shape=lines[:12])  # fmt: skip
-    print(f"diagnose: {steps} steady steps profiled (of a {skip + steps + 2}-step run of "
-          f"{wall:.1f} s), device busy {busy:.1f} s in them")  # fmt: skip
+    print(f"diagnose: {stepped} steady steps profiled (of a {run}-step run of {wall:.1f} s), "
+          f"device busy {busy:.1f} s in them")  # fmt: skip
     return out
 
 

@@ -62,16 +62,12 @@ def load_images(
         if with_labels:
             labels += t.column(C.LABEL).to_pylist()
         images += [to_array(b, mode) for b in t.column(C.IMAGE).to_pylist()]
-    arr = np.stack(images) if images else np.zeros((0, 1, 1), np.uint8)
-    arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
-    return arr, (np.asarray(labels, np.int64) if with_labels else None), ids
+    return _nchw(images), (np.asarray(labels, np.int64) if with_labels else None), ids
 
 
 def first_images(dataset, n: int, mode: str | None = None) -> np.ndarray:
     """A dataset's first `n` images as uint8 [N, C, H, W], reading only the batches they are
     in (a check on a few hundred images never loads whole shards)."""
-    import numpy as np
-
     from difforge.platform.imaging import to_array
 
     images: list = []
@@ -79,6 +75,13 @@ def first_images(dataset, n: int, mode: str | None = None) -> np.ndarray:
         images += [to_array(b, mode) for b in batch.column(C.IMAGE).to_pylist()[: n - len(images)]]
         if len(images) >= n:
             break
+    return _nchw(images)
+
+
+def _nchw(images: list) -> np.ndarray:
+    """Decoded images (H, W or H, W, C arrays) stacked as uint8 [N, C, H, W]."""
+    import numpy as np
+
     arr = np.stack(images) if images else np.zeros((0, 1, 1), np.uint8)
     return arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
 

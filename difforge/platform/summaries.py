@@ -37,6 +37,25 @@ def column_max(tables: Iterable[pa.Table | pa.RecordBatch], column: str):
     return max(maxima, default=None)
 
 
+def column_sum(tables: Iterable[pa.Table | pa.RecordBatch], column: str):
+    """The sum of `column` (a boolean column: how many rows are true)."""
+    import pyarrow.compute as pc
+
+    return sum(pc.sum(t.column(column)).as_py() or 0 for t in tables)
+
+
+def class_count(dataset) -> int:
+    """A dataset's classes: its `classes` metadata, else its largest label + 1 (the label
+    column read a batch at a time), else 0 where it has no labels."""
+    from difforge.platform import columns as C
+
+    if classes := dataset.metadata.get("classes"):
+        return len(classes)
+    if C.LABEL not in dataset.manifest.column_names:
+        return 0
+    return (column_max(dataset.iter_batches(columns=[C.LABEL]), C.LABEL) or -1) + 1
+
+
 @dataclass
 class NumericSummary:
     """A numeric column's exact count and mean of its finite values, and `sample`: all of them

@@ -30,7 +30,8 @@ def test_every_part_of_the_gpu_benchmark_runs(tmp_path):
     assert set(variants) == {"no_ema", "zero_stage_0", "fp32_weights_bf16_autocast"}
     assert all(isinstance(v, float) and v > 0 for v in variants.values()), variants
     assert results["encode"]["operator_images_per_s"] > 0
-    # the profile covers steady steps only, not start-up: a step's ops and its copies listed
+    # the profile holds the 2 steady steps it was scheduled for (counted from its optimizer
+    # steps), not start-up or the run's other 3; their ops and copies listed
     diagnose = results["diagnose"]
     assert diagnose["profiled_steps"] == 2 and diagnose["device_busy_s"] > 0
     assert diagnose["copies_by_shape"] and (tmp_path / "profile.txt").read_text().strip()

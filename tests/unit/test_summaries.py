@@ -9,7 +9,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from difforge.platform.summaries import column_max, nearest_rows, numeric_summary, value_counts
+from difforge.platform.summaries import (
+    class_count,
+    column_max,
+    column_sum,
+    nearest_rows,
+    numeric_summary,
+    value_counts,
+)
 
 
 def batches(table: pa.Table, size: int) -> list[pa.RecordBatch]:
@@ -65,3 +72,25 @@ def test_column_max_over_batches():
     assert (
         column_max(batches(pa.table({"label": pa.array([None], pa.int64())}), 1), "label") is None
     )
+
+
+def test_column_sum_counts_true_rows_across_batches():
+    table = pa.table({"corrupted": [True, False, None, True, True]})
+    assert [column_sum(batches(table, size), "corrupted") for size in (1, 2, 5)] == [3, 3, 3]
+    assert column_sum([], "corrupted") == 0
+
+
+def test_class_count_from_metadata_labels_or_neither(tmp_path):
+    from difforge.platform.datasets import open_dataset
+    from difforge.platform.outputs import write_dataset
+
+    def dataset(name, table, metadata=None):
+        write_dataset(str(tmp_path / name), table, name, metadata=metadata)
+        return open_dataset(str(tmp_path / name))
+
+    ids = pa.array(["a", "b", "c"])
+    named = dataset("named", pa.table({"id": ids, "label": [0, 1, 0]}),
+                    {"classes": ["shirt", "shoe", "bag"]})  # fmt: skip
+    assert class_count(named) == 3  # the names, though label 2 never occurs
+    assert class_count(dataset("labels", pa.table({"id": ids, "label": [4, 1, 0]}))) == 5
+    assert class_count(dataset("none", pa.table({"id": ids}))) == 0

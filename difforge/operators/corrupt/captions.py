@@ -164,10 +164,9 @@ class Captions(JobOperator):
         return JobResult(entries={MAIN: main})
 
     def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
-        import pyarrow.compute as pc
+        from difforge.platform.summaries import column_sum
 
-        n = sum(pc.sum(t.column("corrupted")).as_py() or 0
-                 for t in outcome.iter_main(["corrupted"]))  # fmt: skip
+        n = column_sum(outcome.iter_main(["corrupted"]), "corrupted")
         return {"achieved_corruption_ratio": n / max(1, outcome.rows_out), "captions_changed": n}
 
     def metadata(self) -> dict[str, Any]:

@@ -88,10 +88,9 @@ class Labels(MapOperator):
         return batch.append_column("corrupted", pa.array(corrupted, pa.bool_()))
 
     def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
-        import pyarrow.compute as pc
+        from difforge.platform.summaries import column_sum
 
-        flipped = sum(pc.sum(t.column("corrupted")).as_py() or 0
-                       for t in outcome.iter_main(["corrupted"]))  # fmt: skip
+        flipped = column_sum(outcome.iter_main(["corrupted"]), "corrupted")
         n = max(1, outcome.rows_out)
         return {"achieved_corruption_ratio": flipped / n, "labels_flipped": float(flipped)}
 

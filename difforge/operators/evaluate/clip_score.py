@@ -94,27 +94,23 @@ class CLIPScore(MapOperator):
     def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
         """The mean score, and the mean at each guidance scale where there are several (sums
         and counts added up a shard at a time)."""
-        import pyarrow.compute as pc
+        from collections import Counter
 
         cols = [c for c in (SCORE, "guidance_scale") if c in outcome.column_names()]
         if SCORE not in cols:
             return {}
-        sums: dict = {}  # guidance scale (None without the column) -> [sum, count]
+        sums, counts = Counter(), Counter()  # by guidance scale (None without the column)
         for t in outcome.iter_main(cols):
-            scales = pc.unique(t.column("guidance_scale")).to_pylist() if len(cols) > 1 else [None]
-            for w in scales:
-                x = t.column(SCORE) if w is None else pc.filter(
-                    t.column(SCORE), pc.equal(t.column("guidance_scale"), w))  # fmt: skip
-                acc = sums.setdefault(w, [0.0, 0])
-                acc[0] += pc.sum(x).as_py() or 0.0
-                acc[1] += len(x) - x.null_count
-        n = sum(c for _, c in sums.values())
-        if not n:
+            for g in t.group_by(cols[1:]).aggregate([(SCORE, "sum"), (SCORE, "count")]).to_pylist():
+                w = g.get("guidance_scale")
+                sums[w] += g[f"{SCORE}_sum"] or 0.0
+                counts[w] += g[f"{SCORE}_count"]
+        if not counts.total():
             return {}
-        metrics = {SCORE: sum(s for s, _ in sums.values()) / n}
-        if len(sums) > 1:
-            for w, (s, c) in sorted(sums.items()):
-                metrics[f"{SCORE}_w{w:g}"] = s / c
+        metrics = {SCORE: sums.total() / counts.total()}
+        if len(counts) > 1:
+            for w in sorted(counts):
+                metrics[f"{SCORE}_w{w:g}"] = sums[w] / counts[w]
         return metrics
 
 

@@ -159,14 +159,11 @@ class Classifier(JobOperator):
         from safetensors.torch import save_file
 
         from difforge.platform import raytrain as _raytrain
-        from difforge.platform.summaries import column_max
+        from difforge.platform.summaries import class_count
 
         train = ctx.inputs[0]
         classes = train.metadata.get("classes")
-        if classes:
-            num_classes = len(classes)
-        else:  # the label column read a batch at a time
-            num_classes = column_max(train.iter_batches(columns=[C.LABEL]), C.LABEL) + 1
+        num_classes = class_count(train)
         p = self.params
         shards, keep, eval_keep = train.shards(), None, None
         if len(ctx.inputs) > 1:

@@ -356,20 +356,19 @@ def _draw_grid(config: dict[str, Any], model, device, dtype):
     p, plan, per = config["params"], config["grid"], 8
     kind = p["backbone"]["type"]
     scheduler = make_scheduler(None, saved_config(make_noise_scheduler(p, config["column"])))
-    null, extra = None, {}
-    if "prompts" in plan:
+    # n samples at guidance w: a row of `per` per prompt or class, or `per` unconditional rows
+    labels = null = None
+    extra: dict = {}
+    if "prompts" in plan:  # guided against the null (or negative) condition in `uncond`
         extra = {k: torch.as_tensor(plan[k]).repeat_interleave(per, 0) for k in ("cond", "uncond")}
-        labels = torch.zeros(len(extra["cond"]), dtype=torch.long)
-    elif plan["classes"]:
-        labels = torch.arange(plan["classes"]).repeat_interleave(per)
-        null = config["num_classes"]
-    else:  # unconditional: 8 rows, no guidance
-        labels = None
-    n = per * per if labels is None else len(labels)
+        n, w = len(extra["cond"]), 2.0
+    elif plan["classes"]:  # guided against the null class
+        labels = torch.arange(plan["classes"]).repeat_interleave(per).to(device)
+        null, n, w = config["num_classes"], len(labels), 2.0
+    else:  # unconditional: 8 rows, nothing to guide by
+        n, w = per * per, 1.0
     x = sample_batch(model, kind, scheduler, tuple(config["sample_shape"]), list(range(n)),
-                     None if labels is None else labels.to(device),
-                     [1.0 if labels is None else 2.0] * n, null, 25, device=device, dtype=dtype,
-                     **extra)  # fmt: skip
+                     labels, [w] * n, null, 25, device=device, dtype=dtype, **extra)  # fmt: skip
     tiles = to_pil(x, _vae(config["vae_uri"], device) if config.get("vae_uri") else None)
     if "prompts" in plan:
         rows = [(t, grid(tiles[i * per : (i + 1) * per], columns=per))
@@ -473,17 +472,13 @@ class DiffusionTraining(JobOperator):
 
         from difforge.platform import raytrain as _raytrain
         from difforge.platform.datasets import join
+        from difforge.platform.summaries import class_count
 
         data = ctx.inputs[0]
         column = C.LATENT if C.LATENT in data.manifest.column_names else C.IMAGE
         if column not in data.manifest.column_names:
             raise DifforgeError("train.diffusion needs an `image` or a `latent` column")
-        classes = data.metadata.get("classes")
-        num_classes = len(classes) if classes else 0
-        if C.LABEL in data.manifest.column_names and not num_classes:
-            from difforge.platform.summaries import column_max
-
-            num_classes = column_max(data.iter_batches(columns=[C.LABEL]), C.LABEL) + 1
+        num_classes = class_count(data)
         # refuse what can never run before starting any worker (fp16 on a CPU, say)
         deepspeed_config(self.params.model_dump(), 1, 1, ctx.resources.num_gpus > 0)
         params = self.params.model_dump()

@@ -213,7 +213,8 @@ class TrainVAE(JobOperator):
         with torch.no_grad():
             z = vae.encode(torch.from_numpy(x).float().div(127.5).sub(1.0)).latent_dist.mean
             batch = torch.from_numpy(shown).float().div(127.5).sub(1.0)
-            rec = vae.decode(vae.encode(batch).latent_dist.mean).sample.clamp(-1, 1)
+            z_shown = z if held is None else vae.encode(batch).latent_dist.mean
+            rec = vae.decode(z_shown).sample.clamp(-1, 1)
         mse = float(torch.mean((rec - batch) ** 2))
         psnr = 10 * math.log10(4.0 / max(mse, 1e-10))
         scaling = float(1.0 / z.flatten().std())
