@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _tags(p)
     p.add_argument("--env-file", help="load environment variables (KEY=VALUE lines) before running")
+    p.add_argument("--require-env", action="append", default=[], metavar="NAME",
+                   help="fail before the first step unless NAME is in the environment")  # fmt: skip
+    p.add_argument("--submitted", action="store_true", help=argparse.SUPPRESS)  # a job's driver
 
     p = sub.add_parser("submit", help="submit a run to a Ray cluster through the Ray Jobs API")
     _common(p)
@@ -87,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME",
-        help="forward this environment variable to the job, e.g. AWS_SECRET_ACCESS_KEY "
-        "(repeatable; values never appear in the YAML or the job's metadata)",
+        help="a variable the job needs from the cluster's own environment, e.g. "
+        "AWS_SECRET_ACCESS_KEY (repeatable; checked on the cluster before the first step; "
+        "its value never travels with the job)",
     )
     p.add_argument("--pip", action="append", default=[], help="extra pip package for the job")
     p.add_argument("--wait", action="store_true", help="follow the logs until the job ends")
@@ -123,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="STEP.params.FIELD=VALUE")  # fmt: skip
     q.add_argument("--env", dest="forward_env", action="append", default=[], metavar="NAME",
-                   help="forward this environment variable to cluster runs")  # fmt: skip
+                   help="a variable cluster runs need from the cluster's environment")  # fmt: skip
     ssub.add_parser("list", help="schedules with their next firing")
     for name, text in (("pause", "stop firing"), ("resume", "fire again"), ("remove", "delete")):
         ssub.add_parser(name, help=text).add_argument("name")
@@ -291,8 +295,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         from difforge.jobs.cluster import read_env_file
 
         os.environ.update(read_env_file(args.env_file))
-    if args.env_file:
-        # a submitted job's driver (`difforge submit` always passes its env file): Ray may remove the job's working directory (its own copy
+    if args.require_env:
+        from difforge.jobs.cluster import require_env
+
+        require_env(args.require_env)
+    if args.submitted:
+        # a submitted job's driver: Ray may remove the job's working directory (its own copy
         # of the uploaded folder) while the run goes on, and a process whose working directory
         # is gone fails in odd places (torch's oneMKL cannot load, os.getcwd raises); so
         # work from the difforge home instead (the pipeline file by its absolute path)
@@ -343,8 +351,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         until=args.until,
         force=args.force,
     )
-    forwarded = ", ".join(job.forwarded) or "none"
-    print(f"submitted job {job.job_id} to {job.cluster} (environment forwarded: {forwarded})")
+    needs = ", ".join(job.required_env) or "none"
+    print(f"submitted job {job.job_id} to {job.cluster} (needs from the cluster's env: {needs})")
     print(f"  follow it:  {job.follow_hint()}")
     print(f"  dashboard:  {job.cluster}/#/jobs/{job.job_id}")
     if not args.wait:
@@ -675,6 +683,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.verbose:
         os.environ["DIFFORGE_VERBOSE"] = "1"  # for Ray's start-up, here and in submitted jobs
+    from difforge.jobs.cluster import token_mode_when_a_token_is_given
+
+    token_mode_when_a_token_is_given()  # before anything imports Ray
     # difforge's own lines on the console; the libraries' go to a log file (progress.py)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))

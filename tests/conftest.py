@@ -156,13 +156,29 @@ def s3_server():
     shutil.rmtree(state, ignore_errors=True)
 
 
+def manifest_allowed_hosts() -> str:
+    """The Host headers infra/mlflow/mlflow.yaml's server answers (its --allowed-hosts)."""
+    import shlex
+
+    import yaml
+
+    docs = yaml.safe_load_all((ROOT / "infra" / "mlflow" / "mlflow.yaml").read_text())
+    (deploy,) = [d for d in docs if d and d["kind"] == "Deployment"]
+    argv = shlex.split(" ".join(deploy["spec"]["template"]["spec"]["containers"][0]["args"]))
+    return argv[argv.index("--allowed-hosts") + 1]
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(s3_server):
     """A real `mlflow server` (one worker, jobs off) with its artifacts on the S3 server, by
-    infra/local/mlflow.sh."""
+    infra/local/mlflow.sh, answering the Host headers the Kubernetes manifest lists."""
     state = Path(tempfile.mkdtemp(prefix="difforge-mlflow-"))
     port = free_port()
-    stop, _ = local_service("mlflow.sh", state, {"MLFLOW_PORT": str(port)})
+    stop, _ = local_service(
+        "mlflow.sh",
+        state,
+        {"MLFLOW_PORT": str(port), "MLFLOW_ALLOWED_HOSTS": manifest_allowed_hosts()},
+    )
     yield f"http://127.0.0.1:{port}"
     stop()
     shutil.rmtree(state, ignore_errors=True)

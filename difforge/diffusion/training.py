@@ -77,7 +77,8 @@ def import_deepspeed():
 
     import torch
 
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    if not os.environ.get("DS_ACCELERATOR", "").strip():  # unset or empty (DeepSpeed refuses "")
+        os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
     import deepspeed
     import deepspeed.comm.torch  # noqa: F401
 

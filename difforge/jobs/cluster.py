@@ -1,10 +1,12 @@
 """Running pipelines on a Ray cluster through the Ray Jobs API.
 
 `submit` sends the pipeline YAML (its `--set` overrides already applied) as the job's working
-directory and runs `difforge run` on the cluster. Secrets never travel in the YAML, the
-entrypoint, the job's metadata or its `runtime_env` (all of which the dashboard shows): the
-environment variables a user names are written to a file inside the uploaded working directory,
-which `difforge run --env-file` reads on the cluster.
+directory and runs `difforge run` on the cluster. Secrets never travel with a job: not in the
+YAML, the entrypoint, the job's metadata, its `runtime_env` (all of which the dashboard shows)
+nor in the uploaded package (which Ray keeps on every node's disk). They live in the cluster's
+own environment (Kubernetes Secrets as env of the Ray pods, the environment `ray start` ran
+in); `--env NAME` names the variables a run needs, and the job checks they are there before
+its first step, failing with the names that are missing.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import yaml
 
 from difforge.platform.errors import DifforgeError
 
-ENV_FILE = ".difforge.env"
 PIPELINE_FILE = "pipeline.yaml"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -47,6 +48,18 @@ def client(cluster: str | None):
     """The Jobs API client of a cluster: one per address and process (making one is an HTTP
     round trip, and the scheduler asks about running jobs every second)."""
     return _client(cluster_address(cluster))
+
+
+def token_mode_when_a_token_is_given() -> None:
+    """A token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token means token auth:
+    Ray's client otherwise sends none unless RAY_AUTH_MODE=token is set too ("Missing
+    authentication token"). Ray reads the mode once, when it is imported: the CLI calls this
+    first. An explicit RAY_AUTH_MODE is left as it is."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(path):
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 @functools.lru_cache(maxsize=16)
@@ -80,18 +93,14 @@ def check_tracking(uri: str | None) -> str:
 class Submitted:
     job_id: str
     cluster: str
-    forwarded: list[str]
+    required_env: list[str]
 
     def follow_hint(self) -> str:
         return f"difforge jobs logs {self.job_id} --follow --cluster {self.cluster}"
 
 
-def _env_file(values: dict[str, str]) -> str:
-    return "".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(values.items()))
-
-
 def read_env_file(path: str | Path) -> dict[str, str]:
-    """Parse what `_env_file` wrote (KEY=shell-quoted value per line)."""
+    """`difforge run --env-file`: KEY=VALUE lines, values shell-quoted or plain."""
     out: dict[str, str] = {}
     for line in Path(path).read_text().splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
@@ -104,10 +113,32 @@ def read_env_file(path: str | Path) -> dict[str, str]:
     return out
 
 
-def setup_worker() -> None:
-    """Ray's worker_process_setup_hook for submitted runs: load the forwarded environment."""
-    if Path(ENV_FILE).is_file():
-        os.environ.update(read_env_file(ENV_FILE))
+def require_env(names: list[str]) -> None:
+    """A submitted run's first check: the variables its `--env` named are in the cluster's
+    environment (Ray's workers inherit the environment of `ray start`, as the driver does)."""
+    missing = [name for name in names if name not in os.environ]
+    if missing:
+        raise DifforgeError(
+            f"the job needs {', '.join(missing)}, which this cluster's environment does not "
+            "have: set it on every Ray node (on Kubernetes, a Secret in the Ray pods' env or "
+            "envFrom; with infra/local/ray.sh, in the environment it starts in). `--env` names "
+            "variables; their values never travel with the job"
+        )
+
+
+def _tracking_setting() -> str | None:
+    """The client's MLFLOW_TRACKING_URI for a run whose YAML names none: a setting, sent in the
+    submitted YAML, unless it carries credentials."""
+    from urllib.parse import urlsplit
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and (urlsplit(uri).password or urlsplit(uri).username):
+        raise DifforgeError(
+            "MLFLOW_TRACKING_URI carries credentials, which would travel with the job: give the "
+            "cluster MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD in its own environment "
+            "and name them with --env, and the URI without them"
+        )
+    return uri
 
 
 def submit(
@@ -134,21 +165,23 @@ def submit(
             f"storage '{storage}' is a relative path: on a cluster it would land in the job's "
             "temporary folder. Use s3://... or an absolute path on a shared file system"
         )
-    forward: list[str] = []
-    if not spec.tracking.uri and os.environ.get("MLFLOW_TRACKING_URI"):
-        forward.append("MLFLOW_TRACKING_URI")
+    required: list[str] = []
     for name in forward_env or []:
-        if name not in os.environ:
-            raise DifforgeError(f"--env {name}: not set in this environment, nothing to forward")
-        if name not in forward:
-            forward.append(name)
-    check_tracking(spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise DifforgeError(f"--env {name}: not an environment variable name (--env NAME)")
+        if name not in required:
+            required.append(name)
+    if not spec.tracking.uri and _tracking_setting():
+        data["tracking"] = {**data.get("tracking", {}), "uri": _tracking_setting()}
+    check_tracking(data.get("tracking", {}).get("uri"))
     api = client(cluster)
     job_id = f"difforge-{re.sub(r'[^a-z0-9-]', '-', spec.name.lower())}-" + (
         time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
     )
     tags = {**(tags or {}), "difforge.job_id": job_id}
-    argv = ["difforge", "run", PIPELINE_FILE, "--env-file", ENV_FILE]
+    argv = ["difforge", "run", PIPELINE_FILE, "--submitted"]
+    for name in required:
+        argv += ["--require-env", name]
     for k, v in tags.items():
         argv += ["--tag", f"{k}={v}"]
     argv += ["--until", until] if until else []
@@ -161,14 +194,8 @@ def submit(
             + "\n"
             + yaml.safe_dump(data, sort_keys=False)
         )
-        env_path = Path(tmp, ENV_FILE)
-        env_path.write_text(_env_file({k: os.environ[k] for k in forward}))
-        env_path.chmod(0o600)
-        # Every worker process of the job starts in the working directory and loads the
-        # forwarded variables there (Ray workers do not inherit the driver's environment).
         runtime_env: dict[str, Any] = {
             "working_dir": tmp,
-            "worker_process_setup_hook": "difforge.jobs.cluster.setup_worker",
             # `difforge jobs stop` sends SIGTERM; give the run time to end its MLflow runs.
             "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "30"},
         }
@@ -178,7 +205,7 @@ def submit(
             "difforge.pipeline": spec.name,
             "difforge.file": str(loaded.file),
             "difforge.overrides": " ".join(loaded.overrides),
-            "difforge.forwarded_env": ",".join(forward),  # names only, never values
+            "difforge.required_env": ",".join(required),  # names only, never values
         }
         # A head that has just started may not have its job agent yet: retry that, briefly.
         deadline = time.time() + 60
@@ -197,7 +224,7 @@ def submit(
                     time.sleep(1)
                     continue
                 raise DifforgeError(f"the cluster refused the job: {exc}") from None
-    return Submitted(job_id, address, forward)
+    return Submitted(job_id, address, required)
 
 
 def _status_name(status: Any) -> str:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A Ray head on 127.0.0.1 with its dashboard (the Jobs API), and worker nodes that join it.
 #   infra/local/ray.sh start | worker NAME | stop [NAME]
-# Environment: RAY_PORT (6379), RAY_DASHBOARD_PORT (8265), RAY_NUM_CPUS (all), RAY_TEMP_DIR,
+# Environment: DIFFORGE_BIND (127.0.0.1: the address this node binds and announces; a host's
+# own address in multi-host mode), RAY_HEAD_ADDRESS (the head's address a worker joins; default
+# DIFFORGE_BIND), RAY_PORT (6379), RAY_DASHBOARD_PORT (8265), RAY_NUM_CPUS (all), RAY_TEMP_DIR,
 # RAY_AGENT_PORT (the node's dashboard agent, which runs submitted jobs; Ray's 52365) and
 # RAY_CLIENT_PORT (10001), RAY_WORKER_AGENT_PORT (a joining node's agent): set them when several
 # Ray nodes share one machine. Ray's RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30) bounds how long
@@ -31,22 +33,23 @@ case "${1:-}" in
   start)
     ensure_token
     temp=(); [[ -n "${RAY_TEMP_DIR:-}" ]] && temp=(--temp-dir "$RAY_TEMP_DIR")
-    start_bg ray-head ray start --head --block --node-ip-address 127.0.0.1 \
+    start_bg ray-head ray start --head --block --node-ip-address "$HOST" \
       --port "$RAY_PORT" --dashboard-host "$HOST" --dashboard-port "$RAY_DASHBOARD_PORT" \
       --ray-client-server-port "${RAY_CLIENT_PORT:-10001}" \
       --disable-usage-stats "${cpus[@]}" "${temp[@]}" "${agent[@]}"
-    url="http://127.0.0.1:$RAY_DASHBOARD_PORT"
+    url="http://$HOST:$RAY_DASHBOARD_PORT"
     wait_ready ray-head 90 "$PYTHON" -c \
       "from ray.job_submission import JobSubmissionClient as C; C('$url').list_jobs()"
-    echo "Ray ready: DIFFORGE_CLUSTER=$url (GCS 127.0.0.1:$RAY_PORT, token auth $RAY_AUTH_MODE)"
+    echo "Ray ready: DIFFORGE_CLUSTER=$url (GCS $HOST:$RAY_PORT, token auth $RAY_AUTH_MODE)"
     ;;
   worker)
     name="ray-worker-${2:?usage: $0 worker NAME}"
-    start_bg "$name" ray start --block --address "127.0.0.1:$RAY_PORT" \
-      --node-ip-address 127.0.0.1 --disable-usage-stats "${cpus[@]}" \
+    head="${RAY_HEAD_ADDRESS:-$HOST}:$RAY_PORT"
+    start_bg "$name" ray start --block --address "$head" \
+      --node-ip-address "$HOST" --disable-usage-stats "${cpus[@]}" \
       ${RAY_WORKER_AGENT_PORT:+--dashboard-agent-listen-port "$RAY_WORKER_AGENT_PORT"}
     wait_ready "$name" 60 grep -q "Ray runtime started" "$STATE/$name.log"
-    echo "$name joined 127.0.0.1:$RAY_PORT"
+    echo "$name joined $head"
     ;;
   stop)
     if [[ -n "${2:-}" ]]; then stop_bg "ray-worker-$2"; exit 0; fi

@@ -13,14 +13,14 @@ case "${1:-}" in
     : "${AWS_SECRET_ACCESS_KEY:?set AWS_SECRET_ACCESS_KEY}"
     mkdir -p "$STATE/s3"
     GOMEMLIMIT="${GOMEMLIMIT:-512MiB}" start_bg s3 weed mini -dir="$STATE/s3" \
-      -ip=127.0.0.1 -ip.bind="$HOST" -master.telemetry=false -webdav=false -admin.ui=false \
+      -ip="$HOST" -ip.bind="$HOST" -master.telemetry=false -webdav=false -admin.ui=false \
       -s3.port.iceberg=0 -s3.port.lance=0 -s3.port="$S3_PORT" \
       -master.port="${S3_MASTER_PORT:-$((S3_PORT + 1))}" \
       -volume.port="${S3_VOLUME_PORT:-$((S3_PORT + 2))}" \
       -filer.port="${S3_FILER_PORT:-$((S3_PORT + 3))}" \
       -admin.port="${S3_ADMIN_PORT:-$((S3_PORT + 4))}" \
       -bucket="${S3_BUCKETS:-datasets,mlflow}"
-    export AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT"
+    export AWS_ENDPOINT_URL="http://$HOST:$S3_PORT"
     first_bucket="${S3_BUCKETS:-datasets,mlflow}"; first_bucket="${first_bucket%%,*}"
     wait_ready s3 60 "$PYTHON" -c "import s3fs,sys; fs=s3fs.S3FileSystem(skip_instance_cache=True); \
 sys.exit('$first_bucket' not in [b.rstrip('/') for b in fs.ls('')])"

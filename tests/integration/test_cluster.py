@@ -5,7 +5,6 @@ with Ray's token authentication on, S3 storage and an MLflow server."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import subprocess
@@ -30,11 +29,14 @@ from tests.conftest import (
     wait_for,
 )
 
+RAY_TEMP: dict[str, Path] = {}  # the cluster's Ray temp folder (its session logs, packages)
+
 
 @pytest.fixture(scope="module")
 def ray_cluster(s3_server):
-    """Head + one worker node. The cluster's processes hold no S3 credentials (a submitted run
-    gets them only by forwarding) but have a plugin operator installed (test.slow)."""
+    """Head + one worker node. The cluster's processes hold the S3 credentials in their own
+    environment (as Ray pods do from a Kubernetes Secret) and have a plugin operator installed
+    (test.slow)."""
     state = Path(tempfile.mkdtemp(prefix="difforge-cluster-"))
     plugin = state / "plugin"
     plugin.mkdir()
@@ -50,15 +52,12 @@ def ray_cluster(s3_server):
         "RAY_TEMP_DIR": str(state / "ray"),
         "PYTHONPATH": plugin_env["PYTHONPATH"],
     }
-    saved = {k: os.environ.pop(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    try:
-        stop, full_env = local_service("ray.sh", state, env)
-        worker = subprocess.run(
-            [str(Path(__file__).parents[2] / "infra/local/ray.sh"), "worker", "w1"],
-            env=full_env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-    finally:
-        os.environ.update(saved)
+    RAY_TEMP["dir"] = state / "ray"
+    stop, full_env = local_service("ray.sh", state, env)
+    worker = subprocess.run(
+        [str(Path(__file__).parents[2] / "infra/local/ray.sh"), "worker", "w1"],
+        env=full_env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
     url = f"http://127.0.0.1:{env['RAY_DASHBOARD_PORT']}"
     try:
         assert worker.returncode == 0, worker.stderr
@@ -156,12 +155,19 @@ def test_a_pipeline_spreads_over_both_nodes_and_every_dataset_is_whole(
     assert f"job {job_id}: SUCCEEDED" in out.stdout
     assert "difforge jobs logs" in out.stdout  # where to follow it
 
-    # secrets travelled by name only: not in the entrypoint, metadata or runtime_env
+    # secrets never travelled: the job names the variables it needs from the cluster's own
+    # environment; the value is nowhere in what the dashboard shows, in the job's log, in Ray's
+    # session folders (logs, the uploaded package on every node) or in MLflow
     info = jobs.job_info(ray_cluster, job_id)
     shown = json.dumps([info["entrypoint"], info["metadata"], info["runtime_env"]])
     assert S3_SECRET not in shown
-    assert "AWS_SECRET_ACCESS_KEY" in info["metadata"]["difforge.forwarded_env"]
+    assert "AWS_SECRET_ACCESS_KEY" in info["metadata"]["difforge.required_env"]
     assert info["entrypoint"].startswith("difforge run pipeline.yaml")
+    assert S3_SECRET not in jobs.client(ray_cluster).get_job_logs(job_id)
+    assert any(RAY_TEMP["dir"].glob("session_*/runtime_resources")), "the uploaded package's home"
+    holding = subprocess.run(["grep", "-rlaF", S3_SECRET, str(RAY_TEMP["dir"])],
+                             capture_output=True, text=True)  # fmt: skip
+    assert holding.stdout == "", f"the secret is on disk in {holding.stdout}"
     listed = difforge_cli("jobs", "list", "--cluster", ray_cluster)
     assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
 
@@ -186,6 +192,16 @@ def test_a_pipeline_spreads_over_both_nodes_and_every_dataset_is_whole(
     assert set().union(*nodes.values()) == both
     model = difforge.open_dataset(steps["model"].data.tags["difforge.uri"]).to_arrow()
     assert model.column("steps").to_pylist() == [2]  # the override applied
+    for r in [run, *steps.values()]:
+        assert S3_SECRET not in json.dumps([r.data.params, r.data.tags])
+
+
+def test_a_variable_the_cluster_lacks_fails_the_job_by_name(ray_cluster, mlflow_server, tmp_path):
+    path = pipeline(tmp_path, mlflow_server, "lacking", "- id: raw\n  op: ingest.digits\n")
+    job_id = submit(path, ray_cluster, "--env", "DIFFORGE_NOT_ON_THE_CLUSTER")
+    assert jobs.wait(ray_cluster, job_id, timeout=180) == "FAILED"
+    logs = jobs.client(ray_cluster).get_job_logs(job_id)
+    assert "needs DIFFORGE_NOT_ON_THE_CLUSTER, which this cluster's environment does not" in logs
 
 
 def test_a_failing_pipeline_reports_failure_and_its_error(ray_cluster, mlflow_server, tmp_path):

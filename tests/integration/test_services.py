@@ -63,6 +63,32 @@ def test_tracking_on_an_mlflow_server(ray_session, mlflow_server, tmp_path):
     assert small.data.metrics["rows_out"] == 400
 
 
+def test_mlflow_answers_the_in_cluster_service_name(mlflow_server):
+    """With the manifest's --allowed-hosts, a client that addresses the Service by name (Host:
+    mlflow:5000) is answered; MLflow's default refused it with 403 while /health said 200."""
+    import urllib.error
+    import urllib.request
+
+    def status(host: str) -> int:
+        request = urllib.request.Request(
+            f"{mlflow_server}/api/2.0/mlflow/experiments/search?max_results=1",
+            headers={"Host": host},
+        )
+        try:
+            return urllib.request.urlopen(request, timeout=30).status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    for host in (
+        "mlflow:5000",
+        "mlflow",
+        "mlflow.difforge.svc.cluster.local:5000",
+        "localhost:5000",
+    ):
+        assert status(host) == 200, host
+    assert status("attacker.example:5000") == 403  # the DNS-rebinding guard is still on
+
+
 def test_the_commit_protocol_on_s3(s3_server):
     """Create-if-absent, replace conditional on the old manifest's ETag, checksums: on S3."""
     import pyarrow as pa

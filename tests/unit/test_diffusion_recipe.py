@@ -3,6 +3,10 @@ CEP's statistics, and the errors a user can make."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -222,3 +226,22 @@ def test_a_grid_that_cannot_be_drawn_never_fails_the_training(tmp_path, caplog):
                        str(tmp_path / "c"), train)  # fmt: skip
     assert io.history[-1]["step"] == 2 and sink.images == []
     assert "no sample grid at training step 2" in caplog.text
+
+
+def test_an_empty_ds_accelerator_counts_as_unset():
+    """An image that sets DS_ACCELERATOR="" (DeepSpeed 0.19 raises ValueError for it) still
+    trains: difforge picks the accelerator as if it were unset."""
+    code = (
+        "from difforge.diffusion.training import import_deepspeed; import os; "
+        "ds = import_deepspeed(); print(os.environ['DS_ACCELERATOR'], "
+        "ds.get_accelerator().device_name())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "DS_ACCELERATOR": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["cpu", "cpu"]

@@ -160,18 +160,60 @@ def test_environment_variable_names_agree():
     for name in names:
         if name.startswith("DIFFORGE_"):
             assert name in code, f"{name} is set in infra/ but difforge never reads it"
-    # what the CronJob forwards with --env is in the Secret it loads, as documented
+    # what the CronJob names with --env, the job finds in every Ray pod's own environment: set
+    # there, or from a Secret whose keys the manifest documents (values never travel with jobs)
     secret_doc = (INFRA / "kuberay" / "raycluster.yaml").read_text()
-    for argv in difforge_commands():
-        for i, arg in enumerate(argv):
-            if arg == "--env":
-                assert f"--from-literal={argv[i + 1]}=" in secret_doc, argv[i + 1]
+    (cluster,) = by_kind("RayCluster")
+    pods = [cluster["spec"]["headGroupSpec"]] + cluster["spec"]["workerGroupSpecs"]
+    needed = {
+        argv[i + 1] for argv in difforge_commands() for i, a in enumerate(argv) if a == "--env"
+    }
+    assert needed, "the CronJob names the S3 keys its run needs"
+    for pod in pods:
+        for container in pod["template"]["spec"]["containers"]:
+            have = {e["name"] for e in container.get("env", [])}
+            for source in container.get("envFrom", []):
+                secret = source["secretRef"]["name"]
+                created = re.search(rf"create secret generic {secret}((?:\\\n|[^\n])*)", secret_doc)
+                assert created, f"the Secret {secret} is not documented"
+                have |= set(re.findall(r"--from-literal=(\w+)=", created.group(1)))
+            assert needed <= have, (container["name"], needed - have)
     # the Ray token comes from the Secret the RayCluster authenticates with
     secret = by_kind("RayCluster")[0]["spec"]["authOptions"]["secretName"]
     for kind in ("RayJob", "CronJob"):
         refs = [e["valueFrom"]["secretKeyRef"] for env in walk(by_kind(kind)[0], "env")
                 for e in env if e.get("name") == "RAY_AUTH_TOKEN"]  # fmt: skip
         assert refs == [{"name": secret, "key": "auth_token"}], kind
+
+
+def test_the_image_runs_what_the_manifests_ask_of_it():
+    """The defects found by reading the image against the installed libraries stay fixed."""
+    dockerfile = (INFRA / "docker" / "Dockerfile").read_text()
+    # DeepSpeed refuses DS_ACCELERATOR=""; the image sets none (difforge picks cuda or cpu)
+    assert "DS_ACCELERATOR" not in re.sub(r"#.*", "", dockerfile)
+    # the nightly pipeline's data is in the image
+    (cm,) = by_kind("ConfigMap")
+    ops = {step.op for step in load_spec(cm["data"]["pipeline.yaml"]).spec.steps}
+    if "ingest.fashion_mnist" in ops:
+        assert "dataset-fashion-mnist" in dockerfile
+    # every pin the image writes agrees with the lock (or, for the one package installed without
+    # its dependencies, with the Makefile's); psycopg2 for MLflow's PostgreSQL store is locked
+    lock = (ROOT / "requirements.lock").read_text() + (ROOT / "Makefile").read_text()
+    assert "psycopg2-binary==" in lock
+    for name, version in re.findall(r"([A-Za-z][\w.-]*)==([\w.]+)", dockerfile):
+        assert f"{name}=={version}" in lock, f"the Dockerfile pins {name}=={version}"
+
+
+def test_mlflow_accepts_the_host_names_its_clients_use():
+    """MLflow 3.17 answers 403 to a Host header it does not list (while /health stays 200):
+    the in-cluster names of its Service, with and without the port, are allowed."""
+    (deploy,) = [d for d in by_kind("Deployment") if d["metadata"]["name"] == "mlflow"]
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    argv = shlex.split(" ".join(container["args"]))
+    allowed = argv[argv.index("--allowed-hosts") + 1].split(",")
+    (svc,) = [d for d in by_kind("Service") if d["metadata"]["name"] == "mlflow"]
+    port = svc["spec"]["ports"][0]["port"]
+    assert "mlflow" in allowed and f"mlflow:{port}" in allowed
 
 
 def test_services_bind_to_loopback_by_default():
