@@ -65,8 +65,9 @@ def write_dataset(uri: str, ids, e, shard_rows: int = 20_000) -> None:
     entries = []
     for s in range(0, len(ids), shard_rows):
         part = slice(s, s + shard_rows)
-        entries.append(out.write(pa.table({"id": ids[part], "embedding": to_column(e[part])}),
-                                 f"{s:08d}"))  # fmt: skip
+        entries.append(
+            out.write(pa.table({"id": ids[part], "embedding": to_column(e[part])}), f"{s:08d}")
+        )
     out.commit(entries, "bench-embeddings", {"benchmark": "curation"})
 
 
@@ -88,11 +89,23 @@ def bare_semantic_dedup(uri: str, threshold: float, sample_rows: int, seed: int)
     e = np.ascontiguousarray(e / np.linalg.norm(e, axis=1, keepdims=True), dtype=np.float32)
     take = choose_rows(ds, min(sample_rows, len(ids)), seed)  # the sample difforge fits on
     starts = np.cumsum([0] + [t.num_rows for t in tables])
-    sample = e if take is None else e[np.concatenate([starts[i] + np.asarray(t, dtype=np.int64)
-                                                       for i, t in enumerate(take)])]  # fmt: skip
+    sample = (
+        e
+        if take is None
+        else e[
+            np.concatenate([starts[i] + np.asarray(t, dtype=np.int64) for i, t in enumerate(take)])
+        ]
+    )
     k = min(max(1, round(math.sqrt(len(ids)))), len(sample))
-    km = faiss.Kmeans(e.shape[1], k, niter=20, seed=seed, spherical=True,
-                      min_points_per_centroid=1, max_points_per_centroid=1 << 30)  # fmt: skip
+    km = faiss.Kmeans(
+        e.shape[1],
+        k,
+        niter=20,
+        seed=seed,
+        spherical=True,
+        min_points_per_centroid=1,
+        max_points_per_centroid=1 << 30,
+    )
     km.train(sample)
     index = faiss.IndexFlatIP(e.shape[1])
     index.add(km.centroids)
@@ -119,16 +132,27 @@ def clip_b32(folder: str) -> str:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     config = CLIPConfig(
-        text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-                     "num_attention_heads": 2},
-        vision_config={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                       "num_attention_heads": 12, "image_size": 224, "patch_size": 32},
+        text_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        },
+        vision_config={
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "image_size": 224,
+            "patch_size": 32,
+        },
         projection_dim=512,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     CLIPModel(config).eval().save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 224},
-                       crop_size={"height": 224, "width": 224}).save_pretrained(folder)  # fmt: skip
+    CLIPImageProcessor(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
+    ).save_pretrained(folder)
     return folder
 
 
@@ -174,10 +198,19 @@ def main() -> None:
     threshold, sample_rows = 0.95, 100_000
 
     def ours_once(uri: str, name: str):
-        spec = {"name": "bench-semdedup", "storage": str(work / name),
-                "tracking": {"experiment": "benchmarks"},
-                "steps": [{"id": "unique", "op": "curate.semantic_dedup", "inputs": [uri],
-                           "params": {"threshold": threshold, "sample_rows": sample_rows}}]}  # fmt: skip
+        spec = {
+            "name": "bench-semdedup",
+            "storage": str(work / name),
+            "tracking": {"experiment": "benchmarks"},
+            "steps": [
+                {
+                    "id": "unique",
+                    "op": "curate.semantic_dedup",
+                    "inputs": [uri],
+                    "params": {"threshold": threshold, "sample_rows": sample_rows},
+                }
+            ],
+        }
         return difforge.run(spec).step("unique")
 
     ray.init(address="local", include_dashboard=False)
@@ -199,21 +232,28 @@ def main() -> None:
     dropped = set(found.column("id").to_pylist())
     jaccard = len(dropped & bare_dropped) / max(1, len(dropped | bare_dropped))
     recall = len(dropped & copies) / len(copies)
-    print(f"(a) semantic dedup of {args.rows} x {args.dim}, medians of {args.repeats}: bare "
-          f"faiss {bare_rate:,.0f} rows/s, difforge {ours:,.0f} rows/s, ratio "
-          f"{ours / bare_rate:.2f}x (target 0.9x; difforge's first run {our_rates[0]:,.0f} "
-          f"rows/s); duplicate sets' Jaccard {jaccard:.4f} (target 0.99); planted copies "
-          f"found {recall:.3f}")  # fmt: skip
+    print(
+        f"(a) semantic dedup of {args.rows} x {args.dim}, medians of {args.repeats}: bare "
+        f"faiss {bare_rate:,.0f} rows/s, difforge {ours:,.0f} rows/s, ratio "
+        f"{ours / bare_rate:.2f}x (target 0.9x; difforge's first run {our_rates[0]:,.0f} "
+        f"rows/s); duplicate sets' Jaccard {jaccard:.4f} (target 0.99); planted copies "
+        f"found {recall:.3f}"
+    )
     results["semantic_dedup"] = {
-        "rows": args.rows, "dim": args.dim, "threshold": threshold, "repeats": args.repeats,
-        "bare_rows_per_s": round(bare_rate), "difforge_rows_per_s": round(ours),
+        "rows": args.rows,
+        "dim": args.dim,
+        "threshold": threshold,
+        "repeats": args.repeats,
+        "bare_rows_per_s": round(bare_rate),
+        "difforge_rows_per_s": round(ours),
         "ratio": round(ours / bare_rate, 3),
         "bare_runs_rows_per_s": [round(x) for x in bare_rates],
         "difforge_runs_rows_per_s": [round(x) for x in our_rates],
         "jaccard": round(jaccard, 5),
-        "dropped": len(dropped), "bare_dropped": len(bare_dropped),
+        "dropped": len(dropped),
+        "bare_dropped": len(bare_dropped),
         "planted_recall": round(recall, 4),
-    }  # fmt: skip
+    }
 
     # (b) encode.image: real digits upscaled to 64 px, embedded at 224 px
     import io
@@ -237,31 +277,49 @@ def main() -> None:
     entries = []
     for s in range(0, len(images), 250):
         rows = range(s, min(s + 250, len(images)))
-        entries.append(out.write(pa.table({"id": [f"{i:06d}" for i in rows],
-                                           "image": images[s : s + 250]}), f"{s:08d}"))  # fmt: skip
+        entries.append(
+            out.write(
+                pa.table({"id": [f"{i:06d}" for i in rows], "image": images[s : s + 250]}),
+                f"{s:08d}",
+            )
+        )
     out.commit(entries, "bench-images", {"benchmark": "curation"})
     folder = clip_b32(str(work / "clip-b32"))
     batch = 64
     bare_runs, our_runs = [], []
     for r in range(args.repeats):  # alternately, as (a)
         bare_runs.append(bare_encode(images, folder, batch))
-        spec = {"name": "bench-embed", "storage": str(work / f"s-embed{r}"),
-                "tracking": {"experiment": "benchmarks"},
-                "steps": [{"id": "embedded", "op": "encode.image", "inputs": [img_uri],
-                           "params": {"model": folder, "keep_image": False},
-                           "resources": {"batch_size": batch}}]}  # fmt: skip
+        spec = {
+            "name": "bench-embed",
+            "storage": str(work / f"s-embed{r}"),
+            "tracking": {"experiment": "benchmarks"},
+            "steps": [
+                {
+                    "id": "embedded",
+                    "op": "encode.image",
+                    "inputs": [img_uri],
+                    "params": {"model": folder, "keep_image": False},
+                    "resources": {"batch_size": batch},
+                }
+            ],
+        }
         our_runs.append(len(images) / difforge.run(spec).step("embedded").seconds)
     bare_enc, ours_enc = statistics.median(bare_runs), statistics.median(our_runs)
-    print(f"(b) encode.image (CLIP ViT-B/32, 224 px, batch {batch}), medians of "
-          f"{args.repeats}: bare torch {bare_enc:.1f} images/s, difforge {ours_enc:.1f} "
-          f"images/s, ratio {ours_enc / bare_enc:.2f}x (target 0.9x) over {len(images)} "
-          "images, the model loaded by each run")  # fmt: skip
-    results["encode_image"] = {"rows": len(images), "batch_size": batch,
-                               "bare_images_per_s": round(bare_enc, 2),
-                               "difforge_images_per_s": round(ours_enc, 2),
-                               "ratio": round(ours_enc / bare_enc, 3),
-                               "bare_runs": [round(x, 2) for x in bare_runs],
-                               "difforge_runs": [round(x, 2) for x in our_runs]}  # fmt: skip
+    print(
+        f"(b) encode.image (CLIP ViT-B/32, 224 px, batch {batch}), medians of "
+        f"{args.repeats}: bare torch {bare_enc:.1f} images/s, difforge {ours_enc:.1f} "
+        f"images/s, ratio {ours_enc / bare_enc:.2f}x (target 0.9x) over {len(images)} "
+        "images, the model loaded by each run"
+    )
+    results["encode_image"] = {
+        "rows": len(images),
+        "batch_size": batch,
+        "bare_images_per_s": round(bare_enc, 2),
+        "difforge_images_per_s": round(ours_enc, 2),
+        "ratio": round(ours_enc / bare_enc, 3),
+        "bare_runs": [round(x, 2) for x in bare_runs],
+        "difforge_runs": [round(x, 2) for x in our_runs],
+    }
     ray.shutdown()
     out = ROOT / "benchmarks" / "results" / "curation.json"
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -108,7 +108,7 @@ def curation_spec(storage: str, input_uri: str) -> dict:
                 "op": "image.resize",
                 "inputs": ["clean"],
                 "params": {"size": 32, "method": "pad"},
-            },  # fmt: skip
+            },
         ],
     }
 
@@ -178,9 +178,11 @@ def main() -> None:
     # the same two steps, each in a pass of its own (what difforge did before fusing them)
     apart = difforge.run(curation_spec(str(work / "s-apart"), big), fuse=False)
     ours_apart = args.rows / sum(s.seconds for s in apart.steps)
-    print(f"(a) curation: bare {bare:.0f} images/s, difforge {ours:.0f} images/s, "
-          f"ratio {ours / bare:.2f}x (target 1.1x); each step in its own pass "
-          f"{ours_apart:.0f} images/s, {ours_apart / bare:.2f}x")  # fmt: skip
+    print(
+        f"(a) curation: bare {bare:.0f} images/s, difforge {ours:.0f} images/s, "
+        f"ratio {ours / bare:.2f}x (target 1.1x); each step in its own pass "
+        f"{ours_apart:.0f} images/s, {ours_apart / bare:.2f}x"
+    )
     print(
         f"(c) peak memory: 20k rows {mem_small.peak / 2**20:.0f} MiB, {args.rows} rows "
         f"{mem_big.peak / 2**20:.0f} MiB, ratio {mem_big.peak / mem_small.peak:.2f} (target 1.5)"
@@ -220,8 +222,10 @@ def main() -> None:
         take += f.rows
     from difforge.platform.outputs import open_output
 
-    entries = [{"path": f.path, "rows": f.rows, "bytes": f.bytes,
-                "schema": ds.manifest.arrow_schema} for f in files]  # fmt: skip
+    entries = [
+        {"path": f.path, "rows": f.rows, "bytes": f.bytes, "schema": ds.manifest.arrow_schema}
+        for f in files
+    ]
     import shutil
 
     shutil.copytree(images_uri, padded, ignore=shutil.ignore_patterns("_manifest.json", "rejects"))
@@ -233,10 +237,16 @@ def main() -> None:
         "name": "bench-encode",
         "storage": str(work / "s-enc"),
         "tracking": {"experiment": "benchmarks"},
-        "steps": [{"id": "latents", "op": "encode.vae", "inputs": [padded],
-                   "params": {"pretrained": vae_dir},
-                   "resources": {"batch_size": batch}}],
-    }  # fmt: skip
+        "steps": [
+            {
+                "id": "latents",
+                "op": "encode.vae",
+                "inputs": [padded],
+                "params": {"pretrained": vae_dir},
+                "resources": {"batch_size": batch},
+            }
+        ],
+    }
     enc = difforge.run(spec).step("latents")
     ours_enc = take / enc.seconds
     print(

@@ -99,8 +99,11 @@ def _hash_shard(path: str) -> tuple[list, list, list]:
 
     table = pq.read_table(path, columns=["id", "image"])
     images = table.column("image").to_pylist()
-    return (table.column("id").to_pylist(), [pixel_hash(b) for b in images],
-            [content_hash(b) for b in images])  # fmt: skip
+    return (
+        table.column("id").to_pylist(),
+        [pixel_hash(b) for b in images],
+        [content_hash(b) for b in images],
+    )
 
 
 def _write_kept(job: tuple[str, str, set]) -> int:
@@ -140,8 +143,9 @@ def pool_dedup(uri: str, out_dir: str) -> tuple[float, set]:
                     first[key], shard_of[i] = i, k
                 else:
                     dropped_by_shard[k].add(i)
-        jobs = [(p, f"{out_dir}/part-{k:05d}.parquet", dropped_by_shard[k])
-                for k, p in enumerate(paths)]  # fmt: skip
+        jobs = [
+            (p, f"{out_dir}/part-{k:05d}.parquet", dropped_by_shard[k]) for k, p in enumerate(paths)
+        ]
         sum(pool.map(_write_kept, jobs, chunksize=1))
         seconds = time.perf_counter() - t0
     return rows / seconds, set().union(*dropped_by_shard)
@@ -175,10 +179,15 @@ def main() -> None:
     small_input(small, args.small_rows)
 
     def both(name: str) -> tuple[float, float]:
-        spec = {"name": "bench-dedup", "storage": str(work / name),
-                "tracking": {"experiment": "benchmarks"},
-                "steps": [{"id": "clean", "op": "curate.validate", "inputs": [small]},
-                          {"id": "unique", "op": "curate.dedup_exact", "inputs": [small]}]}  # fmt: skip
+        spec = {
+            "name": "bench-dedup",
+            "storage": str(work / name),
+            "tracking": {"experiment": "benchmarks"},
+            "steps": [
+                {"id": "clean", "op": "curate.validate", "inputs": [small]},
+                {"id": "unique", "op": "curate.dedup_exact", "inputs": [small]},
+            ],
+        }
         summary = difforge.run(spec)
         return summary.step("clean").seconds, summary.step("unique").seconds
 
@@ -186,34 +195,50 @@ def main() -> None:
     runs = [both(f"small{r}") for r in range(args.repeats)]
     validate_s = statistics.median(r[0] for r in runs)
     dedup_s = statistics.median(r[1] for r in runs)
-    print(f"(a) {args.small_rows} rows, medians of {args.repeats}: curate.dedup_exact "
-          f"{dedup_s:.2f} s, curate.validate {validate_s:.2f} s, ratio "
-          f"{dedup_s / validate_s:.2f}x (target <= 1.5x)")  # fmt: skip
-    results["small"] = {"rows": args.small_rows, "repeats": args.repeats,
-                        "validate_s": round(validate_s, 3), "dedup_exact_s": round(dedup_s, 3),
-                        "ratio": round(dedup_s / validate_s, 3),
-                        "runs_validate_dedup_s": [[round(a, 3), round(b, 3)] for a, b in runs]}  # fmt: skip
+    print(
+        f"(a) {args.small_rows} rows, medians of {args.repeats}: curate.dedup_exact "
+        f"{dedup_s:.2f} s, curate.validate {validate_s:.2f} s, ratio "
+        f"{dedup_s / validate_s:.2f}x (target <= 1.5x)"
+    )
+    results["small"] = {
+        "rows": args.small_rows,
+        "repeats": args.repeats,
+        "validate_s": round(validate_s, 3),
+        "dedup_exact_s": round(dedup_s, 3),
+        "ratio": round(dedup_s / validate_s, 3),
+        "runs_validate_dedup_s": [[round(a, 3), round(b, 3)] for a, b in runs],
+    }
 
     large = str(work / "large")
     t0 = time.perf_counter()
     write_large(large, args.rows)
     print(f"wrote {args.rows} rows in {time.perf_counter() - t0:.0f} s")
     bare_rate, bare_dropped = pool_dedup(large, str(work / "pool-out"))
-    spec = {"name": "bench-dedup-large", "storage": str(work / "large-run"),
-            "tracking": {"experiment": "benchmarks"},
-            "steps": [{"id": "unique", "op": "curate.dedup_exact", "inputs": [large]}]}  # fmt: skip
+    spec = {
+        "name": "bench-dedup-large",
+        "storage": str(work / "large-run"),
+        "tracking": {"experiment": "benchmarks"},
+        "steps": [{"id": "unique", "op": "curate.dedup_exact", "inputs": [large]}],
+    }
     step = difforge.run(spec).step("unique")
     ours = args.rows / step.seconds
     found = difforge.open_dataset(f"{step.uri}/duplicates").to_arrow()
     dropped = set(found.column("id").to_pylist())
     same = dropped == bare_dropped
-    print(f"(b) {args.rows} rows: multiprocessing pool {bare_rate:,.0f} rows/s, difforge "
-          f"{ours:,.0f} rows/s, ratio {ours / bare_rate:.2f}x (target >= 0.8x); dropped "
-          f"{len(dropped):,} rows, the pool {len(bare_dropped):,}, the same: {same}")  # fmt: skip
-    results["large"] = {"rows": args.rows, "pool_rows_per_s": round(bare_rate),
-                        "difforge_rows_per_s": round(ours), "ratio": round(ours / bare_rate, 3),
-                        "dropped": len(dropped), "pool_dropped": len(bare_dropped),
-                        "same_rows_dropped": same}  # fmt: skip
+    print(
+        f"(b) {args.rows} rows: multiprocessing pool {bare_rate:,.0f} rows/s, difforge "
+        f"{ours:,.0f} rows/s, ratio {ours / bare_rate:.2f}x (target >= 0.8x); dropped "
+        f"{len(dropped):,} rows, the pool {len(bare_dropped):,}, the same: {same}"
+    )
+    results["large"] = {
+        "rows": args.rows,
+        "pool_rows_per_s": round(bare_rate),
+        "difforge_rows_per_s": round(ours),
+        "ratio": round(ours / bare_rate, 3),
+        "dropped": len(dropped),
+        "pool_dropped": len(bare_dropped),
+        "same_rows_dropped": same,
+    }
     ray.shutdown()
     shutil.rmtree(work, ignore_errors=True)
     out = ROOT / "benchmarks" / "results" / "dedup.json"

@@ -69,11 +69,17 @@ def main() -> None:
     for step, s in spans.items():
         inside = [c for t, c in samples if s["start"] <= t <= s.get("end", s["start"])]
         if inside:
-            report[step] = {"op": s["op"], "seconds": s["end"] - s["start"],
-                            "mean_busy_cores": round(sum(inside) / len(inside), 2)}  # fmt: skip
-    result = {"command": " ".join(["python", "benchmarks/demo_cpu.py", args.file]),
-              "cores": psutil.cpu_count(), "steps": report,
-              "wall_s": round(time.time() - t0, 1)}  # fmt: skip
+            report[step] = {
+                "op": s["op"],
+                "seconds": s["end"] - s["start"],
+                "mean_busy_cores": round(sum(inside) / len(inside), 2),
+            }
+    result = {
+        "command": " ".join(["python", "benchmarks/demo_cpu.py", args.file]),
+        "cores": psutil.cpu_count(),
+        "steps": report,
+        "wall_s": round(time.time() - t0, 1),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     # what the user saw (off a terminal: no progress bars), for the README's console figures

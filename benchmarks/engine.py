@@ -112,8 +112,10 @@ def process_pool(input_uri: str, out_dir: str) -> float:
     from difforge.platform.datasets import open_dataset
 
     os.makedirs(out_dir, exist_ok=True)
-    jobs = [(p, f"{out_dir}/part-{k:05d}.parquet")
-            for k, p in enumerate(open_dataset(input_uri).file_uris())]  # fmt: skip
+    jobs = [
+        (p, f"{out_dir}/part-{k:05d}.parquet")
+        for k, p in enumerate(open_dataset(input_uri).file_uris())
+    ]
     with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
         pool.map(abs, range(os.cpu_count() or 1))  # the workers are up
         t0 = time.perf_counter()
@@ -135,8 +137,9 @@ def plain_ray_data(input_uri: str, out_dir: str) -> float:
         import pyarrow as pa
 
         images = [encode_png(op.transform(decode(b))) for b in batch.column("image").to_pylist()]
-        return batch.set_column(batch.schema.get_field_index("image"), "image",
-                                pa.array(images, pa.binary()))  # fmt: skip
+        return batch.set_column(
+            batch.schema.get_field_index("image"), "image", pa.array(images, pa.binary())
+        )
 
     t0 = time.perf_counter()
     data = ray.data.read_parquet(open_dataset(input_uri).file_uris())

@@ -52,9 +52,13 @@ def write_images(uri: str, rows: int, seed: int, shard_rows: int = 2000) -> None
     entries = []
     for start in range(0, rows, shard_rows):
         n = min(shard_rows, rows - start)
-        table = pa.table({"id": [f"i{seed}-{i:08d}" for i in range(start, start + n)],
-                          "image": [patterns[i % 500] for i in range(start, start + n)],
-                          "label": pa.array([i % 10 for i in range(start, start + n)], pa.int64())})  # fmt: skip
+        table = pa.table(
+            {
+                "id": [f"i{seed}-{i:08d}" for i in range(start, start + n)],
+                "image": [patterns[i % 500] for i in range(start, start + n)],
+                "label": pa.array([i % 10 for i in range(start, start + n)], pa.int64()),
+            }
+        )
         entries.append(out.write(table, f"{start:09d}"))
     out.commit(entries, f"eval-scale-{seed}-{rows}", {"benchmark": "eval_scale"})
 
@@ -69,27 +73,53 @@ def write_classifier(folder: Path, uri: str) -> None:
     folder.mkdir(parents=True)
     torch.manual_seed(0)
     torch.save(SmallCNN(3, 10, 8).state_dict(), folder / "model.pt")
-    config = {"kind": "classifier", "architecture": "SmallCNN", "in_channels": 3,
-              "num_classes": 10, "width": 8, "classes": None, "accuracy": 0.0}  # fmt: skip
+    config = {
+        "kind": "classifier",
+        "architecture": "SmallCNN",
+        "in_channels": 3,
+        "num_classes": 10,
+        "width": 8,
+        "classes": None,
+        "accuracy": 0.0,
+    }
     (folder / "config.json").write_text(json.dumps(config))
-    write_dataset(uri, pa.table({"id": ["model"], "model_uri": [str(folder)],
-                                 "kind": ["classifier"]}), "eval-scale-classifier")  # fmt: skip
+    write_dataset(
+        uri,
+        pa.table({"id": ["model"], "model_uri": [str(folder)], "kind": ["classifier"]}),
+        "eval-scale-classifier",
+    )
 
 
 def driver(samples: str, reference: str, classifier: str, storage: str) -> None:
     """In a fresh process: one evaluate.fid step; print its result and this process's peak RSS."""
     import difforge
 
-    spec = {"name": "eval-scale", "storage": storage,
-            "steps": [{"id": "quality", "op": "evaluate.fid",
-                       "inputs": [samples, reference, classifier],
-                       "params": {"max_images": 10**9, "kid_subset_size": 500}}]}  # fmt: skip
+    spec = {
+        "name": "eval-scale",
+        "storage": storage,
+        "steps": [
+            {
+                "id": "quality",
+                "op": "evaluate.fid",
+                "inputs": [samples, reference, classifier],
+                "params": {"max_images": 10**9, "kid_subset_size": 500},
+            }
+        ],
+    }
     t0 = time.time()
     summary = difforge.run(spec)
     row = difforge.open_dataset(summary.step("quality").uri).to_arrow().to_pylist()[0]
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"fid": row["fid"], "num_samples": row["num_samples"],
-                      "seconds": time.time() - t0, "driver_peak_rss_mib": rss_mib}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "fid": row["fid"],
+                "num_samples": row["num_samples"],
+                "seconds": time.time() - t0,
+                "driver_peak_rss_mib": rss_mib,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -112,10 +142,19 @@ def main() -> None:
             write_images(samples, n, seed=1)
             write_images(reference, n, seed=2)
             out = subprocess.run(
-                [sys.executable, __file__, "--driver", samples, reference, clf,
-                 str(work / f"storage-{n}")],
-                capture_output=True, text=True, env=env,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    __file__,
+                    "--driver",
+                    samples,
+                    reference,
+                    clf,
+                    str(work / f"storage-{n}"),
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             if out.returncode != 0:
                 raise SystemExit(f"the driver at {n} rows failed:\n{out.stderr[-3000:]}")
             results[n] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -129,15 +168,20 @@ def main() -> None:
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "command": f"python benchmarks/eval_scale.py --small {args.small} --large {args.large}",
-        "image": "128x128 RGB PNG", "features": "classifier (SmallCNN, width 8)",
-        "small": {"rows": args.small, **small}, "large": {"rows": args.large, **large},
-        "driver_rss_growth_mib": round(growth, 1), "target_growth_mib": 200,
-    }  # fmt: skip
+        "image": "128x128 RGB PNG",
+        "features": "classifier (SmallCNN, width 8)",
+        "small": {"rows": args.small, **small},
+        "large": {"rows": args.large, **large},
+        "driver_rss_growth_mib": round(growth, 1),
+        "target_growth_mib": 200,
+    }
     out_path = ROOT / "benchmarks" / "results" / "eval_scale.json"
     out_path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"driver peak RSS: {small['driver_peak_rss_mib']:.0f} MiB at {args.small:,} rows, "
-          f"{large['driver_peak_rss_mib']:.0f} MiB at {args.large:,} rows: +{growth:.0f} MiB "
-          "(target < 200)")  # fmt: skip
+    print(
+        f"driver peak RSS: {small['driver_peak_rss_mib']:.0f} MiB at {args.small:,} rows, "
+        f"{large['driver_peak_rss_mib']:.0f} MiB at {args.large:,} rows: +{growth:.0f} MiB "
+        "(target < 200)"
+    )
 
 
 if __name__ == "__main__":

@@ -60,9 +60,13 @@ SD_VAE = {
     "norm_num_groups": 32,
     "scaling_factor": 0.18215,
 }
-TINY_VAE = {**SD_VAE, "block_out_channels": [32, 32], "norm_num_groups": 8,
-            "down_block_types": ["DownEncoderBlock2D"] * 2,
-            "up_block_types": ["UpDecoderBlock2D"] * 2}  # fmt: skip
+TINY_VAE = {
+    **SD_VAE,
+    "block_out_channels": [32, 32],
+    "norm_num_groups": 8,
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+}
 
 # stabilityai/stable-diffusion-2-base's unet/config.json (sample size and channels come from
 # the data; cross_attention_dim from the condition column)
@@ -78,10 +82,15 @@ SD2_UNET = {
     "flip_sin_to_cos": True,
     "freq_shift": 0,
 }
-TINY_UNET = {**SD2_UNET, "block_out_channels": [32, 64], "attention_head_dim": [2, 4],
-             "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 1,
-             "norm_num_groups": 8}  # fmt: skip
+TINY_UNET = {
+    **SD2_UNET,
+    "block_out_channels": [32, 64],
+    "attention_head_dim": [2, 4],
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+}
 
 
 def _network(smoke: bool) -> tuple[dict, int, int, int]:
@@ -169,10 +178,18 @@ def encode(smoke: bool, batch: int, batches: int) -> dict:
         f"encode: {op.dtype}, {size}x{size}, batch {batch}, latents {shape} "
         f"({tuple(z.shape[1:])} from the model)"
     )
-    print(f"encode: operator (EncodeVAE.process, PNG decode included): {operator:.0f} images/s; "
-          f"model alone: {model:.0f} images/s; target 1,000 images/s on one H100")  # fmt: skip
-    return {"dtype": str(op.dtype), "size": size, "batch": batch, "batches": batches,
-            "operator_images_per_s": round(operator), "model_images_per_s": round(model)}  # fmt: skip
+    print(
+        f"encode: operator (EncodeVAE.process, PNG decode included): {operator:.0f} images/s; "
+        f"model alone: {model:.0f} images/s; target 1,000 images/s on one H100"
+    )
+    return {
+        "dtype": str(op.dtype),
+        "size": size,
+        "batch": batch,
+        "batches": batches,
+        "operator_images_per_s": round(operator),
+        "model_images_per_s": round(model),
+    }
 
 
 class _Metrics:
@@ -242,8 +259,15 @@ def _activation_bytes(model, batch: int, cond_dim: int, tokens: int, size: int) 
     return per
 
 
-def _plain_step_rate(model, batch: int, cond_dim: int, tokens: int, size: int,
-                     steps: int, channels_last: bool = False) -> float:  # fmt: skip
+def _plain_step_rate(
+    model,
+    batch: int,
+    cond_dim: int,
+    tokens: int,
+    size: int,
+    steps: int,
+    channels_last: bool = False,
+) -> float:
     """Samples/s of forward, backward and a fused AdamW step in plain PyTorch, bf16 autocast
     over fp32 weights (no DeepSpeed, no data path): the ceiling for the recipe."""
     import torch
@@ -274,8 +298,9 @@ def _plain_step_rate(model, batch: int, cond_dim: int, tokens: int, size: int,
     return batch * steps / (time.perf_counter() - t0)
 
 
-def _latent_dataset(folder: str, rows: int, size: int, tokens: int, cond_dim: int,
-                    per_shard: int) -> list[dict]:  # fmt: skip
+def _latent_dataset(
+    folder: str, rows: int, size: int, tokens: int, cond_dim: int, per_shard: int
+) -> list[dict]:
     """Parquet shards of random latents and text embeddings, in the recipe's input form."""
     import numpy as np
     import pyarrow as pa
@@ -288,17 +313,30 @@ def _latent_dataset(folder: str, rows: int, size: int, tokens: int, cond_dim: in
     for i, start in enumerate(range(0, rows, per_shard)):
         n = min(per_shard, rows - start)
         path = os.path.join(folder, f"part-{i:05d}.parquet")
-        pq.write_table(pa.table({
-            "id": [f"row/{start + j}" for j in range(n)],
-            "latent": to_column(rng.standard_normal((n, 4, size, size), np.float32)),
-            "cond_embedding": to_column(rng.standard_normal((n, tokens, cond_dim), np.float32)),
-        }), path)  # fmt: skip
+        pq.write_table(
+            pa.table(
+                {
+                    "id": [f"row/{start + j}" for j in range(n)],
+                    "latent": to_column(rng.standard_normal((n, 4, size, size), np.float32)),
+                    "cond_embedding": to_column(
+                        rng.standard_normal((n, tokens, cond_dim), np.float32)
+                    ),
+                }
+            ),
+            path,
+        )
         shards.append({"file": path, "bytes": os.path.getsize(path), "sha256": "", "rows": n})
     return shards
 
 
-def train(smoke: bool, batch: int | None, steps: int, peak_tflops: float | None,
-          variants: bool = True, on_step=None) -> dict:  # fmt: skip
+def train(
+    smoke: bool,
+    batch: int | None,
+    steps: int,
+    peak_tflops: float | None,
+    variants: bool = True,
+    on_step=None,
+) -> dict:
     import torch
 
     from difforge.diffusion.backbones import build_backbone
@@ -309,8 +347,13 @@ def train(smoke: bool, batch: int | None, steps: int, peak_tflops: float | None,
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     backbone, size, tokens, cond_dim = _network(smoke)
-    p = Params(backbone=backbone, batch_size=batch or 4, max_steps=steps,
-               checkpoint_every=steps, warmup_steps=1).model_dump()  # fmt: skip
+    p = Params(
+        backbone=backbone,
+        batch_size=batch or 4,
+        max_steps=steps,
+        checkpoint_every=steps,
+        warmup_steps=1,
+    ).model_dump()
 
     # one instance in bf16 for the FLOP count and the memory per sample
     torch.manual_seed(0)
@@ -343,8 +386,7 @@ def train(smoke: bool, batch: int | None, steps: int, peak_tflops: float | None,
     if variants:
         plain = _plain_step_rate(model, batch, cond_dim, tokens, size, 2 if smoke else 10)
         print(f"train: plain PyTorch step (bf16 autocast, fused AdamW): {plain:.1f} samples/s")
-        plain_cl = _plain_step_rate(model, batch, cond_dim, tokens, size, 2 if smoke else 10,
-                                    True)  # fmt: skip
+        plain_cl = _plain_step_rate(model, batch, cond_dim, tokens, size, 2 if smoke else 10, True)
         print(f"train: the same, channels_last: {plain_cl:.1f} samples/s")
     del model
     if cuda:
@@ -359,8 +401,20 @@ def train(smoke: bool, batch: int | None, steps: int, peak_tflops: float | None,
 
     def run(params: dict) -> _Metrics:
         sink = _Metrics(on_step)
-        recipe({"params": params, "shards": shards, "column": "latent", "num_classes": 0,
-                "use_gpu": cuda, "threads": 4, "log": sink}, 0, 1, sink)  # fmt: skip
+        recipe(
+            {
+                "params": params,
+                "shards": shards,
+                "column": "latent",
+                "num_classes": 0,
+                "use_gpu": cuda,
+                "threads": 4,
+                "log": sink,
+            },
+            0,
+            1,
+            sink,
+        )
         if cuda:
             import gc
 
@@ -384,12 +438,15 @@ def train(smoke: bool, batch: int | None, steps: int, peak_tflops: float | None,
     # with fp32 weights under DeepSpeed's torch autocast in bf16 (the plain step's precision)
     measured: dict = {}
     short = {"max_steps": max(3, steps // 2), "checkpoint_every": max(3, steps // 2)}
-    autocast = {"precision": "fp32", "extra": {"torch_autocast": {"enabled": True,
-                                                                  "dtype": "bfloat16"}}}  # fmt: skip
-    for name, change in {"no_ema": {"ema_decay": None},
-                         "zero_stage_0": {"deepspeed": {**p["deepspeed"], "zero_stage": 0}},
-                         "fp32_weights_bf16_autocast": {"deepspeed": {**p["deepspeed"],
-                                                                      **autocast}}}.items():  # fmt: skip
+    autocast = {
+        "precision": "fp32",
+        "extra": {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}},
+    }
+    for name, change in {
+        "no_ema": {"ema_decay": None},
+        "zero_stage_0": {"deepspeed": {**p["deepspeed"], "zero_stage": 0}},
+        "fp32_weights_bf16_autocast": {"deepspeed": {**p["deepspeed"], **autocast}},
+    }.items():
         if not variants:
             break
         try:
@@ -403,26 +460,39 @@ def train(smoke: bool, batch: int | None, steps: int, peak_tflops: float | None,
     wait, compute = timing["data_wait_s/rank0"], timing["compute_s/rank0"]
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
     sheet = next((v for k, v in DATASHEET_BF16.items() if k in name), None)
-    out = {"backbone": "SD 2 UNet (stable-diffusion-2-base config)" if not smoke else "tiny",
-           "parameters": params_n, "latent": [4, size, size], "cond": [tokens, cond_dim],
-           "batch": batch, "steps": steps, "gflop_per_sample": round(flops / 1e9, 2),
-           "recipe_samples_per_s": round(rate, 1), "plain_samples_per_s": round(plain, 1),
-           "plain_channels_last_samples_per_s": round(plain_cl, 1),
-           "recipe_variants_samples_per_s": measured,
-           "recipe_vs_plain": round(rate / plain, 3), "recipe_wall_s": round(wall, 1),
-           "data_wait_s": round(wait, 2), "compute_s": round(compute, 2),
-           "final_loss": round(m["loss"], 4)}  # fmt: skip
-    print(f"train: recipe {rate:.1f} samples/s at batch {batch} ({rate / plain:.2f}x plain "
-          f"PyTorch); waited {wait:.1f} s for data, computed {compute:.1f} s; whole call "
-          f"{wall:.0f} s for {steps} steps")  # fmt: skip
+    out = {
+        "backbone": "SD 2 UNet (stable-diffusion-2-base config)" if not smoke else "tiny",
+        "parameters": params_n,
+        "latent": [4, size, size],
+        "cond": [tokens, cond_dim],
+        "batch": batch,
+        "steps": steps,
+        "gflop_per_sample": round(flops / 1e9, 2),
+        "recipe_samples_per_s": round(rate, 1),
+        "plain_samples_per_s": round(plain, 1),
+        "plain_channels_last_samples_per_s": round(plain_cl, 1),
+        "recipe_variants_samples_per_s": measured,
+        "recipe_vs_plain": round(rate / plain, 3),
+        "recipe_wall_s": round(wall, 1),
+        "data_wait_s": round(wait, 2),
+        "compute_s": round(compute, 2),
+        "final_loss": round(m["loss"], 4),
+    }
+    print(
+        f"train: recipe {rate:.1f} samples/s at batch {batch} ({rate / plain:.2f}x plain "
+        f"PyTorch); waited {wait:.1f} s for data, computed {compute:.1f} s; whole call "
+        f"{wall:.0f} s for {steps} steps"
+    )
     achieved = flops * rate / 1e12
     out["achieved_tflops"] = round(achieved, 1)
     if sheet:
         out["datasheet_bf16_tflops"] = sheet
         out["mfu"] = round(achieved / sheet, 3)
         out["mfu_plain"] = round(flops * plain / 1e12 / sheet, 3)
-        print(f"train: {achieved:.0f} TFLOP/s = MFU {achieved / sheet:.1%} of {sheet} (datasheet "
-              f"dense bf16; plain PyTorch {out['mfu_plain']:.1%}); target 35%")  # fmt: skip
+        print(
+            f"train: {achieved:.0f} TFLOP/s = MFU {achieved / sheet:.1%} of {sheet} (datasheet "
+            f"dense bf16; plain PyTorch {out['mfu_plain']:.1%}); target 35%"
+        )
     if peak_tflops:
         out["of_measured_matmul"] = round(achieved / peak_tflops, 3)
     return out
@@ -465,16 +535,25 @@ def diagnose(smoke: bool, batch: int | None) -> dict:
         Path(os.environ["OUT"], "profile.txt").write_text(table)
         Path(os.environ["OUT"], "copies.txt").write_text("\n".join(lines) + "\n")
     print(table[:6000])
-    print(f"diagnose: aten::copy_ {copy_share:.1%} of the time; the largest by input shapes "
-          "and dtypes (share, calls, [destination, source, non_blocking] twice):")  # fmt: skip
+    print(
+        f"diagnose: aten::copy_ {copy_share:.1%} of the time; the largest by input shapes "
+        "and dtypes (share, calls, [destination, source, non_blocking] twice):"
+    )
     print("\n".join(lines[:12]))
     busy = total / 1e6
     # the optimizer steps the profile holds (torch records each under `Optimizer.step#...`)
     stepped = sum(1 for e in prof.events() if e.name.startswith("Optimizer.step#"))
-    out.update(run_s=round(wall, 1), profiled_steps=stepped, device_busy_s=round(busy, 1),
-               copy_share=round(copy_share, 3), copies_by_shape=lines[:12])  # fmt: skip
-    print(f"diagnose: {stepped} steady steps profiled (of a {run}-step run of {wall:.1f} s), "
-          f"device busy {busy:.1f} s in them")  # fmt: skip
+    out.update(
+        run_s=round(wall, 1),
+        profiled_steps=stepped,
+        device_busy_s=round(busy, 1),
+        copy_share=round(copy_share, 3),
+        copies_by_shape=lines[:12],
+    )
+    print(
+        f"diagnose: {stepped} steady steps profiled (of a {run}-step run of {wall:.1f} s), "
+        f"device busy {busy:.1f} s in them"
+    )
     return out
 
 
@@ -498,19 +577,25 @@ def compiled(smoke: bool, batch: int | None) -> dict:
     eager = _plain_step_rate(model, batch, cond_dim, tokens, size, n)
     t0 = time.perf_counter()
     fast = _plain_step_rate(torch.compile(model), batch, cond_dim, tokens, size, n)
-    out = {"batch": batch, "eager_samples_per_s": round(eager, 1),
-           "compiled_samples_per_s": round(fast, 1),
-           "compile_and_run_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
-    print(f"compile: plain step eager {eager:.1f}, torch.compile {fast:.1f} samples/s "
-          f"({fast / eager:.2f}x; compile and run {out['compile_and_run_s']} s)")  # fmt: skip
+    out = {
+        "batch": batch,
+        "eager_samples_per_s": round(eager, 1),
+        "compiled_samples_per_s": round(fast, 1),
+        "compile_and_run_s": round(time.perf_counter() - t0, 1),
+    }
+    print(
+        f"compile: plain step eager {eager:.1f}, torch.compile {fast:.1f} samples/s "
+        f"({fast / eager:.2f}x; compile and run {out['compile_and_run_s']} s)"
+    )
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny models and sizes, CPU allowed")
-    parser.add_argument("--only", choices=["peak", "encode", "train", "diagnose", "compile"],
-                        action="append")  # fmt: skip
+    parser.add_argument(
+        "--only", choices=["peak", "encode", "train", "diagnose", "compile"], action="append"
+    )
     parser.add_argument("--batch", type=int, default=64, help="encode: images per batch")
     parser.add_argument("--batches", type=int, default=20, help="encode: timed batches")
     parser.add_argument("--train-batch", type=int, help="train: default, the largest that fits")
@@ -523,18 +608,22 @@ def main() -> None:
         raise SystemExit("no CUDA GPU here: run with --smoke to check the script only")
     parts = args.only or ["peak", "encode", "train"]
     device = torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu"
-    results: dict = {"command": "python " + " ".join(["benchmarks/gpu.py", *sys.argv[1:]]),
-                     "device": device, "torch": torch.__version__}  # fmt: skip
+    results: dict = {
+        "command": "python " + " ".join(["benchmarks/gpu.py", *sys.argv[1:]]),
+        "device": device,
+        "torch": torch.__version__,
+    }
     print(f"device {device}, torch {torch.__version__}")
     steps = 3 if args.smoke else args.train_steps
     runs = {
         "peak": lambda: peak(args.smoke),
         "encode": lambda: encode(args.smoke, args.batch, args.batches),
-        "train": lambda: train(args.smoke, args.train_batch, steps,
-                               results.get("peak", {}).get("matmul_tflops")),
+        "train": lambda: train(
+            args.smoke, args.train_batch, steps, results.get("peak", {}).get("matmul_tflops")
+        ),
         "diagnose": lambda: diagnose(args.smoke, args.train_batch),
         "compile": lambda: compiled(args.smoke, args.train_batch),
-    }  # fmt: skip
+    }
     for part in parts:  # one part's failure is reported and does not lose the others
         try:
             results[part] = runs[part]()

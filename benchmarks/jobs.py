@@ -38,8 +38,9 @@ from difforge.platform.runtime import free_port  # noqa: E402 - after the path i
 
 
 def service(script: str, action: str, env: dict) -> None:
-    done = subprocess.run([str(ROOT / "infra/local" / script), action], env=env, text=True,
-                          capture_output=True)  # fmt: skip
+    done = subprocess.run(
+        [str(ROOT / "infra/local" / script), action], env=env, text=True, capture_output=True
+    )
     if done.returncode != 0:
         raise SystemExit(f"{script} {action} failed:\n{done.stdout}\n{done.stderr}")
 
@@ -127,8 +128,19 @@ def main() -> None:
             f"t = ds.dataset({dataset!r}, format='parquet', exclude_invalid_files=True).to_table()\n"
             "print('rows', t.num_rows)\n"
         )
-        bare = [str(BIN / "ray"), "job", "submit", "--no-wait", "--address", env["DIFFORGE_CLUSTER"],
-                "--working-dir", str(bare_dir), "--", "python", "bare.py"]  # fmt: skip
+        bare = [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--no-wait",
+            "--address",
+            env["DIFFORGE_CLUSTER"],
+            "--working-dir",
+            str(bare_dir),
+            "--",
+            "python",
+            "bare.py",
+        ]
 
         def ray_id(text: str) -> str:
             return text.split("Job '", 1)[1].split("'", 1)[0]
@@ -137,8 +149,10 @@ def main() -> None:
         for _ in range(args.repeats):  # interleaved, so drift hits both sides alike
             rows["difforge submit"].append(timed_job(submit, env, difforge_id)[:2])
             rows["ray job submit"].append(timed_job(bare, env, ray_id)[:2])
-        med = {k: (statistics.median(r for r, _ in v), statistics.median(d for _, d in v))
-               for k, v in rows.items()}  # fmt: skip
+        med = {
+            k: (statistics.median(r for r, _ in v), statistics.median(d for _, d in v))
+            for k, v in rows.items()
+        }
         for k, (r, d) in med.items():
             print(
                 f"(a) {k:16} to RUNNING {r:5.2f}s   to SUCCEEDED {d:5.2f}s  (median of {args.repeats})"
@@ -156,11 +170,30 @@ def main() -> None:
 
         # (b) the scheduler's firing delay, submitting to the same cluster
         sched_env = {**env, "DIFFORGE_SCHEDULES": f"sqlite:///{work / 'schedules.db'}"}
-        subprocess.run([str(BIN / "difforge"), "schedule", "add", "bench", str(spec), "--cron",
-                        "* * * * * */3", "--cluster", env["DIFFORGE_CLUSTER"], "--overlap", "allow"],
-                       env=sched_env, check=True, capture_output=True)  # fmt: skip
-        proc = subprocess.Popen([str(BIN / "difforge"), "scheduler"], env=sched_env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run(
+            [
+                str(BIN / "difforge"),
+                "schedule",
+                "add",
+                "bench",
+                str(spec),
+                "--cron",
+                "* * * * * */3",
+                "--cluster",
+                env["DIFFORGE_CLUSTER"],
+                "--overlap",
+                "allow",
+            ],
+            env=sched_env,
+            check=True,
+            capture_output=True,
+        )
+        proc = subprocess.Popen(
+            [str(BIN / "difforge"), "scheduler"],
+            env=sched_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(args.scheduler_seconds)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
@@ -169,12 +202,15 @@ def main() -> None:
 
         firings = [f for f in Store(sched_env["DIFFORGE_SCHEDULES"]).firings("bench") if f.job_id]
         recorded = [f.fired_at - f.slot for f in firings]
-        started = [cluster.job_info(env["DIFFORGE_CLUSTER"], f.job_id)["start"] - f.slot
-                   for f in firings]  # fmt: skip
-        print(f"(b) scheduler: {len(firings)} firings; submitted after the slot: median "
-              f"{statistics.median(recorded):.3f}s, max {max(recorded):.3f}s; job started on the "
-              f"cluster: median {statistics.median(started):.3f}s, max {max(started):.3f}s "
-              "(target < 1 s)")  # fmt: skip
+        started = [
+            cluster.job_info(env["DIFFORGE_CLUSTER"], f.job_id)["start"] - f.slot for f in firings
+        ]
+        print(
+            f"(b) scheduler: {len(firings)} firings; submitted after the slot: median "
+            f"{statistics.median(recorded):.3f}s, max {max(recorded):.3f}s; job started on the "
+            f"cluster: median {statistics.median(started):.3f}s, max {max(started):.3f}s "
+            "(target < 1 s)"
+        )
         results["scheduler"] = {
             "firings": len(firings),
             "submitted_after_slot_median_s": round(statistics.median(recorded), 3),

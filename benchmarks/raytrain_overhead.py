@@ -61,15 +61,26 @@ def main() -> None:
         tasks.append(time.perf_counter() - t0)
         print(f"repeat {i}: Ray Train fit {fits[-1]:.1f} s, plain task {tasks[-1]:.1f} s")
     fit, plain = statistics.median(fits), statistics.median(tasks)
-    print(f"median: Ray Train fit {fit:.1f} s, plain task {plain:.1f} s, "
-          f"difference {fit - plain:.1f} s per training step ({fit / plain:.1f}x)")  # fmt: skip
+    print(
+        f"median: Ray Train fit {fit:.1f} s, plain task {plain:.1f} s, "
+        f"difference {fit - plain:.1f} s per training step ({fit / plain:.1f}x)"
+    )
     out = ROOT / "benchmarks" / "results" / "raytrain.json"
-    out.write_text(json.dumps({
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "repeats": args.repeats, "fit_s": [round(x, 2) for x in fits],
-        "task_s": [round(x, 2) for x in tasks], "median_fit_s": round(fit, 2),
-        "median_task_s": round(plain, 2), "difference_s": round(fit - plain, 2),
-    }, indent=2) + "\n")  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+                "repeats": args.repeats,
+                "fit_s": [round(x, 2) for x in fits],
+                "task_s": [round(x, 2) for x in tasks],
+                "median_fit_s": round(fit, 2),
+                "median_task_s": round(plain, 2),
+                "difference_s": round(fit - plain, 2),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 

@@ -60,8 +60,12 @@ def bare_loop(model_dir: str, n: int, steps: int, batch: int, guidance: float) -
     for start in range(0, n, batch):
         m = min(batch, n - start)
         labels = torch.arange(start, start + m) % null
-        x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s))
-                         for s in range(start, start + m)])  # fmt: skip
+        x = torch.stack(
+            [
+                torch.randn(shape, generator=torch.Generator().manual_seed(s))
+                for s in range(start, start + m)
+            ]
+        )
         scheduler.set_timesteps(steps)
         with torch.no_grad():
             for t in scheduler.timesteps:
@@ -112,13 +116,22 @@ def main() -> None:
     print(f"model ready in {time.perf_counter() - t:.0f}s (cached after the first run)")
     model_uri = difforge.open_dataset(base.step("model").uri).to_arrow().to_pylist()[0]["model_uri"]
     model_dir = local_copy(model_uri)
-    results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
-                     "images": args.images, "deepcache_images": args.deepcache_images,
-                     "steps": args.steps, "batch": args.batch}  # fmt: skip
+    results: dict = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
+        "images": args.images,
+        "deepcache_images": args.deepcache_images,
+        "steps": args.steps,
+        "batch": args.batch,
+    }
 
     # (a) sample.diffusion against the bare loop; 1 and 2 actors
-    sets = [storage, f"plan.params.num_images={args.images}", f"samples.params.num_inference_steps={args.steps}",
-            f"samples.resources.batch_size={args.batch}", "plan.params.guidance_scales=[2.0]"]  # fmt: skip
+    sets = [
+        storage,
+        f"plan.params.num_images={args.images}",
+        f"samples.params.num_inference_steps={args.steps}",
+        f"samples.resources.batch_size={args.batch}",
+        "plan.params.guidance_scales=[2.0]",
+    ]
     rates = {}
     for actors in (1, 2):
         t = time.perf_counter()
@@ -132,8 +145,10 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count())
     bare = bare_loop(model_dir, args.images, args.steps, args.batch, 2.0)
     best = max(rates.values())
-    print(f"(a) sample.diffusion: {rates[1]:.1f} images/s with 1 actor, {rates[2]:.1f} with 2; "
-          f"bare diffusers loop {bare:.1f} images/s; ratio {best / bare:.2f} (target 0.9)")  # fmt: skip
+    print(
+        f"(a) sample.diffusion: {rates[1]:.1f} images/s with 1 actor, {rates[2]:.1f} with 2; "
+        f"bare diffusers loop {bare:.1f} images/s; ratio {best / bare:.2f} (target 0.9)"
+    )
     results["sample_diffusion_images_per_s"] = {
         "1_actor": round(rates[1], 1),
         "2_actors": round(rates[2], 1),
@@ -178,9 +193,18 @@ def main() -> None:
     for interval in (1, 2, 3, 5):
         imgs, t0 = [], time.perf_counter()
         for s in range(0, n, args.batch):
-            z = sample_batch(model, info["backbone"], scheduler, tuple(info["sample_shape"]), seeds[s : s + args.batch],
-                             labels[s : s + args.batch], [2.0] * len(seeds[s : s + args.batch]), null, args.steps,
-                             deepcache=(interval, 0) if interval > 1 else None)  # fmt: skip
+            z = sample_batch(
+                model,
+                info["backbone"],
+                scheduler,
+                tuple(info["sample_shape"]),
+                seeds[s : s + args.batch],
+                labels[s : s + args.batch],
+                [2.0] * len(seeds[s : s + args.batch]),
+                null,
+                args.steps,
+                deepcache=(interval, 0) if interval > 1 else None,
+            )
             imgs += [np.asarray(im)[None] for im in to_pil(z, vae)]
         seconds = time.perf_counter() - t0
         fd = frechet_distance(real, classifier_features(net, np.stack(imgs))[0])
@@ -195,10 +219,16 @@ def main() -> None:
         r["bound"] = k / (1 + (k - 1) * f)
         r["fraction_of_bound"] = r["speedup"] / r["bound"]
         r["fd_change"] = r["fd"] / base_fd - 1
-        print(f"    {k:>8} {r['speedup']:>7.2f}x {r['bound']:>5.2f}x {r['fraction_of_bound']:>8.0%} "
-              f"{r['fd']:>8.3f} {r['fd_change']:>+9.1%}")  # fmt: skip
-    results["deepcache"] = {"f": round(f, 4), "rows": [{k: (round(v, 4) if isinstance(v, float) else v)
-                                                         for k, v in r.items()} for r in rows]}  # fmt: skip
+        print(
+            f"    {k:>8} {r['speedup']:>7.2f}x {r['bound']:>5.2f}x {r['fraction_of_bound']:>8.0%} "
+            f"{r['fd']:>8.3f} {r['fd_change']:>+9.1%}"
+        )
+    results["deepcache"] = {
+        "f": round(f, 4),
+        "rows": [
+            {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows
+        ],
+    }
 
     # (c) Faster Diffusion: g, speedup against the bound, Fréchet distance, same seeds
     from difforge.diffusion.faster import EncoderPropagation, key_schedule
@@ -213,25 +243,48 @@ def main() -> None:
     for name, faster in schedules.items():
         imgs, t0 = [], time.perf_counter()
         for s in range(0, n, args.batch):
-            z = sample_batch(model, info["backbone"], scheduler, tuple(info["sample_shape"]), seeds[s : s + args.batch],
-                             labels[s : s + args.batch], [2.0] * len(seeds[s : s + args.batch]), null, args.steps,
-                             faster=faster)  # fmt: skip
+            z = sample_batch(
+                model,
+                info["backbone"],
+                scheduler,
+                tuple(info["sample_shape"]),
+                seeds[s : s + args.batch],
+                labels[s : s + args.batch],
+                [2.0] * len(seeds[s : s + args.batch]),
+                null,
+                args.steps,
+                faster=faster,
+            )
             imgs += [np.asarray(im)[None] for im in to_pil(z, vae)]
         seconds = time.perf_counter() - t0
         keys = sum(key_schedule(args.steps, *faster))
         fd = frechet_distance(real, classifier_features(net, np.stack(imgs))[0])
         bound = args.steps / (keys + (args.steps - keys) * g)
-        frows.append({"schedule": name, "key_steps": keys, "speedup": base_s / seconds,
-                      "bound": bound, "fraction_of_bound": base_s / seconds / bound, "fd": fd,
-                      "fd_change": fd / base_fd - 1})  # fmt: skip
+        frows.append(
+            {
+                "schedule": name,
+                "key_steps": keys,
+                "speedup": base_s / seconds,
+                "bound": bound,
+                "fraction_of_bound": base_s / seconds / bound,
+                "fd": fd,
+                "fd_change": fd / base_fd - 1,
+            }
+        )
     print(
         f"    {'schedule':>12} {'keys':>5} {'speedup':>8} {'bound':>6} {'of bound':>9} {'FD':>8} {'FD change':>10}"
     )
     for r in frows:
-        print(f"    {r['schedule']:>12} {r['key_steps']:>5} {r['speedup']:>7.2f}x {r['bound']:>5.2f}x "
-              f"{r['fraction_of_bound']:>8.0%} {r['fd']:>8.3f} {r['fd_change']:>+9.1%}")  # fmt: skip
-    results["faster_diffusion"] = {"g": round(g, 4), "rows": [{k: (round(v, 4) if isinstance(v, float) else v)
-                                                               for k, v in r.items()} for r in frows]}  # fmt: skip
+        print(
+            f"    {r['schedule']:>12} {r['key_steps']:>5} {r['speedup']:>7.2f}x {r['bound']:>5.2f}x "
+            f"{r['fraction_of_bound']:>8.0%} {r['fd']:>8.3f} {r['fd_change']:>+9.1%}"
+        )
+    results["faster_diffusion"] = {
+        "g": round(g, 4),
+        "rows": [
+            {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in frows
+        ],
+    }
     out = ROOT / "benchmarks" / "results" / "sample.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")

@@ -42,9 +42,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SHAPE = (4, 32, 32)
-UNET = {"type": "UNet2DModel", "block_out_channels": [32, 64], "layers_per_block": 1,
-        "down_block_types": ["DownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 8}  # fmt: skip
+UNET = {
+    "type": "UNet2DModel",
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D"],
+    "norm_num_groups": 8,
+}
 
 
 def write_latents(uri: str, rows: int, shard_rows: int = 5000) -> None:
@@ -60,14 +65,20 @@ def write_latents(uri: str, rows: int, shard_rows: int = 5000) -> None:
     entries = []
     for start in range(0, rows, shard_rows):
         n = min(shard_rows, rows - start)
-        table = pa.table({
-            "id": [f"z{i:08d}" for i in range(start, start + n)],
-            "latent": to_column(rng.standard_normal((n, *SHAPE), dtype=np.float32)),
-            "label": pa.array(rng.integers(0, 10, n), pa.int64()),
-        })  # fmt: skip
+        table = pa.table(
+            {
+                "id": [f"z{i:08d}" for i in range(start, start + n)],
+                "latent": to_column(rng.standard_normal((n, *SHAPE), dtype=np.float32)),
+                "label": pa.array(rng.integers(0, 10, n), pa.int64()),
+            }
+        )
         entries.append(out.write(table, f"{start:09d}"))
-    out.commit(entries, f"scale-{rows}", {"benchmark": "scale"},
-               metadata={"classes": [str(i) for i in range(10)]})  # fmt: skip
+    out.commit(
+        entries,
+        f"scale-{rows}",
+        {"benchmark": "scale"},
+        metadata={"classes": [str(i) for i in range(10)]},
+    )
 
 
 def worker(uri: str, steps: int, shuffle_mb: int, folder: str) -> None:
@@ -76,11 +87,27 @@ def worker(uri: str, steps: int, shuffle_mb: int, folder: str) -> None:
     from difforge.operators.train.diffusion import Params, train
     from difforge.platform.datasets import open_dataset
 
-    p = Params(backbone=UNET, batch_size=64, max_steps=steps, checkpoint_every=steps,
-               warmup_steps=5, ema_decay=None, shuffle_mb=shuffle_mb).model_dump()  # fmt: skip
+    p = Params(
+        backbone=UNET,
+        batch_size=64,
+        max_steps=steps,
+        checkpoint_every=steps,
+        warmup_steps=5,
+        ema_decay=None,
+        shuffle_mb=shuffle_mb,
+    ).model_dump()
     data = open_dataset(uri)
-    io = train_locally({"params": p, "shards": data.shards(), "column": "latent",
-                        "num_classes": 10, "threads": os.cpu_count()}, folder, train)  # fmt: skip
+    io = train_locally(
+        {
+            "params": p,
+            "shards": data.shards(),
+            "column": "latent",
+            "num_classes": 10,
+            "threads": os.cpu_count(),
+        },
+        folder,
+        train,
+    )
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"samples_per_s": io.history[-1]["samples_per_s"], "peak_rss_mib": rss_mib}))
 
@@ -88,10 +115,22 @@ def worker(uri: str, steps: int, shuffle_mb: int, folder: str) -> None:
 def run_worker(uri: str, steps: int, shuffle_mb: int, work: Path) -> dict:
     folder = tempfile.mkdtemp(dir=work)
     out = subprocess.run(
-        [sys.executable, __file__, "--worker", uri, "--steps", str(steps),
-         "--shuffle-mb", str(shuffle_mb), "--folder", folder],
-        capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            uri,
+            "--steps",
+            str(steps),
+            "--shuffle-mb",
+            str(shuffle_mb),
+            "--folder",
+            folder,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+    )
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
     shutil.rmtree(folder, ignore_errors=True)
@@ -111,8 +150,16 @@ def loader_epoch(uri: str, batch: int) -> None:
         seen += len(stream.batch(i).x0)
     seconds = time.perf_counter() - t0
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"rows": seen, "seconds": round(seconds, 1),
-                      "rows_per_s": round(seen / seconds), "peak_rss_mib": round(rss_mib)}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "rows": seen,
+                "seconds": round(seconds, 1),
+                "rows_per_s": round(seen / seconds),
+                "peak_rss_mib": round(rss_mib),
+            }
+        )
+    )
 
 
 class MemorySampler:
@@ -141,8 +188,11 @@ class MemorySampler:
     def stop(self) -> dict:
         self._stop.set()
         self._thread.join()
-        return {"base_used_mib": self.base >> 20, "peak_used_mib": self.peak >> 20,
-                "peak_above_base_mib": (self.peak - self.base) >> 20}  # fmt: skip
+        return {
+            "base_used_mib": self.base >> 20,
+            "peak_used_mib": self.peak >> 20,
+            "peak_above_base_mib": (self.peak - self.base) >> 20,
+        }
 
 
 def huge(rows: int, folder: Path, steps: int) -> None:
@@ -157,8 +207,9 @@ def huge(rows: int, folder: Path, steps: int) -> None:
         "command": f"python benchmarks/scale.py --huge {rows} --steps {steps}",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB RAM",
-        "rows": rows, "latent_shape": list(SHAPE),
-    }  # fmt: skip
+        "rows": rows,
+        "latent_shape": list(SHAPE),
+    }
     memory = MemorySampler()
     try:
         t0 = time.perf_counter()
@@ -168,34 +219,61 @@ def huge(rows: int, folder: Path, steps: int) -> None:
             "seconds": round(time.perf_counter() - t0),
             "gb": round(size / 1e9, 1),
         }
-        print(f"written: {rows:,} rows, {size / 1e9:.1f} GB in {results['written']['seconds']} s",
-              flush=True)  # fmt: skip
-        out = subprocess.run([sys.executable, __file__, "--loader", uri], capture_output=True,
-                             text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})  # fmt: skip
+        print(
+            f"written: {rows:,} rows, {size / 1e9:.1f} GB in {results['written']['seconds']} s",
+            flush=True,
+        )
+        out = subprocess.run(
+            [sys.executable, __file__, "--loader", uri],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "DS_ACCELERATOR": "cpu"},
+        )
         if out.returncode != 0:
             raise RuntimeError(out.stderr[-3000:])
         results["loader_epoch"] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"loader, one epoch: {results['loader_epoch']}", flush=True)
 
         spilling = {"type": "filesystem", "params": {"directory_path": str(spill)}}
-        ray.init(address="local", include_dashboard=False,
-                 _system_config={"object_spilling_config": json.dumps(spilling)})  # fmt: skip
-        spec = {"name": "scale-huge", "storage": str(folder / "storage"),
-                "tracking": {"experiment": "benchmarks"},
-                "steps": [{"id": "model", "op": "train.diffusion", "inputs": [uri],
-                           "params": {"backbone": UNET, "batch_size": 32, "max_steps": steps,
-                                      "checkpoint_every": steps, "warmup_steps": 5,
-                                      "ema_decay": None},
-                           "resources": {"num_workers": 1}}]}  # fmt: skip
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            _system_config={"object_spilling_config": json.dumps(spilling)},
+        )
+        spec = {
+            "name": "scale-huge",
+            "storage": str(folder / "storage"),
+            "tracking": {"experiment": "benchmarks"},
+            "steps": [
+                {
+                    "id": "model",
+                    "op": "train.diffusion",
+                    "inputs": [uri],
+                    "params": {
+                        "backbone": UNET,
+                        "batch_size": 32,
+                        "max_steps": steps,
+                        "checkpoint_every": steps,
+                        "warmup_steps": 5,
+                        "ema_decay": None,
+                    },
+                    "resources": {"num_workers": 1},
+                }
+            ],
+        }
         t0 = time.perf_counter()
         summary = difforge.run(spec)
         from mlflow.tracking import MlflowClient
 
         run = MlflowClient(summary.tracking_uri).get_run(summary.step("model").run_id)
         spilled = sum(f.stat().st_size for f in spill.rglob("*") if f.is_file())
-        results["train"] = {"steps": steps, "batch_size": 32, "seconds": round(time.perf_counter() - t0),
-                            "samples_per_s": round(run.data.metrics["samples_per_s"], 1),
-                            "ray_spilled_mb": round(spilled / 1e6, 1)}  # fmt: skip
+        results["train"] = {
+            "steps": steps,
+            "batch_size": 32,
+            "seconds": round(time.perf_counter() - t0),
+            "samples_per_s": round(run.data.metrics["samples_per_s"], 1),
+            "ray_spilled_mb": round(spilled / 1e6, 1),
+        }
         print(f"train.diffusion: {results['train']}", flush=True)
         ray.shutdown()
     finally:
@@ -259,10 +337,15 @@ def main() -> None:
             runs["small_stream"]["samples_per_s"] / runs["small_whole_in_memory"]["samples_per_s"]
         )
         print(f"peak RSS, {args.large} rows over {args.small}: {rss:.2f}x (target <= 1.2x)")
-        print(f"samples/s, stream over whole-in-memory at {args.small} rows: {speed:.2f}x "
-              "(target >= 0.95x)")  # fmt: skip
-        results.update(runs=runs, rss_ratio_large_over_small=round(rss, 3),
-                       speed_ratio_stream_over_memory=round(speed, 3))  # fmt: skip
+        print(
+            f"samples/s, stream over whole-in-memory at {args.small} rows: {speed:.2f}x "
+            "(target >= 0.95x)"
+        )
+        results.update(
+            runs=runs,
+            rss_ratio_large_over_small=round(rss, 3),
+            speed_ratio_stream_over_memory=round(speed, 3),
+        )
         out = ROOT / "benchmarks" / "results" / "scale.json"
         out.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {out}")

@@ -23,9 +23,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-BACKBONE = {"type": "UNet2DModel", "block_out_channels": [32, 64], "layers_per_block": 2,
-            "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-            "up_block_types": ["AttnUpBlock2D", "UpBlock2D"]}  # fmt: skip
+BACKBONE = {
+    "type": "UNet2DModel",
+    "block_out_channels": [32, 64],
+    "layers_per_block": 2,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+}
 
 
 def main() -> None:
@@ -42,18 +46,36 @@ def main() -> None:
     from difforge.operators.train.diffusion import Params
     from difforge.platform.runtime import free_port
 
-    params = {"backbone": BACKBONE, "batch_size": args.batch_size, "max_steps": args.steps,
-              "checkpoint_every": args.steps, "ema_decay": None,
-              "deepspeed": {"zero_stage": 2, "precision": "fp32"}}  # fmt: skip
+    params = {
+        "backbone": BACKBONE,
+        "batch_size": args.batch_size,
+        "max_steps": args.steps,
+        "checkpoint_every": args.steps,
+        "ema_decay": None,
+        "deepspeed": {"zero_stage": 2, "precision": "fp32"},
+    }
     ray.init(address="local", include_dashboard=False)
-    data_spec = {"name": "bench-train", "storage": str(work / "s"),
-                 "tracking": {"experiment": "benchmarks"},
-                 "steps": [{"id": "raw", "op": "ingest.digits"}]}  # fmt: skip
+    data_spec = {
+        "name": "bench-train",
+        "storage": str(work / "s"),
+        "tracking": {"experiment": "benchmarks"},
+        "steps": [{"id": "raw", "op": "ingest.digits"}],
+    }
     raw_uri = difforge.run(data_spec).step("raw").uri
 
-    spec = {**data_spec, "steps": [*data_spec["steps"], {
-        "id": "model", "op": "train.diffusion", "inputs": ["raw"], "params": params,
-        "resources": {"num_workers": 2, "num_cpus": 1}}]}  # fmt: skip
+    spec = {
+        **data_spec,
+        "steps": [
+            *data_spec["steps"],
+            {
+                "id": "model",
+                "op": "train.diffusion",
+                "inputs": ["raw"],
+                "params": params,
+                "resources": {"num_workers": 2, "num_cpus": 1},
+            },
+        ],
+    }
     summary = difforge.run(spec)
     from mlflow.tracking import MlflowClient
 
@@ -67,17 +89,33 @@ def main() -> None:
     # the same recipe under torchrun
     p = Params(**params).model_dump()
     ds = difforge.open_dataset(raw_uri)
-    cfg = {"params": p, "shards": ds.shards(), "column": "image", "num_classes": 10,
-           "threads": 1, "folder": str(work / "torchrun")}  # fmt: skip
+    cfg = {
+        "params": p,
+        "shards": ds.shards(),
+        "column": "image",
+        "num_classes": 10,
+        "threads": 1,
+        "folder": str(work / "torchrun"),
+    }
     cfg_path = work / "cfg.json"
     cfg_path.write_text(json.dumps(cfg))
     out = work / "torchrun.json"
     env = {**os.environ, "DIFFORGE_BENCH_OUT": str(out), "OMP_NUM_THREADS": "1"}
     t1 = time.time()
-    done = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node",
-                           "2", "--master_port", str(free_port()),  # 29500 may be taken
-                           str(ROOT / "benchmarks" / "_train_torchrun.py"), str(cfg_path)],
-                          env=env, capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),  # 29500 may be taken
+            str(ROOT / "benchmarks" / "_train_torchrun.py"),
+            str(cfg_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode:
         sys.exit(f"torchrun failed ({done.returncode}):\n{done.stderr[-4000:]}")
     bare_total = time.time() - t1
@@ -100,8 +138,10 @@ def main() -> None:
         f"train.diffusion (Ray Train, 2 workers): {ours_rate:.1f} samples/s; torchrun "
         f"DeepSpeed: {bare_rate:.1f} samples/s; ratio {ours_rate / bare_rate:.2f} (target 0.9)"
     )
-    print(f"whole step incl. start-up: difforge {ours_total:.1f}s, torchrun {bare_total:.1f}s "
-          f"({ours_total / bare_total:.2f}x; target 1.25x)")  # fmt: skip
+    print(
+        f"whole step incl. start-up: difforge {ours_total:.1f}s, torchrun {bare_total:.1f}s "
+        f"({ours_total / bare_total:.2f}x; target 1.25x)"
+    )
     (ROOT / "benchmarks" / "results" / "train.json").write_text(
         json.dumps(results, indent=2) + "\n"
     )

@@ -38,12 +38,18 @@ def main() -> None:
     times: dict[int, list[float]] = {1: [], 2: []}
     for _ in range(2):
         for threads in (1, 2):
-            out = subprocess.run([sys.executable, "-c", STEP, str(threads)], capture_output=True,
-                                 text=True, check=True)  # fmt: skip
+            out = subprocess.run(
+                [sys.executable, "-c", STEP, str(threads)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             times[threads].append(float(out.stdout.strip().splitlines()[-1]))
     one, two = (sum(t) / len(t) for t in (times[1], times[2]))
-    print(f"{time.strftime('%Y-%m-%d')}: 1 thread {one:.3f} s/step, 2 threads {two:.3f} s/step, "
-          f"2 threads {one / two:.2f}x as fast")  # fmt: skip
+    print(
+        f"{time.strftime('%Y-%m-%d')}: 1 thread {one:.3f} s/step, 2 threads {two:.3f} s/step, "
+        f"2 threads {one / two:.2f}x as fast"
+    )
 
 
 if __name__ == "__main__":

@@ -25,27 +25,50 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-UNET = {"type": "UNet2DModel", "block_out_channels": [32, 64], "layers_per_block": 1,
-        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"]}  # fmt: skip
+UNET = {
+    "type": "UNet2DModel",
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+}
 
 
 def spec(storage: str, images: int, steps: int, actors: int, seed: int) -> dict:
     return {
-        "name": "two-node-bench", "storage": storage, "tracking": {"experiment": "benchmarks"},
+        "name": "two-node-bench",
+        "storage": storage,
+        "tracking": {"experiment": "benchmarks"},
         "steps": [
             {"id": "raw", "op": "ingest.digits"},
-            {"id": "model", "op": "train.diffusion", "inputs": ["raw"],
-             "params": {"backbone": UNET, "batch_size": 64, "max_steps": 30,
-                        "checkpoint_every": 30, "ema_decay": None},
-             "resources": {"num_workers": 1, "num_cpus": 1}},
-            {"id": "plan", "op": "sample.plan", "inputs": ["model"],
-             "params": {"num_images": images, "guidance_scales": [2.0], "seed": seed}},
-            {"id": "samples", "op": "sample.diffusion", "inputs": ["plan"],
-             "params": {"scheduler": "ddim", "num_inference_steps": steps},
-             "resources": {"max_actors": actors, "num_cpus": 1, "batch_size": 125}},
+            {
+                "id": "model",
+                "op": "train.diffusion",
+                "inputs": ["raw"],
+                "params": {
+                    "backbone": UNET,
+                    "batch_size": 64,
+                    "max_steps": 30,
+                    "checkpoint_every": 30,
+                    "ema_decay": None,
+                },
+                "resources": {"num_workers": 1, "num_cpus": 1},
+            },
+            {
+                "id": "plan",
+                "op": "sample.plan",
+                "inputs": ["model"],
+                "params": {"num_images": images, "guidance_scales": [2.0], "seed": seed},
+            },
+            {
+                "id": "samples",
+                "op": "sample.diffusion",
+                "inputs": ["plan"],
+                "params": {"scheduler": "ddim", "num_inference_steps": steps},
+                "resources": {"max_actors": actors, "num_cpus": 1, "batch_size": 125},
+            },
         ],
-    }  # fmt: skip
+    }
 
 
 def sample_once(storage: str, images: int, steps: int, actors: int, seed: int) -> dict:
@@ -54,9 +77,12 @@ def sample_once(storage: str, images: int, steps: int, actors: int, seed: int) -
     summary = difforge.run(spec(storage, images, steps, actors, seed))
     step = summary.step("samples")
     manifest = difforge.open_dataset(step.uri).manifest
-    return {"images": step.rows_out, "seconds": round(step.seconds, 2),
-            "images_per_s": round(step.rows_out / step.seconds, 1),
-            "nodes": len(manifest.producer.get("nodes", []))}  # fmt: skip
+    return {
+        "images": step.rows_out,
+        "seconds": round(step.seconds, 2),
+        "images_per_s": round(step.rows_out / step.seconds, 1),
+        "nodes": len(manifest.producer.get("nodes", [])),
+    }
 
 
 def main() -> None:
@@ -73,8 +99,10 @@ def main() -> None:
     results: dict = {
         "command": f"python benchmarks/two_node.py --images {args.images} --steps {args.steps}",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "images": args.images, "ddim_steps": args.steps, "runs": {},
-    }  # fmt: skip
+        "images": args.images,
+        "ddim_steps": args.steps,
+        "runs": {},
+    }
     topologies = {  # name: what the printout calls it
         "two_nodes": "two nodes (1 CPU each)",
         "one_node": "one node (2 CPUs)",
@@ -83,8 +111,9 @@ def main() -> None:
     for name, what in topologies.items():
         cluster = None
         if name == "two_nodes":
-            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1,
-                                                                    "include_dashboard": False})  # fmt: skip
+            cluster = Cluster(
+                initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
+            )
             cluster.add_node(num_cpus=1)
             cluster.wait_for_nodes()
             ray.init(address=cluster.address)

@@ -42,9 +42,13 @@ def _cluster(p: argparse.ArgumentParser) -> None:
 
 def _tags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--tag", dest="tags", action="append", default=[], metavar="KEY=VALUE",
+        "--tag",
+        dest="tags",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="a tag on the pipeline's MLflow run (repeatable)",
-    )  # fmt: skip
+    )
 
 
 def _parse_tags(items: list[str]) -> dict[str, str]:
@@ -64,9 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
         "distill, sample, evaluate. On Ray, tracked in MLflow.",
     )
     parser.add_argument(
-        "-v", "--verbose", action="store_true",
+        "-v",
+        "--verbose",
+        action="store_true",
         help="show Ray's, Ray Data's, Ray Train's and MLflow's own logs and progress bars",
-    )  # fmt: skip
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("run", help="run a pipeline (embedded Ray unless --address)")
@@ -76,8 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _tags(p)
     p.add_argument("--env-file", help="load environment variables (KEY=VALUE lines) before running")
-    p.add_argument("--require-env", action="append", default=[], metavar="NAME",
-                   help="fail before the first step unless NAME is in the environment")  # fmt: skip
+    p.add_argument(
+        "--require-env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="fail before the first step unless NAME is in the environment",
+    )
     p.add_argument("--submitted", action="store_true", help=argparse.SUPPRESS)  # a job's driver
 
     p = sub.add_parser("submit", help="submit a run to a Ray cluster through the Ray Jobs API")
@@ -117,17 +128,34 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cron", required=True, help='"0 3 * * *"; a 6th field is seconds')
     q.add_argument("--timezone", default="UTC", help="IANA time zone of the cron (UTC)")
     q.add_argument("--cluster", help="submit to this Ray cluster (default: run locally)")
-    q.add_argument("--overlap", choices=["skip", "allow"], default="skip",
-                   help="skip: no new run while the previous one runs (default)")  # fmt: skip
-    q.add_argument("--catchup", choices=["none", "latest", "all"], default="latest",
-                   help="slots missed while the scheduler was down: run none, the latest "
-                   "(default) or all")  # fmt: skip
-    q.add_argument("--on-failure", help="shell command run when a firing fails "
-                   "(DIFFORGE_SCHEDULE, DIFFORGE_SLOT, DIFFORGE_JOB_ID, DIFFORGE_MESSAGE set)")  # fmt: skip
-    q.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="STEP.params.FIELD=VALUE")  # fmt: skip
-    q.add_argument("--env", dest="forward_env", action="append", default=[], metavar="NAME",
-                   help="a variable cluster runs need from the cluster's environment")  # fmt: skip
+    q.add_argument(
+        "--overlap",
+        choices=["skip", "allow"],
+        default="skip",
+        help="skip: no new run while the previous one runs (default)",
+    )
+    q.add_argument(
+        "--catchup",
+        choices=["none", "latest", "all"],
+        default="latest",
+        help="slots missed while the scheduler was down: run none, the latest (default) or all",
+    )
+    q.add_argument(
+        "--on-failure",
+        help="shell command run when a firing fails "
+        "(DIFFORGE_SCHEDULE, DIFFORGE_SLOT, DIFFORGE_JOB_ID, DIFFORGE_MESSAGE set)",
+    )
+    q.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="STEP.params.FIELD=VALUE"
+    )
+    q.add_argument(
+        "--env",
+        dest="forward_env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a variable cluster runs need from the cluster's environment",
+    )
     ssub.add_parser("list", help="schedules with their next firing")
     for name, text in (("pause", "stop firing"), ("resume", "fire again"), ("remove", "delete")):
         ssub.add_parser(name, help=text).add_argument("name")
@@ -139,8 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("scheduler", help="the service that fires schedules (SIGTERM stops it)")
     p.add_argument("--store", help="schedule store URL (DIFFORGE_SCHEDULES; default SQLite)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between passes")
-    p.add_argument("--grace", type=float, default=60.0,
-                   help="a slot later than this is missed and follows --catchup")  # fmt: skip
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=60.0,
+        help="a slot later than this is missed and follows --catchup",
+    )
 
     p = sub.add_parser("validate", help="dry run: print the resolved plan, or every error")
     _common(p)
@@ -160,8 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a model folder (local or s3://) or models:/NAME/VERSION")
     p.add_argument("--n", type=int, default=16, help="images to draw")
     p.add_argument("--class", dest="label", type=int, help="class to draw (default: all, in turn)")
-    p.add_argument("--prompt", action="append",
-                   help="a text model's prompt (repeat for several, drawn in turn)")  # fmt: skip
+    p.add_argument(
+        "--prompt",
+        action="append",
+        help="a text model's prompt (repeat for several, drawn in turn)",
+    )
     p.add_argument("--negative-prompt", help="guide away from this text instead of the null")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's own, else 25)")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
@@ -180,8 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples", help="folder for the PNGs and grid.png")
-    p.add_argument("--weights", default="ema", choices=["ema", "model", "adapter"],
-                   help="EMA weights where saved; raw ones; or a fine-tune's adapter on its parent")  # fmt: skip
+    p.add_argument(
+        "--weights",
+        default="ema",
+        choices=["ema", "model", "adapter"],
+        help="EMA weights where saved; raw ones; or a fine-tune's adapter on its parent",
+    )
 
     p = sub.add_parser("models", help="list the models pipelines registered in MLflow")
     p.add_argument("name", nargs="?", help="only this registered model (all versions)")
@@ -249,8 +288,9 @@ def _print_sweep(sweep: Any, until: str | None, force: list[str]) -> None:
     from difforge.platform.plan import build_plan
     from difforge.platform.sweep import shared_steps
 
-    plans = {v.name: build_plan(sweep.variant_spec(v), until=until, force=force)
-             for v in sweep.variants}  # fmt: skip
+    plans = {
+        v.name: build_plan(sweep.variant_spec(v), until=until, force=force) for v in sweep.variants
+    }
     first = next(iter(plans.values()))
     n = len(plans)
     print(f"sweep {first.name}: {n} variants, storage {first.storage}")
@@ -315,8 +355,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         result = run_sweep(sweep, until=args.until, force=args.force, address=args.address)
         print()
         print(result.table())
-        print(f"\ndone in {result.seconds:.1f}s. MLflow sweep run {result.run_id} (experiment "
-              f"'{result.experiment}'); `difforge report {result.run_id}` compares the variants")  # fmt: skip
+        print(
+            f"\ndone in {result.seconds:.1f}s. MLflow sweep run {result.run_id} (experiment "
+            f"'{result.experiment}'); `difforge report {result.run_id}` compares the variants"
+        )
         return 0
     summary = run(
         args.file,
@@ -375,14 +417,18 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         rows = cluster.list_jobs(args.cluster)
         print(f"{'JOB':44} {'STATUS':10} {'PIPELINE':20} {'STARTED':19} ENDED")
         for r in rows:
-            print(f"{r['job_id']:44} {r['status']:10} {r['pipeline']:20} "
-                  f"{_when(r['start']):19} {_when(r['end'])}")  # fmt: skip
+            print(
+                f"{r['job_id']:44} {r['status']:10} {r['pipeline']:20} "
+                f"{_when(r['start']):19} {_when(r['end'])}"
+            )
         return 0
     if args.jobs_command == "status":
         info = cluster.job_info(args.cluster, args.job_id)
         print(f"{info['job_id']}: {info['status']}")
-        print(f"  pipeline: {info['pipeline']}  started {_when(info['start'])}"
-              f"  ended {_when(info['end'])}")  # fmt: skip
+        print(
+            f"  pipeline: {info['pipeline']}  started {_when(info['start'])}"
+            f"  ended {_when(info['end'])}"
+        )
         if info["message"]:
             print(f"  {info['message']}")
         return 0 if info["status"] != "FAILED" else 1
@@ -412,11 +458,17 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         file = str(Path(args.file).resolve())
         difforge.load_spec(file, args.overrides)  # refuse a broken pipeline now, not at 3 am
         s = Schedule(
-            name=args.name, file=file, cron=args.cron, timezone=args.timezone,
-            overrides=tuple(args.overrides), cluster=args.cluster,
-            forward_env=tuple(args.forward_env), overlap=args.overlap, catchup=args.catchup,
+            name=args.name,
+            file=file,
+            cron=args.cron,
+            timezone=args.timezone,
+            overrides=tuple(args.overrides),
+            cluster=args.cluster,
+            forward_env=tuple(args.forward_env),
+            overlap=args.overlap,
+            catchup=args.catchup,
             on_failure=args.on_failure,
-        )  # fmt: skip
+        )
         store.add(s)
         nxt = slot_text(store.get(s.name).next_slot(time.time()), s)
         print(f"schedule {s.name}: {s.cron} ({s.timezone}), next run {nxt}")
@@ -550,28 +602,43 @@ def cmd_sample(args: argparse.Namespace) -> int:
     classes = info.get("num_classes") or 0
     text = info.get("conditioning") == "text"
     if text != bool(args.prompt):
-        raise DifforgeError("--prompt: the model is text-conditional: give one" if text else
-                            "--prompt: the model is not text-conditional (--class instead)")  # fmt: skip
+        raise DifforgeError(
+            "--prompt: the model is text-conditional: give one"
+            if text
+            else "--prompt: the model is not text-conditional (--class instead)"
+        )
     if args.label is not None and not 0 <= args.label < max(classes, 1):
         raise DifforgeError(f"--class {args.label}: the model has {classes} classes")
-    labels = torch.tensor([args.label if args.label is not None else i % max(classes, 1)
-                           for i in range(args.n)])  # fmt: skip
+    labels = torch.tensor(
+        [args.label if args.label is not None else i % max(classes, 1) for i in range(args.n)]
+    )
     cond = uncond = None
     if text:
         from difforge.diffusion.model_folder import text_conditioning
         from difforge.diffusion.sampling import prompt_conditions
 
         prompts = [args.prompt[i % len(args.prompt)] for i in range(args.n)]
-        cond, uncond = prompt_conditions(text_conditioning(args.model), prompts,
-                                         [args.negative_prompt] * args.n)  # fmt: skip
+        cond, uncond = prompt_conditions(
+            text_conditioning(args.model), prompts, [args.negative_prompt] * args.n
+        )
     steps = args.steps or (info.get("num_inference_steps") or 25)
     args.scheduler = args.scheduler or default_scheduler(config)
     guidance, drawn_at = built_in_guidance(info, [args.guidance] * args.n)
     if drawn_at is not guidance:
         args.guidance = f"{drawn_at[0]} (built into the model)"
-    x = sample_batch(model, info["backbone"], make_scheduler(args.scheduler, config),
-                     tuple(info["sample_shape"]), [args.seed + i for i in range(args.n)], labels,
-                     guidance, classes or None, steps, cond=cond, uncond=uncond)  # fmt: skip
+    x = sample_batch(
+        model,
+        info["backbone"],
+        make_scheduler(args.scheduler, config),
+        tuple(info["sample_shape"]),
+        [args.seed + i for i in range(args.n)],
+        labels,
+        guidance,
+        classes or None,
+        steps,
+        cond=cond,
+        uncond=uncond,
+    )
     images = to_pil(x, vae)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -580,11 +647,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
         for i, img in enumerate(images):
             img.save(out / f"{i:05d}.png")
-        shown = [(t, grid([im for im, q in zip(images, prompts, strict=True) if q == t], columns=8))
-                 for t in dict.fromkeys(prompts)]  # fmt: skip
+        shown = [
+            (t, grid([im for im, q in zip(images, prompts, strict=True) if q == t], columns=8))
+            for t in dict.fromkeys(prompts)
+        ]
         captioned(shown, scale=4).save(out / "grid.png")
-        print(f"{args.n} images ({len(shown)} prompt(s), {steps} {args.scheduler} steps, "
-              f"guidance {args.guidance}) in {out}/, grid: {out}/grid.png")  # fmt: skip
+        print(
+            f"{args.n} images ({len(shown)} prompt(s), {steps} {args.scheduler} steps, "
+            f"guidance {args.guidance}) in {out}/, grid: {out}/grid.png"
+        )
         return 0
     names = info.get("classes") or []
     for i, (img, y) in enumerate(zip(images, labels.tolist(), strict=True)):
@@ -609,25 +680,35 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     client = MlflowClient(args.tracking_uri or settings.default_tracking_uri())
     query = f"name = '{args.name}'" if args.name else ""
-    versions = sorted(client.search_model_versions(query),
-                      key=lambda v: (v.name, -int(v.version)))  # fmt: skip
+    versions = sorted(client.search_model_versions(query), key=lambda v: (v.name, -int(v.version)))
     if not args.name:  # the latest version of each model
         latest: dict[str, object] = {}
         for v in versions:
             latest.setdefault(v.name, v)
         versions = list(latest.values())
     if not versions:
-        print(f"no registered models{' named ' + args.name if args.name else ''} in "
-              f"{args.tracking_uri or settings.default_tracking_uri()}")  # fmt: skip
+        print(
+            f"no registered models{' named ' + args.name if args.name else ''} in "
+            f"{args.tracking_uri or settings.default_tracking_uri()}"
+        )
         return 1 if args.name else 0
     rows = []
     for v in versions:
         t = v.tags
-        figures = ", ".join(f"{k.removeprefix('metric.')} {x}" for k, x in sorted(t.items())
-                            if k.startswith("metric."))  # fmt: skip
-        rows.append([f"models:/{v.name}/{v.version}", t.get("kind", ""),
-                     f"{t.get('pipeline', '')}/{t.get('step', '')}", figures,
-                     time.strftime("%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000))])  # fmt: skip
+        figures = ", ".join(
+            f"{k.removeprefix('metric.')} {x}"
+            for k, x in sorted(t.items())
+            if k.startswith("metric.")
+        )
+        rows.append(
+            [
+                f"models:/{v.name}/{v.version}",
+                t.get("kind", ""),
+                f"{t.get('pipeline', '')}/{t.get('step', '')}",
+                figures,
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000)),
+            ]
+        )
     print(text_table(["model", "kind", "made by (pipeline/step)", "figures", "registered"], rows))
     return 0
 
@@ -648,10 +729,21 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     store = settings.default_tracking_uri()
     cmd = [
-        sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.port),
-        "--workers", "1", "--backend-store-uri", store,
-        "--default-artifact-root", settings.default_artifact_root().as_uri(),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        store,
+        "--default-artifact-root",
+        settings.default_artifact_root().as_uri(),
+    ]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     print(f"MLflow UI for {store} at http://{args.host}:{args.port}  (Ctrl-C stops it)")
     return subprocess.call(cmd, env=env)

@@ -75,8 +75,12 @@ def check_map_operator(
     write_dataset(uri, sample, "conformance", metadata=metadata or {})
     # set up as a fused pass would, where this operator can share one with the step before it
     pending = dict(metadata or {}) if plain_map(op_cls) else None
-    ctx = MapContext(step="conformance", inputs=[uri], work_uri=str(Path(tmp_path) / "work"),
-                     pending_metadata=pending)  # fmt: skip
+    ctx = MapContext(
+        step="conformance",
+        inputs=[uri],
+        work_uri=str(Path(tmp_path) / "work"),
+        pending_metadata=pending,
+    )
 
     def fresh() -> MapOperator:
         op = op_cls(validated)

@@ -99,17 +99,35 @@ def ray_session():
 DIGITS_STEPS = [
     {"id": "raw", "op": "ingest.digits", "params": {"split": "train"}},
     {"id": "test", "op": "ingest.digits", "params": {"split": "test"}},
-    {"id": "clf", "op": "train.classifier", "inputs": ["raw", "test"],
-     "params": {"epochs": 2, "batch_size": 64}},
+    {
+        "id": "clf",
+        "op": "train.classifier",
+        "inputs": ["raw", "test"],
+        "params": {"epochs": 2, "batch_size": 64},
+    },
     # a v-prediction teacher; its backbone is tests.unit.test_diffusion_recipe.TINY_UNET
-    {"id": "teacher", "op": "train.diffusion", "inputs": ["raw"],
-     "params": {"backbone": {"type": "UNet2DModel", "block_out_channels": [8, 16],
-                             "layers_per_block": 1, "norm_num_groups": 4,
-                             "down_block_types": ["DownBlock2D", "DownBlock2D"],
-                             "up_block_types": ["UpBlock2D", "UpBlock2D"]},
-                "batch_size": 64, "max_steps": 60, "lr": 1e-3, "objective": "v_prediction",
-                "checkpoint_every": 60, "warmup_steps": 5}},
-]  # fmt: skip
+    {
+        "id": "teacher",
+        "op": "train.diffusion",
+        "inputs": ["raw"],
+        "params": {
+            "backbone": {
+                "type": "UNet2DModel",
+                "block_out_channels": [8, 16],
+                "layers_per_block": 1,
+                "norm_num_groups": 4,
+                "down_block_types": ["DownBlock2D", "DownBlock2D"],
+                "up_block_types": ["UpBlock2D", "UpBlock2D"],
+            },
+            "batch_size": 64,
+            "max_steps": 60,
+            "lr": 1e-3,
+            "objective": "v_prediction",
+            "checkpoint_every": 60,
+            "warmup_steps": 5,
+        },
+    },
+]
 
 
 @pytest.fixture(scope="session")
@@ -122,8 +140,12 @@ def digits_pipeline(storage: Path, experiment: str, steps: list[dict]) -> dict:
     """A pipeline named "digits" in the shared root: DIGITS_STEPS, then `steps`."""
     import copy
 
-    return {"name": "digits", "storage": str(storage), "tracking": {"experiment": experiment},
-            "steps": copy.deepcopy(DIGITS_STEPS) + steps}  # fmt: skip
+    return {
+        "name": "digits",
+        "storage": str(storage),
+        "tracking": {"experiment": experiment},
+        "steps": copy.deepcopy(DIGITS_STEPS) + steps,
+    }
 
 
 @pytest.fixture

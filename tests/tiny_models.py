@@ -23,18 +23,32 @@ def tiny_clip(folder: str | Path, image_size: int = 32, seed: int = 0) -> str:
     vocab = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
     tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[])
     config = CLIPConfig(
-        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64,
-                     "num_hidden_layers": 2, "num_attention_heads": 2,
-                     "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1,
-                     "pad_token_id": 1},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": image_size, "patch_size": 8},
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": 8,
+        },
         projection_dim=16,
-    )  # fmt: skip
+    )
     torch.manual_seed(seed)
     CLIPModel(config).eval().save_pretrained(folder)
-    images = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                crop_size={"height": image_size, "width": image_size})  # fmt: skip
+    images = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
     return str(folder)
 
@@ -45,19 +59,42 @@ def tiny_dinov2(folder: str | Path, image_size: int = 32, seed: int = 0) -> str:
     import torch
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                          mlp_ratio=2, image_size=image_size, patch_size=8)  # fmt: skip
+    config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        image_size=image_size,
+        patch_size=8,
+    )
     torch.manual_seed(seed)
     Dinov2Model(config).eval().save_pretrained(folder)
-    BitImageProcessor(size={"shortest_edge": image_size},
-                      crop_size={"height": image_size, "width": image_size},
-                      image_mean=[0.485, 0.456, 0.406],
-                      image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)  # fmt: skip
+    BitImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(folder)
     return str(folder)
 
 
-CAPTION_WORDS = ("a", "photo", "of", "digit", "zero", "one", "two", "dark", "bright", "small",
-                 "large", "centered", "blurry", "drawing", "the")  # fmt: skip
+CAPTION_WORDS = (
+    "a",
+    "photo",
+    "of",
+    "digit",
+    "zero",
+    "one",
+    "two",
+    "dark",
+    "bright",
+    "small",
+    "large",
+    "centered",
+    "blurry",
+    "drawing",
+    "the",
+)
 
 
 def tiny_captioner(folder: str | Path, image_size: int = 16, seed: int = 0) -> str:
@@ -79,13 +116,31 @@ def tiny_captioner(folder: str | Path, image_size: int = 16, seed: int = 0) -> s
     vocab = {w: i for i, w in enumerate([*special, *CAPTION_WORDS])}
     words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="[PAD]",
-                                        bos_token="[BOS]", eos_token="[EOS]",
-                                        unk_token="[UNK]")  # fmt: skip
-    encoder = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, image_size=image_size, patch_size=8)  # fmt: skip
-    decoder = GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=1, n_head=2, n_positions=64,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=words,
+        pad_token="[PAD]",
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        unk_token="[UNK]",
+    )
+    encoder = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=image_size,
+        patch_size=8,
+    )
+    decoder = GPT2Config(
+        vocab_size=len(vocab),
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
     config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 1, 0, 2
     torch.manual_seed(seed)

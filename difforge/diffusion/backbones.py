@@ -39,16 +39,28 @@ class RepaParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    features: str = Field("features", description="the training input's column of the "
-                          "encoder's features of each clean image: [D, H, W] or [D]")  # fmt: skip
-    block: int = Field(0, ge=0, description="align the output of this block: "
-                       "down_blocks.<block> of a UNet, transformer_blocks.<block> of a DiT")  # fmt: skip
-    weight: float = Field(0.5, ge=0, description="lambda of eq. 9 (the paper: 0.5); 0: a "
-                          "control, the network trains as without REPA while the projector "
-                          "learns on its detached hidden state (alignment measured, not "
-                          "trained)")  # fmt: skip
-    projector_dim: int = Field(256, ge=1, description="the MLP projector's hidden width "
-                               "(the paper: 2048)")  # fmt: skip
+    features: str = Field(
+        "features",
+        description="the training input's column of the "
+        "encoder's features of each clean image: [D, H, W] or [D]",
+    )
+    block: int = Field(
+        0,
+        ge=0,
+        description="align the output of this block: "
+        "down_blocks.<block> of a UNet, transformer_blocks.<block> of a DiT",
+    )
+    weight: float = Field(
+        0.5,
+        ge=0,
+        description="lambda of eq. 9 (the paper: 0.5); 0: a "
+        "control, the network trains as without REPA while the projector "
+        "learns on its detached hidden state (alignment measured, not "
+        "trained)",
+    )
+    projector_dim: int = Field(
+        256, ge=1, description="the MLP projector's hidden width (the paper: 2048)"
+    )
 
 
 def cep_delta(shape: tuple[int, ...], kind: str, gamma: float, generator=None, device="cpu"):
@@ -81,8 +93,9 @@ class CEPHook:
         return output + delta.to(device=output.device, dtype=output.dtype)
 
 
-def build_backbone(p: dict[str, Any], sample_size: int, channels: int, num_classes: int,
-                   cond_dim: int | None):  # fmt: skip
+def build_backbone(
+    p: dict[str, Any], sample_size: int, channels: int, num_classes: int, cond_dim: int | None
+):
     """The diffusers model named in `backbone`, with its condition input sized for the data.
     Class-conditional models get num_classes + 1 class embeddings: the last is the null token
     of classifier-free guidance."""
@@ -134,8 +147,10 @@ def named_block(model, name: str, who: str):
     modules = dict(model.named_modules())
     if not name or name not in modules or name.split(".")[0] not in BLOCK_FAMILIES:
         blocks = [n for n in modules if n.count(".") <= 1 and n.split(".")[0] in BLOCK_FAMILIES]
-        raise DifforgeError(f"{who}: no block '{name}' in this {type(model).__name__}; it has "
-                            f"{', '.join(b for b in blocks if b)}")  # fmt: skip
+        raise DifforgeError(
+            f"{who}: no block '{name}' in this {type(model).__name__}; it has "
+            f"{', '.join(b for b in blocks if b)}"
+        )
     return modules[name]
 
 

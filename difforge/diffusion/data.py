@@ -50,9 +50,12 @@ DEFAULT_SHUFFLE_MB = 256
 #: a training operator's `shuffle_mb` param
 ShuffleMB = Annotated[
     int,
-    Field(ge=1, description="MiB of decoded samples each worker shuffles together (it holds "
-          "three such windows at most); the whole input is shuffled each epoch when smaller"),
-]  # fmt: skip
+    Field(
+        ge=1,
+        description="MiB of decoded samples each worker shuffles together (it holds "
+        "three such windows at most); the whole input is shuffled each epoch when smaller",
+    ),
+]
 
 
 @dataclass
@@ -75,8 +78,9 @@ class _Window:
 
     def take(self, idx: np.ndarray) -> _Window:
         """These rows, in this order."""
-        return _Window(*(None if a is None else a[idx]
-                         for a in (self.x, self.labels, self.cond, self.aux)))  # fmt: skip
+        return _Window(
+            *(None if a is None else a[idx] for a in (self.x, self.labels, self.cond, self.aux))
+        )
 
 
 class ShardStream:
@@ -175,8 +179,10 @@ class ShardStream:
         start, waited_before = self._interval or (now, 0.0)
         self._interval = (now, self.wait_s)
         waited = self.wait_s - waited_before
-        return {f"data_wait_s/rank{self.rank}": waited,
-                f"compute_s/rank{self.rank}": max(0.0, now - start - waited)}  # fmt: skip
+        return {
+            f"data_wait_s/rank{self.rank}": waited,
+            f"compute_s/rank{self.rank}": max(0.0, now - start - waited),
+        }
 
     # -- reading -------------------------------------------------------------------------
     def batch(self, index: int) -> Batch:
@@ -250,8 +256,9 @@ class ShardStream:
         return window.take(np.random.default_rng([self.seed, epoch, w]).permutation(len(window.x)))
 
 
-def _read(shard: dict[str, Any], column: str, keep: Keep | None = None,
-          aux: str | None = None) -> _Window:  # fmt: skip
+def _read(
+    shard: dict[str, Any], column: str, keep: Keep | None = None, aux: str | None = None
+) -> _Window:
     """A shard's (kept) rows: x0 float32 [N, C, H, W] in the model's space, labels, condition,
     and the `aux` column where asked (an error names it when the shard lacks it)."""
     import numpy as np
@@ -283,9 +290,10 @@ def _read(shard: dict[str, Any], column: str, keep: Keep | None = None,
         x,
         t.column(C.LABEL).to_numpy().astype(np.int64) if C.LABEL in t.column_names else None,
         to_numpy(t.column(C.COND_EMBEDDING)).astype(np.float32)
-        if C.COND_EMBEDDING in t.column_names else None,
+        if C.COND_EMBEDDING in t.column_names
+        else None,
         to_numpy(t.column(aux)).astype(np.float32) if aux is not None else None,
-    )  # fmt: skip
+    )
 
 
 def _concat(parts: list[_Window]) -> _Window:
@@ -294,8 +302,11 @@ def _concat(parts: list[_Window]) -> _Window:
     parts = [p for p in parts if len(p.x)] or parts[:1]
 
     def cat(name: str):
-        return None if getattr(parts[0], name) is None else np.concatenate(
-            [getattr(p, name) for p in parts])  # fmt: skip
+        return (
+            None
+            if getattr(parts[0], name) is None
+            else np.concatenate([getattr(p, name) for p in parts])
+        )
 
     return _Window(np.concatenate([p.x for p in parts]), cat("labels"), cat("cond"), cat("aux"))
 
@@ -325,6 +336,9 @@ def read_batches(
         w = _read(s, column, keep)
         n = int(min(left, len(w.x)))
         if n:
-            yield Batch(w.x[:n], w.labels[:n] if w.labels is not None else None,
-                        w.cond[:n] if w.cond is not None else None)  # fmt: skip
+            yield Batch(
+                w.x[:n],
+                w.labels[:n] if w.labels is not None else None,
+                w.cond[:n] if w.cond is not None else None,
+            )
         left -= n

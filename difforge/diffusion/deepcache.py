@@ -65,8 +65,10 @@ def check(model: nn.Module, kind: str, branch: int) -> None:
         raise DifforgeError(f"deepcache works with {', '.join(SUPPORTED)} backbones, not {kind}")
     n = len(model.down_blocks)
     if not 0 <= branch < n - 1:
-        raise DifforgeError(f"deepcache.cache_branch {branch}: this UNet has {n} down blocks, so "
-                            f"0..{n - 2} (0 is the shallowest and fastest)")  # fmt: skip
+        raise DifforgeError(
+            f"deepcache.cache_branch {branch}: this UNet has {n} down blocks, so "
+            f"0..{n - 2} (0 is the shallowest and fastest)"
+        )
     if any(hasattr(b, "skip_conv") for b in [*model.down_blocks, *model.up_blocks]):
         raise DifforgeError("deepcache does not support Skip*Block2D UNets")
 

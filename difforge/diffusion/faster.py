@@ -52,8 +52,9 @@ def check(model: nn.Module, kind: str) -> None:
     from difforge.platform.errors import DifforgeError
 
     if kind not in SUPPORTED:
-        raise DifforgeError(f"faster_diffusion works with {', '.join(SUPPORTED)} backbones, "
-                            f"not {kind}")  # fmt: skip
+        raise DifforgeError(
+            f"faster_diffusion works with {', '.join(SUPPORTED)} backbones, not {kind}"
+        )
     if any(hasattr(b, "skip_conv") for b in model.down_blocks):
         raise DifforgeError("faster_diffusion does not support Skip*Block2D UNets")
 

@@ -46,12 +46,16 @@ class Finetune(BaseModel):
     alpha: float = Field(8.0, gt=0, description="LoRA alpha (the update is scaled by alpha/rank)")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
     target_modules: list[str] | None = Field(
-        None, description="LoRA: layer names (suffixes) to adapt; default: attention projections "
-        "(and feed-forward layers on DiT)")  # fmt: skip
+        None,
+        description="LoRA: layer names (suffixes) to adapt; default: attention projections "
+        "(and feed-forward layers on DiT)",
+    )
     train_class_embedding: bool = Field(
-        False, description="the class embedding trains too, whatever the method: for a "
+        False,
+        description="the class embedding trains too, whatever the method: for a "
         "fine-tune set whose classes the pretrained model never saw under their labels "
-        "(it trains anyway when the class count differs)")  # fmt: skip
+        "(it trains anyway when the class count differs)",
+    )
 
 
 def is_class_embedding(name: str) -> bool:
@@ -77,8 +81,9 @@ def prepare(model, kind: str, ft: dict[str, Any], retrain_classes: bool = False)
                 f"finetune lora: no layer of this {kind} is named {targets}; set "
                 f"finetune.target_modules (for a UNet without attention, e.g. [conv1, conv2])"
             )
-        config = LoraConfig(r=ft["rank"], lora_alpha=ft["alpha"], lora_dropout=ft["dropout"],
-                            target_modules=targets)  # fmt: skip
+        config = LoraConfig(
+            r=ft["rank"], lora_alpha=ft["alpha"], lora_dropout=ft["dropout"], target_modules=targets
+        )
         inject_adapter_in_model(config, model)
     elif method == "difffit":
         for layer in scaled_layers(model):
@@ -87,8 +92,12 @@ def prepare(model, kind: str, ft: dict[str, Any], retrain_classes: bool = False)
             layer.register_forward_hook(_scale)
     if method != "full":
         classes = retrain_classes or ft.get("train_class_embedding", False)
-        norms = {f"{n}.{p}" if n else p for n, m in model.named_modules() if _is_norm(m)
-                 for p, _ in m.named_parameters(recurse=False)}  # fmt: skip
+        norms = {
+            f"{n}.{p}" if n else p
+            for n, m in model.named_modules()
+            if _is_norm(m)
+            for p, _ in m.named_parameters(recurse=False)
+        }
         for name, p in model.named_parameters():
             cls = is_class_embedding(name)
             p.requires_grad_(_trains(name, method, name in norms, cls) or (classes and cls))
@@ -161,8 +170,9 @@ def merged_state(model, method: str) -> dict[str, Any]:
 
 def adapter_state(model) -> dict[str, Any]:
     """What trained: the adapter of a partial method."""
-    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters()
-            if p.requires_grad}  # fmt: skip
+    return {
+        n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def apply_adapter(model, kind: str, ft: dict[str, Any], state: dict[str, Any]) -> None:
@@ -174,6 +184,8 @@ def apply_adapter(model, kind: str, ft: dict[str, Any], state: dict[str, Any]) -
         raise DifforgeError(f"adapter: parameters the model does not have: {unknown[:5]}")
     for name, value in state.items():
         if own[name].shape != value.shape:
-            raise DifforgeError(f"adapter: {name} has shape {tuple(value.shape)}, the model's "
-                                f"is {tuple(own[name].shape)}")  # fmt: skip
+            raise DifforgeError(
+                f"adapter: {name} has shape {tuple(value.shape)}, the model's "
+                f"is {tuple(own[name].shape)}"
+            )
     model.load_state_dict(state, strict=False)

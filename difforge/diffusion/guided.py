@@ -62,8 +62,13 @@ def teacher_output(teacher, kind, z, t, y, c, w, null_label: int | None, guided_
         return teacher(z, t, y, c, w).float()
     if null_label is None or y is None or w is None:
         return forward(teacher, kind, z, t, y, c).float()
-    both = forward(teacher, kind, torch.cat([z, z]), torch.cat([t, t]),
-                   torch.cat([y, torch.full_like(y, null_label)]),
-                   torch.cat([c, torch.zeros_like(c)]) if c is not None else None).float()  # fmt: skip
+    both = forward(
+        teacher,
+        kind,
+        torch.cat([z, z]),
+        torch.cat([t, t]),
+        torch.cat([y, torch.full_like(y, null_label)]),
+        torch.cat([c, torch.zeros_like(c)]) if c is not None else None,
+    ).float()
     cond, uncond = both.chunk(2)
     return uncond + w[:, None, None, None] * (cond - uncond)

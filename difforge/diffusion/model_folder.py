@@ -50,11 +50,14 @@ class ModelInfo(BaseModel):
     sample_shape: list[int] = Field(description="one sample: [channels, height, width]")
     num_classes: int = 0
     classes: list[str] | None = None
-    prediction_type: str = Field("epsilon", description="epsilon or v_prediction (ddpm); "
-                                 "velocity (flow_matching)")  # fmt: skip
+    prediction_type: str = Field(
+        "epsilon", description="epsilon or v_prediction (ddpm); velocity (flow_matching)"
+    )
     objective: Literal["ddpm", "flow_matching"] = Field(
-        "ddpm", description="ddpm: noise added by a DDPM schedule; flow_matching: a rectified "
-        "flow, x_t = (1 - t) x0 + t noise, its velocity predicted")  # fmt: skip
+        "ddpm",
+        description="ddpm: noise added by a DDPM schedule; flow_matching: a rectified "
+        "flow, x_t = (1 - t) x0 + t noise, its velocity predicted",
+    )
     timesteps: dict[str, Any] | None = Field(
         None, description="flow_matching: training's t density"
     )
@@ -62,21 +65,27 @@ class ModelInfo(BaseModel):
     #: the class index that means "no class" (classifier-free guidance); num_classes by default
     null_condition: int | None = None
     text_encoder: dict[str, Any] | str | None = Field(
-        None, description="a text model's encoder: its reference and settings (encode.text's); "
-        "the null condition is `model/null_condition.safetensors`, its empty-prompt embedding")  # fmt: skip
+        None,
+        description="a text model's encoder: its reference and settings (encode.text's); "
+        "the null condition is `model/null_condition.safetensors`, its empty-prompt embedding",
+    )
     vae: dict[str, Any] | None = Field(None, description="the VAE of a latent model: {uri, ...}")
     cep: dict[str, Any] | None = None
     corruption: dict[str, Any] | None = None
     num_inference_steps: int | None = None
     guidance_embedding: dict[str, Any] | None = None
     guidance_scale: float | None = Field(
-        None, description="a distilled student's built-in classifier-free guidance: it is "
-        "sampled with one conditional pass per step, at this w")  # fmt: skip
+        None,
+        description="a distilled student's built-in classifier-free guidance: it is "
+        "sampled with one conditional pass per step, at this w",
+    )
     distilled_from: str | None = None
     distillation: dict[str, Any] | None = None
     adapter: dict[str, Any] | None = Field(
-        None, description="a partial fine-tune: its method and settings (finetune params), "
-        "retrain_classes, trainable_params, total_params")  # fmt: skip
+        None,
+        description="a partial fine-tune: its method and settings (finetune params), "
+        "retrain_classes, trainable_params, total_params",
+    )
     parent_model: str | None = Field(None, description="the pinned reference it started from")
     parent_weights_sha256: str | None = None
     snapshots: list[int] | None = Field(None, description="training steps exported in steps/")
@@ -176,8 +185,10 @@ def load_model(uri: str, weights: str = "ema", training_step: int | None = None)
     sub = "ema" if weights == "ema" and os.path.isdir(os.path.join(path, "ema")) else "model"
     if training_step is not None:
         if training_step not in (info.get("snapshots") or []):
-            raise DifforgeError(f"{uri}: no snapshot at step {training_step}; it has "
-                                f"{info.get('snapshots') or 'none (train with export_every)'}")  # fmt: skip
+            raise DifforgeError(
+                f"{uri}: no snapshot at step {training_step}; it has "
+                f"{info.get('snapshots') or 'none (train with export_every)'}"
+            )
         sub = snapshot_folder(training_step)
     if weights == "adapter" and training_step is None:
         model = _from_adapter(path, info, uri)
@@ -211,8 +222,10 @@ def _from_adapter(path: str, info: dict[str, Any], uri: str):
     model = cls.from_config(cls.load_config(os.path.join(path, "model")))
     parent = pretrained(info["parent_model"])
     if info.get("parent_weights_sha256") not in (None, parent.sha256):
-        raise DifforgeError(f"{uri}: its parent {parent.ref} has other weights now than it was "
-                            "fine-tuned from (sha256 differs); load its merged weights instead")  # fmt: skip
+        raise DifforgeError(
+            f"{uri}: its parent {parent.ref} has other weights now than it was "
+            "fine-tuned from (sha256 differs); load its merged weights instead"
+        )
     load_into(model, load_state(parent.folder, parent.backbone))
     adapter = load_file(os.path.join(path, "adapter", "adapter.safetensors"))
     apply_adapter(model, info["backbone"], info["adapter"], adapter)
@@ -229,8 +242,10 @@ def text_conditioning(uri: str, device="cpu"):
 
     info = read_info(uri)
     if info.conditioning != "text" or not isinstance(info.text_encoder, dict):
-        raise DifforgeError(f"{uri}: not a text-conditional model with its encoder recorded "
-                            "(train it on encode.text output of this release)")  # fmt: skip
+        raise DifforgeError(
+            f"{uri}: not a text-conditional model with its encoder recorded "
+            "(train it on encode.text output of this release)"
+        )
     encoder = TextEncoder(info.text_encoder, device)
     path = resolve(uri, "diffusion model")
     null = read_extra(os.path.join(path, "model"), "null_condition")["embedding"]

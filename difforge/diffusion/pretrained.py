@@ -34,10 +34,12 @@ class Pretrained:
 
 #: where each kind of network lies in a model folder, and the diffusers classes it may be
 KINDS = {
-    "backbone": (("ema", "model", "unet", "transformer", ""),
-                 ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")),
+    "backbone": (
+        ("ema", "model", "unet", "transformer", ""),
+        ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel"),
+    ),
     "vae": (("vae", ""), ("AutoencoderKL",)),
-}  # fmt: skip
+}
 
 
 def pretrained(ref: str, kind: str = "backbone") -> Pretrained:
@@ -58,8 +60,9 @@ def pretrained(ref: str, kind: str = "backbone") -> Pretrained:
         config = json.load(f)
     cls = config.get("_class_name")
     if cls not in classes:
-        raise DifforgeError(f"{ref}: a {cls or 'model of unknown class'}, not a "
-                            f"{' or '.join(classes)}")  # fmt: skip
+        raise DifforgeError(
+            f"{ref}: a {cls or 'model of unknown class'}, not a {' or '.join(classes)}"
+        )
     return Pretrained(pinned, folder, cls, config, weights_sha256(folder))
 
 
@@ -68,9 +71,11 @@ def network_folder(root: str, ref: str, subfolders: tuple[str, ...]) -> str:
         folder = os.path.join(root, sub) if sub else root
         if os.path.exists(os.path.join(folder, "config.json")):
             return folder
-    raise DifforgeError(f"{ref}: no network in it (a difforge model folder, a diffusers "
-                        f"pipeline with {'/ or '.join(s for s in subfolders if s)}/, or a "
-                        "save_pretrained folder)")  # fmt: skip
+    raise DifforgeError(
+        f"{ref}: no network in it (a difforge model folder, a diffusers "
+        f"pipeline with {'/ or '.join(s for s in subfolders if s)}/, or a "
+        "save_pretrained folder)"
+    )
 
 
 def architecture(given: dict[str, Any], pre: Pretrained) -> dict[str, Any]:
@@ -80,14 +85,17 @@ def architecture(given: dict[str, Any], pre: Pretrained) -> dict[str, Any]:
     cfg = {k: v for k, v in pre.config.items() if not k.startswith("_") and k not in CLASS_KEYS}
     given = {k: v for k, v in given.items() if k not in CLASS_KEYS}
     if given.get("type", pre.backbone) != pre.backbone:
-        raise DifforgeError(f"backbone does not match init_from {pre.ref}: type: "
-                            f"{given['type']} in the YAML, {pre.backbone} in the weights")  # fmt: skip
+        raise DifforgeError(
+            f"backbone does not match init_from {pre.ref}: type: "
+            f"{given['type']} in the YAML, {pre.backbone} in the weights"
+        )
     check_matches({k: v for k, v in given.items() if k != "type"}, cfg, pre, "backbone")
     return {"type": pre.backbone, **cfg}
 
 
-def check_matches(given: dict[str, Any], config: dict[str, Any], pre: Pretrained,
-                  what: str) -> None:  # fmt: skip
+def check_matches(
+    given: dict[str, Any], config: dict[str, Any], pre: Pretrained, what: str
+) -> None:
     """What the YAML sets must be what the weights were built with."""
     problems = []
     for key, value in given.items():
@@ -96,8 +104,10 @@ def check_matches(given: dict[str, Any], config: dict[str, Any], pre: Pretrained
         elif json.dumps(config[key]) != json.dumps(value):
             problems.append(f"{key}: {value!r} in the YAML, {config[key]!r} in the weights")
     if problems:
-        raise DifforgeError(f"{what} does not match init_from {pre.ref} (omit these settings "
-                            f"to take the weights' own): " + "; ".join(problems))  # fmt: skip
+        raise DifforgeError(
+            f"{what} does not match init_from {pre.ref} (omit these settings "
+            f"to take the weights' own): " + "; ".join(problems)
+        )
 
 
 def check_shape(cfg: dict[str, Any], sample_shape: tuple[int, ...], ref: str) -> None:
@@ -105,8 +115,10 @@ def check_shape(cfg: dict[str, Any], sample_shape: tuple[int, ...], ref: str) ->
     channels, size = sample_shape[0], sample_shape[-1]
     have = (cfg.get("in_channels"), cfg.get("sample_size"))
     if have != (channels, size) and None not in have:
-        raise DifforgeError(f"init_from {ref} generates {have[0]} channel(s) at {have[1]}x"
-                            f"{have[1]}; the training data is {channels}x{size}x{size}")  # fmt: skip
+        raise DifforgeError(
+            f"init_from {ref} generates {have[0]} channel(s) at {have[1]}x"
+            f"{have[1]}; the training data is {channels}x{size}x{size}"
+        )
 
 
 def load_state(folder: str, backbone: str) -> dict[str, Any]:
@@ -120,8 +132,11 @@ def fresh_class_keys(model, state: dict[str, Any]) -> list[str]:
     of classes, or none): they keep their fresh initialisation."""
     from difforge.diffusion.finetune import is_class_embedding
 
-    return [k for k, v in model.state_dict().items() if is_class_embedding(k) and (
-        k not in state or tuple(state[k].shape) != tuple(v.shape))]  # fmt: skip
+    return [
+        k
+        for k, v in model.state_dict().items()
+        if is_class_embedding(k) and (k not in state or tuple(state[k].shape) != tuple(v.shape))
+    ]
 
 
 def load_into(model, state: dict[str, Any]) -> bool:
@@ -132,11 +147,16 @@ def load_into(model, state: dict[str, Any]) -> bool:
 
     fresh = fresh_class_keys(model, state)
     own = model.state_dict()
-    keep = {k: v for k, v in state.items()
-            if k not in fresh and not (is_class_embedding(k) and k not in own)}  # fmt: skip
+    keep = {
+        k: v
+        for k, v in state.items()
+        if k not in fresh and not (is_class_embedding(k) and k not in own)
+    }
     missing, unexpected = model.load_state_dict(keep, strict=False)
     missing = [k for k in missing if k not in fresh]
     if missing or unexpected:
-        raise DifforgeError(f"pretrained weights do not fit the backbone: missing "
-                            f"{missing[:5]}, unexpected {unexpected[:5]}")  # fmt: skip
+        raise DifforgeError(
+            f"pretrained weights do not fit the backbone: missing "
+            f"{missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return bool(fresh)

@@ -26,9 +26,11 @@ def clean_inputs(images: list[bytes], info: dict[str, Any], vae, device, what: s
         with torch.no_grad():
             x = vae.encode(x.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
     if tuple(x.shape[1:]) != shape:
-        raise DifforgeError(f"{what}: the images give samples of shape {list(x.shape[1:])}; the "
-                            f"model takes {list(shape)} (prepare them as its training data "
-                            "was, e.g. image.resize)")  # fmt: skip
+        raise DifforgeError(
+            f"{what}: the images give samples of shape {list(x.shape[1:])}; the "
+            f"model takes {list(shape)} (prepare them as its training data "
+            "was, e.g. image.resize)"
+        )
     return x.float()
 
 

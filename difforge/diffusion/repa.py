@@ -52,8 +52,13 @@ class Aligned(nn.Module):
         self._hidden = BlockOutput(net, block_name(kind, p["block"]), "repa.block")
         c = hidden_channels(net, kind, p["block"])
         # the paper's projector: a 3-layer MLP with SiLU, at each position
-        self.projector = nn.Sequential(nn.Linear(c, width), nn.SiLU(), nn.Linear(width, width),
-                                       nn.SiLU(), nn.Linear(width, feature_dim))  # fmt: skip
+        self.projector = nn.Sequential(
+            nn.Linear(c, width),
+            nn.SiLU(),
+            nn.Linear(width, width),
+            nn.SiLU(),
+            nn.Linear(width, feature_dim),
+        )
 
     def forward(self, *args, **kwargs):
         self._hidden.value = None

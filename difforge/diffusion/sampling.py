@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 
-def sample_batch(model, kind: str, scheduler, shape: tuple[int, ...], seeds: list[int],
-                 labels, guidance: list[float], null_label: int | None, steps: int,
-                 device: str = "cpu", dtype=None, deepcache: tuple[int, int] | None = None,
-                 cond=None, uncond=None, faster: tuple[list[int] | None, int] | None = None):  # fmt: skip
+def sample_batch(
+    model,
+    kind: str,
+    scheduler,
+    shape: tuple[int, ...],
+    seeds: list[int],
+    labels,
+    guidance: list[float],
+    null_label: int | None,
+    steps: int,
+    device: str = "cpu",
+    dtype=None,
+    deepcache: tuple[int, int] | None = None,
+    cond=None,
+    uncond=None,
+    faster: tuple[list[int] | None, int] | None = None,
+):
     """The sampler, one explicit loop: noise from each sample's own generator, then the
     scheduler's steps with classifier-free guidance (a conditional and an unconditional pass).
     A text model takes `cond` (the prompts' embeddings) and guides against `uncond` (the null
@@ -52,8 +65,11 @@ def sample_batch(model, kind: str, scheduler, shape: tuple[int, ...], seeds: lis
         keys = key_schedule(len(scheduler.timesteps), faster[0], faster[1])
     for i, t in enumerate(scheduler.timesteps):
         xin = (x if flow else scheduler.scale_model_input(x, t)).to(dtype)
-        tt = (torch.full((n,), float(t), device=device) if flow
-              else torch.full((n,), int(t), device=device, dtype=torch.long))  # fmt: skip
+        tt = (
+            torch.full((n,), float(t), device=device)
+            if flow
+            else torch.full((n,), int(t), device=device, dtype=torch.long)
+        )
         mode = contextlib.nullcontext()
         if cache is not None:
             mode = cache.capture() if i % deepcache[0] == 0 else cache.shallow()
@@ -100,8 +116,9 @@ def prompt_conditions(text, prompts: list[str | None], negatives: list[str | Non
 
     encoder, null = text
     if any(p is None for p in prompts):
-        raise DifforgeError("a text-conditional model needs a prompt for every image "
-                            "(sample.plan with prompts)")  # fmt: skip
+        raise DifforgeError(
+            "a text-conditional model needs a prompt for every image (sample.plan with prompts)"
+        )
     cond = torch.from_numpy(encoder.embed(prompts))
     uncond = null.to(cond.dtype).expand_as(cond).clone()
     which = [i for i, t in enumerate(negatives or []) if t]

@@ -25,9 +25,12 @@ def make_noise_scheduler(p: dict[str, Any], column: str):
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=p["num_train_timesteps"])
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=p["num_train_timesteps"],
-                         beta_schedule=p["beta_schedule"], prediction_type=p["objective"],
-                         clip_sample=column == C.IMAGE)  # fmt: skip
+    return DDPMScheduler(
+        num_train_timesteps=p["num_train_timesteps"],
+        beta_schedule=p["beta_schedule"],
+        prediction_type=p["objective"],
+        clip_sample=column == C.IMAGE,
+    )
 
 
 #: samplers by name, for DDPM-trained models and for flow-matching ones
@@ -39,8 +42,10 @@ SCHEDULERS = {
     "heun": "HeunDiscreteScheduler",
     "lcm": "LCMScheduler",  # multistep consistency sampling (a consistency-distilled student)
 }
-FLOW_SCHEDULERS = {"euler": "FlowMatchEulerDiscreteScheduler",
-                   "heun": "FlowMatchHeunDiscreteScheduler"}  # fmt: skip
+FLOW_SCHEDULERS = {
+    "euler": "FlowMatchEulerDiscreteScheduler",
+    "heun": "FlowMatchHeunDiscreteScheduler",
+}
 
 
 def saved_config(scheduler) -> dict[str, Any]:
@@ -70,11 +75,14 @@ def make_scheduler(name: str | None, config: dict[str, Any]):
     name = name or default_scheduler(config)
     if is_flow(config):
         if name not in FLOW_SCHEDULERS:
-            raise DifforgeError(f"scheduler {name}: a flow-matching model samples with "
-                                f"{' or '.join(FLOW_SCHEDULERS)}")  # fmt: skip
+            raise DifforgeError(
+                f"scheduler {name}: a flow-matching model samples with "
+                f"{' or '.join(FLOW_SCHEDULERS)}"
+            )
         cls = getattr(diffusers, FLOW_SCHEDULERS[name])
-        return cls.from_config({k: v for k, v in config.items() if k in ("num_train_timesteps",
-                                                                           "shift")})  # fmt: skip
+        return cls.from_config(
+            {k: v for k, v in config.items() if k in ("num_train_timesteps", "shift")}
+        )
     cls = getattr(diffusers, SCHEDULERS[name])
     extra = {"algorithm_type": "dpmsolver++"} if name == "dpm_solver_pp" else {}
     return cls.from_config(config, **extra)

@@ -37,8 +37,10 @@ def deepspeed_config(p: dict[str, Any], micro_batch: int, world: int, on_gpu: bo
     if precision == "auto":
         precision = "bf16" if on_gpu else "fp32"
     if precision == "fp16" and not on_gpu:
-        raise DifforgeError("deepspeed.precision fp16 is not supported on CPUs; use fp32 (or "
-                            "bf16, which CPUs without AVX-512 BF16 emulate slowly)")  # fmt: skip
+        raise DifforgeError(
+            "deepspeed.precision fp16 is not supported on CPUs; use fp32 (or "
+            "bf16, which CPUs without AVX-512 BF16 emulate slowly)"
+        )
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": p["grad_accum"],
@@ -225,8 +227,15 @@ def single_process_group(on_gpu: bool = False) -> None:
         return
     # set, not defaulted: a port inherited from the parent's environment is the parent's own
     # process group's (bound there: EADDRINUSE here)
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})  # fmt: skip
+    os.environ.update(
+        {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+        }
+    )
     if on_gpu:
         torch.cuda.set_device(0)
     dist.init_process_group("nccl" if on_gpu else "gloo", rank=0, world_size=1)

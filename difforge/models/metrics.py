@@ -10,8 +10,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))."""
     import numpy as np
 
-    return frechet_from_stats(a.mean(0), np.cov(a, rowvar=False), b.mean(0),
-                              np.cov(b, rowvar=False))  # fmt: skip
+    return frechet_from_stats(
+        a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+    )
 
 
 def frechet_from_stats(mu_a, s_a, mu_b, s_b) -> float:
@@ -83,8 +84,11 @@ def kid(a: np.ndarray, b: np.ndarray, subsets: int, size: int, seed: int) -> flo
         kyy = (y @ y.T / d + 1) ** 3
         kxy = (x @ y.T / d + 1) ** 3
         m = size
-        vals.append((kxx.sum() - np.trace(kxx)) / (m * (m - 1))
-                    + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())  # fmt: skip
+        vals.append(
+            (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+            + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+            - 2 * kxy.mean()
+        )
     return float(np.mean(vals))
 
 

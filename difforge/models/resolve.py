@@ -128,8 +128,9 @@ def resolve(ref: str, what: str = "model") -> str:
             try:
                 client, tracking = _client()
                 source = client.get_model_version(name, version).source
-                path = download_artifacts(artifact_uri=source, dst_path=str(dest),
-                                          tracking_uri=tracking)  # fmt: skip
+                path = download_artifacts(
+                    artifact_uri=source, dst_path=str(dest), tracking_uri=tracking
+                )
             except Exception as exc:  # MLflow's own errors: no such model or version, no server
                 raise DifforgeError(
                     f"{ref}: not found in MLflow's model registry ({exc})"
@@ -163,8 +164,10 @@ def weights_sha256(folder: str) -> str:
     names = sorted(n for n in os.listdir(folder) if n.endswith(WEIGHT_SUFFIXES))
     if not names:
         raise DifforgeError(f"{folder}: no weight files")
-    stats = tuple((n, os.stat(os.path.join(folder, n)).st_size,
-                   os.stat(os.path.join(folder, n)).st_mtime_ns) for n in names)  # fmt: skip
+    stats = tuple(
+        (n, os.stat(os.path.join(folder, n)).st_size, os.stat(os.path.join(folder, n)).st_mtime_ns)
+        for n in names
+    )
     return _digest(folder, stats)
 
 

@@ -20,8 +20,10 @@ class TextEncoderSettings(BaseModel):
     model: str = Field(description="a local folder, an s3:// URI, models:/..., or a hub id")
     max_length: int = Field(77, ge=1, description="tokens per caption (padded / truncated)")
     pooling: Literal["sequence", "pooled", "mean"] = Field(
-        "sequence", description="sequence: [max_length, dim] for cross-attention; pooled or "
-        "mean: one [dim] vector")  # fmt: skip
+        "sequence",
+        description="sequence: [max_length, dim] for cross-attention; pooled or "
+        "mean: one [dim] vector",
+    )
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
@@ -49,9 +51,12 @@ class TextEncoder:
 
         s = self.settings
         tok = self.tokenizer(
-            [t or "" for t in texts], padding="max_length", truncation=True,
-            max_length=s.max_length, return_tensors="pt",
-        ).to(self.device)  # fmt: skip
+            [t or "" for t in texts],
+            padding="max_length",
+            truncation=True,
+            max_length=s.max_length,
+            return_tensors="pt",
+        ).to(self.device)
         with torch.no_grad():
             out = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
         hidden = out.last_hidden_state

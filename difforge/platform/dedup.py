@@ -121,8 +121,9 @@ class _ShardKeys:
         from difforge.platform.parallel import apply_to_shard
 
         role, shard = item
-        return apply_to_shard(shard, partial(self.op.keys, role=role), self.batch_size,
-                              self.columns)  # fmt: skip
+        return apply_to_shard(
+            shard, partial(self.op.keys, role=role), self.batch_size, self.columns
+        )
 
 
 class _InOneTask:
@@ -137,13 +138,22 @@ class _InOneTask:
 
         from difforge.platform.parallel import apply_to_groups, shard_rows
 
-        found = (apply_to_groups(pa.concat_tables(tables), "key", self.match, single="skip",
-                                 at_once=self.op.match_many_keys)
-                 if tables else None)  # fmt: skip
+        found = (
+            apply_to_groups(
+                pa.concat_tables(tables),
+                "key",
+                self.match,
+                single="skip",
+                at_once=self.op.match_many_keys,
+            )
+            if tables
+            else None
+        )
         if found is not None and not self.op.one_key_per_row:
             found = apply_to_groups(found, C.ID, partial(first_by, self.op.rank), single="keep")
-        return shard_rows({DUPLICATES: found} if found is not None else {}, self.outputs,
-                          f"part-{part:04d}")  # fmt: skip
+        return shard_rows(
+            {DUPLICATES: found} if found is not None else {}, self.outputs, f"part-{part:04d}"
+        )
 
 
 def run_dedup(op: DedupOperator, ctx: JobContext) -> JobResult:
@@ -167,17 +177,27 @@ def run_dedup(op: DedupOperator, ctx: JobContext) -> JobResult:
     if sum(ds.num_rows for ds in ctx.inputs) <= op.single_task_rows * parts:
         # small enough for a few tasks' memory: keys and groups in plain Ray tasks, no Ray
         # Data shuffle (its fixed cost is seconds)
-        items = [(role, s) for ds, role in zip(ctx.inputs, roles, strict=True)
-                 for s in ds.shards()]  # fmt: skip
-        done = group_in_tasks(items, _ShardKeys(op, res.batch_size, columns),
-                              _InOneTask(op, match, side), parts, res.num_cpus)  # fmt: skip
+        items = [(role, s) for ds, role in zip(ctx.inputs, roles, strict=True) for s in ds.shards()]
+        done = group_in_tasks(
+            items,
+            _ShardKeys(op, res.batch_size, columns),
+            _InOneTask(op, match, side),
+            parts,
+            res.num_cpus,
+        )
         found = collect((r for t in done for r in t.to_pylist()), side)[DUPLICATES]
         return _drop(op, ctx, found)
-    keys = read_files(ctx.inputs[0].shards(), partial(op.keys, role="main"), res.batch_size,
-                      res.num_cpus, columns)  # fmt: skip
+    keys = read_files(
+        ctx.inputs[0].shards(), partial(op.keys, role="main"), res.batch_size, res.num_cpus, columns
+    )
     if len(ctx.inputs) > 1:
-        ref = read_files(ctx.inputs[1].shards(), partial(op.keys, role="ref"), res.batch_size,
-                         res.num_cpus, columns)  # fmt: skip
+        ref = read_files(
+            ctx.inputs[1].shards(),
+            partial(op.keys, role="ref"),
+            res.batch_size,
+            res.num_cpus,
+            columns,
+        )
         keys = keys.union(ref)
     if op.one_key_per_row:  # a row is in one group only: its verdict is final
         found = group_and_write(keys, "key", match, side, single="skip")[DUPLICATES]
@@ -185,8 +205,9 @@ def run_dedup(op: DedupOperator, ctx: JobContext) -> JobResult:
         pairs = keys.groupby("key", num_partitions=default_partitions()).map_groups(
             as_function(match), batch_format="pyarrow"
         )
-        found = group_and_write(pairs, C.ID, partial(first_by, op.rank), side,
-                                single="keep")[DUPLICATES]  # fmt: skip
+        found = group_and_write(pairs, C.ID, partial(first_by, op.rank), side, single="keep")[
+            DUPLICATES
+        ]
     return _drop(op, ctx, found)
 
 
@@ -198,8 +219,13 @@ def _drop(op: DedupOperator, ctx: JobContext, found: list[dict]) -> JobResult:
     id_files = [join(ctx.outputs[DUPLICATES].uri, e["path"]) for e in found if e["path"]]
     flag = op.flag_column()
     # a filter: whole shards at a time (their writers bound them), one output shard each
-    main = map_files(ctx.inputs[0].shards(), DropIds(id_files, flag), {MAIN: ctx.outputs[MAIN]},
-                     SHARD_ROWS, res.num_cpus)[MAIN]  # fmt: skip
+    main = map_files(
+        ctx.inputs[0].shards(),
+        DropIds(id_files, flag),
+        {MAIN: ctx.outputs[MAIN]},
+        SHARD_ROWS,
+        res.num_cpus,
+    )[MAIN]
     if op.grid and C.IMAGE in ctx.inputs[0].schema.names:
         log_pairs(ctx, side_pairs(id_files), op.grid)
     return JobResult(entries={MAIN: main, DUPLICATES: found})
@@ -229,8 +255,9 @@ def log_pairs(ctx: JobContext, pairs: list[tuple[str, str]], name: str) -> None:
     images: dict[str, Any] = {}
     for ds in ctx.inputs:  # only the shown rows' images are read
         shown = ds.rows_with_ids(wanted, [C.IMAGE])
-        images.update(zip(shown.column(C.ID).to_pylist(), shown.column(C.IMAGE).to_pylist(),
-                          strict=True))  # fmt: skip
+        images.update(
+            zip(shown.column(C.ID).to_pylist(), shown.column(C.IMAGE).to_pylist(), strict=True)
+        )
     items = []
     for dropped, kept in pairs:
         items += [(images.get(kept), f"kept {kept}"), (images.get(dropped), f"drop {dropped}")]

@@ -55,8 +55,13 @@ class StepLog(Protocol):
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         """(step, value) of a metric logged so far (for progress bars)."""
 
-    def register_model(self, name: str, artifact_path: str, kind: str = "diffusion",
-                       metrics: dict[str, float] | None = None) -> str | None:  # fmt: skip
+    def register_model(
+        self,
+        name: str,
+        artifact_path: str,
+        kind: str = "diffusion",
+        metrics: dict[str, float] | None = None,
+    ) -> str | None:
         """Register this step's artifact folder as a new version of model `name`, tagged with
         its kind, figures and lineage; return its `models:/name/version` reference (None where
         there is no registry)."""
@@ -97,8 +102,13 @@ class NullLog:
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return []
 
-    def register_model(self, name: str, artifact_path: str, kind: str = "diffusion",
-                       metrics: dict[str, float] | None = None) -> str | None:  # fmt: skip
+    def register_model(
+        self,
+        name: str,
+        artifact_path: str,
+        kind: str = "diffusion",
+        metrics: dict[str, float] | None = None,
+    ) -> str | None:
         return None
 
 

@@ -195,8 +195,9 @@ class Executor:
                 started.append(self._start(step, ids))
             t0 = time.time()
             if len(group) > 1:
-                log.info("steps %s: running in one pass", ", ".join(
-                    f"{s.id} ({s.op})" for s in group))  # fmt: skip
+                log.info(
+                    "steps %s: running in one pass", ", ".join(f"{s.id} ({s.op})" for s in group)
+                )
             else:
                 log.info("step %s (%s): running", group[0].id, group[0].op)
             with nodes_seen() as nodes:  # the Ray nodes the work reports, for lineage
@@ -265,8 +266,11 @@ class Executor:
                 f"min_rows: {step.min_rows}; nothing was committed"
             )
         if rows_out == 0:
-            log.warning("step %s (%s): its output has 0 rows (set min_rows to make this an "
-                        "error)", step.id, step.op)  # fmt: skip
+            log.warning(
+                "step %s (%s): its output has 0 rows (set min_rows to make this an error)",
+                step.id,
+                step.op,
+            )
         producer = {
             "pipeline": self.plan.name,
             "step": step.id,
@@ -359,8 +363,15 @@ def run(
     """
     loaded = source if isinstance(source, LoadedSpec) else load_spec(source, overrides)
     if loaded.spec.matrix:
-        raise SpecError([Problem("this pipeline declares a matrix: run it as a sweep "
-                                 "(`difforge run` does; from Python, difforge.sweep)", loaded.file)])  # fmt: skip
+        raise SpecError(
+            [
+                Problem(
+                    "this pipeline declares a matrix: run it as a sweep "
+                    "(`difforge run` does; from Python, difforge.sweep)",
+                    loaded.file,
+                )
+            ]
+        )
     from difforge.models.resolve import set_registry
 
     set_registry(loaded.spec.tracking.uri)  # where `models:/` references are pinned and found
@@ -379,8 +390,14 @@ def run(
         {"difforge.file": loaded.file, **(tags or {})},
     )
     events = Observers(tracking, *(observers or []))
-    settings_ = {"pipeline": spec.name, "storage": plan.storage, "overrides": loaded.overrides,
-                 "until": until, "force": force, **(params or {})}  # fmt: skip
+    settings_ = {
+        "pipeline": spec.name,
+        "storage": plan.storage,
+        "overrides": loaded.overrides,
+        "until": until,
+        "force": force,
+        **(params or {}),
+    }
     files = {"resolved.json": json.dumps(plan.resolved(), indent=2)}
     if loaded.text is not None:
         files["pipeline.yaml"] = loaded.text

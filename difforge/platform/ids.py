@@ -22,7 +22,9 @@ def id_noise(ids: list[str], shape: tuple[int, ...], seed: int):
     """Standard normal noise of `shape` for each row, from its id and the seed: [n, *shape]."""
     import torch
 
-    return torch.stack([
-        torch.randn(shape, generator=torch.Generator().manual_seed(id_hash(i, str(seed), 15)))
-        for i in ids
-    ])  # fmt: skip
+    return torch.stack(
+        [
+            torch.randn(shape, generator=torch.Generator().manual_seed(id_hash(i, str(seed), 15)))
+            for i in ids
+        ]
+    )

@@ -193,8 +193,10 @@ class Output:
         per = rows_per_shard(table.num_rows, table.nbytes, spread)
         if per >= table.num_rows:
             return [self.write(table, name)]
-        return [self.write(table.slice(s, per), f"{name}-{s // per:04d}")
-                for s in range(0, table.num_rows, per)]  # fmt: skip
+        return [
+            self.write(table.slice(s, per), f"{name}-{s // per:04d}")
+            for s in range(0, table.num_rows, per)
+        ]
 
     # -- ending an attempt ---------------------------------------------------------------
     def commit(

@@ -41,8 +41,9 @@ def shard_rows(result: pa.Table | dict[str, pa.Table], outputs: dict[str, Output
 
 
 class _FileWorker:
-    def __init__(self, fn: Callable, outputs: dict[str, Output], batch_size: int,
-                 columns: list[str] | None):  # fmt: skip
+    def __init__(
+        self, fn: Callable, outputs: dict[str, Output], batch_size: int, columns: list[str] | None
+    ):
         if isinstance(fn, tuple):  # (class, args): built here, once per actor
             fn = fn[0](*fn[1])
         self.fn, self.outputs, self.batch_size, self.columns = fn, outputs, batch_size, columns
@@ -50,8 +51,9 @@ class _FileWorker:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import pyarrow as pa
 
-        return pa.concat_tables([self.one(json.loads(raw))
-                                 for raw in batch.column("item").to_pylist()])  # fmt: skip
+        return pa.concat_tables(
+            [self.one(json.loads(raw)) for raw in batch.column("item").to_pylist()]
+        )
 
     def one(self, item: dict[str, Any]) -> pa.Table:
         """One shard's batches through `fn`, their outputs written: the entries' table."""
@@ -150,10 +152,15 @@ def _on_gpus(files, fn, outputs, batch_size, num_cpus, columns, num_gpus):
     if not isinstance(fn, tuple):
         fn = (_Same, (fn,))
     size = max(1, min(len(rows), int(ray.cluster_resources().get("GPU", 0))))
-    out = data.map_batches(_FileWorker, fn_constructor_args=(fn, outputs, batch_size, columns),
-                           batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
-                           num_gpus=num_gpus,
-                           compute=ray.data.ActorPoolStrategy(min_size=size, max_size=size))  # fmt: skip
+    out = data.map_batches(
+        _FileWorker,
+        fn_constructor_args=(fn, outputs, batch_size, columns),
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        compute=ray.data.ActorPoolStrategy(min_size=size, max_size=size),
+    )
     return collect(out.iter_rows(), outputs)
 
 
@@ -167,29 +174,44 @@ class _Same:
         return self.fn(table)
 
 
-def read_files(files: list[Shard], fn: Callable[[pa.Table], pa.Table], batch_size: int = 4096,
-               num_cpus: float = 1.0, columns: list[str] | None = None) -> ray.data.Dataset:  # fmt: skip
+def read_files(
+    files: list[Shard],
+    fn: Callable[[pa.Table], pa.Table],
+    batch_size: int = 4096,
+    num_cpus: float = 1.0,
+    columns: list[str] | None = None,
+) -> ray.data.Dataset:
     """A Ray Dataset of `fn` applied to every batch of the files (rows stay in Ray)."""
     import pyarrow as pa
     import ray.data
 
     def run(batch: pa.Table) -> pa.Table:
-        return pa.concat_tables([apply_to_shard(json.loads(raw), fn, batch_size, columns)
-                                 for raw in batch.column("shard").to_pylist()])  # fmt: skip
+        return pa.concat_tables(
+            [
+                apply_to_shard(json.loads(raw), fn, batch_size, columns)
+                for raw in batch.column("shard").to_pylist()
+            ]
+        )
 
     items = [{"shard": json.dumps(_shard(f))} for f in files]
     data = ray.data.from_items(items, override_num_blocks=max(1, len(files)))
     return data.map_batches(run, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus)
 
 
-def apply_to_shard(shard: Shard, fn: Callable[[pa.Table], pa.Table], batch_size: int = 4096,
-                   columns: list[str] | None = None) -> pa.Table:  # fmt: skip
+def apply_to_shard(
+    shard: Shard,
+    fn: Callable[[pa.Table], pa.Table],
+    batch_size: int = 4096,
+    columns: list[str] | None = None,
+) -> pa.Table:
     """`fn` applied to every batch of one shard, the results concatenated."""
     import pyarrow as pa
 
     pf = open_parquet(shard)
-    out = [fn(pa.Table.from_batches([rb]))
-           for rb in pf.iter_batches(batch_size=batch_size, columns=columns)]  # fmt: skip
+    out = [
+        fn(pa.Table.from_batches([rb]))
+        for rb in pf.iter_batches(batch_size=batch_size, columns=columns)
+    ]
     if not out:  # a shard of no rows
         empty = pf.schema_arrow.empty_table()
         out = [fn(empty.select(columns) if columns else empty)]
@@ -210,8 +232,9 @@ def run_tasks(fn: Callable, items: list, num_cpus: float = 1.0) -> list:
     return ray.get([remote.remote(shared, item) for item in items])
 
 
-def as_finished(fn: Callable, items: list, num_cpus: float = 1.0,
-                num_gpus: float = 0.0) -> Iterator:  # fmt: skip
+def as_finished(
+    fn: Callable, items: list, num_cpus: float = 1.0, num_gpus: float = 0.0
+) -> Iterator:
     """`fn(item)` for each item as a plain Ray task: their results as the tasks finish. When
     the caller stops early (a failure), the rest is cancelled by force: an unforced cancel
     raises inside a running task, which can interrupt an import and leave the worker process,
@@ -230,9 +253,13 @@ def as_finished(fn: Callable, items: list, num_cpus: float = 1.0,
             ray.cancel(ref, force=True)
 
 
-def group_in_tasks(items: list, keys: Callable[[Any], pa.Table],
-                   group: Callable[[int, list[pa.Table]], Any], parts: int = 1,
-                   num_cpus: float = 1.0) -> list:  # fmt: skip
+def group_in_tasks(
+    items: list,
+    keys: Callable[[Any], pa.Table],
+    group: Callable[[int, list[pa.Table]], Any],
+    parts: int = 1,
+    num_cpus: float = 1.0,
+) -> list:
     """A shuffle in plain Ray tasks, for data a few tasks can hold: `keys(item)` for each item
     (a table with a `key` column, split into `parts` by key), then `group(part, tables)` once
     per part, given every keys table's rows of that part (rows sharing a key meet in one
@@ -261,8 +288,9 @@ def _split_by_key(keys: Callable, parts: int, item) -> pa.Table | tuple[pa.Table
     if pa.types.is_integer(column.type):
         part = column.to_numpy() % parts
     else:  # a hash every process agrees on (Python's own is salted per process)
-        part = np.array([zlib.crc32(str(k).encode()) % parts for k in column.to_pylist()],
-                        dtype=np.int64)  # fmt: skip
+        part = np.array(
+            [zlib.crc32(str(k).encode()) % parts for k in column.to_pylist()], dtype=np.int64
+        )
     order = np.argsort(part, kind="stable")
     table, starts = table.take(order), np.searchsorted(part[order], np.arange(parts + 1))
     return tuple(table.slice(a, b - a) for a, b in zip(starts[:-1], starts[1:], strict=True))
@@ -295,8 +323,9 @@ class _GroupWriter:
 SINGLE_TASK_ROWS = 250_000
 
 
-def apply_to_groups(table: pa.Table, key: str, fn, single: str = "call",
-                    at_once: bool = False) -> pa.Table | None:  # fmt: skip
+def apply_to_groups(
+    table: pa.Table, key: str, fn, single: str = "call", at_once: bool = False
+) -> pa.Table | None:
     """`fn` applied to each group of rows sharing `key`, the results concatenated. A group of
     one row, with `single`: "call" `fn` on it, "skip" it (nothing), or "keep" the row as it is
     (where most groups are single, `fn`'s per-call cost would be most of the work).
@@ -308,8 +337,11 @@ def apply_to_groups(table: pa.Table, key: str, fn, single: str = "call",
         return None
     table = table.sort_by(key)
     column = table.column(key)
-    keys = (column.to_numpy() if pa.types.is_integer(column.type)
-            else np.asarray(column.to_pylist(), dtype=object))  # fmt: skip
+    keys = (
+        column.to_numpy()
+        if pa.types.is_integer(column.type)
+        else np.asarray(column.to_pylist(), dtype=object)
+    )
     bounds = np.r_[0, np.flatnonzero(keys[1:] != keys[:-1]) + 1, len(keys)]
     starts, sizes = bounds[:-1], np.diff(bounds)
     alone = sizes == 1 if single != "call" else np.zeros(len(sizes), bool)
@@ -317,8 +349,10 @@ def apply_to_groups(table: pa.Table, key: str, fn, single: str = "call",
         rows = table.filter(pa.array(np.repeat(~alone, sizes)))
         out = [fn(rows)] if rows.num_rows else []
     else:
-        out = [fn(table.slice(a, n)) for a, n in zip(starts[~alone].tolist(),
-                                                     sizes[~alone].tolist(), strict=True)]  # fmt: skip
+        out = [
+            fn(table.slice(a, n))
+            for a, n in zip(starts[~alone].tolist(), sizes[~alone].tolist(), strict=True)
+        ]
     if single == "keep" and alone.any():
         out.append(table.take(starts[alone]))
     out = [t for t in out if t is not None and t.num_rows]
@@ -335,17 +369,25 @@ class _OneTaskGroups:
         return shard_rows({name: result} if result is not None else {}, self.outputs, "all")
 
 
-def group_and_write(data: ray.data.Dataset, key: str, fn: Callable, outputs: dict[str, Output],
-                    num_partitions: int | None = None, rows: int | None = None,
-                    single: str = "call") -> dict[str, list[dict[str, Any]]]:  # fmt: skip
+def group_and_write(
+    data: ray.data.Dataset,
+    key: str,
+    fn: Callable,
+    outputs: dict[str, Output],
+    num_partitions: int | None = None,
+    rows: int | None = None,
+    single: str = "call",
+) -> dict[str, list[dict[str, Any]]]:
     """Group rows by `key`, apply `fn` to each group (a table back) and write what it returns
     as shards; a group of one row as `apply_to_groups`'s `single` says. With `rows` (about how
     many rows `data` has) up to SINGLE_TASK_ROWS, in one task; else by a shuffle. No group
     passes through the driver either way."""
     if rows is not None and rows <= SINGLE_TASK_ROWS:
         out = data.repartition(1).map_batches(
-            as_function(_OneTaskGroups(key, fn, outputs, single)), batch_size=None,
-            batch_format="pyarrow")  # fmt: skip
+            as_function(_OneTaskGroups(key, fn, outputs, single)),
+            batch_size=None,
+            batch_format="pyarrow",
+        )
         return collect(out.iter_rows(), outputs)
     grouped = data.groupby(key, num_partitions=num_partitions or default_partitions())
     if single != "call":

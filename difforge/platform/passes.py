@@ -268,8 +268,9 @@ def split_shards(shards: list[dict[str, Any]], want: int) -> list[dict[str, Any]
             items.append(s)
             continue
         step = -(-s["rows"] // k)
-        items += [{**s, "start": a, "stop": min(a + step, s["rows"])}
-                  for a in range(0, s["rows"], step)]  # fmt: skip
+        items += [
+            {**s, "start": a, "stop": min(a + step, s["rows"])} for a in range(0, s["rows"], step)
+        ]
     return items
 
 
@@ -329,8 +330,12 @@ def run_map_pass(
     rows = [{"item": json.dumps({**t, "index": i})} for i, t in enumerate(items)]
     resumed = _count_markers(markers)
     if resumed:
-        log.info("%s: %d of %d input shards already done by an earlier run",
-                 "+".join(s.step.id for s in chain), resumed, len(rows))  # fmt: skip
+        log.info(
+            "%s: %d of %d input shards already done by an earlier run",
+            "+".join(s.step.id for s in chain),
+            resumed,
+            len(rows),
+        )
     if getattr(head.op_cls, "stateful", False):
         data = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
         data = data.map_batches(
@@ -347,8 +352,12 @@ def run_map_pass(
     else:  # a stateless chain: one plain Ray task per item, no Ray Data pipeline around them
         import pyarrow as pa
 
-        tables = as_finished(_task(stages, markers), [pa.Table.from_pylist([r]) for r in rows],
-                             fitted.num_cpus, fitted.num_gpus)  # fmt: skip
+        tables = as_finished(
+            _task(stages, markers),
+            [pa.Table.from_pylist([r]) for r in rows],
+            fitted.num_cpus,
+            fitted.num_gpus,
+        )
         results = (row for t in tables for row in t.to_pylist())
     entries: list[dict[str, list[dict]]] = [{n: [] for n in s.outputs} for s in stages]
     work = [0.0] * len(chain)

@@ -315,10 +315,14 @@ def build_plan(
                     for text in type_problems(
                         m.schema(), step.op_cls.required_columns(step.params)
                     ):
-                        problems.append(loaded.problem(
-                            f"'{step.op}' cannot read input '{ref.text}': its {text}",
-                            ("steps", i, "inputs", j), sid, "inputs",
-                        ))  # fmt: skip
+                        problems.append(
+                            loaded.problem(
+                                f"'{step.op}' cannot read input '{ref.text}': its {text}",
+                                ("steps", i, "inputs", j),
+                                sid,
+                                "inputs",
+                            )
+                        )
             input_fps.append(ref.fingerprint)
             input_cols.append(ref.columns)
         if step.inputs and input_cols[0] is not None:

@@ -86,17 +86,25 @@ class Progress:
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=label, unit=f" {unit}", leave=False, file=sys.stderr,
-                            dynamic_ncols=True)  # fmt: skip
+            self.bar = tqdm(
+                total=total,
+                desc=label,
+                unit=f" {unit}",
+                leave=False,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
 
-    def update(self, done: int | None = None, step: int = 1, show: bool = True,
-               **postfix: Any) -> None:  # fmt: skip
+    def update(
+        self, done: int | None = None, step: int = 1, show: bool = True, **postfix: Any
+    ) -> None:
         """Record work done (and figures to show beside it); draw it unless `show` is False."""
         self.done = done if done is not None else self.done + step
         if self.first is None and self.done > 0:
             self.first = (time.time(), self.done)
-        self.postfix = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                 for k, v in postfix.items())  # fmt: skip
+        self.postfix = ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in postfix.items()
+        )
         if not show:
             return
         if self.bar is not None:
@@ -159,10 +167,14 @@ class MetricProgress:
     def _update(self, seen: int, show: bool = True) -> int:
         """Show the newest point of the checkpoints' metric or of the heartbeat between them."""
         try:
-            points = [(step, value, self.metric) for step, value in
-                      self.step_log.metric_history(self.metric)]  # fmt: skip
-            points += [(step, value, "loss") for step, value in
-                       self.step_log.metric_history(PROGRESS_METRIC)]  # fmt: skip
+            points = [
+                (step, value, self.metric)
+                for step, value in self.step_log.metric_history(self.metric)
+            ]
+            points += [
+                (step, value, "loss")
+                for step, value in self.step_log.metric_history(PROGRESS_METRIC)
+            ]
         except Exception:  # noqa: BLE001 - progress is a courtesy; never fails a run
             return seen
         if points:

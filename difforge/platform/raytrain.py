@@ -46,9 +46,14 @@ def fit(
     fs, work = url_to_fs(ctx.work_uri)
     fs.makedirs(work, exist_ok=True)
     per_worker = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}
-    log.info("step %s: %d training worker(s) x %g CPU(s)%s; torch uses %d thread(s) each",
-             ctx.step, res.num_workers, res.num_cpus,
-             f" + {res.num_gpus:g} GPU" if res.num_gpus else "", max(1, int(res.num_cpus)))  # fmt: skip
+    log.info(
+        "step %s: %d training worker(s) x %g CPU(s)%s; torch uses %d thread(s) each",
+        ctx.step,
+        res.num_workers,
+        res.num_cpus,
+        f" + {res.num_gpus:g} GPU" if res.num_gpus else "",
+        max(1, int(res.num_cpus)),
+    )
     nodes_uri = join(ctx.work_uri, "nodes")  # each worker says where it runs
     trainer = TorchTrainer(
         _on_node(loop),
@@ -57,7 +62,7 @@ def fit(
             "threads": res.num_cpus,
             "log": ctx.log,
             "nodes_uri": nodes_uri,
-        },  # fmt: skip
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.num_workers,
             use_gpu=res.num_gpus > 0,

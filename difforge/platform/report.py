@@ -59,22 +59,33 @@ def collect(target: str, client) -> tuple[str, str | None, list[Row]]:
     else:
         exp = client.get_experiment_by_name(target)
         if exp is None:
-            raise DifforgeError(f"no MLflow run or experiment named '{target}' in "
-                                f"{client.tracking_uri}")  # fmt: skip
+            raise DifforgeError(
+                f"no MLflow run or experiment named '{target}' in {client.tracking_uri}"
+            )
         exp_id, title = exp.experiment_id, target
-        runs = [r for r in client.search_runs([exp_id], max_results=5000)
-                if r.data.tags.get("difforge.pipeline")]  # fmt: skip
+        runs = [
+            r
+            for r in client.search_runs([exp_id], max_results=5000)
+            if r.data.tags.get("difforge.pipeline")
+        ]
         variants = [r for r in runs if r.data.tags.get("difforge.variant")]
         if not variants:  # plain pipeline runs: those with no parent
-            variants = [r for r in runs if "mlflow.parentRunId" not in r.data.tags
-                        and r.data.tags.get("difforge.sweep") != "true"]  # fmt: skip
+            variants = [
+                r
+                for r in runs
+                if "mlflow.parentRunId" not in r.data.tags
+                and r.data.tags.get("difforge.sweep") != "true"
+            ]
     if not variants:
         raise DifforgeError(f"{target}: no pipeline runs to report on")
     rows = []
     for v in sorted(variants, key=lambda r: r.info.start_time):
         name = v.data.tags.get("difforge.variant") or v.info.run_name or v.info.run_id
-        params = {k.removeprefix("matrix."): val for k, val in v.data.params.items()
-                  if k.startswith("matrix.")}  # fmt: skip
+        params = {
+            k.removeprefix("matrix."): val
+            for k, val in v.data.params.items()
+            if k.startswith("matrix.")
+        }
         row = Row(name, v.info.run_id, params, {"seconds": v.data.metrics.get("seconds", math.nan)})
         for step in _children(client, exp_id, v.info.run_id):
             wanted = _report_metrics(step.data.tags.get("difforge.op", ""))
@@ -102,8 +113,11 @@ def _computed_metrics(client, exp_id: str, step) -> dict[str, float]:
     if step.data.tags.get("difforge.cached") != "true":
         return dict(step.data.metrics)
     fp = step.data.tags.get("difforge.fingerprint")
-    found = client.search_runs([exp_id], f"tags.`difforge.fingerprint` = '{fp}' and "
-                               "tags.`difforge.cached` = 'false'", max_results=1)  # fmt: skip
+    found = client.search_runs(
+        [exp_id],
+        f"tags.`difforge.fingerprint` = '{fp}' and tags.`difforge.cached` = 'false'",
+        max_results=1,
+    )
     return dict(found[0].data.metrics) if found else dict(step.data.metrics)
 
 
@@ -146,8 +160,10 @@ def plots(rows: list[Row], out: Path) -> list[Path]:
             if not groups:
                 continue
             fig, ax = plt.subplots(figsize=(5, 3.5))
-            xs_all = sorted({x for g in groups.values() for x in g},
-                            key=lambda v: (_number(v) is None, _number(v) or 0, v))  # fmt: skip
+            xs_all = sorted(
+                {x for g in groups.values() for x in g},
+                key=lambda v: (_number(v) is None, _number(v) or 0, v),
+            )
             numeric = all(_number(x) is not None for x in xs_all)
             for key, by_x in sorted(groups.items()):
                 xs = [x for x in xs_all if x in by_x]
@@ -176,8 +192,9 @@ def plots(rows: list[Row], out: Path) -> list[Path]:
     return files
 
 
-def write_report(target: str, out: str | Path | None = None, tracking_uri: str | None = None,
-                 log: bool = True) -> Path:  # fmt: skip
+def write_report(
+    target: str, out: str | Path | None = None, tracking_uri: str | None = None, log: bool = True
+) -> Path:
     """Write report.md and its plots into `out` (default ./reports/TITLE); log them to MLflow."""
     client = _client(tracking_uri)
     title, log_to, rows = collect(target, client)
@@ -186,12 +203,21 @@ def write_report(target: str, out: str | Path | None = None, tracking_uri: str |
     params = sorted({k for r in rows for k in r.params})
     metrics = sorted({m for r in rows for m in r.metrics if m != "seconds"})
     head = ["variant", *params, *metrics, "seconds"]
-    lines = [f"# {title}", "",
-             f"{len(rows)} variants, read from MLflow ({client.tracking_uri}).", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    lines = [
+        f"# {title}",
+        "",
+        f"{len(rows)} variants, read from MLflow ({client.tracking_uri}).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in rows:
-        cells = [r.variant, *(r.params.get(p, "-") for p in params),
-                 *(_fmt(r.metrics.get(m, math.nan)) for m in metrics), _fmt(r.metrics["seconds"])]  # fmt: skip
+        cells = [
+            r.variant,
+            *(r.params.get(p, "-") for p in params),
+            *(_fmt(r.metrics.get(m, math.nan)) for m in metrics),
+            _fmt(r.metrics["seconds"]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     files = plots(rows, out)
     if files:
@@ -202,8 +228,9 @@ def write_report(target: str, out: str | Path | None = None, tracking_uri: str |
         run_id = log_to
         if run_id is None:
             exp = client.get_experiment(client.get_run(rows[0].run_id).info.experiment_id)
-            run_id = client.create_run(exp.experiment_id, run_name=f"report {title}",
-                                       tags={"difforge.report": "true"}).info.run_id  # fmt: skip
+            run_id = client.create_run(
+                exp.experiment_id, run_name=f"report {title}", tags={"difforge.report": "true"}
+            ).info.run_id
             client.set_terminated(run_id)
         client.log_artifacts(run_id, str(out), "report")
     return report

@@ -50,9 +50,13 @@ class Resources(BaseModel):
         description="GPUs (or a fraction) per actor or worker; 'auto': where the cluster has them",
     )
     batch_size: int | None = Field(None, gt=0, description="rows per batch handed to the operator")
-    min_actors: int | None = Field(None, ge=1, description="smallest actor pool (default: "
-                                   "the largest, all started at once; less: it grows with "
-                                   "the work queued)")  # fmt: skip
+    min_actors: int | None = Field(
+        None,
+        ge=1,
+        description="smallest actor pool (default: "
+        "the largest, all started at once; less: it grows with "
+        "the work queued)",
+    )
     max_actors: int | None = Field(None, ge=1, description="largest actor pool")
     num_workers: int | None = Field(None, ge=1, description="training workers of a job operator")
 
@@ -250,10 +254,15 @@ def _parse_yaml(text: str, file: str | None) -> tuple[Any, dict[tuple, int]]:
     try:
         node = yaml.compose(text, Loader=_Loader)
         if node is not None and _expanded_size(node, {}) > MAX_SPEC_NODES:
-            raise SpecError([Problem(
-                f"its YAML aliases expand to more than {MAX_SPEC_NODES:,} values: refused "
-                "(an alias bomb?); write the steps out, or use fewer nested aliases", file=file,
-            )])  # fmt: skip
+            raise SpecError(
+                [
+                    Problem(
+                        f"its YAML aliases expand to more than {MAX_SPEC_NODES:,} values: refused "
+                        "(an alias bomb?); write the steps out, or use fewer nested aliases",
+                        file=file,
+                    )
+                ]
+            )
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
     except RecursionError:
         raise SpecError([Problem("nested too deeply to read", file=file)]) from None

@@ -70,8 +70,9 @@ class NumericSummary:
         return np.quantile(self.sample, qs)
 
 
-def numeric_summary(tables: Iterable[pa.Table | pa.RecordBatch], column: str, rows: int,
-                    limit: int = SAMPLE_LIMIT) -> NumericSummary:  # fmt: skip
+def numeric_summary(
+    tables: Iterable[pa.Table | pa.RecordBatch], column: str, rows: int, limit: int = SAMPLE_LIMIT
+) -> NumericSummary:
     """`column` over `tables` (`rows` in all, as the manifest says), a batch at a time."""
     stride = max(1, -(-rows // limit))
     seen = count = 0
@@ -90,8 +91,9 @@ def numeric_summary(tables: Iterable[pa.Table | pa.RecordBatch], column: str, ro
     return NumericSummary(count, total / count if count else float("nan"), sample)
 
 
-def nearest_rows(tables: Iterable[pa.Table | pa.RecordBatch], column: str, t: float,
-                 n: int) -> pa.Table | None:  # fmt: skip
+def nearest_rows(
+    tables: Iterable[pa.Table | pa.RecordBatch], column: str, t: float, n: int
+) -> pa.Table | None:
     """The `n` rows whose `column` is nearest `t` (ties: the earlier row), keeping at most
     2n rows at any time."""
     import pyarrow.compute as pc

@@ -40,8 +40,10 @@ class Variant:
 
     @property
     def overrides(self) -> list[str]:
-        return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                for k, v in self.values.items()]  # fmt: skip
+        return [
+            f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for k, v in self.values.items()
+        ]
 
 
 @dataclass
@@ -56,8 +58,10 @@ class Sweep:
         try:
             loaded = load_spec(self.source, [*self.overrides, *v.overrides])
         except SpecError as exc:
-            problems = [Problem(f"variant {v.name}: {p.message}", p.file, p.line, p.step, p.field)
-                        for p in exc.problems]  # fmt: skip
+            problems = [
+                Problem(f"variant {v.name}: {p.message}", p.file, p.line, p.step, p.field)
+                for p in exc.problems
+            ]
             raise SpecError(problems) from None
         loaded.spec = loaded.spec.model_copy(update={"matrix": None})
         return loaded
@@ -83,16 +87,21 @@ def expand(matrix: dict[str, Any]) -> list[Variant]:
     include = list(matrix.get("include") or [])
     exclude = list(matrix.get("exclude") or [])
     combos = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
-    combos = [c for c in combos
-              if not any(all(c.get(k) == v for k, v in ex.items()) for ex in exclude)]  # fmt: skip
+    combos = [
+        c for c in combos if not any(all(c.get(k) == v for k, v in ex.items()) for ex in exclude)
+    ]
     for extra in include:
         if extra not in combos:
             combos.append(dict(extra))
     names = _short_names(sorted({k for c in combos for k in c}))
     variants, seen = [], set()
     for c in combos:
-        name = ",".join(f"{names[k]}={json.dumps(v) if not isinstance(v, str) else v}"
-                        for k, v in c.items()) or "base"  # fmt: skip
+        name = (
+            ",".join(
+                f"{names[k]}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in c.items()
+            )
+            or "base"
+        )
         if name not in seen:
             seen.add(name)
             variants.append(Variant(name, c))
@@ -105,9 +114,14 @@ def load_sweep(source: str | Path | dict, overrides: list[str] | None = None) ->
     loaded = load_spec(source, overrides)
     if not loaded.spec.matrix:
         return None
-    base = LoadedSpec(spec=loaded.spec.model_copy(update={"matrix": None}), file=loaded.file,
-                      text=loaded.text, lines=loaded.lines, overrides=overrides,
-                      overridden=loaded.overridden)  # fmt: skip
+    base = LoadedSpec(
+        spec=loaded.spec.model_copy(update={"matrix": None}),
+        file=loaded.file,
+        text=loaded.text,
+        lines=loaded.lines,
+        overrides=overrides,
+        overridden=loaded.overridden,
+    )
     keep = source if isinstance(source, (str, Path)) else loaded.spec.model_dump(mode="json")
     sweep = Sweep(base, expand(loaded.spec.matrix), keep, overrides)
     for v in sweep.variants:
@@ -145,8 +159,12 @@ class SweepSummary:
         return text_table(["variant", "steps run", "cached", "seconds", "MLflow run"], rows)
 
 
-def run_sweep(sweep: Sweep, until: str | None = None, force: list[str] | None = None,
-              address: str | None = None) -> SweepSummary:  # fmt: skip
+def run_sweep(
+    sweep: Sweep,
+    until: str | None = None,
+    force: list[str] | None = None,
+    address: str | None = None,
+) -> SweepSummary:
     """Run every variant in turn on one Ray, each a pipeline run nested under the sweep's run."""
     from difforge.platform.executor import run
     from difforge.platform.runtime import RayRuntime
@@ -155,8 +173,9 @@ def run_sweep(sweep: Sweep, until: str | None = None, force: list[str] | None = 
     spec = sweep.base.spec
     t0 = time.time()
     tracker = Tracker(spec.tracking.uri, spec.tracking.experiment or spec.name)
-    parent = tracker.start_pipeline(f"{spec.name} sweep", {"difforge.pipeline": spec.name,
-                                                           "difforge.sweep": "true"})  # fmt: skip
+    parent = tracker.start_pipeline(
+        f"{spec.name} sweep", {"difforge.pipeline": spec.name, "difforge.sweep": "true"}
+    )
     parent.log_params({"variants": len(sweep.variants), "overrides": sweep.overrides})
     parent.log_dict({v.name: v.values for v in sweep.variants}, "matrix.json")
     runtime = RayRuntime(address)
@@ -165,10 +184,13 @@ def run_sweep(sweep: Sweep, until: str | None = None, force: list[str] | None = 
     try:
         for v in sweep.variants:
             results[v.name] = run(
-                sweep.variant_spec(v), until=until, force=force, runtime=runtime,
+                sweep.variant_spec(v),
+                until=until,
+                force=force,
+                runtime=runtime,
                 tags={"mlflow.parentRunId": parent.run_id, "difforge.variant": v.name},
                 params={f"matrix.{k}": val for k, val in v.values.items()},
-            )  # fmt: skip
+            )
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -177,5 +199,6 @@ def run_sweep(sweep: Sweep, until: str | None = None, force: list[str] | None = 
         parent.log_metrics({"seconds": time.time() - t0, "variants_done": len(results)})
         parent.end(status)
         runtime.shutdown()
-    return SweepSummary(spec.name, parent.run_id, tracker.uri, tracker.experiment, results,
-                        time.time() - t0)  # fmt: skip
+    return SweepSummary(
+        spec.name, parent.run_id, tracker.uri, tracker.experiment, results, time.time() - t0
+    )

@@ -180,8 +180,13 @@ class StepTracker:
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
 
-    def register_model(self, name: str, artifact_path: str, kind: str = "diffusion",
-                       metrics: dict[str, float] | None = None) -> str | None:  # fmt: skip
+    def register_model(
+        self,
+        name: str,
+        artifact_path: str,
+        kind: str = "diffusion",
+        metrics: dict[str, float] | None = None,
+    ) -> str | None:
         """A new version of registered model `name` from this run's `artifact_path`, with the
         run's lineage (pipeline, step, inputs, dataset), its kind and figures as tags."""
         from mlflow.exceptions import MlflowException
@@ -193,12 +198,18 @@ class StepTracker:
         run = self.client.get_run(self.run_id)
         tags = run.data.tags
         version = self.client.create_model_version(
-            name, f"{run.info.artifact_uri}/{artifact_path}", run_id=self.run_id,
-            tags={"pipeline": tags.get("difforge.pipeline", ""),
-                  "step": tags.get("difforge.step", ""), "inputs": tags.get("difforge.inputs", ""),
-                  "dataset": tags.get("difforge.uri", ""), "kind": kind,
-                  **{f"metric.{k}": f"{v:.6g}" for k, v in (metrics or {}).items()}},
-        )  # fmt: skip
+            name,
+            f"{run.info.artifact_uri}/{artifact_path}",
+            run_id=self.run_id,
+            tags={
+                "pipeline": tags.get("difforge.pipeline", ""),
+                "step": tags.get("difforge.step", ""),
+                "inputs": tags.get("difforge.inputs", ""),
+                "dataset": tags.get("difforge.uri", ""),
+                "kind": kind,
+                **{f"metric.{k}": f"{v:.6g}" for k, v in (metrics or {}).items()},
+            },
+        )
         ref = f"models:/{name}/{version.version}"
         self.set_tags({"difforge.registered_model": ref})
         return ref

@@ -59,7 +59,7 @@ def test_actor_pool_of_two_on_two_cpus(ray_session, tmp_path):
                         "num_cpus": 1,
                         "batch_size": 50,
                     },
-                },  # fmt: skip
+                },
             ],
         }
         summary = difforge.run(spec)

@@ -56,9 +56,13 @@ def test_columns_known_only_at_run_time_are_checked_then(ray_session, tmp_path):
     pq.write_table(good_table(), folder / "a.parquet")
     steps = [
         {"id": "clean", "op": "curate.validate", "inputs": ["raw"]},
-        {"id": "noisy", "op": "corrupt.labels", "inputs": ["clean"],
-         "params": {"corruption_ratio": 0.5, "num_classes": 3}},
-    ]  # fmt: skip
+        {
+            "id": "noisy",
+            "op": "corrupt.labels",
+            "inputs": ["clean"],
+            "params": {"corruption_ratio": 0.5, "num_classes": 3},
+        },
+    ]
     plan = difforge.plan(parquet_spec(tmp_path / "s", folder, *steps))  # not refused
     assert plan.step("noisy").columns is None  # unknown until the files are read
     summary = difforge.run(parquet_spec(tmp_path / "s", folder, *steps))

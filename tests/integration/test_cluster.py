@@ -56,8 +56,11 @@ def ray_cluster(s3_server):
     stop, full_env = local_service("ray.sh", state, env)
     worker = subprocess.run(
         [str(Path(__file__).parents[2] / "infra/local/ray.sh"), "worker", "w1"],
-        env=full_env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     url = f"http://127.0.0.1:{env['RAY_DASHBOARD_PORT']}"
     try:
         assert worker.returncode == 0, worker.stderr
@@ -90,7 +93,14 @@ def pipeline(tmp_path: Path, mlflow_url: str, name: str, steps: str) -> Path:
     return path
 
 
-FORWARD = ["--env", "AWS_ACCESS_KEY_ID", "--env", "AWS_SECRET_ACCESS_KEY", "--env", "AWS_ENDPOINT_URL"]  # fmt: skip
+FORWARD = [
+    "--env",
+    "AWS_ACCESS_KEY_ID",
+    "--env",
+    "AWS_SECRET_ACCESS_KEY",
+    "--env",
+    "AWS_ENDPOINT_URL",
+]
 
 
 def submit(path: Path, url: str, *extra: str) -> str:
@@ -114,7 +124,9 @@ def test_a_pipeline_spreads_over_both_nodes_and_every_dataset_is_whole(
     nodes its work ran on, both nodes worked, every dataset reads back whole (every shard with
     its manifest's size and checksum), and the S3 secrets travelled by name only."""
     path = pipeline(
-        tmp_path, mlflow_server, "two-nodes",
+        tmp_path,
+        mlflow_server,
+        "two-nodes",
         """
         - id: raw
           op: ingest.digits
@@ -147,9 +159,18 @@ def test_a_pipeline_spreads_over_both_nodes_and_every_dataset_is_whole(
           op: evaluate.memorization
           inputs: [samples, clean]
         """,
-    )  # fmt: skip
-    out = difforge_cli("submit", str(path), "--cluster", ray_cluster, *FORWARD,
-                       "--set", "model.params.max_steps=2", "--wait", timeout=600)  # fmt: skip
+    )
+    out = difforge_cli(
+        "submit",
+        str(path),
+        "--cluster",
+        ray_cluster,
+        *FORWARD,
+        "--set",
+        "model.params.max_steps=2",
+        "--wait",
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     job_id = next(x for x in out.stdout.splitlines() if x.startswith("submitted job")).split()[2]
     assert f"job {job_id}: SUCCEEDED" in out.stdout
@@ -165,8 +186,9 @@ def test_a_pipeline_spreads_over_both_nodes_and_every_dataset_is_whole(
     assert info["entrypoint"].startswith("difforge run pipeline.yaml")
     assert S3_SECRET not in jobs.client(ray_cluster).get_job_logs(job_id)
     assert any(RAY_TEMP["dir"].glob("session_*/runtime_resources")), "the uploaded package's home"
-    holding = subprocess.run(["grep", "-rlaF", S3_SECRET, str(RAY_TEMP["dir"])],
-                             capture_output=True, text=True)  # fmt: skip
+    holding = subprocess.run(
+        ["grep", "-rlaF", S3_SECRET, str(RAY_TEMP["dir"])], capture_output=True, text=True
+    )
     assert holding.stdout == "", f"the secret is on disk in {holding.stdout}"
     listed = difforge_cli("jobs", "list", "--cluster", ray_cluster)
     assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
@@ -176,8 +198,12 @@ def test_a_pipeline_spreads_over_both_nodes_and_every_dataset_is_whole(
     exp = client.get_experiment_by_name("cluster-tests")
     (run,) = client.search_runs([exp.experiment_id], f"tags.`difforge.job_id` = '{job_id}'")
     assert run.info.status == "FINISHED"
-    steps = {r.data.tags["difforge.step"]: r for r in client.search_runs(
-        [exp.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")}  # fmt: skip
+    steps = {
+        r.data.tags["difforge.step"]: r
+        for r in client.search_runs(
+            [exp.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+        )
+    }
     assert set(steps) == {"raw", "clean", "model", "plan", "samples", "copies"}
     both = {n["node_id"] for n in alive_nodes(ray_cluster)}
     nodes = {}
@@ -206,13 +232,15 @@ def test_a_variable_the_cluster_lacks_fails_the_job_by_name(ray_cluster, mlflow_
 
 def test_a_failing_pipeline_reports_failure_and_its_error(ray_cluster, mlflow_server, tmp_path):
     path = pipeline(
-        tmp_path, mlflow_server, "broken",
+        tmp_path,
+        mlflow_server,
+        "broken",
         """
         - id: raw
           op: ingest.images
           params: {path: /nonexistent/folder}
         """,
-    )  # fmt: skip
+    )
     job_id = submit(path, ray_cluster)
     assert jobs.wait(ray_cluster, job_id, timeout=180) == "FAILED"
     status = difforge_cli("jobs", "status", job_id, "--cluster", ray_cluster)
@@ -223,7 +251,9 @@ def test_a_failing_pipeline_reports_failure_and_its_error(ray_cluster, mlflow_se
 
 def test_stop_stops_a_running_job(ray_cluster, mlflow_server, tmp_path):
     path = pipeline(
-        tmp_path, mlflow_server, "slow",
+        tmp_path,
+        mlflow_server,
+        "slow",
         """
         - id: raw
           op: ingest.digits
@@ -233,11 +263,14 @@ def test_stop_stops_a_running_job(ray_cluster, mlflow_server, tmp_path):
           params: {seconds_per_batch: 5}
           resources: {batch_size: 20}
         """,
-    )  # fmt: skip
+    )
     job_id = submit(path, ray_cluster)
     # (the slow step runs in one pass with the source it reads)
-    wait_for(lambda: "slow (test.slow): running" in jobs.client(ray_cluster).get_job_logs(job_id),
-             180, "the slow step")  # fmt: skip
+    wait_for(
+        lambda: "slow (test.slow): running" in jobs.client(ray_cluster).get_job_logs(job_id),
+        180,
+        "the slow step",
+    )
     stopped = difforge_cli("jobs", "stop", job_id, "--cluster", ray_cluster)
     assert stopped.returncode == 0, stopped.stderr
     assert jobs.wait(ray_cluster, job_id, timeout=60) == "STOPPED"

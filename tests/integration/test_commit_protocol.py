@@ -60,10 +60,15 @@ def digits_spec(storage: Path, flag: Path, tag: int = 0) -> dict:
         "tracking": {"experiment": "commit-tests"},
         "steps": [
             {"id": "raw", "op": "ingest.digits", "resources": {"batch_size": 500}},
-            {"id": "check", "op": "test.fail_if", "inputs": ["raw"],
-             "params": {"flag": str(flag), "tag": tag}, "resources": {"batch_size": 250}},
+            {
+                "id": "check",
+                "op": "test.fail_if",
+                "inputs": ["raw"],
+                "params": {"flag": str(flag), "tag": tag},
+                "resources": {"batch_size": 250},
+            },
         ],
-    }  # fmt: skip
+    }
 
 
 def committed_files(uri: str) -> dict[str, tuple[int, int, bytes]]:
@@ -171,13 +176,16 @@ def classes_spec(storage: Path, folder: Path) -> dict:
         "storage": str(storage),
         "tracking": {"experiment": "commit-tests"},
         "steps": [
-            {"id": "raw", "op": "ingest.images",
-             "params": {"path": str(folder), "labels": "folders"},
-             "resources": {"batch_size": 10}},
+            {
+                "id": "raw",
+                "op": "ingest.images",
+                "params": {"path": str(folder), "labels": "folders"},
+                "resources": {"batch_size": 10},
+            },
             {"id": "clean", "op": "curate.validate", "inputs": ["raw"]},
             {"id": "images", "op": "image.resize", "inputs": ["clean"], "params": {"size": 8}},
         ],
-    }  # fmt: skip
+    }
 
 
 def test_a_source_changed_after_listing_never_commits_what_its_fingerprint_denies(
@@ -231,12 +239,22 @@ def test_a_shuffle_job_hit_by_a_bad_shard_fails_cleanly_and_reruns(
     folder.mkdir()
     for k in range(3):
         ids = [f"f{k}-{i}" for i in range(20)]
-        table = pa.table({"id": ids, "image": [bytes([i % 4]) * 8 for i in range(20)],
-                          "caption": [f"caption {i}" for i in ids]})  # fmt: skip
+        table = pa.table(
+            {
+                "id": ids,
+                "image": [bytes([i % 4]) * 8 for i in range(20)],
+                "caption": [f"caption {i}" for i in ids],
+            }
+        )
         pa.parquet.write_table(table, folder / f"{k}.parquet")
-    spec = {"name": "shuffle", "storage": str(tmp_path / "s"), "steps": [
-        {"id": "raw", "op": "ingest.parquet", "params": {"path": str(folder)}},
-        {"id": "job", "op": op, "inputs": ["raw"], "params": params}]}  # fmt: skip
+    spec = {
+        "name": "shuffle",
+        "storage": str(tmp_path / "s"),
+        "steps": [
+            {"id": "raw", "op": "ingest.parquet", "params": {"path": str(folder)}},
+            {"id": "job", "op": op, "inputs": ["raw"], "params": params},
+        ],
+    }
     raw = difforge.run(spec, until="raw").step("raw").uri
     shard = Path(raw) / difforge.open_dataset(raw).manifest.files[1].path
     good = shard.read_bytes()

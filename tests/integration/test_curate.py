@@ -52,10 +52,15 @@ def make_bad_folder(root):
     frames[0].save(root / "animated.gif", save_all=True, append_images=frames[1:])
     Image.new("L", (40, 4)).save(root / "wide.png")
     return {
-        "truncated.jpg": "truncated", "truncated.png": "truncated", "empty.png": "zero_bytes",
-        "text.png": "not_an_image", "bomb.png": "too_large", "cmyk.jpg": "unsupported_mode",
-        "deep16.png": "unsupported_mode", "wide.png": "bad_aspect",
-    }  # fmt: skip
+        "truncated.jpg": "truncated",
+        "truncated.png": "truncated",
+        "empty.png": "zero_bytes",
+        "text.png": "not_an_image",
+        "bomb.png": "too_large",
+        "cmyk.jpg": "unsupported_mode",
+        "deep16.png": "unsupported_mode",
+        "wide.png": "bad_aspect",
+    }
 
 
 def curate_spec(tmp_path, folder, **validate):
@@ -65,10 +70,14 @@ def curate_spec(tmp_path, folder, **validate):
         "tracking": {"experiment": "curate-tests"},
         "steps": [
             {"id": "raw", "op": "ingest.images", "params": {"path": str(folder)}},
-            {"id": "clean", "op": "curate.validate", "inputs": ["raw"],
-             "params": {"max_pixels": 1_000_000, "max_aspect_ratio": 4, **validate}},
+            {
+                "id": "clean",
+                "op": "curate.validate",
+                "inputs": ["raw"],
+                "params": {"max_pixels": 1_000_000, "max_aspect_ratio": 4, **validate},
+            },
         ],
-    }  # fmt: skip
+    }
 
 
 def test_validate_accounts_for_every_bad_file(ray_session, tmp_path):
@@ -77,8 +86,9 @@ def test_validate_accounts_for_every_bad_file(ray_session, tmp_path):
     clean = summary.step("clean")
     kept = difforge.open_dataset(clean.uri).to_arrow()
     rejects = difforge.open_dataset(f"{clean.uri}/rejects").to_arrow()
-    reasons = dict(zip(rejects.column("id").to_pylist(), rejects.column("reason").to_pylist(),
-                       strict=True))  # fmt: skip
+    reasons = dict(
+        zip(rejects.column("id").to_pylist(), rejects.column("reason").to_pylist(), strict=True)
+    )
     assert reasons == expected
     assert sorted(kept.column("id").to_pylist()) == sorted(
         ["animated.gif", "good.jpg", *(f"good{i}.png" for i in range(6))]
@@ -128,9 +138,20 @@ def test_filter_reports_what_each_filter_removed(ray_session, tmp_path):
     assert set(kept.column("label").to_pylist()) == {0, 1}
     assert summary.step("f").side_rows["rejects"] == 1797 - kept.num_rows
     with pytest.raises(DifforgeError, match="needs column"):
-        difforge.plan({**spec, "steps": [spec["steps"][0], {
-            "id": "f", "op": "curate.filter", "inputs": ["raw"],
-            "params": {"min_caption_words": 2}}]})  # fmt: skip
+        difforge.plan(
+            {
+                **spec,
+                "steps": [
+                    spec["steps"][0],
+                    {
+                        "id": "f",
+                        "op": "curate.filter",
+                        "inputs": ["raw"],
+                        "params": {"min_caption_words": 2},
+                    },
+                ],
+            }
+        )
 
 
 def corruption_spec(tmp_path, batch_size: int, eta: float = 0.1, seed: int = 0):
@@ -138,13 +159,21 @@ def corruption_spec(tmp_path, batch_size: int, eta: float = 0.1, seed: int = 0):
         "name": "corrupt",
         "storage": str(tmp_path / f"s{batch_size}"),
         "steps": [
-            {"id": "raw", "op": "ingest.fashion_mnist", "params": {"limit": 10000},
-             "resources": {"batch_size": batch_size}},
-            {"id": "noisy", "op": "corrupt.labels", "inputs": ["raw"],
-             "params": {"corruption_ratio": eta, "seed": seed},
-             "resources": {"batch_size": batch_size // 3}},
+            {
+                "id": "raw",
+                "op": "ingest.fashion_mnist",
+                "params": {"limit": 10000},
+                "resources": {"batch_size": batch_size},
+            },
+            {
+                "id": "noisy",
+                "op": "corrupt.labels",
+                "inputs": ["raw"],
+                "params": {"corruption_ratio": eta, "seed": seed},
+                "resources": {"batch_size": batch_size // 3},
+            },
         ],
-    }  # fmt: skip
+    }
 
 
 def test_label_corruption_is_deterministic_and_achieves_its_ratio(ray_session, tmp_path):

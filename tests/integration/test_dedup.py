@@ -33,9 +33,13 @@ def plant(root):
     originals[3].save(buf, format="JPEG", quality=85)
     (root / "zcopy" / "jpeg.jpg").write_bytes(buf.getvalue())
     ImageEnhance.Brightness(originals[4]).enhance(1.06).save(root / "zcopy" / "bright.png")
-    return {"zcopy/bytes.png": "orig/00.png", "zcopy/pixels.png": "orig/01.png",
-            "zcopy/resized.png": "orig/02.png", "zcopy/jpeg.jpg": "orig/03.png",
-            "zcopy/bright.png": "orig/04.png"}  # fmt: skip
+    return {
+        "zcopy/bytes.png": "orig/00.png",
+        "zcopy/pixels.png": "orig/01.png",
+        "zcopy/resized.png": "orig/02.png",
+        "zcopy/jpeg.jpg": "orig/03.png",
+        "zcopy/bright.png": "orig/04.png",
+    }
 
 
 def run(tmp_path, op, params=None, ref=None):
@@ -71,7 +75,9 @@ def test_exact_dedup_drops_byte_and_pixel_copies(ray_session, tmp_path, strategy
     assert dups["zcopy/bytes.png"]["duplicate_of"] == "orig/00.png"
     assert dups["zcopy/bytes.png"]["kind"] == "bytes"
     assert (dups["zcopy/pixels.png"]["duplicate_of"], dups["zcopy/pixels.png"]["kind"]) == (
-        "orig/01.png", "pixels")  # fmt: skip
+        "orig/01.png",
+        "pixels",
+    )
     assert kept.num_rows == 15
 
 

@@ -23,13 +23,23 @@ def spec(tmp_path, max_steps: int, workers: int, name: str = "diffusion") -> dic
         "tracking": {"experiment": f"{name}-tests"},
         "steps": [
             {"id": "raw", "op": "ingest.digits"},
-            {"id": "model", "op": "train.diffusion", "inputs": ["raw"],
-             "params": {"backbone": TINY_UNET, "batch_size": 32, "max_steps": max_steps,
-                        "checkpoint_every": 10, "warmup_steps": 2, "cep": {"kind": "gaussian"},
-                        "deepspeed": {"zero_stage": 2, "precision": "fp32"}},
-             "resources": {"num_workers": workers, "num_cpus": 1}},
+            {
+                "id": "model",
+                "op": "train.diffusion",
+                "inputs": ["raw"],
+                "params": {
+                    "backbone": TINY_UNET,
+                    "batch_size": 32,
+                    "max_steps": max_steps,
+                    "checkpoint_every": 10,
+                    "warmup_steps": 2,
+                    "cep": {"kind": "gaussian"},
+                    "deepspeed": {"zero_stage": 2, "precision": "fp32"},
+                },
+                "resources": {"num_workers": workers, "num_cpus": 1},
+            },
         ],
-    }  # fmt: skip
+    }
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +92,17 @@ def test_two_workers_zero2_to_a_registered_model(trained):
     from difforge.platform.show import grid
 
     labels = torch.arange(10).repeat_interleave(8)
-    x = sample_batch(model, info["backbone"], make_scheduler(None, scheduler_config),
-                     tuple(info["sample_shape"]), list(range(80)), labels, [2.0] * 80, 10, 25)  # fmt: skip
+    x = sample_batch(
+        model,
+        info["backbone"],
+        make_scheduler(None, scheduler_config),
+        tuple(info["sample_shape"]),
+        list(range(80)),
+        labels,
+        [2.0] * 80,
+        10,
+        25,
+    )
     canvas = grid(to_pil(x), columns=8)
     expected = np.asarray(canvas.resize((canvas.width * 3, canvas.height * 3), 0), np.int16)
     logged = np.asarray(Image.open(client.download_artifacts(run_id, "samples.png")), np.int16)
@@ -112,8 +131,20 @@ def test_export_every_keeps_the_model_at_those_steps(trained, tmp_path):
     assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[2])
     with pytest.raises(DifforgeError, match="no snapshot at step 15"):
         load_model(uri, training_step=15)
-    args = build_parser().parse_args(["sample", uri, "--training-step", "20", "--n", "4",
-                                      "--steps", "4", "--out", str(tmp_path / "s")])  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "sample",
+            uri,
+            "--training-step",
+            "20",
+            "--n",
+            "4",
+            "--steps",
+            "4",
+            "--out",
+            str(tmp_path / "s"),
+        ]
+    )
     assert cmd_sample(args) == 0
     assert len(list((tmp_path / "s").glob("*-class*.png"))) == 4
 
@@ -132,8 +163,11 @@ def test_lora_finetune_of_a_registered_model_resumes_after_a_killed_worker(train
 
     from difforge.diffusion.model_folder import load_model
 
-    registered = MlflowClient(trained.tracking_uri).get_run(
-        trained.step("model").run_id).data.tags["difforge.registered_model"]  # fmt: skip
+    registered = (
+        MlflowClient(trained.tracking_uri)
+        .get_run(trained.step("model").run_id)
+        .data.tags["difforge.registered_model"]
+    )
     fault = spec(tmp_path, 40, 2, name="fault")
     params = fault["steps"][1]["params"]
     del params["backbone"]  # taken from the weights
@@ -206,8 +240,9 @@ def test_a_backbone_argument_that_makes_no_network_is_named(ray_session, tmp_pat
     # backbone's own complaint, not with a worker's error after Ray Train's retries
     s = spec(tmp_path, 10, 2, name="typo")
     s["steps"][1]["params"]["backbone"] = {**TINY_UNET, "layers_per_blok": 1}
-    with pytest.raises(difforge.platform.errors.DifforgeError,
-                       match="^backbone UNet2DModel: .*'layers_per_blok'"):  # fmt: skip
+    with pytest.raises(
+        difforge.platform.errors.DifforgeError, match="^backbone UNet2DModel: .*'layers_per_blok'"
+    ):
         difforge.run(s)
 
 
@@ -224,6 +259,7 @@ def test_a_backbone_check_failing_after_ray_train_started_stops_it(ray_session, 
     out = difforge_cli("run", str(path), "--address", ray.get_runtime_context().gcs_address)
     assert out.returncode != 0
     said = out.stdout + out.stderr
-    assert "error: backbone UNet2DModel: Must provide the same number of `block_out_channels`" \
-        in said, said[-3000:]  # fmt: skip
+    assert (
+        "error: backbone UNet2DModel: Must provide the same number of `block_out_channels`" in said
+    ), said[-3000:]
     assert "ActorDied" not in said

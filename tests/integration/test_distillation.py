@@ -13,16 +13,40 @@ from tests.conftest import difforge_cli, digits_pipeline
 
 
 def test_guided_distillation_pipeline(ray_session, digits_storage, tmp_path):
-    spec = digits_pipeline(digits_storage, "distill-tests", [
-        {"id": "student", "op": "distill.guided", "inputs": ["teacher", "raw", "clf", "test"],
-         "params": {"teacher_steps": 4, "rounds": 1, "guide_steps": 40,
-                    "steps_per_round": 40, "batch_size": 32, "checkpoint_every": 20,
-                    "w_min": 0.0, "w_max": 3.0, "eval_images": 100}},
-        {"id": "distilled_plan", "op": "sample.plan", "inputs": ["student"],
-         "params": {"num_images": 20, "guidance_scales": [1.0, 3.0]}},  # 20 at each w
-        {"id": "distilled_samples", "op": "sample.diffusion", "inputs": ["distilled_plan"],
-         "resources": {"batch_size": 10}},
-    ])  # fmt: skip
+    spec = digits_pipeline(
+        digits_storage,
+        "distill-tests",
+        [
+            {
+                "id": "student",
+                "op": "distill.guided",
+                "inputs": ["teacher", "raw", "clf", "test"],
+                "params": {
+                    "teacher_steps": 4,
+                    "rounds": 1,
+                    "guide_steps": 40,
+                    "steps_per_round": 40,
+                    "batch_size": 32,
+                    "checkpoint_every": 20,
+                    "w_min": 0.0,
+                    "w_max": 3.0,
+                    "eval_images": 100,
+                },
+            },
+            {
+                "id": "distilled_plan",
+                "op": "sample.plan",
+                "inputs": ["student"],
+                "params": {"num_images": 20, "guidance_scales": [1.0, 3.0]},
+            },  # 20 at each w
+            {
+                "id": "distilled_samples",
+                "op": "sample.diffusion",
+                "inputs": ["distilled_plan"],
+                "resources": {"batch_size": 10},
+            },
+        ],
+    )
     summary = difforge.run(spec)
     out = difforge.open_dataset(summary.step("student").uri).to_arrow().to_pylist()[0]
     assert out["steps"] == 80 and out["num_inference_steps"] == 2
@@ -40,8 +64,9 @@ def test_guided_distillation_pipeline(ray_session, digits_storage, tmp_path):
     assert {"samples_2_steps.png", "round_0_4_steps.png", "round_1_2_steps.png", "model"} <= names
     fd = client.get_metric_history(run_id, "fd")
     assert [m.step for m in fd] == [40, 80] and all(m.value > 0 for m in fd)
-    sampled = difforge_cli("sample", out["model_uri"], "--n", "4", "--guidance", "2.5",
-                           "--out", str(tmp_path / "cli"))  # fmt: skip
+    sampled = difforge_cli(
+        "sample", out["model_uri"], "--n", "4", "--guidance", "2.5", "--out", str(tmp_path / "cli")
+    )
     assert sampled.returncode == 0, sampled.stderr
     assert "2 ddim steps" in sampled.stdout  # the student's own step count
 
@@ -50,14 +75,32 @@ def test_consistency_distillation_pipeline(ray_session, digits_storage, tmp_path
     """distill.consistency on the shared teacher with guidance built in: a registered model
     folder that `sample.diffusion` and `difforge sample` draw from with its own LCM sampler,
     step count and guidance scale (the plan's scales are not applied a second time)."""
-    spec = digits_pipeline(digits_storage, "distill-tests", [
-        {"id": "consistency", "op": "distill.consistency", "inputs": ["teacher", "raw"],
-         "params": {"steps": 20, "ode_steps": 10, "num_inference_steps": 2, "batch_size": 32,
-                    "checkpoint_every": 10, "guidance_scale": 2.0}},
-        {"id": "cm_plan", "op": "sample.plan", "inputs": ["consistency"],
-         "params": {"num_images": 10, "guidance_scales": [3.0]}},
-        {"id": "cm_samples", "op": "sample.diffusion", "inputs": ["cm_plan"]},
-    ])  # fmt: skip
+    spec = digits_pipeline(
+        digits_storage,
+        "distill-tests",
+        [
+            {
+                "id": "consistency",
+                "op": "distill.consistency",
+                "inputs": ["teacher", "raw"],
+                "params": {
+                    "steps": 20,
+                    "ode_steps": 10,
+                    "num_inference_steps": 2,
+                    "batch_size": 32,
+                    "checkpoint_every": 10,
+                    "guidance_scale": 2.0,
+                },
+            },
+            {
+                "id": "cm_plan",
+                "op": "sample.plan",
+                "inputs": ["consistency"],
+                "params": {"num_images": 10, "guidance_scales": [3.0]},
+            },
+            {"id": "cm_samples", "op": "sample.diffusion", "inputs": ["cm_plan"]},
+        ],
+    )
     summary = difforge.run(spec)
     out = difforge.open_dataset(summary.step("consistency").uri).to_arrow().to_pylist()[0]
     assert out["steps"] == 20 and out["num_inference_steps"] == 2

@@ -29,18 +29,38 @@ def test_semantic_dedup_finds_planted_copies_and_decontamination_the_reference(
     (tmp_path / "ref").mkdir()  # an "evaluation set": 30 originals, slightly moved
     held = sorted(set(ids[:1600]))[:30]
     moved = e[:30] + np.random.default_rng(1).normal(scale=0.01, size=(30, e.shape[1]))
-    pq.write_table(pa.table({"id": [f"eval{i}" for i in range(30)],
-                             "embedding": to_column(moved.astype(np.float32))}),
-                   tmp_path / "ref" / "a.parquet")  # fmt: skip
-    spec = {"name": "semdedup", "storage": str(tmp_path / "storage"), "steps": [
-        {"id": "raw", "op": "ingest.parquet",
-         "params": {"path": str(tmp_path / "emb"), "id_column": "id"}},
-        {"id": "eval", "op": "ingest.parquet",
-         "params": {"path": str(tmp_path / "ref"), "id_column": "id"}},
-        {"id": "unique", "op": "curate.semantic_dedup", "inputs": ["raw"],
-         "params": {"threshold": 0.95, "sample_rows": 1000}},
-        {"id": "clean", "op": "curate.decontaminate", "inputs": ["unique", "eval"]},
-    ]}  # fmt: skip
+    pq.write_table(
+        pa.table(
+            {
+                "id": [f"eval{i}" for i in range(30)],
+                "embedding": to_column(moved.astype(np.float32)),
+            }
+        ),
+        tmp_path / "ref" / "a.parquet",
+    )
+    spec = {
+        "name": "semdedup",
+        "storage": str(tmp_path / "storage"),
+        "steps": [
+            {
+                "id": "raw",
+                "op": "ingest.parquet",
+                "params": {"path": str(tmp_path / "emb"), "id_column": "id"},
+            },
+            {
+                "id": "eval",
+                "op": "ingest.parquet",
+                "params": {"path": str(tmp_path / "ref"), "id_column": "id"},
+            },
+            {
+                "id": "unique",
+                "op": "curate.semantic_dedup",
+                "inputs": ["raw"],
+                "params": {"threshold": 0.95, "sample_rows": 1000},
+            },
+            {"id": "clean", "op": "curate.decontaminate", "inputs": ["unique", "eval"]},
+        ],
+    }
     summary = difforge.run(spec)
     unique = summary.step("unique")
     found = difforge.open_dataset(f"{unique.uri}/duplicates").to_arrow()
@@ -87,17 +107,24 @@ def test_the_embedding_curation_pipeline_accounts_for_every_image(ray_session, t
     clip = tiny_clip(tmp_path / "clip", image_size=16)
     files = sorted((tmp_path / "images").rglob("[0-9]*.png"))
     e, _ = Extractor(FeatureSpec("transformers", clip, mode="RGB", normalize=True))(
-        [f.read_bytes() for f in files])  # fmt: skip
+        [f.read_bytes() for f in files]
+    )
     expected = TextSide(clip, ["a photo with a watermark", "a photo"])(e)
     median = float(np.median(expected))
     root = Path(__file__).resolve().parents[2]
-    summary = difforge.run(str(root / "pipelines" / "curate-embeddings.yaml"), [
-        f"storage={tmp_path / 'storage'}", f"raw.params.path={tmp_path / 'images'}",
-        f"raw.params.sidecar={tmp_path / 'captions.csv'}",
-        f"embedded.params.model={clip}", f"kept.params.max_score.watermark={median}",
-        f"captioned.params.model={tiny_captioner(tmp_path / 'captioner')}",
-        "captioned.params.max_new_tokens=4", "images.params.size=32",
-    ])  # fmt: skip
+    summary = difforge.run(
+        str(root / "pipelines" / "curate-embeddings.yaml"),
+        [
+            f"storage={tmp_path / 'storage'}",
+            f"raw.params.path={tmp_path / 'images'}",
+            f"raw.params.sidecar={tmp_path / 'captions.csv'}",
+            f"embedded.params.model={clip}",
+            f"kept.params.max_score.watermark={median}",
+            f"captioned.params.model={tiny_captioner(tmp_path / 'captioner')}",
+            "captioned.params.max_new_tokens=4",
+            "images.params.size=32",
+        ],
+    )
     rows = {s.step: s.rows_out for s in summary.steps}
     sides = {s.step: s.side_rows for s in summary.steps}
     assert rows["raw"] == 66 and sides["clean"]["rejects"] == 1
@@ -109,8 +136,9 @@ def test_the_embedding_curation_pipeline_accounts_for_every_image(ray_session, t
     assert rows["images"] == rows["captioned"] == rows["kept"]
     scored = difforge.open_dataset(summary.step("scored").uri).to_arrow()
     by_file = dict(zip([f.name for f in files], expected.tolist(), strict=True))
-    for source, w in zip(scored.column("source").to_pylist(),
-                         scored.column("watermark").to_pylist(), strict=True):  # fmt: skip
+    for source, w in zip(
+        scored.column("source").to_pylist(), scored.column("watermark").to_pylist(), strict=True
+    ):
         assert abs(w - by_file[Path(source).name]) < 1e-4  # what CLIP's zero-shot gives
     rejects = difforge.open_dataset(f"{kept.uri}/rejects").to_arrow()
     assert set(rejects.column("reason").to_pylist()) == {"max_score.watermark"}

@@ -32,8 +32,11 @@ def installed(tmp_path, monkeypatch):
     text = (PLUGIN / "pyproject.toml").read_text()
     section = text.split('[project.entry-points."difforge.operators"]', 1)[1].split("\n[", 1)[0]
     lines = [x for x in section.strip().splitlines() if x and not x.startswith("#")]
-    (info / "entry_points.txt").write_text("[difforge.operators]\n" + "\n".join(
-        x.replace('"', "").replace(" ", "") for x in lines) + "\n")  # fmt: skip
+    (info / "entry_points.txt").write_text(
+        "[difforge.operators]\n"
+        + "\n".join(x.replace('"', "").replace(" ", "") for x in lines)
+        + "\n"
+    )
     paths = f"{PLUGIN / 'src'}:{tmp_path / 'site'}"
     monkeypatch.syspath_prepend(str(PLUGIN / "src"))
     from difforge_example import brightness
@@ -46,8 +49,13 @@ def installed(tmp_path, monkeypatch):
 
 def test_it_is_listed_by_difforge_ops(installed):
     env = {**os.environ, "PYTHONPATH": installed}
-    done = subprocess.run([str(BIN / "difforge"), "ops", "example.min_brightness"],
-                          capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    done = subprocess.run(
+        [str(BIN / "difforge"), "ops", "example.min_brightness"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert "example.min_brightness  (v1, filter)  Rejects images darker" in done.stdout
     assert "threshold: float (default 20.0)" in done.stdout
@@ -62,12 +70,26 @@ def test_it_runs_fused_and_alone_with_the_same_output(ray_session, installed, tm
         Image.fromarray(rng.integers(0, top, (8, 8, 3), np.uint8)).save(folder / f"{i}.png")
 
     def spec(storage):
-        return {"name": "plugin", "storage": str(storage), "steps": [
-            {"id": "raw", "op": "ingest.images", "params": {"path": str(folder)},
-             "resources": {"batch_size": 5}},
-            {"id": "clean", "op": "curate.validate", "inputs": ["raw"]},
-            {"id": "bright", "op": "example.min_brightness", "inputs": ["clean"],
-             "params": {"threshold": 30}, "resources": {"batch_size": 4}}]}  # fmt: skip
+        return {
+            "name": "plugin",
+            "storage": str(storage),
+            "steps": [
+                {
+                    "id": "raw",
+                    "op": "ingest.images",
+                    "params": {"path": str(folder)},
+                    "resources": {"batch_size": 5},
+                },
+                {"id": "clean", "op": "curate.validate", "inputs": ["raw"]},
+                {
+                    "id": "bright",
+                    "op": "example.min_brightness",
+                    "inputs": ["clean"],
+                    "params": {"threshold": 30},
+                    "resources": {"batch_size": 4},
+                },
+            ],
+        }
 
     fused = difforge.run(spec(tmp_path / "a"))
     alone = difforge.run(spec(tmp_path / "b"), fuse=False)
@@ -79,7 +101,11 @@ def test_it_runs_fused_and_alone_with_the_same_output(ray_session, installed, tm
 
 
 def test_its_own_tests_pass():
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           str(PLUGIN / "tests")], capture_output=True, text=True, timeout=120,
-                          cwd=PLUGIN)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(PLUGIN / "tests")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=PLUGIN,
+    )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -45,16 +45,29 @@ def spec(storage, folder, extra: list | None = None) -> dict:
         "storage": str(storage),
         "tracking": {"experiment": "fusion-tests"},
         "steps": [
-            {"id": "raw", "op": "ingest.images", "params": {"path": str(folder)},
-             "resources": {"batch_size": 5}},
-            {"id": "clean", "op": "curate.validate", "inputs": ["raw"],
-             "params": {"max_pixels": 1_000_000, "max_aspect_ratio": 4},
-             "resources": {"batch_size": 3}},
-            {"id": "images", "op": "image.resize", "inputs": ["clean"],
-             "params": {"size": 8, "method": "pad"}, "resources": {"batch_size": 2}},
+            {
+                "id": "raw",
+                "op": "ingest.images",
+                "params": {"path": str(folder)},
+                "resources": {"batch_size": 5},
+            },
+            {
+                "id": "clean",
+                "op": "curate.validate",
+                "inputs": ["raw"],
+                "params": {"max_pixels": 1_000_000, "max_aspect_ratio": 4},
+                "resources": {"batch_size": 3},
+            },
+            {
+                "id": "images",
+                "op": "image.resize",
+                "inputs": ["clean"],
+                "params": {"size": 8, "method": "pad"},
+                "resources": {"batch_size": 2},
+            },
             *(extra or []),
         ],
-    }  # fmt: skip
+    }
 
 
 class Recorder(RunObserver):
@@ -162,15 +175,28 @@ def test_which_steps_share_a_pass(tmp_path):
         {"id": "clean", "op": "curate.validate", "inputs": ["raw"]},
         {"id": "images", "op": "image.resize", "inputs": ["clean"], "params": {"size": 16}},
         {"id": "small", "op": "image.resize", "inputs": ["clean"], "params": {"size": 4}},
-        {"id": "noisy", "op": "corrupt.labels", "inputs": ["images"],
-         "params": {"corruption_ratio": 0.1}},
-        {"id": "wide", "op": "image.resize", "inputs": ["noisy"], "params": {"size": 20},
-         "resources": {"num_cpus": 2}},
+        {
+            "id": "noisy",
+            "op": "corrupt.labels",
+            "inputs": ["images"],
+            "params": {"corruption_ratio": 0.1},
+        },
+        {
+            "id": "wide",
+            "op": "image.resize",
+            "inputs": ["noisy"],
+            "params": {"size": 20},
+            "resources": {"num_cpus": 2},
+        },
         {"id": "vae", "op": "train.vae", "inputs": ["noisy"], "params": {"max_steps": 1}},
         {"id": "latents", "op": "encode.vae", "inputs": ["noisy", "vae"]},
-        {"id": "rejected", "op": "image.resize", "inputs": ["clean.rejects"],
-         "params": {"size": 4}},
-    ]  # fmt: skip
+        {
+            "id": "rejected",
+            "op": "image.resize",
+            "inputs": ["clean.rejects"],
+            "params": {"size": 4},
+        },
+    ]
     plan = difforge.plan({"name": "p", "storage": str(tmp_path), "steps": steps})
     groups = [[s.id for s in g] for g in passes(plan.steps)]
     assert groups == [

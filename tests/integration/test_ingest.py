@@ -39,14 +39,14 @@ def test_image_folder_with_labels_captions_and_rejects(ray_session, tmp_path):
                     "path": str(tmp_path / "imgs"),
                     "labels": "folders",
                     "sidecar": str(sidecar),
-                },  # fmt: skip
+                },
             },
             {
                 "id": "sized",
                 "op": "image.resize",
                 "inputs": ["raw"],
                 "params": {"size": 16, "mode": "L"},
-            },  # fmt: skip
+            },
         ],
     }
     summary = difforge.run(spec)
@@ -65,9 +65,19 @@ def test_image_folder_with_labels_captions_and_rejects(ray_session, tmp_path):
     assert rejects[0]["image"] == (tmp_path / "imgs/dogs/broken.png").read_bytes()  # nothing lost
     # a side output is an input like any other
     plan = difforge.plan(
-        {**spec, "steps": [*spec["steps"], {"id": "again", "op": "image.resize",
-                                            "inputs": ["sized.rejects"], "params": {"size": 8}}]}
-    )  # fmt: skip
+        {
+            **spec,
+            "steps": [
+                *spec["steps"],
+                {
+                    "id": "again",
+                    "op": "image.resize",
+                    "inputs": ["sized.rejects"],
+                    "params": {"size": 8},
+                },
+            ],
+        }
+    )
     assert plan.step("again").inputs[0].uri == f"{sized.uri}/rejects"
 
 
@@ -97,7 +107,7 @@ def test_parquet_source_with_mapped_columns(ray_session, tmp_path):
                     "columns": {"png": "image", "cls": "label"},
                     "id_column": "key",
                 },
-            },  # fmt: skip
+            },
             {"id": "clf_input", "op": "image.resize", "inputs": ["raw"], "params": {"size": 8}},
         ],
     }

@@ -44,10 +44,22 @@ def test_quickstart_runs_every_step(quickstart):
     _, _, summary = quickstart
     assert summary.status == "FINISHED"
     rows = {s.step: s.rows_out for s in summary.steps}
-    assert rows == {"raw": 1200, "raw_test": 300, "clean": 1200, "unique": 1200,
-                    "images": 1200, "noisy": 1200, "test_images": 300, "vae": 1,
-                    "latents": 1200, "classifier": 1, "model": 1, "plan": 40,
-                    "samples": 40, "quality": 1}  # fmt: skip
+    assert rows == {
+        "raw": 1200,
+        "raw_test": 300,
+        "clean": 1200,
+        "unique": 1200,
+        "images": 1200,
+        "noisy": 1200,
+        "test_images": 300,
+        "vae": 1,
+        "latents": 1200,
+        "classifier": 1,
+        "model": 1,
+        "plan": 40,
+        "samples": 40,
+        "quality": 1,
+    }
     assert not any(s.cached for s in summary.steps)
     images = open_dataset(summary.step("images").uri)
     assert images.metadata["classes"][0] == "T-shirt/top"
@@ -82,9 +94,22 @@ def test_quickstart_is_tracked_in_mlflow(quickstart):
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{summary.run_id}'"
     )
     by_step = {r.data.tags["difforge.step"]: r for r in children}
-    assert set(by_step) == {"raw", "raw_test", "clean", "unique", "images", "noisy",
-                            "test_images", "vae", "latents", "classifier", "model",
-                            "plan", "samples", "quality"}  # fmt: skip
+    assert set(by_step) == {
+        "raw",
+        "raw_test",
+        "clean",
+        "unique",
+        "images",
+        "noisy",
+        "test_images",
+        "vae",
+        "latents",
+        "classifier",
+        "model",
+        "plan",
+        "samples",
+        "quality",
+    }
     images = by_step["images"]
     assert images.data.metrics["rows_in"] == 1200 and images.data.metrics["rows_out"] == 1200
     assert images.data.metrics["rows_per_s"] > 0
@@ -148,7 +173,15 @@ def test_force_recomputes_a_step_and_its_downstream(quickstart):
     plan = difforge.plan(QUICKSTART, overrides, force=["test_images"])
     # the test split feeds the VAE's held-out check and the classifier's, and the evaluation
     assert {s.id for s in plan.steps if not s.cached} == {
-        "test_images", "vae", "latents", "classifier", "model", "plan", "samples", "quality"}  # fmt: skip
+        "test_images",
+        "vae",
+        "latents",
+        "classifier",
+        "model",
+        "plan",
+        "samples",
+        "quality",
+    }
     summary = difforge.run(QUICKSTART, overrides, until="test_images", force=["test_images"])
     assert summary.step("test_images").cached is False
     assert summary.step("test_images").uri == first.step("test_images").uri  # same fingerprint

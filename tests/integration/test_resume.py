@@ -55,8 +55,11 @@ def listeners_of(session: int) -> list[tuple[str, str]]:
                 names[p.info["pid"]] = p.info["name"]
         except OSError:
             continue
-    return [(c.laddr.ip, names[c.pid]) for c in psutil.net_connections("inet")
-            if c.status == psutil.CONN_LISTEN and c.pid in names]  # fmt: skip
+    return [
+        (c.laddr.ip, names[c.pid])
+        for c in psutil.net_connections("inet")
+        if c.status == psutil.CONN_LISTEN and c.pid in names
+    ]
 
 
 def test_killed_run_resumes_from_last_committed_step(tmp_path):
@@ -127,8 +130,14 @@ def test_killed_pass_of_fused_steps_redoes_only_unfinished_shards(tmp_path):
     # a quiet console: difforge's own lines; Ray's and the libraries' in a file it names
     logs = re.search(r"Ray's and libraries' logs: (\S+\.log)", out)
     assert logs and Path(logs[1]).exists(), out
-    internals = ("streaming_executor", "(TrainController", "(raylet)", "MapBatches", "INFO mlflow",
-                 "Token authentication")  # fmt: skip
+    internals = (
+        "streaming_executor",
+        "(TrainController",
+        "(raylet)",
+        "MapBatches",
+        "INFO mlflow",
+        "Token authentication",
+    )
     assert not [line for line in out.splitlines() if any(x in line for x in internals)], out
     from difforge.platform.datasets import open_dataset
 
@@ -138,8 +147,11 @@ def test_killed_pass_of_fused_steps_redoes_only_unfinished_shards(tmp_path):
     client = MlflowClient(f"sqlite:///{home}/mlflow.db")
     exp = client.get_experiment_by_name("slow-tests")
     runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")
-    resumed = {r.data.tags.get("difforge.step"): r.data.metrics.get("input_shards_resumed")
-               for r in runs if r.data.tags.get("difforge.step")}  # fmt: skip
+    resumed = {
+        r.data.tags.get("difforge.step"): r.data.metrics.get("input_shards_resumed")
+        for r in runs
+        if r.data.tags.get("difforge.step")
+    }
     assert resumed == {"raw": int(found[1]), "slow": int(found[1])}
 
 
@@ -189,8 +201,11 @@ def test_ctrl_c_during_training_is_an_interruption_not_a_failure(tmp_path):
     proc = start(path, dict(os.environ), home)
     try:
         # the training loop is running once its worker wrote where it runs
-        wait_for(lambda: any((tmp_path / "storage" / "slow" / "model").glob("*/_work/nodes/rank-0")),
-                 180, "the training loop")  # fmt: skip
+        wait_for(
+            lambda: any((tmp_path / "storage" / "slow" / "model").glob("*/_work/nodes/rank-0")),
+            180,
+            "the training loop",
+        )
         # long before its first checkpoint, the step's run shows how far training got
         tracking = MlflowClient(f"sqlite:///{home}/mlflow.db")
 

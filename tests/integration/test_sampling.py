@@ -19,14 +19,31 @@ from tests.conftest import digits_pipeline
 
 def pipeline(storage) -> dict:
     """The digits pipeline (its teacher and classifier shared with other modules), sampled."""
-    return digits_pipeline(storage, "sampling-tests", [
-        {"id": "plan", "op": "sample.plan", "inputs": ["teacher"],
-         "params": {"num_images": 60, "rows_per_shard": 16}},
-        {"id": "samples", "op": "sample.diffusion", "inputs": ["plan"],
-         "params": {"num_inference_steps": 5}, "resources": {"batch_size": 16}},
-        {"id": "quality", "op": "evaluate.fid", "inputs": ["samples", "test", "clf"],
-         "params": {"kid_subset_size": 50}},
-    ])  # fmt: skip
+    return digits_pipeline(
+        storage,
+        "sampling-tests",
+        [
+            {
+                "id": "plan",
+                "op": "sample.plan",
+                "inputs": ["teacher"],
+                "params": {"num_images": 60, "rows_per_shard": 16},
+            },
+            {
+                "id": "samples",
+                "op": "sample.diffusion",
+                "inputs": ["plan"],
+                "params": {"num_inference_steps": 5},
+                "resources": {"batch_size": 16},
+            },
+            {
+                "id": "quality",
+                "op": "evaluate.fid",
+                "inputs": ["samples", "test", "clf"],
+                "params": {"kid_subset_size": 50},
+            },
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +72,14 @@ def test_each_index_once_and_metrics_logged(sampled):
 def test_same_seed_same_image_whatever_the_batch_or_pool(sampled):
     tmp, summary = sampled
     first = images_of(summary.step("samples").uri)
-    again = difforge.run(pipeline(tmp), ["samples.resources.max_actors=2"],
-                         until="samples", force=["samples"])  # fmt: skip
+    again = difforge.run(
+        pipeline(tmp), ["samples.resources.max_actors=2"], until="samples", force=["samples"]
+    )
     second = images_of(again.step("samples").uri)
     assert all(np.array_equal(first[i], second[i]) for i in first)  # bit-identical
-    other = difforge.run(pipeline(tmp), ["samples.resources.batch_size=5"],
-                         until="samples", force=["samples"])  # fmt: skip
+    other = difforge.run(
+        pipeline(tmp), ["samples.resources.batch_size=5"], until="samples", force=["samples"]
+    )
     third = images_of(other.step("samples").uri)
     # other batch sizes may change the last bits of batched kernels, never the image
     assert max(np.abs(first[i] - third[i]).max() for i in first) <= 2.0
@@ -99,9 +118,18 @@ def test_metrics_order_real_noisy_blurred():
     a, b = x[::2], x[1::2]
     noisy = b + rng.normal(0, 4, b.shape)
     noisier = b + rng.normal(0, 8, b.shape)
-    blurred = np.stack([np.asarray(Image.fromarray((im.reshape(8, 8) * 15).astype(np.uint8))
-                                   .filter(ImageFilter.GaussianBlur(1.5)), np.float64).flatten() / 15
-                        for im in b])  # fmt: skip
+    blurred = np.stack(
+        [
+            np.asarray(
+                Image.fromarray((im.reshape(8, 8) * 15).astype(np.uint8)).filter(
+                    ImageFilter.GaussianBlur(1.5)
+                ),
+                np.float64,
+            ).flatten()
+            / 15
+            for im in b
+        ]
+    )
     same = frechet_distance(a, b)
     assert same < frechet_distance(a, noisy) < frechet_distance(a, noisier)
     assert same < frechet_distance(a, blurred)
@@ -115,8 +143,18 @@ def test_difforge_sample_command(sampled, tmp_path):
 
     _, summary = sampled
     model = difforge.open_dataset(summary.step("teacher").uri).to_arrow().to_pylist()[0]
-    out = difforge_cli("sample", model["model_uri"], "--n", "6", "--class", "3", "--steps", "3",
-                       "--out", str(tmp_path / "s"))  # fmt: skip
+    out = difforge_cli(
+        "sample",
+        model["model_uri"],
+        "--n",
+        "6",
+        "--class",
+        "3",
+        "--steps",
+        "3",
+        "--out",
+        str(tmp_path / "s"),
+    )
     assert out.returncode == 0, out.stderr
     files = sorted(p.name for p in (tmp_path / "s").iterdir())
     assert files == [
@@ -140,8 +178,12 @@ def test_model_samples_score_between_real_data_and_noise(sampled):
     net, _ = load_classifier(clf["model_uri"])
 
     def feats(step):
-        return classifier_features(net, load_images(difforge.open_dataset(summary.step(step).uri)
-                                                    .file_uris(), "L", with_labels=False)[0])[0]  # fmt: skip
+        return classifier_features(
+            net,
+            load_images(
+                difforge.open_dataset(summary.step(step).uri).file_uris(), "L", with_labels=False
+            )[0],
+        )[0]
 
     train, test, samples = feats("raw")[:600], feats("test"), feats("samples")
     noise = np.random.default_rng(0).integers(0, 256, (200, 1, 8, 8), dtype=np.uint8)
@@ -165,14 +207,25 @@ def test_memorization_finds_the_copies(sampled, tmp_path):
     train = difforge.open_dataset(summary.step("raw").uri).to_arrow(columns=["id", "image"])
     test = difforge.open_dataset(summary.step("test").uri).to_arrow(columns=["id", "image"])
     copied = train.slice(100, 20)
-    fake = pa.table({
-        "id": [f"copy-{i}" for i in range(20)] + [f"fresh-{i}" for i in range(80)],
-        "image": copied.column("image").to_pylist() + test.column("image").to_pylist()[:80],
-    })  # fmt: skip
+    fake = pa.table(
+        {
+            "id": [f"copy-{i}" for i in range(20)] + [f"fresh-{i}" for i in range(80)],
+            "image": copied.column("image").to_pylist() + test.column("image").to_pylist()[:80],
+        }
+    )
     fake_uri = committed(str(tmp_path / "fake"), fake)
-    spec = {"name": "mem", "storage": str(tmp_path / "s"), "tracking": {"experiment": "mem-tests"},
-            "steps": [{"id": "mem", "op": "evaluate.memorization",
-                       "inputs": [fake_uri, summary.step("raw").uri]}]}  # fmt: skip
+    spec = {
+        "name": "mem",
+        "storage": str(tmp_path / "s"),
+        "tracking": {"experiment": "mem-tests"},
+        "steps": [
+            {
+                "id": "mem",
+                "op": "evaluate.memorization",
+                "inputs": [fake_uri, summary.step("raw").uri],
+            }
+        ],
+    }
     out = difforge.run(spec)
     rows = {r["id"]: r for r in difforge.open_dataset(out.step("mem").uri).to_arrow().to_pylist()}
     sources = copied.column("id").to_pylist()
@@ -191,9 +244,19 @@ def test_memorization_finds_the_copies(sampled, tmp_path):
 def test_inception_features_and_cached_reference(sampled):
     tmp, summary = sampled
     spec = pipeline(tmp)
-    spec["steps"].append({"id": "inception", "op": "evaluate.fid", "inputs": ["samples", "test"],
-                          "params": {"features": "inception", "max_images": 16,
-                                     "kid_subset_size": 10, "kid_subsets": 2}})  # fmt: skip
+    spec["steps"].append(
+        {
+            "id": "inception",
+            "op": "evaluate.fid",
+            "inputs": ["samples", "test"],
+            "params": {
+                "features": "inception",
+                "max_images": 16,
+                "kid_subset_size": 10,
+                "kid_subsets": 2,
+            },
+        }
+    )
     first = difforge.run(spec, until="inception")
     q = difforge.open_dataset(first.step("inception").uri).to_arrow().to_pylist()[0]
     assert q["features"] == "inception" and q["fid"] > 0 and q["reference_cached"] == 0.0
@@ -225,8 +288,9 @@ def test_feature_step_matches_what_evaluation_computed(sampled):
     q = difforge.open_dataset(summary.step("quality").uri).to_arrow().to_pylist()[0]
     accuracy = np.mean(t.column("label").to_numpy() == t.column("predicted_label").to_numpy())
     assert abs(accuracy - q["class_accuracy"]) < 1e-9
-    f_real = to_numpy(difforge.open_dataset(out.step("test_feats").uri).to_arrow()
-                      .column("features")).astype(np.float64)  # fmt: skip
+    f_real = to_numpy(
+        difforge.open_dataset(out.step("test_feats").uri).to_arrow().column("features")
+    ).astype(np.float64)
     assert abs(frechet_distance(f_real, f_fake.astype(np.float64)) - q["fid"]) < 1e-6 * q["fid"]
 
 
@@ -240,9 +304,13 @@ def test_the_teacher_as_a_zero_shot_classifier(sampled):
     spec = pipeline(storage)
     spec["steps"] += [
         {"id": "held_out", "op": "ingest.digits", "params": {"split": "test", "limit": 200}},
-        {"id": "zero_shot", "op": "evaluate.diffusion_classifier",
-         "inputs": ["held_out", "teacher"], "resources": {"batch_size": 100}},
-    ]  # fmt: skip
+        {
+            "id": "zero_shot",
+            "op": "evaluate.diffusion_classifier",
+            "inputs": ["held_out", "teacher"],
+            "resources": {"batch_size": 100},
+        },
+    ]
     out = difforge.run(spec, until="zero_shot")
     table = difforge.open_dataset(out.step("zero_shot").uri).to_arrow()
     assert table.num_rows == 200 and "image" not in table.column_names
@@ -266,13 +334,25 @@ def test_diffusion_features_carry_the_class_and_a_probe_reads_them(sampled):
     storage, _ = sampled
     spec = pipeline(storage)
     spec["steps"] += [
-        {"id": "dfeats", "op": "encode.diffusion_features", "inputs": ["raw", "teacher"],
-         "params": {"block": "mid_block", "t": 0.1}},
-        {"id": "probe", "op": "evaluate.linear_probe", "inputs": ["dfeats"],
-         "params": {"fractions": [0.25, 1.0]}},
-        {"id": "control", "op": "evaluate.linear_probe", "inputs": ["dfeats"],
-         "params": {"fractions": [1.0], "shuffle_labels": True}},
-    ]  # fmt: skip
+        {
+            "id": "dfeats",
+            "op": "encode.diffusion_features",
+            "inputs": ["raw", "teacher"],
+            "params": {"block": "mid_block", "t": 0.1},
+        },
+        {
+            "id": "probe",
+            "op": "evaluate.linear_probe",
+            "inputs": ["dfeats"],
+            "params": {"fractions": [0.25, 1.0]},
+        },
+        {
+            "id": "control",
+            "op": "evaluate.linear_probe",
+            "inputs": ["dfeats"],
+            "params": {"fractions": [1.0], "shuffle_labels": True},
+        },
+    ]
     out = difforge.run(spec)
     feats = difforge.open_dataset(out.step("dfeats").uri)
     assert feats.metadata["features"]["kind"] == "diffusion"
@@ -290,6 +370,12 @@ def test_diffusion_features_carry_the_class_and_a_probe_reads_them(sampled):
     assert "learning_curve.png" in {a.path for a in client.list_artifacts(run)}
     with pytest.raises(DifforgeError, match="no block 'nope'"):
         bad = pipeline(storage)
-        bad["steps"].append({"id": "bad", "op": "encode.diffusion_features",
-                             "inputs": ["raw", "teacher"], "params": {"block": "nope"}})  # fmt: skip
+        bad["steps"].append(
+            {
+                "id": "bad",
+                "op": "encode.diffusion_features",
+                "inputs": ["raw", "teacher"],
+                "params": {"block": "nope"},
+            }
+        )
         difforge.run(bad, until="bad")

@@ -48,10 +48,16 @@ def test_scheduler_fires_real_runs_and_reports_failures(tmp_path):
     alerts = tmp_path / "alerts.txt"
     for name in ("good", "bad"):
         out = difforge_cli(
-            "schedule", "add", name, str(tmp_path / f"{name}.yaml"), "--cron", "* * * * * */4",
-            "--on-failure", f'echo "$DIFFORGE_SCHEDULE $DIFFORGE_STATUS $DIFFORGE_MESSAGE" >> {alerts}',
+            "schedule",
+            "add",
+            name,
+            str(tmp_path / f"{name}.yaml"),
+            "--cron",
+            "* * * * * */4",
+            "--on-failure",
+            f'echo "$DIFFORGE_SCHEDULE $DIFFORGE_STATUS $DIFFORGE_MESSAGE" >> {alerts}',
             env=env,
-        )  # fmt: skip
+        )
         assert out.returncode == 0, out.stderr
         assert "next run" in out.stdout
     listed = difforge_cli("schedule", "list", env=env)
@@ -59,16 +65,21 @@ def test_scheduler_fires_real_runs_and_reports_failures(tmp_path):
 
     log = open(tmp_path / "scheduler.log", "w")
     proc = subprocess.Popen(
-        [str(BIN / "difforge"), "scheduler"], env={**os.environ, **env},
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [str(BIN / "difforge"), "scheduler"],
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     store = Store(f"sqlite:///{home / 'schedules.db'}")
     try:
         wait_for(
-            lambda: any(f.status == "succeeded" for f in store.firings("good"))
-            and any(f.status == "failed" for f in store.firings("bad")),
-            240, "a finished good run and a failed bad run",
-        )  # fmt: skip
+            lambda: (
+                any(f.status == "succeeded" for f in store.firings("good"))
+                and any(f.status == "failed" for f in store.firings("bad"))
+            ),
+            240,
+            "a finished good run and a failed bad run",
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0

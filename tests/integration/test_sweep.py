@@ -48,17 +48,21 @@ def test_sweep_shares_steps_and_reports(ray_session, tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert "sweep sweep: 4 variants" in shown.stdout
     for step in ("raw", "test", "clf"):
-        assert any(line.split()[:1] == [step] and "shared by all 4" in line
-                   for line in shown.stdout.splitlines()), shown.stdout  # fmt: skip
+        assert any(
+            line.split()[:1] == [step] and "shared by all 4" in line
+            for line in shown.stdout.splitlines()
+        ), shown.stdout
     assert any(
         line.split()[:1] == ["noisy"] and "4 distinct" in line for line in shown.stdout.splitlines()
     )
 
     result = difforge.sweep(str(path))
     assert list(result.variants) == [
-        "corruption_ratio=0.0,seed=0", "corruption_ratio=0.3,seed=0",
-        "corruption_ratio=0.3,seed=1", "corruption_ratio=0.6,seed=0",
-    ]  # fmt: skip
+        "corruption_ratio=0.0,seed=0",
+        "corruption_ratio=0.3,seed=0",
+        "corruption_ratio=0.3,seed=1",
+        "corruption_ratio=0.6,seed=0",
+    ]
     computed = [name for name, s in result.variants.items() if not s.step("clf").cached]
     assert computed == ["corruption_ratio=0.0,seed=0"]  # the classifier trained once
 

@@ -14,8 +14,11 @@ from PIL import Image
 import difforge
 from difforge.platform.tensors import to_numpy
 
-CAPTIONS = [f"a photo of a small {c} on a {s}" for c in ("cat", "dog", "red car", "boat")
-            for s in ("table", "lawn", "road", "beach", "sofa")]  # fmt: skip
+CAPTIONS = [
+    f"a photo of a small {c} on a {s}"
+    for c in ("cat", "dog", "red car", "boat")
+    for s in ("table", "lawn", "road", "beach", "sofa")
+]
 
 
 def write_shards(folder, n_shards: int = 2, per_shard: int = 10):
@@ -26,8 +29,11 @@ def write_shards(folder, n_shards: int = 2, per_shard: int = 10):
             for _ in range(per_shard):
                 buf = io.BytesIO()
                 Image.new("RGB", (12, 10), (k * 10 % 255, 0, 0)).save(buf, format="PNG")
-                files = {f"{k:05d}.png": buf.getvalue(), f"{k:05d}.cls": str(k % 3).encode(),
-                         f"{k:05d}.txt": CAPTIONS[k % len(CAPTIONS)].encode()}  # fmt: skip
+                files = {
+                    f"{k:05d}.png": buf.getvalue(),
+                    f"{k:05d}.cls": str(k % 3).encode(),
+                    f"{k:05d}.txt": CAPTIONS[k % len(CAPTIONS)].encode(),
+                }
                 if k % 5 == 0:
                     files[f"{k:05d}.json"] = json.dumps({"source": "test"}).encode()
                 for name, data in files.items():
@@ -41,8 +47,9 @@ def write_shards(folder, n_shards: int = 2, per_shard: int = 10):
 def test_webdataset_shards_local_and_on_s3(ray_session, s3_server, tmp_path):
     n = write_shards(tmp_path / "wds")
     remote = f"s3://datasets/wds-{uuid.uuid4().hex[:6]}"
-    s3fs.S3FileSystem(skip_instance_cache=True).put(str(tmp_path / "wds") + "/", remote,
-                                                     recursive=True)  # fmt: skip
+    s3fs.S3FileSystem(skip_instance_cache=True).put(
+        str(tmp_path / "wds") + "/", remote, recursive=True
+    )
     for path in (str(tmp_path / "wds"), remote):
         spec = {
             "name": "wds",
@@ -78,12 +85,24 @@ def test_images_folder_on_s3(ray_session, s3_server, tmp_path):
 
 
 def caption_spec(tmp_path, rows_per_batch, mode="swap", eta=0.3):
-    return {"name": "cap", "storage": str(tmp_path / f"s{rows_per_batch}"), "steps": [
-        {"id": "raw", "op": "ingest.webdataset",
-         "params": {"path": str(tmp_path / "wds"), "rows_per_batch": rows_per_batch}},
-        {"id": "noisy", "op": "corrupt.captions", "inputs": ["raw"],
-         "params": {"corruption_ratio": eta, "mode": mode, "buckets": 4},
-         "resources": {"batch_size": rows_per_batch + 3}}]}  # fmt: skip
+    return {
+        "name": "cap",
+        "storage": str(tmp_path / f"s{rows_per_batch}"),
+        "steps": [
+            {
+                "id": "raw",
+                "op": "ingest.webdataset",
+                "params": {"path": str(tmp_path / "wds"), "rows_per_batch": rows_per_batch},
+            },
+            {
+                "id": "noisy",
+                "op": "corrupt.captions",
+                "inputs": ["raw"],
+                "params": {"corruption_ratio": eta, "mode": mode, "buckets": 4},
+                "resources": {"batch_size": rows_per_batch + 3},
+            },
+        ],
+    }
 
 
 def test_caption_swaps_are_deterministic_and_pairwise(ray_session, tmp_path, monkeypatch):
@@ -127,8 +146,13 @@ def tiny_text_encoder(folder) -> str:
     folder.mkdir()
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizer.from_pretrained(str(folder)).save_pretrained(folder)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=32)  # fmt: skip
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
     BertModel(config).save_pretrained(folder)
     return str(folder)
 
@@ -136,12 +160,25 @@ def tiny_text_encoder(folder) -> str:
 def test_encode_text_to_cond_embedding(ray_session, tmp_path):
     write_shards(tmp_path / "wds", n_shards=1, per_shard=12)
     model = tiny_text_encoder(tmp_path / "bert")
-    spec = {"name": "txt", "storage": str(tmp_path / "s"), "steps": [
-        {"id": "raw", "op": "ingest.webdataset", "params": {"path": str(tmp_path / "wds")}},
-        {"id": "emb", "op": "encode.text", "inputs": ["raw"],
-         "params": {"model": model, "max_length": 12}},
-        {"id": "pooled", "op": "encode.text", "inputs": ["raw"],
-         "params": {"model": model, "pooling": "mean"}}]}  # fmt: skip
+    spec = {
+        "name": "txt",
+        "storage": str(tmp_path / "s"),
+        "steps": [
+            {"id": "raw", "op": "ingest.webdataset", "params": {"path": str(tmp_path / "wds")}},
+            {
+                "id": "emb",
+                "op": "encode.text",
+                "inputs": ["raw"],
+                "params": {"model": model, "max_length": 12},
+            },
+            {
+                "id": "pooled",
+                "op": "encode.text",
+                "inputs": ["raw"],
+                "params": {"model": model, "pooling": "mean"},
+            },
+        ],
+    }
     summary = difforge.run(spec)
     seq = difforge.open_dataset(summary.step("emb").uri).to_arrow()
     z = to_numpy(seq.column("cond_embedding"))
@@ -151,6 +188,7 @@ def test_encode_text_to_cond_embedding(ray_session, tmp_path):
     diff = [i for i in range(12) if caps[i] != caps[0]]
     assert np.allclose(z[same[0]], z[same[-1]], atol=1e-5) and len(same) >= 1
     assert not np.allclose(z[0], z[diff[0]])
-    pooled = to_numpy(difforge.open_dataset(summary.step("pooled").uri).to_arrow()
-                      .column("cond_embedding"))  # fmt: skip
+    pooled = to_numpy(
+        difforge.open_dataset(summary.step("pooled").uri).to_arrow().column("cond_embedding")
+    )
     assert pooled.shape == (12, 16)

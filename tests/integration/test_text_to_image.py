@@ -17,10 +17,15 @@ from difforge.cli import build_parser, cmd_sample
 from difforge.platform.errors import DifforgeError
 from tests.tiny_models import tiny_clip
 
-TINY_TEXT_UNET = {"type": "UNet2DConditionModel", "block_out_channels": [16, 32],
-                  "layers_per_block": 1, "norm_num_groups": 8, "attention_head_dim": 4,
-                  "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-                  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}  # fmt: skip
+TINY_TEXT_UNET = {
+    "type": "UNet2DConditionModel",
+    "block_out_channels": [16, 32],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "attention_head_dim": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+}
 
 
 def test_text_to_image_pipeline(ray_session, tmp_path, capsys):
@@ -35,26 +40,64 @@ def test_text_to_image_pipeline(ray_session, tmp_path, capsys):
         "steps": [
             {"id": "raw", "op": "ingest.digits", "params": {"split": "train"}},
             {"id": "held_out", "op": "ingest.digits", "params": {"split": "test", "limit": 12}},
-            {"id": "captions", "op": "caption.template", "inputs": ["raw"],
-             "params": {"template": "a {size} {brightness} digit {class}"}},
-            {"id": "prompts", "op": "caption.template", "inputs": ["held_out"],
-             "params": {"template": "a {size} {brightness} digit {class}"}},
-            {"id": "encoder", "op": "build.text_encoder", "inputs": ["captions"],
-             "params": {"hidden_size": 16, "layers": 1, "heads": 2}},
-            {"id": "embedded", "op": "encode.text", "inputs": ["captions", "encoder"],
-             "params": {"max_length": 8}},
-            {"id": "model", "op": "train.diffusion", "inputs": ["embedded"],
-             "params": {"backbone": TINY_TEXT_UNET, "batch_size": 32, "max_steps": 20,
-                        "checkpoint_every": 20, "warmup_steps": 2}},
-            {"id": "plan", "op": "sample.plan", "inputs": ["model", "prompts"],
-             "params": {"guidance_scales": [2.0], "rows_per_shard": 6}},
-            {"id": "samples", "op": "sample.diffusion", "inputs": ["plan"],
-             "params": {"num_inference_steps": 4}, "resources": {"batch_size": 6}},
-            {"id": "clip", "op": "evaluate.clip_score", "inputs": ["samples"],
-             "params": {"model": tiny_clip(tmp_path / "clip", image_size=16)},
-             "resources": {"batch_size": 5}},
+            {
+                "id": "captions",
+                "op": "caption.template",
+                "inputs": ["raw"],
+                "params": {"template": "a {size} {brightness} digit {class}"},
+            },
+            {
+                "id": "prompts",
+                "op": "caption.template",
+                "inputs": ["held_out"],
+                "params": {"template": "a {size} {brightness} digit {class}"},
+            },
+            {
+                "id": "encoder",
+                "op": "build.text_encoder",
+                "inputs": ["captions"],
+                "params": {"hidden_size": 16, "layers": 1, "heads": 2},
+            },
+            {
+                "id": "embedded",
+                "op": "encode.text",
+                "inputs": ["captions", "encoder"],
+                "params": {"max_length": 8},
+            },
+            {
+                "id": "model",
+                "op": "train.diffusion",
+                "inputs": ["embedded"],
+                "params": {
+                    "backbone": TINY_TEXT_UNET,
+                    "batch_size": 32,
+                    "max_steps": 20,
+                    "checkpoint_every": 20,
+                    "warmup_steps": 2,
+                },
+            },
+            {
+                "id": "plan",
+                "op": "sample.plan",
+                "inputs": ["model", "prompts"],
+                "params": {"guidance_scales": [2.0], "rows_per_shard": 6},
+            },
+            {
+                "id": "samples",
+                "op": "sample.diffusion",
+                "inputs": ["plan"],
+                "params": {"num_inference_steps": 4},
+                "resources": {"batch_size": 6},
+            },
+            {
+                "id": "clip",
+                "op": "evaluate.clip_score",
+                "inputs": ["samples"],
+                "params": {"model": tiny_clip(tmp_path / "clip", image_size=16)},
+                "resources": {"batch_size": 5},
+            },
         ],
-    }  # fmt: skip
+    }
     summary = difforge.run(spec)
     captions = difforge.open_dataset(summary.step("captions").uri).to_arrow().to_pylist()
     assert all(c["caption"].endswith(f"digit {c['label']}") for c in captions)
@@ -96,18 +139,43 @@ def test_text_to_image_pipeline(ray_session, tmp_path, capsys):
 
     def draw(ps, seeds, negatives=None):
         cond, uncond = prompt_conditions(text, ps, negatives)
-        return sample_batch(model, info["backbone"], sched, tuple(info["sample_shape"]), seeds,
-                            torch.zeros(len(ps), dtype=torch.long), [2.0] * len(ps), None, 4,
-                            cond=cond, uncond=uncond)  # fmt: skip
+        return sample_batch(
+            model,
+            info["backbone"],
+            sched,
+            tuple(info["sample_shape"]),
+            seeds,
+            torch.zeros(len(ps), dtype=torch.long),
+            [2.0] * len(ps),
+            None,
+            4,
+            cond=cond,
+            uncond=uncond,
+        )
 
     pair = draw(prompts, [5, 6])
     assert torch.allclose(draw(prompts[1:], [6])[0], pair[1], atol=1e-5)
     assert not torch.equal(draw(prompts, [5, 6], ["a large dark digit 3", None])[0], pair[0])
 
     # `difforge sample --prompt`, in this process (the command's own code, without start-up)
-    code = cmd_sample(build_parser().parse_args(
-        ["sample", out["model_uri"], "--prompt", prompts[0], "--prompt", prompts[1],
-         "--n", "4", "--steps", "4", "--out", str(tmp_path / "cli")]))  # fmt: skip
+    code = cmd_sample(
+        build_parser().parse_args(
+            [
+                "sample",
+                out["model_uri"],
+                "--prompt",
+                prompts[0],
+                "--prompt",
+                prompts[1],
+                "--n",
+                "4",
+                "--steps",
+                "4",
+                "--out",
+                str(tmp_path / "cli"),
+            ]
+        )
+    )
     assert code == 0 and "2 prompt(s)" in capsys.readouterr().out
     assert len(list((tmp_path / "cli").glob("0000*.png"))) == 4
     with pytest.raises(DifforgeError, match="text-conditional: give one"):
@@ -126,8 +194,9 @@ def _clip_scores(folder, samples) -> np.ndarray:
         CLIPProcessor.from_pretrained(folder),
     )
     images = [decode(b).convert("RGB") for b in samples.column("image").to_pylist()]
-    inputs = processor(text=samples.column("prompt").to_pylist(), images=images,
-                       return_tensors="pt", padding=True)  # fmt: skip
+    inputs = processor(
+        text=samples.column("prompt").to_pylist(), images=images, return_tensors="pt", padding=True
+    )
     with torch.no_grad():
         out = model(**inputs)
     cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds)

@@ -22,19 +22,42 @@ def encoded(ray_session, tmp_path_factory):
         "storage": str(tmp_path_factory.mktemp("vae")),
         "steps": [
             {"id": "raw", "op": "ingest.fashion_mnist", "params": {"limit": 2000}},
-            {"id": "raw_test", "op": "ingest.fashion_mnist",
-             "params": {"split": "test", "limit": 300}},
-            {"id": "images", "op": "image.resize", "inputs": ["raw"],
-             "params": {"size": 16, "method": "resize"}},
-            {"id": "test_images", "op": "image.resize", "inputs": ["raw_test"],
-             "params": {"size": 16, "method": "resize"}},
-            {"id": "vae", "op": "train.vae", "inputs": ["images", "test_images"],
-             "params": {"block_out_channels": [16, 32], "max_steps": 300, "batch_size": 32,
-                        "checkpoint_every": 150}},
-            {"id": "latents", "op": "encode.vae", "inputs": ["images", "vae"],
-             "resources": {"batch_size": 128}},
+            {
+                "id": "raw_test",
+                "op": "ingest.fashion_mnist",
+                "params": {"split": "test", "limit": 300},
+            },
+            {
+                "id": "images",
+                "op": "image.resize",
+                "inputs": ["raw"],
+                "params": {"size": 16, "method": "resize"},
+            },
+            {
+                "id": "test_images",
+                "op": "image.resize",
+                "inputs": ["raw_test"],
+                "params": {"size": 16, "method": "resize"},
+            },
+            {
+                "id": "vae",
+                "op": "train.vae",
+                "inputs": ["images", "test_images"],
+                "params": {
+                    "block_out_channels": [16, 32],
+                    "max_steps": 300,
+                    "batch_size": 32,
+                    "checkpoint_every": 150,
+                },
+            },
+            {
+                "id": "latents",
+                "op": "encode.vae",
+                "inputs": ["images", "vae"],
+                "resources": {"batch_size": 128},
+            },
         ],
-    }  # fmt: skip
+    }
     return difforge.run(spec)
 
 
@@ -51,8 +74,9 @@ def test_latents_decode_back_to_the_images(encoded):
     scale = vae.config.scaling_factor
     assert 0.7 < float(np.std(z)) < 1.4  # scaled to about unit variance, as LDM does
     images = difforge.open_dataset(encoded.step("images").uri).to_arrow()
-    by_id = dict(zip(images.column("id").to_pylist(), images.column("image").to_pylist(),
-                     strict=True))  # fmt: skip
+    by_id = dict(
+        zip(images.column("id").to_pylist(), images.column("image").to_pylist(), strict=True)
+    )
     ids = table.column("id").to_pylist()[:200]
     x = np.stack([to_array(by_id[i]) for i in ids]).astype(np.float32) / 127.5 - 1
     with torch.no_grad():
@@ -101,11 +125,17 @@ def test_held_out_images_of_another_size_are_refused_before_training(ray_session
         "steps": [
             {"id": "raw", "op": "ingest.fashion_mnist", "params": {"limit": 64}},
             {"id": "small", "op": "image.resize", "inputs": ["raw"], "params": {"size": 16}},
-            {"id": "vae", "op": "train.vae", "inputs": ["small", "raw"],
-             "params": {"block_out_channels": [16, 32], "max_steps": 1000}},
+            {
+                "id": "vae",
+                "op": "train.vae",
+                "inputs": ["small", "raw"],
+                "params": {"block_out_channels": [16, 32], "max_steps": 1000},
+            },
         ],
-    }  # fmt: skip
-    with pytest.raises(difforge.platform.errors.DifforgeError,
-                       match=r"held-out images are \[1, 28, 28\].*training images \[1, 16, 16\]"):  # fmt: skip
+    }
+    with pytest.raises(
+        difforge.platform.errors.DifforgeError,
+        match=r"held-out images are \[1, 28, 28\].*training images \[1, 16, 16\]",
+    ):
         difforge.run(spec)
     assert not list(tmp_path.glob("vae-sizes/vae/*/_work/ray-train/checkpoint_*"))  # none ran

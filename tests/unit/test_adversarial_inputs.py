@@ -101,24 +101,30 @@ def test_duplicate_keys_are_refused_with_both_lines(tmp_path):
 
 def test_overlong_names_are_refused_at_validation(tmp_path):
     long_id = "s" * 300
-    found = spec_problems(tmp_path, f"""
+    found = spec_problems(
+        tmp_path,
+        f"""
         name: {"n" * 300}
         storage: s
         steps:
           - {{id: {long_id}, op: ingest.digits}}
-        """)  # fmt: skip
+        """,
+    )
     text = " ".join(p.message for p in found)
     assert "at most" in text and "name" in text and long_id[:20] in text
 
 
 @pytest.mark.parametrize("storage", ["memory://x", "''"])
 def test_storage_that_does_not_persist_is_refused(tmp_path, storage):
-    (p,) = spec_problems(tmp_path, f"""
+    (p,) = spec_problems(
+        tmp_path,
+        f"""
         name: mem
         storage: {storage}
         steps:
           - {{id: raw, op: ingest.digits}}
-        """)  # fmt: skip
+        """,
+    )
     assert "storage" in p.message
 
 
@@ -130,12 +136,15 @@ def test_cli_errors_stay_one_clear_line(tmp_path):
     assert "no committed dataset here" in shown.stderr
 
     huge = "x" * 200_000
-    path = write(tmp_path, f"""
+    path = write(
+        tmp_path,
+        f"""
         name: big
         storage: s
         steps:
           - {{id: raw, op: ingest.digits, params: {{limit: "{huge}"}}}}
-        """)  # fmt: skip
+        """,
+    )
     done = difforge_cli("validate", path)
     assert done.returncode == 2 and "params.limit" in done.stderr
     assert len(done.stderr) < 2_000  # the value is not echoed whole
@@ -150,8 +159,11 @@ def test_cli_errors_stay_one_clear_line(tmp_path):
 
     piped = subprocess.run(  # the reader stops after one line; the output is larger than a pipe
         f"'{BIN / 'difforge'}' validate '{many}' | head -1",
-        shell=True, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert piped.stdout.startswith("pipeline many: 1200 steps")
     assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr, piped.stderr
 
@@ -162,14 +174,17 @@ def sidecar_plan(tmp_path: Path, sidecar: bytes, name: str = "labels.csv"):
     for i in range(3):
         Image.new("L", (4, 4), i).save(folder / f"{i}.png")
     (tmp_path / name).write_bytes(sidecar)
-    return write(tmp_path, f"""
+    return write(
+        tmp_path,
+        f"""
         name: side
         storage: {tmp_path / "s"}
         steps:
           - id: raw
             op: ingest.images
             params: {{path: {folder}, sidecar: {tmp_path / name}}}
-        """)  # fmt: skip
+        """,
+    )
 
 
 @pytest.mark.parametrize(
@@ -205,7 +220,9 @@ def test_a_committed_input_of_the_wrong_type_is_refused_at_validation(tmp_path):
 
     uri = str(tmp_path / "labels-as-words")
     write_dataset(uri, pa.table({"id": ["a", "b"], "label": ["cat", "dog"]}), "words")
-    (p,) = spec_problems(tmp_path, f"""
+    (p,) = spec_problems(
+        tmp_path,
+        f"""
         name: types
         storage: {tmp_path / "s"}
         steps:
@@ -213,6 +230,7 @@ def test_a_committed_input_of_the_wrong_type_is_refused_at_validation(tmp_path):
             op: corrupt.labels
             inputs: ["{uri}"]
             params: {{corruption_ratio: 0.1, num_classes: 2}}
-        """)  # fmt: skip
+        """,
+    )
     assert p.line == 6 and p.step == "noisy"
     assert "its column 'label' holds string values, where an integer (class index)" in p.message

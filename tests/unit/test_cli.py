@@ -20,8 +20,15 @@ def test_validate_prints_the_plan(tmp_path):
 
 
 def test_validate_json_is_the_resolved_spec(tmp_path):
-    out = difforge_cli("validate", QUICKSTART, "--json", "--set", "raw.params.limit=50",
-                       "--set", f"storage={tmp_path}")  # fmt: skip
+    out = difforge_cli(
+        "validate",
+        QUICKSTART,
+        "--json",
+        "--set",
+        "raw.params.limit=50",
+        "--set",
+        f"storage={tmp_path}",
+    )
     plan = json.loads(out.stdout)
     raw = plan["steps"][0]
     assert raw["params"]["limit"] == 50 and raw["op"] == "ingest.fashion_mnist"
@@ -73,8 +80,14 @@ def test_validating_imports_only_the_operators_a_spec_names(tmp_path):
 def test_ops_lists_operators_with_params():
     out = difforge_cli("ops")
     assert out.returncode == 0
-    for name in ("ingest.fashion_mnist", "ingest.digits", "ingest.images", "ingest.parquet",
-                 "image.resize", "train.classifier"):  # fmt: skip
+    for name in (
+        "ingest.fashion_mnist",
+        "ingest.digits",
+        "ingest.images",
+        "ingest.parquet",
+        "image.resize",
+        "train.classifier",
+    ):
         assert name in out.stdout
     assert "size: " in out.stdout and "(required)" in out.stdout
     one = difforge_cli("ops", "image.resize")

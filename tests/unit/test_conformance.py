@@ -25,12 +25,17 @@ def sample() -> pa.Table:
     d = load_digits()
     images = [encode_png((d.images[i] * 16).astype(np.uint8)) for i in range(10)]
     images[3] = b"not an image"
-    return pa.table({
-        "id": [f"d{i}" for i in range(10)], "image": images,
-        "format": ["png"] * 10, "width": pa.array([8] * 10, pa.int32()),
-        "height": pa.array([8] * 10, pa.int32()), "mode": ["L"] * 10,
-        "label": pa.array(d.target[:10], pa.int64()),
-    })  # fmt: skip
+    return pa.table(
+        {
+            "id": [f"d{i}" for i in range(10)],
+            "image": images,
+            "format": ["png"] * 10,
+            "width": pa.array([8] * 10, pa.int32()),
+            "height": pa.array([8] * 10, pa.int32()),
+            "mode": ["L"] * 10,
+            "label": pa.array(d.target[:10], pa.int64()),
+        }
+    )
 
 
 @pytest.mark.parametrize(

@@ -213,8 +213,12 @@ def test_a_pass_splits_too_few_input_shards_into_row_ranges(tmp_path):
     shards = D.Dataset(str(tmp_path / "one")).shards()
     assert len(shards) == 1
     items = split_shards(shards, want=4)
-    assert [(i["start"], i["stop"]) for i in items] == [(0, 256), (256, 512), (512, 768),
-                                                        (768, 1024)]  # fmt: skip
+    assert [(i["start"], i["stop"]) for i in items] == [
+        (0, 256),
+        (256, 512),
+        (512, 768),
+        (768, 1024),
+    ]
     rows = [x for i in items for b in shard_batches(i, 100) for x in b.column("x").to_pylist()]
     assert rows == list(range(1024))
     assert len(split_shards(shards, want=8)) == 4  # not cut below MIN_SHARD_ROWS rows

@@ -16,19 +16,29 @@ from difforge.platform.errors import DifforgeError
 
 def unet(kind: str):
     torch.manual_seed(0)
-    common = dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16, 16),
-                  layers_per_block=1, norm_num_groups=4)  # fmt: skip
+    common = dict(
+        sample_size=16,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
     if kind == "UNet2DModel":
         return diffusers.UNet2DModel(
             down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-            num_class_embeds=11, attention_head_dim=4, **common,
-        ).eval()  # fmt: skip
+            num_class_embeds=11,
+            attention_head_dim=4,
+            **common,
+        ).eval()
     return diffusers.UNet2DConditionModel(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=12, attention_head_dim=4, **common,
-    ).eval()  # fmt: skip
+        cross_attention_dim=12,
+        attention_head_dim=4,
+        **common,
+    ).eval()
 
 
 def call(model, kind, x, t):
@@ -72,9 +82,15 @@ def test_interval_one_is_no_caching_and_cached_sampling_runs_through():
 
 
 def test_refusals_name_the_problem():
-    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8,
-                                          in_channels=1, num_layers=1, sample_size=8,
-                                          patch_size=2, num_embeds_ada_norm=11)  # fmt: skip
+    dit = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=1,
+        num_layers=1,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=11,
+    )
     with pytest.raises(DifforgeError, match="UNet2DModel, UNet2DConditionModel backbones"):
         DeepCache(dit, "DiTTransformer2DModel", 0)
     with pytest.raises(DifforgeError, match="3 down blocks, so 0..1"):
@@ -126,9 +142,15 @@ def test_faster_diffusion_sampling_key_steps_and_refusals():
     assert torch.equal(plain, sample_batch(*args, faster=(None, 1)))  # every step a key step
     propagated = sample_batch(*args, faster=([0, 2], 1))  # guided: both halves kept apart
     assert propagated.shape == plain.shape and not torch.equal(propagated, plain)
-    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8,
-                                          in_channels=1, num_layers=1, sample_size=8,
-                                          patch_size=2, num_embeds_ada_norm=11)  # fmt: skip
+    dit = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=1,
+        num_layers=1,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=11,
+    )
     with pytest.raises(DifforgeError, match="faster_diffusion works with UNet2DModel"):
         EncoderPropagation(dit, "DiTTransformer2DModel")
     with pytest.raises(ValueError, match="use one"):

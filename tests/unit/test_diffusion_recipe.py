@@ -21,9 +21,14 @@ from difforge.platform.events import NullLog
 from difforge.platform.outputs import write_dataset
 from difforge.platform.tensors import to_column
 
-TINY_UNET = {"type": "UNet2DModel", "block_out_channels": [8, 16], "layers_per_block": 1,
-             "down_block_types": ["DownBlock2D", "DownBlock2D"],
-             "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 4}  # fmt: skip
+TINY_UNET = {
+    "type": "UNet2DModel",
+    "block_out_channels": [8, 16],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D"],
+    "norm_num_groups": 4,
+}
 
 
 def digits_dataset(root) -> D.Dataset:
@@ -34,19 +39,27 @@ def digits_dataset(root) -> D.Dataset:
 
     d = load_digits()
     images = (d.images * (255 / 16)).round().astype(np.uint8)
-    table = pa.table({"id": [f"d{i}" for i in range(len(images))],
-                      "image": [encode_png(im) for im in images],
-                      "label": pa.array(d.target, pa.int64())})  # fmt: skip
+    table = pa.table(
+        {
+            "id": [f"d{i}" for i in range(len(images))],
+            "image": [encode_png(im) for im in images],
+            "label": pa.array(d.target, pa.int64()),
+        }
+    )
     uri = str(root / "digits")
     write_dataset(uri, table, "digits", metadata={"classes": [str(i) for i in range(10)]})
     return D.open_dataset(uri)
 
 
 def run(tmp_path, data, column="image", **params):
-    p = Params(backbone=TINY_UNET, batch_size=32, warmup_steps=2, checkpoint_every=10,
-               **params).model_dump()  # fmt: skip
-    return train_locally({"params": p, "shards": data.shards(), "column": column,
-                          "num_classes": 10, "threads": 2}, str(tmp_path / "ckpt"), train)  # fmt: skip
+    p = Params(
+        backbone=TINY_UNET, batch_size=32, warmup_steps=2, checkpoint_every=10, **params
+    ).model_dump()
+    return train_locally(
+        {"params": p, "shards": data.shards(), "column": column, "num_classes": 10, "threads": 2},
+        str(tmp_path / "ckpt"),
+        train,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,27 +95,51 @@ def test_a_resumed_run_replays_cep_on_class_embeddings_exactly(tmp_path, digits)
 
 
 def test_zero3_without_ema_and_cep_uniform(tmp_path, digits):
-    io = run(tmp_path, digits, max_steps=10, ema_decay=None, cep={"kind": "uniform"},
-             deepspeed={"zero_stage": 3})  # fmt: skip
+    io = run(
+        tmp_path,
+        digits,
+        max_steps=10,
+        ema_decay=None,
+        cep={"kind": "uniform"},
+        deepspeed={"zero_stage": 3},
+    )
     assert io.history[-1]["step"] == 10 and np.isfinite(io.history[-1]["loss"])
 
 
 def test_bf16_and_v_prediction(tmp_path, digits):
-    io = run(tmp_path, digits, max_steps=10, prediction_type="v_prediction",
-             deepspeed={"zero_stage": 1, "precision": "bf16"})  # fmt: skip
+    io = run(
+        tmp_path,
+        digits,
+        max_steps=10,
+        prediction_type="v_prediction",
+        deepspeed={"zero_stage": 1, "precision": "bf16"},
+    )
     assert np.isfinite(io.history[-1]["loss"])
 
 
 def test_latent_space_training(tmp_path):
     z = np.random.default_rng(0).standard_normal((64, 4, 4, 4)).astype(np.float32)
-    table = pa.table({"id": [f"z{i}" for i in range(64)], "latent": to_column(z),
-                      "label": pa.array(np.arange(64) % 10, pa.int64())})  # fmt: skip
+    table = pa.table(
+        {
+            "id": [f"z{i}" for i in range(64)],
+            "latent": to_column(z),
+            "label": pa.array(np.arange(64) % 10, pa.int64()),
+        }
+    )
     uri = str(tmp_path / "lat")
     write_dataset(uri, table, "lat")
     unet = {**TINY_UNET, "block_out_channels": [8, 8]}
     p = Params(backbone=unet, batch_size=16, max_steps=10, checkpoint_every=10).model_dump()
-    io = train_locally({"params": p, "shards": D.open_dataset(uri).shards(),
-                        "column": "latent", "num_classes": 10}, str(tmp_path / "c"), train)  # fmt: skip
+    io = train_locally(
+        {
+            "params": p,
+            "shards": D.open_dataset(uri).shards(),
+            "column": "latent",
+            "num_classes": 10,
+        },
+        str(tmp_path / "c"),
+        train,
+    )
     assert io.history[-1]["step"] == 10
 
 
@@ -141,12 +178,22 @@ def test_user_errors():
 
 
 def test_dit_backbone_class_conditional(tmp_path, digits):
-    dit = {"type": "DiTTransformer2DModel", "num_layers": 1, "num_attention_heads": 2,
-           "attention_head_dim": 8, "patch_size": 2, "norm_num_groups": 1}  # fmt: skip
-    p = Params(backbone=dit, batch_size=16, max_steps=4, checkpoint_every=2,
-               cep={"kind": "gaussian"}).model_dump()  # fmt: skip
-    io = train_locally({"params": p, "shards": digits.shards(), "column": "image",
-                        "num_classes": 10}, str(tmp_path / "c"), train)  # fmt: skip
+    dit = {
+        "type": "DiTTransformer2DModel",
+        "num_layers": 1,
+        "num_attention_heads": 2,
+        "attention_head_dim": 8,
+        "patch_size": 2,
+        "norm_num_groups": 1,
+    }
+    p = Params(
+        backbone=dit, batch_size=16, max_steps=4, checkpoint_every=2, cep={"kind": "gaussian"}
+    ).model_dump()
+    io = train_locally(
+        {"params": p, "shards": digits.shards(), "column": "image", "num_classes": 10},
+        str(tmp_path / "c"),
+        train,
+    )
     assert [m["step"] for m in io.history] == [2, 4]
 
 
@@ -157,18 +204,32 @@ def test_text_conditional_unet_with_cep_on_the_embedding(tmp_path):
 
     images = [encode_png(((im[0] + 1) * 127.5).astype(np.uint8)) for im in x]
     emb = rng.standard_normal((32, 6, 16)).astype(np.float32)
-    table = pa.table({"id": [f"t{i}" for i in range(32)], "image": images,
-                      "cond_embedding": to_column(emb)})  # fmt: skip
+    table = pa.table(
+        {"id": [f"t{i}" for i in range(32)], "image": images, "cond_embedding": to_column(emb)}
+    )
     uri = str(tmp_path / "txt")
     write_dataset(uri, table, "txt")
-    unet = {"type": "UNet2DConditionModel", "block_out_channels": [8, 16], "layers_per_block": 1,
-            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "norm_num_groups": 4,
-            "attention_head_dim": 4}  # fmt: skip
-    p = Params(backbone=unet, batch_size=8, max_steps=4, checkpoint_every=4,
-               cep={"kind": "uniform", "gamma": 1.0}).model_dump()  # fmt: skip
-    io = train_locally({"params": p, "shards": D.open_dataset(uri).shards(), "column": "image",
-                        "num_classes": 0}, str(tmp_path / "c"), train)  # fmt: skip
+    unet = {
+        "type": "UNet2DConditionModel",
+        "block_out_channels": [8, 16],
+        "layers_per_block": 1,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "norm_num_groups": 4,
+        "attention_head_dim": 4,
+    }
+    p = Params(
+        backbone=unet,
+        batch_size=8,
+        max_steps=4,
+        checkpoint_every=4,
+        cep={"kind": "uniform", "gamma": 1.0},
+    ).model_dump()
+    io = train_locally(
+        {"params": p, "shards": D.open_dataset(uri).shards(), "column": "image", "num_classes": 0},
+        str(tmp_path / "c"),
+        train,
+    )
     assert io.history[-1]["step"] == 4 and np.isfinite(io.history[-1]["loss"])
 
 
@@ -205,13 +266,24 @@ def test_an_unconditional_model_gets_its_grid_during_and_after_training(tmp_path
     table = digits_dataset(tmp_path).to_arrow().drop_columns(["label"])
     write_dataset(str(tmp_path / "unlabeled"), table, "unlabeled")
     data = D.open_dataset(str(tmp_path / "unlabeled"))
-    p = Params(backbone=TINY_UNET, batch_size=16, max_steps=4, checkpoint_every=4,
-               sample_every=2).model_dump()  # fmt: skip
+    p = Params(
+        backbone=TINY_UNET, batch_size=16, max_steps=4, checkpoint_every=4, sample_every=2
+    ).model_dump()
     plan = _grid_plan(p, data, (None, None), 0)
     sink = _Images()
-    train_locally({"params": p, "shards": data.shards(), "column": "image", "num_classes": 0,
-                   "sample_shape": [1, 8, 8], "grid": plan, "log": sink},
-                  str(tmp_path / "c"), train)  # fmt: skip
+    train_locally(
+        {
+            "params": p,
+            "shards": data.shards(),
+            "column": "image",
+            "num_classes": 0,
+            "sample_shape": [1, 8, 8],
+            "grid": plan,
+            "log": sink,
+        },
+        str(tmp_path / "c"),
+        train,
+    )
     size = (3 * (8 * 10 + 2), 3 * (8 * 10 + 2))  # 8 x 8 tiles of 8 px, 2 px apart, 3x
     assert sink.images == [("samples@2", size), ("samples.png", size), ("samples@4", size)]
 
@@ -220,10 +292,20 @@ def test_a_grid_that_cannot_be_drawn_never_fails_the_training(tmp_path, caplog):
     data = digits_dataset(tmp_path)
     p = Params(backbone=TINY_UNET, batch_size=16, max_steps=2, checkpoint_every=2).model_dump()
     sink = _Images()
-    io = train_locally({"params": p, "shards": data.shards(), "column": "image",
-                        "num_classes": 10, "sample_shape": [1, 8, 8], "grid": {"classes": 10},
-                        "vae_uri": str(tmp_path / "no-such-vae"), "log": sink},
-                       str(tmp_path / "c"), train)  # fmt: skip
+    io = train_locally(
+        {
+            "params": p,
+            "shards": data.shards(),
+            "column": "image",
+            "num_classes": 10,
+            "sample_shape": [1, 8, 8],
+            "grid": {"classes": 10},
+            "vae_uri": str(tmp_path / "no-such-vae"),
+            "log": sink,
+        },
+        str(tmp_path / "c"),
+        train,
+    )
     assert io.history[-1]["step"] == 2 and sink.images == []
     assert "no sample grid at training step 2" in caplog.text
 

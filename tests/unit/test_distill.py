@@ -37,16 +37,34 @@ def teacher(tmp_path_factory):
     """A v-prediction class-conditional UNet on the real 8x8 digits, as a model folder."""
     root = tmp_path_factory.mktemp("teacher")
     data = digits_dataset(root)
-    p = Params(backbone=TINY_UNET, batch_size=64, warmup_steps=10, checkpoint_every=400,
-               max_steps=400, prediction_type="v_prediction", lr=1e-3, ema_decay=None).model_dump()  # fmt: skip
-    train_locally({"params": p, "shards": data.shards(), "column": "image", "num_classes": 10,
-                   "threads": 2}, str(root / "ckpt"), train)  # fmt: skip
+    p = Params(
+        backbone=TINY_UNET,
+        batch_size=64,
+        warmup_steps=10,
+        checkpoint_every=400,
+        max_steps=400,
+        prediction_type="v_prediction",
+        lr=1e-3,
+        ema_decay=None,
+    ).model_dump()
+    train_locally(
+        {"params": p, "shards": data.shards(), "column": "image", "num_classes": 10, "threads": 2},
+        str(root / "ckpt"),
+        train,
+    )
     model, _ = build_backbone(p, 8, 1, 10, None)
     model.load_state_dict(consolidated_state(str(root / "ckpt")))
     model.save_pretrained(str(root / "model" / "model"))
     make_noise_scheduler(p, "image").save_pretrained(str(root / "model" / "scheduler"))
-    info = {"kind": "diffusion", "backbone": "UNet2DModel", "column": "image", "num_classes": 10,
-            "sample_shape": [1, 8, 8], "vae": None, "prediction_type": "v_prediction"}  # fmt: skip
+    info = {
+        "kind": "diffusion",
+        "backbone": "UNet2DModel",
+        "column": "image",
+        "num_classes": 10,
+        "sample_shape": [1, 8, 8],
+        "vae": None,
+        "prediction_type": "v_prediction",
+    }
     (root / "model" / "difforge.json").write_text(json.dumps(info))
     return str(root / "model"), data
 
@@ -54,16 +72,35 @@ def teacher(tmp_path_factory):
 def draw(model, config, steps: int, w: float):
     labels = torch.arange(64) % 10
     config = {**config, "timestep_spacing": "trailing"}
-    return sample_batch(model, "UNet2DModel", make_scheduler("ddim", config), (1, 8, 8),
-                        list(range(64)), labels, [w] * 64, 10, steps)  # fmt: skip
+    return sample_batch(
+        model,
+        "UNet2DModel",
+        make_scheduler("ddim", config),
+        (1, 8, 8),
+        list(range(64)),
+        labels,
+        [w] * 64,
+        10,
+        steps,
+    )
 
 
 def run_distill(teacher, folder, params: dict, plan: list[dict], guided: bool = False):
     """distill's recipe on the teacher's digits, one rank, no Ray: the training's io."""
     uri, data = teacher
-    return train_locally({"params": params, "plan": plan, "shards": data.shards(),
-                          "column": "image", "teacher_uri": uri, "guided": guided,
-                          "threads": 2}, str(folder), distill)  # fmt: skip
+    return train_locally(
+        {
+            "params": params,
+            "plan": plan,
+            "shards": data.shards(),
+            "column": "image",
+            "teacher_uri": uri,
+            "guided": guided,
+            "threads": 2,
+        },
+        str(folder),
+        distill,
+    )
 
 
 def distilled(teacher, folder, params: dict, plan: list[dict], guided: bool = False):
@@ -98,8 +135,15 @@ def test_a_fresh_guided_student_is_its_teachers_conditional_model(teacher):
 
 
 def test_progressive_student_halves_the_steps(teacher, tmp_path):
-    p = ProgressiveParams(teacher_steps=4, rounds=1, steps_per_round=300, batch_size=64, lr=3e-4,
-                          warmup_steps=10, checkpoint_every=1000).model_dump()  # fmt: skip
+    p = ProgressiveParams(
+        teacher_steps=4,
+        rounds=1,
+        steps_per_round=300,
+        batch_size=64,
+        lr=3e-4,
+        warmup_steps=10,
+        checkpoint_every=1000,
+    ).model_dump()
     plan = [{"kind": "halve", "teacher_steps": 4, "steps": 300, "sample_steps": 2}]
     model, config, student = distilled(teacher, tmp_path / "ckpt", p, plan)
     reference = draw(model, config, 4, 1.0)  # the teacher's 4 steps, same noise
@@ -109,9 +153,18 @@ def test_progressive_student_halves_the_steps(teacher, tmp_path):
 
 
 def test_guided_student_follows_w_in_one_pass(teacher, tmp_path):
-    p = GuidedParams(teacher_steps=4, rounds=1, steps_per_round=200, guide_steps=300,
-                     batch_size=64, lr=3e-4, w_min=0.0, w_max=4.0, warmup_steps=10,
-                     checkpoint_every=1000).model_dump()  # fmt: skip
+    p = GuidedParams(
+        teacher_steps=4,
+        rounds=1,
+        steps_per_round=200,
+        guide_steps=300,
+        batch_size=64,
+        lr=3e-4,
+        w_min=0.0,
+        w_max=4.0,
+        warmup_steps=10,
+        checkpoint_every=1000,
+    ).model_dump()
     plan = [
         {"kind": "guide", "steps": 300, "sample_steps": 4},
         {"kind": "halve", "teacher_steps": 4, "steps": 200, "sample_steps": 2},
@@ -142,16 +195,32 @@ def test_consistency_student_lands_on_the_teachers_ode_endpoint_in_one_step(teac
     """Consistency distillation (Song et al. 2023): after training, the student's one-step
     output from pure noise is much closer to where the teacher's ODE solver takes that noise
     than the untrained student's (the teacher itself, in one step); `pytest -s` prints the ratio."""
-    p = ConsistencyParams(steps=150, ode_steps=10, num_inference_steps=1, batch_size=64,
-                          lr=3e-4, warmup_steps=10, checkpoint_every=1000).model_dump()  # fmt: skip
+    p = ConsistencyParams(
+        steps=150,
+        ode_steps=10,
+        num_inference_steps=1,
+        batch_size=64,
+        lr=3e-4,
+        warmup_steps=10,
+        checkpoint_every=1000,
+    ).model_dump()
     plan = [{"kind": "consistency", "steps": 150, "ode_steps": 10, "sample_steps": 1}]
     model, config, student = distilled(teacher, tmp_path / "ckpt", p, plan)
     endpoint = draw(model, config, 10, 1.0)  # the teacher's DDIM solver on the same grid
     lcm = saved_config(student_scheduler(config, plan))
 
     def one_step(net):
-        return sample_batch(net, "UNet2DModel", make_scheduler(None, lcm), (1, 8, 8),
-                            list(range(64)), torch.arange(64) % 10, [1.0] * 64, 10, 1)  # fmt: skip
+        return sample_batch(
+            net,
+            "UNet2DModel",
+            make_scheduler(None, lcm),
+            (1, 8, 8),
+            list(range(64)),
+            torch.arange(64) % 10,
+            [1.0] * 64,
+            10,
+            1,
+        )
 
     untrained = (one_step(model) - endpoint).abs().mean().item()
     trained = (one_step(student) - endpoint).abs().mean().item()
@@ -159,9 +228,20 @@ def test_consistency_student_lands_on_the_teachers_ode_endpoint_in_one_step(teac
     assert trained < 0.7 * untrained, (trained, untrained)
     # multistep consistency sampling injects noise from each sample's own seed: a sample does
     # not depend on the batch it is drawn in
-    two = [sample_batch(student, "UNet2DModel", make_scheduler(None, lcm), (1, 8, 8), seeds,
-                        torch.tensor([3] * len(seeds)), [1.0] * len(seeds), 10, 2)
-           for seeds in ([5, 6], [6])]  # fmt: skip
+    two = [
+        sample_batch(
+            student,
+            "UNet2DModel",
+            make_scheduler(None, lcm),
+            (1, 8, 8),
+            seeds,
+            torch.tensor([3] * len(seeds)),
+            [1.0] * len(seeds),
+            10,
+            2,
+        )
+        for seeds in ([5, 6], [6])
+    ]
     assert torch.allclose(two[0][1], two[1][0], atol=1e-5) and not torch.allclose(
         two[0][0], two[0][1]
     )
@@ -172,8 +252,15 @@ def test_consistency_distillation_resumes_with_its_target_network(teacher, tmp_p
     uninterrupted run ends: the EMA target network travels in the checkpoint."""
 
     def run(folder, steps: int):
-        p = ConsistencyParams(steps=steps, ode_steps=10, num_inference_steps=1, batch_size=32,
-                              lr=3e-4, warmup_steps=5, checkpoint_every=10).model_dump()  # fmt: skip
+        p = ConsistencyParams(
+            steps=steps,
+            ode_steps=10,
+            num_inference_steps=1,
+            batch_size=32,
+            lr=3e-4,
+            warmup_steps=5,
+            checkpoint_every=10,
+        ).model_dump()
         plan = [{"kind": "consistency", "steps": steps, "ode_steps": 10, "sample_steps": 1}]
         return run_distill(teacher, folder, p, plan)
 

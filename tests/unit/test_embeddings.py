@@ -66,8 +66,9 @@ def test_a_backbone_gives_its_pooled_class_token(tmp_path, images):
     # the class token after the final layer norm: DINOv2's global image descriptor
     model = Dinov2Model.from_pretrained(folder).eval()
     extractor = Extractor(FeatureSpec("transformers", folder, mode="RGB"))
-    pixels = extractor.processor(images=[Image.open(io.BytesIO(images[0])).convert("RGB")],
-                                 return_tensors="pt")["pixel_values"]  # fmt: skip
+    pixels = extractor.processor(
+        images=[Image.open(io.BytesIO(images[0])).convert("RGB")], return_tensors="pt"
+    )["pixel_values"]
     with torch.no_grad():
         hidden = model(pixel_values=pixels).last_hidden_state
     assert np.allclose(raw[0], hidden[0, 0].numpy(), atol=1e-5)
@@ -101,9 +102,15 @@ def cluster_table(ids, e, role="main", score=None):
 
     from difforge.platform.tensors import to_column
 
-    return pa.table({"id": ids, "key": [0] * len(ids), "role": [role] * len(ids),
-                     "score": pa.array(score if score is not None else np.zeros(len(ids))),
-                     "e": to_column(e)})  # fmt: skip
+    return pa.table(
+        {
+            "id": ids,
+            "key": [0] * len(ids),
+            "role": [role] * len(ids),
+            "score": pa.array(score if score is not None else np.zeros(len(ids))),
+            "e": to_column(e),
+        }
+    )
 
 
 def pairs(found) -> dict[str, str]:
@@ -163,9 +170,13 @@ def test_a_heads_linear_layers_are_read_in_order_between_dropouts(tmp_path):
     from difforge.operators.curate.score import load_head
 
     torch.manual_seed(0)
-    mlp = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Dropout(0.2),
-                              torch.nn.Linear(8, 4), torch.nn.Dropout(0.1),
-                              torch.nn.Linear(4, 1)).eval()  # fmt: skip
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(16, 8),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(8, 4),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(4, 1),
+    ).eval()
     state = {f"layers.{k}": v for k, v in mlp.state_dict().items()}
     save_file(state, tmp_path / "head.safetensors")
     torch.save({"linear.weight": torch.ones(1, 16)}, tmp_path / "linear.pt")  # LAION-5B's form
@@ -208,8 +219,10 @@ def test_a_caption_prompt_is_filled_from_each_row():
     op = CaptionVLM(Params(model="x", prompt="A photo of {class}. Old caption: {caption}"))
     op.classes = ["T-shirt/top", "Trouser"]
     batch = pa.table({"id": ["a", "b"], "label": [1, 0], "caption": ["grey", None]})
-    assert op.prompts(batch) == ["A photo of Trouser. Old caption: grey",
-                                 "A photo of T-shirt/top. Old caption: "]  # fmt: skip
+    assert op.prompts(batch) == [
+        "A photo of Trouser. Old caption: grey",
+        "A photo of T-shirt/top. Old caption: ",
+    ]
     assert CaptionVLM.required_columns(op.params) == {"id", "image", "caption", "label"}
     with pytest.raises(ValueError, match="fields are plain column names"):
         Params(model="x", prompt="{caption.__class__}")
@@ -228,8 +241,13 @@ def test_captions_are_greedy_by_default_and_sampled_by_seed(tmp_path, images):
     def caption(rows: slice, **params):
         op = CaptionVLM(Params(model="x", max_new_tokens=4, **params))
         op.model, op.processor, op.device = model, processor, "cpu"
-        batch = pa.table({"id": ["a", "b", "c", "d"], "image": images,
-                          "caption": ["one", "two", "three", "four"]})[rows]  # fmt: skip
+        batch = pa.table(
+            {
+                "id": ["a", "b", "c", "d"],
+                "image": images,
+                "caption": ["one", "two", "three", "four"],
+            }
+        )[rows]
         out = op.process(batch)
         assert out.column("original_caption").to_pylist() == batch.column("caption").to_pylist()
         return out.column("caption").to_pylist()
@@ -269,10 +287,19 @@ def test_the_models_weights_and_preprocessing_are_part_of_the_steps_identity(tmp
     import difforge
 
     folder = tiny_clip(tmp_path / "clip")
-    spec = {"name": "embed", "storage": str(tmp_path / "storage"), "steps": [
-        {"id": "raw", "op": "ingest.digits", "params": {"limit": 10}},
-        {"id": "embedded", "op": "encode.image", "inputs": ["raw"], "params": {"model": folder}},
-    ]}  # fmt: skip
+    spec = {
+        "name": "embed",
+        "storage": str(tmp_path / "storage"),
+        "steps": [
+            {"id": "raw", "op": "ingest.digits", "params": {"limit": 10}},
+            {
+                "id": "embedded",
+                "op": "encode.image",
+                "inputs": ["raw"],
+                "params": {"model": folder},
+            },
+        ],
+    }
 
     def fingerprint() -> str:
         return next(s.fingerprint for s in difforge.plan(spec).steps if s.id == "embedded")

@@ -26,10 +26,19 @@ from difforge.operators.train.diffusion import Params, train
 from difforge.platform.errors import DifforgeError, SpecError
 from tests.unit.test_diffusion_recipe import TINY_UNET, digits_dataset
 
-ATTN_UNET = {**TINY_UNET, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-             "up_block_types": ["AttnUpBlock2D", "UpBlock2D"]}  # fmt: skip
-TINY_DIT = {"type": "DiTTransformer2DModel", "num_layers": 2, "num_attention_heads": 2,
-            "attention_head_dim": 8, "patch_size": 2, "norm_num_groups": 4}  # fmt: skip
+ATTN_UNET = {
+    **TINY_UNET,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+}
+TINY_DIT = {
+    "type": "DiTTransformer2DModel",
+    "num_layers": 2,
+    "num_attention_heads": 2,
+    "attention_head_dim": 8,
+    "patch_size": 2,
+    "norm_num_groups": 4,
+}
 SHAPES = {"UNet2DModel": (1, 8), "DiTTransformer2DModel": (4, 8)}
 FT = {"rank": 4, "alpha": 4.0, "dropout": 0.0, "target_modules": None}
 
@@ -63,8 +72,10 @@ def test_each_method_trains_its_own_parameters_and_merges_exactly(cfg, method):
         assert names and all(n.endswith(".bias") for n in names)
     else:  # DiffFit: biases, norms, the class embedding and a scale per residual branch
         gammas = [n for n in names if n.endswith(GAMMA)]
-        assert gammas and all(torch.equal(model.get_parameter(n), torch.ones_like(
-            model.get_parameter(n))) for n in gammas)  # fmt: skip
+        assert gammas and all(
+            torch.equal(model.get_parameter(n), torch.ones_like(model.get_parameter(n)))
+            for n in gammas
+        )
         assert any(".to_out.0." in n for n in gammas)
         assert any(is_class_embedding(n) for n in names)
         assert not any(n.endswith(".weight") and ("to_q" in n or ".conv1." in n) for n in names)
@@ -87,11 +98,26 @@ def digits(tmp_path_factory):
 
 
 def run(folder, data, init_state=None, **params):
-    p = Params(backbone=ATTN_UNET, batch_size=32, warmup_steps=2, checkpoint_every=10,
-               max_steps=10, **params).model_dump()  # fmt: skip
-    return train_locally({"params": p, "shards": data.shards(), "column": "image",
-                          "num_classes": 10, "threads": 2, "init_state": init_state},
-                         str(folder), train)  # fmt: skip
+    p = Params(
+        backbone=ATTN_UNET,
+        batch_size=32,
+        warmup_steps=2,
+        checkpoint_every=10,
+        max_steps=10,
+        **params,
+    ).model_dump()
+    return train_locally(
+        {
+            "params": p,
+            "shards": data.shards(),
+            "column": "image",
+            "num_classes": 10,
+            "threads": 2,
+            "init_state": init_state,
+        },
+        str(folder),
+        train,
+    )
 
 
 def test_zero2_checkpoints_with_frozen_parameters_consolidate(tmp_path, digits):
@@ -144,8 +170,9 @@ def test_train_class_embedding_adds_the_class_rows_to_any_method(cfg):
     for method in ("lora", "bias"):
         plain, with_classes = build(cfg), build(cfg)
         n0, _ = prepare(plain, cfg["type"], {"method": method, **FT})
-        n1, _ = prepare(with_classes, cfg["type"],
-                        {"method": method, **FT, "train_class_embedding": True})  # fmt: skip
+        n1, _ = prepare(
+            with_classes, cfg["type"], {"method": method, **FT, "train_class_embedding": True}
+        )
         rows = [(n, p) for n, p in with_classes.named_parameters() if is_class_embedding(n)]
         assert rows and all(p.requires_grad for _, p in rows)
         assert not any(
@@ -156,11 +183,22 @@ def test_train_class_embedding_adds_the_class_rows_to_any_method(cfg):
 
 
 def test_bad_starts_are_clear_errors_at_plan_time(tmp_path):
-    spec = {"name": "ft", "storage": str(tmp_path), "steps": [
-        {"id": "raw", "op": "ingest.digits"},
-        {"id": "model", "op": "train.diffusion", "inputs": ["raw"],
-         "params": {"init_from": "someone/some-diffusion-model", "finetune": {"method": "lora"}}},
-    ]}  # fmt: skip
+    spec = {
+        "name": "ft",
+        "storage": str(tmp_path),
+        "steps": [
+            {"id": "raw", "op": "ingest.digits"},
+            {
+                "id": "model",
+                "op": "train.diffusion",
+                "inputs": ["raw"],
+                "params": {
+                    "init_from": "someone/some-diffusion-model",
+                    "finetune": {"method": "lora"},
+                },
+            },
+        ],
+    }
     with pytest.raises(SpecError, match="hub is offline .*hf download someone/some-diffusion"):
         difforge.plan(spec)
     spec["steps"][1]["params"]["init_from"] = str(tmp_path / "nothing")

@@ -32,10 +32,21 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("flow")
     data = digits_dataset(root)
-    p = Params(backbone=TINY_UNET, batch_size=32, warmup_steps=10, checkpoint_every=30,
-               max_steps=60, lr=2e-3, ema_decay=None, **FLOW).model_dump()  # fmt: skip
-    io = train_locally({"params": p, "shards": data.shards(), "column": "image",
-                        "num_classes": 10, "threads": 2}, str(root / "ckpt"), train)  # fmt: skip
+    p = Params(
+        backbone=TINY_UNET,
+        batch_size=32,
+        warmup_steps=10,
+        checkpoint_every=30,
+        max_steps=60,
+        lr=2e-3,
+        ema_decay=None,
+        **FLOW,
+    ).model_dump()
+    io = train_locally(
+        {"params": p, "shards": data.shards(), "column": "image", "num_classes": 10, "threads": 2},
+        str(root / "ckpt"),
+        train,
+    )
     losses = [m["loss"] for m in io.history]
     assert losses[-1] < losses[0], losses
     real = load_digits().images.reshape(-1, 1, 8, 8) / 8.0 - 1.0
@@ -53,8 +64,17 @@ def _fd(p, state, real, sampler: str, steps: int) -> float:
         model.load_state_dict(state)
     config = saved_config(make_noise_scheduler(p, "image"))
     n = 300
-    x = sample_batch(model.eval(), "UNet2DModel", make_scheduler(sampler, config), (1, 8, 8),
-                     list(range(n)), torch.arange(n) % 10, [1.0] * n, 10, steps)  # fmt: skip
+    x = sample_batch(
+        model.eval(),
+        "UNet2DModel",
+        make_scheduler(sampler, config),
+        (1, 8, 8),
+        list(range(n)),
+        torch.arange(n) % 10,
+        [1.0] * n,
+        10,
+        steps,
+    )
     return frechet_distance(x.clamp(-1, 1).reshape(n, -1).numpy(), real.reshape(len(real), -1))
 
 
@@ -73,9 +93,15 @@ def test_the_folder_records_the_flow_and_samples_it_by_default(trained, tmp_path
     p, state, _ = trained
     model, _ = build_backbone(p, 8, 1, 10, None)
     model.load_state_dict(state)
-    info = ModelInfo(backbone="UNet2DModel", sample_shape=[1, 8, 8], num_classes=10,
-                     objective="flow_matching", prediction_type="velocity",
-                     timesteps=p["timesteps"], null_condition=10)  # fmt: skip
+    info = ModelInfo(
+        backbone="UNet2DModel",
+        sample_shape=[1, 8, 8],
+        num_classes=10,
+        objective="flow_matching",
+        prediction_type="velocity",
+        timesteps=p["timesteps"],
+        null_condition=10,
+    )
     write_model_folder(str(tmp_path), info, model, make_noise_scheduler(p, "image"))
     _, loaded, config, _ = load_model(str(tmp_path))
     assert (

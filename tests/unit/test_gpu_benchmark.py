@@ -16,9 +16,13 @@ PARTS = ("peak", "encode", "train", "diagnose", "compile")
 
 def test_every_part_of_the_gpu_benchmark_runs(tmp_path):
     only = [arg for part in PARTS for arg in ("--only", part)]
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", *only],
-                          env={**os.environ, "OUT": str(tmp_path)}, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", *only],
+        env={**os.environ, "OUT": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "gpu.json").read_text())
     broken = {part: results[part]["error"] for part in PARTS if "error" in results[part]}

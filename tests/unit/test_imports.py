@@ -91,8 +91,9 @@ def test_operators_never_import_one_another():
     for module, deps in graph.items():
         if module.startswith("difforge.operators."):
             family = module.split(".")[2]
-            others = [d for d in deps if d.startswith("difforge.operators.")
-                      and d.split(".")[2] != family]  # fmt: skip
+            others = [
+                d for d in deps if d.startswith("difforge.operators.") and d.split(".")[2] != family
+            ]
             if others:
                 bad[module] = sorted(others)
     assert bad == {}

@@ -127,8 +127,12 @@ def services() -> dict[str, set[int]]:
         d["metadata"]["name"]: {p["port"] for p in d["spec"]["ports"]} for d in by_kind("Service")
     }
     for rc in by_kind("RayCluster"):
-        ports = {p["containerPort"] for c in walk(rc["spec"]["headGroupSpec"], "containers")
-                 for container in c for p in container.get("ports", [])}  # fmt: skip
+        ports = {
+            p["containerPort"]
+            for c in walk(rc["spec"]["headGroupSpec"], "containers")
+            for container in c
+            for p in container.get("ports", [])
+        }
         out[f"{rc['metadata']['name']}-head-svc"] = ports
     return out
 
@@ -144,10 +148,19 @@ def test_every_in_cluster_address_names_a_service_and_its_port():
     # each Service's targetPort is a port its pods declare
     for svc in by_kind("Service"):
         selector = svc["spec"]["selector"]
-        pods = [d for _, d in all_docs() if d.get("kind") in ("Deployment", "StatefulSet")
-                and d["spec"]["selector"]["matchLabels"] == selector]  # fmt: skip
-        declared = {p["containerPort"] for pod in pods for c in walk(pod, "containers")
-                    for container in c for p in container.get("ports", [])}  # fmt: skip
+        pods = [
+            d
+            for _, d in all_docs()
+            if d.get("kind") in ("Deployment", "StatefulSet")
+            and d["spec"]["selector"]["matchLabels"] == selector
+        ]
+        declared = {
+            p["containerPort"]
+            for pod in pods
+            for c in walk(pod, "containers")
+            for container in c
+            for p in container.get("ports", [])
+        }
         assert {p["targetPort"] for p in svc["spec"]["ports"]} <= declared, svc["metadata"]
 
 
@@ -181,8 +194,12 @@ def test_environment_variable_names_agree():
     # the Ray token comes from the Secret the RayCluster authenticates with
     secret = by_kind("RayCluster")[0]["spec"]["authOptions"]["secretName"]
     for kind in ("RayJob", "CronJob"):
-        refs = [e["valueFrom"]["secretKeyRef"] for env in walk(by_kind(kind)[0], "env")
-                for e in env if e.get("name") == "RAY_AUTH_TOKEN"]  # fmt: skip
+        refs = [
+            e["valueFrom"]["secretKeyRef"]
+            for env in walk(by_kind(kind)[0], "env")
+            for e in env
+            if e.get("name") == "RAY_AUTH_TOKEN"
+        ]
         assert refs == [{"name": secret, "key": "auth_token"}], kind
 
 

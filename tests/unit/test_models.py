@@ -33,11 +33,20 @@ def test_references_resolve_or_say_what_to_do(tmp_path, monkeypatch):
 def test_the_model_folder_round_trips_and_refuses_newer_formats(tmp_path):
     from diffusers import DDPMScheduler, UNet2DModel
 
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                       layers_per_block=1, norm_num_groups=4, num_class_embeds=11,
-                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)  # fmt: skip
-    info = ModelInfo(backbone="UNet2DModel", sample_shape=[1, 8, 8], num_classes=10,
-                     null_condition=10)  # fmt: skip
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        num_class_embeds=11,
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+    )
+    info = ModelInfo(
+        backbone="UNet2DModel", sample_shape=[1, 8, 8], num_classes=10, null_condition=10
+    )
     write_model_folder(str(tmp_path), info, unet, DDPMScheduler())
     assert read_info(str(tmp_path)).null_condition == 10
     written = json.loads((tmp_path / "difforge.json").read_text())

@@ -28,9 +28,12 @@ settings.register_profile("thorough", max_examples=2000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False, width=32),
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 5),
+    st.floats(allow_nan=False, width=32),
     st.text(max_size=8),
-)  # fmt: skip
+)
 values = st.recursive(
     scalars,
     lambda inner: st.one_of(
@@ -39,20 +42,27 @@ values = st.recursive(
     max_leaves=12,
 )
 step = st.fixed_dictionaries(
-    {"id": st.sampled_from(["raw", "a", "b", "1bad", "x" * 120]),
-     "op": st.sampled_from(["ingest.digits", "image.resize", "nope.op", ""])},
-    optional={"inputs": st.lists(st.sampled_from(["raw", "a", "b", "zz", "raw.rejects"]),
-                                 max_size=3),
-              "params": st.dictionaries(st.sampled_from(["size", "limit", "mode", "x"]), values,
-                                        max_size=3),
-              "resources": st.dictionaries(st.sampled_from(["num_cpus", "batch_size", "zz"]),
-                                           values, max_size=2)},
-)  # fmt: skip
+    {
+        "id": st.sampled_from(["raw", "a", "b", "1bad", "x" * 120]),
+        "op": st.sampled_from(["ingest.digits", "image.resize", "nope.op", ""]),
+    },
+    optional={
+        "inputs": st.lists(st.sampled_from(["raw", "a", "b", "zz", "raw.rejects"]), max_size=3),
+        "params": st.dictionaries(
+            st.sampled_from(["size", "limit", "mode", "x"]), values, max_size=3
+        ),
+        "resources": st.dictionaries(
+            st.sampled_from(["num_cpus", "batch_size", "zz"]), values, max_size=2
+        ),
+    },
+)
 specs = st.fixed_dictionaries(
-    {"name": st.sampled_from(["p", "bad name", "", "n" * 150]),
-     "steps": st.one_of(st.lists(step, max_size=4), values)},
+    {
+        "name": st.sampled_from(["p", "bad name", "", "n" * 150]),
+        "steps": st.one_of(st.lists(step, max_size=4), values),
+    },
     optional={"storage": st.sampled_from(["s", "memory://x", "", "s3://b/p"]), "extra": values},
-)  # fmt: skip
+)
 
 
 def plan_or_spec_error(source, overrides=None) -> None:
@@ -78,10 +88,14 @@ def test_any_structure_plans_or_names_its_problems(tmp_path, spec):
     plan_or_spec_error(spec)
 
 
-GOOD = {"name": "p", "storage": "s", "steps": [
-    {"id": "raw", "op": "ingest.digits", "params": {"limit": 10}},
-    {"id": "a", "op": "image.resize", "inputs": ["raw"], "params": {"size": 8}},
-]}  # fmt: skip
+GOOD = {
+    "name": "p",
+    "storage": "s",
+    "steps": [
+        {"id": "raw", "op": "ingest.digits", "params": {"limit": 10}},
+        {"id": "a", "op": "image.resize", "inputs": ["raw"], "params": {"size": 8}},
+    ],
+}
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -111,8 +125,11 @@ def test_parse_override_takes_key_equals_yaml_or_says_what_it_expected(item):
 axis = st.lists(st.one_of(st.integers(0, 3), st.sampled_from(["x", "y"])), min_size=1, max_size=3)
 
 
-@given(st.dictionaries(st.sampled_from(["s.params.a", "s.params.b", "t.params.c"]), axis,
-                       min_size=1, max_size=3))  # fmt: skip
+@given(
+    st.dictionaries(
+        st.sampled_from(["s.params.a", "s.params.b", "t.params.c"]), axis, min_size=1, max_size=3
+    )
+)
 def test_matrix_expansion_is_the_product_of_its_axes_without_duplicates(matrix):
     variants = expand(matrix)
     distinct = [dict(zip(matrix, c, strict=True)) for c in itertools.product(*matrix.values())]

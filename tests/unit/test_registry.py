@@ -71,8 +71,11 @@ def test_entry_point_plugins_join_the_registry(tmp_path):
     env = make_plugin(tmp_path)
     out = subprocess.run(
         [sys.executable, "-m", "difforge.cli", "ops", "plugin.hello"],
-        capture_output=True, text=True, env=env, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "plugin.hello" in out.stdout and "A plugin operator." in out.stdout
     assert "seconds: float (default 0.1)" in out.stdout
@@ -85,8 +88,11 @@ def test_plugin_clashing_with_a_builtin_is_refused(tmp_path):
     )
     out = subprocess.run(
         [sys.executable, "-m", "difforge.cli", "ops"],
-        capture_output=True, text=True, env=env, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert out.returncode == 2
     assert "operator name 'image.resize' is declared twice: by difforge entry point" in out.stderr
     assert "and by difforge-plugin entry point 'image.resize = difforge_plugin:Hello'" in (
@@ -99,7 +105,10 @@ def test_an_entry_point_must_be_named_as_its_operator(tmp_path):
     env = make_plugin(tmp_path, name="plugin.hi = difforge_plugin:Hello")
     out = subprocess.run(
         [sys.executable, "-m", "difforge.cli", "ops", "plugin.hi"],
-        capture_output=True, text=True, env=env, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "loads operator 'plugin.hello', not 'plugin.hi'" in out.stderr

@@ -36,16 +36,31 @@ def digits_with_features(tmp_path_factory):
         fmap = encoder.feature_map(x / 127.5 - 1).numpy()
     assert fmap.shape[1:] == (128, 2, 2)
     table = table.append_column("features", to_column(fmap.astype(np.float32)))
-    write_dataset(str(root / "with-features"), table, "digits",
-                    metadata={"classes": [str(i) for i in range(10)]})  # fmt: skip
+    write_dataset(
+        str(root / "with-features"),
+        table,
+        "digits",
+        metadata={"classes": [str(i) for i in range(10)]},
+    )
     return D.open_dataset(str(root / "with-features"))
 
 
 def run(folder, data, steps: int, repa: dict | None, **params):
-    p = Params(backbone=TINY_UNET, batch_size=32, warmup_steps=2, checkpoint_every=20,
-               max_steps=steps, lr=1e-3, repa=repa, **params).model_dump()  # fmt: skip
-    return train_locally({"params": p, "shards": data.shards(), "column": "image",
-                          "num_classes": 10, "threads": 2}, str(folder), train)  # fmt: skip
+    p = Params(
+        backbone=TINY_UNET,
+        batch_size=32,
+        warmup_steps=2,
+        checkpoint_every=20,
+        max_steps=steps,
+        lr=1e-3,
+        repa=repa,
+        **params,
+    ).model_dump()
+    return train_locally(
+        {"params": p, "shards": data.shards(), "column": "image", "num_classes": 10, "threads": 2},
+        str(folder),
+        train,
+    )
 
 
 def test_alignment_loss_falls_and_the_projector_learns(tmp_path, digits_with_features):
@@ -67,8 +82,9 @@ def test_alignment_loss_falls_and_the_projector_learns(tmp_path, digits_with_fea
     assert set(bare) == {k[len("net.") :] for k in final if k.startswith("net.")}
 
 
-def test_weight_zero_is_a_control_the_network_trains_as_without_repa(tmp_path,
-                                                                      digits_with_features):  # fmt: skip
+def test_weight_zero_is_a_control_the_network_trains_as_without_repa(
+    tmp_path, digits_with_features
+):
     """weight 0: the projector learns on the detached hidden state (alignment measured, the
     same batches), and the network ends where a run without REPA ends, up to the rounding
     noise of a different parameter layout in DeepSpeed's flat buffers; with a weight, REPA's
@@ -79,8 +95,11 @@ def test_weight_zero_is_a_control_the_network_trains_as_without_repa(tmp_path,
         io = run(tmp_path / name, digits_with_features, 20, repa, grad_clip=None)
         return io.history[0], backbone_state(consolidated_state(io.folder))
 
-    (h0, control), (_, plain), (h1, aligned) = (network("control", 0.0),
-                                                network("plain", None), network("repa", 1.0))  # fmt: skip
+    (h0, control), (_, plain), (h1, aligned) = (
+        network("control", 0.0),
+        network("plain", None),
+        network("repa", 1.0),
+    )
 
     def distance(a, b):
         return max((a[k] - b[k]).abs().max().item() for k in a)
@@ -139,8 +158,14 @@ def test_a_dit_aligns_its_patch_tokens():
     blocks before it."""
     from difforge.diffusion.backbones import build_backbone
 
-    dit = {"type": "DiTTransformer2DModel", "num_layers": 2, "num_attention_heads": 2,
-           "attention_head_dim": 8, "patch_size": 2, "norm_num_groups": 4}  # fmt: skip
+    dit = {
+        "type": "DiTTransformer2DModel",
+        "num_layers": 2,
+        "num_attention_heads": 2,
+        "attention_head_dim": 8,
+        "patch_size": 2,
+        "norm_num_groups": 4,
+    }
     net, _ = build_backbone({"backbone": dit}, 8, 4, 10, None)
     model = Aligned(net, "DiTTransformer2DModel", {"block": 1, "projector_dim": 16}, 128)
     model(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), class_labels=torch.tensor([1, 2]))

@@ -284,10 +284,12 @@ def test_every_shipped_pipeline_validates(tmp_path):
     Image.new("RGB", (40, 40)).save(tmp_path / "one.png")
     needs = {  # their data and (offline) their models are the user's
         "curate-images.yaml": [f"raw.params.path={tmp_path}"],
-        "curate-embeddings.yaml": [f"raw.params.path={tmp_path}",
-                                   f"embedded.params.model={tiny_clip(tmp_path / 'clip')}",
-                                   f"captioned.params.model={tiny_captioner(tmp_path / 'cap')}"],
-    }  # fmt: skip
+        "curate-embeddings.yaml": [
+            f"raw.params.path={tmp_path}",
+            f"embedded.params.model={tiny_clip(tmp_path / 'clip')}",
+            f"captioned.params.model={tiny_captioner(tmp_path / 'cap')}",
+        ],
+    }
     root = Path(__file__).resolve().parents[2] / "pipelines"
     files = sorted(root.rglob("*.yaml"))
     assert files
@@ -309,11 +311,19 @@ def test_auto_precision_puts_the_device_class_in_the_fingerprint(tmp_path, monke
     machine and for a CPU one describes two different computations."""
     steps = [
         {"id": "raw", "op": "ingest.digits"},
-        {"id": "lat", "op": "encode.vae", "inputs": ["raw"],
-         "params": {"pretrained": str(tmp_path), "dtype": "auto"}},
-        {"id": "lat32", "op": "encode.vae", "inputs": ["raw"],
-         "params": {"pretrained": str(tmp_path), "dtype": "float32"}},
-    ]  # fmt: skip
+        {
+            "id": "lat",
+            "op": "encode.vae",
+            "inputs": ["raw"],
+            "params": {"pretrained": str(tmp_path), "dtype": "auto"},
+        },
+        {
+            "id": "lat32",
+            "op": "encode.vae",
+            "inputs": ["raw"],
+            "params": {"pretrained": str(tmp_path), "dtype": "float32"},
+        },
+    ]
     spec = {"name": "dev", "storage": str(tmp_path / "s"), "steps": steps}
     monkeypatch.setenv("DIFFORGE_DEVICE_CLASS", "cpu")
     cpu = difforge.plan(spec)

@@ -44,8 +44,10 @@ def test_numeric_summary_above_its_limit_keeps_evenly_spaced_rows_whatever_the_b
     rng = np.random.default_rng(0)
     values = rng.normal(size=100_003)
     table = pa.table({"x": values})
-    summaries = [numeric_summary(batches(table, size), "x", len(values), limit=1000)
-                 for size in (7, 4096, 100_003)]  # fmt: skip
+    summaries = [
+        numeric_summary(batches(table, size), "x", len(values), limit=1000)
+        for size in (7, 4096, 100_003)
+    ]
     for s in summaries:
         assert np.array_equal(s.sample, values[:: -(-len(values) // 1000)])  # rows 0, k, 2k...
         assert len(s.sample) <= 1000
@@ -89,8 +91,9 @@ def test_class_count_from_metadata_labels_or_neither(tmp_path):
         return open_dataset(str(tmp_path / name))
 
     ids = pa.array(["a", "b", "c"])
-    named = dataset("named", pa.table({"id": ids, "label": [0, 1, 0]}),
-                    {"classes": ["shirt", "shoe", "bag"]})  # fmt: skip
+    named = dataset(
+        "named", pa.table({"id": ids, "label": [0, 1, 0]}), {"classes": ["shirt", "shoe", "bag"]}
+    )
     assert class_count(named) == 3  # the names, though label 2 never occurs
     assert class_count(dataset("labels", pa.table({"id": ids, "label": [4, 1, 0]}))) == 5
     assert class_count(dataset("none", pa.table({"id": ids}))) == 0

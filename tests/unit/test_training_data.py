@@ -23,11 +23,13 @@ def write_shards(folder, labels_per_shard: list[list[int]]) -> list[dict]:
     for k, labels in enumerate(labels_per_shard):
         ids = np.arange(start, start + len(labels), dtype=np.float32)
         start += len(labels)
-        table = pa.table({
-            C.ID: [str(int(i)) for i in ids],
-            C.LATENT: to_column(ids.reshape(-1, 1, 1, 1)),
-            C.LABEL: pa.array(labels, pa.int64()),
-        })  # fmt: skip
+        table = pa.table(
+            {
+                C.ID: [str(int(i)) for i in ids],
+                C.LATENT: to_column(ids.reshape(-1, 1, 1, 1)),
+                C.LABEL: pa.array(labels, pa.int64()),
+            }
+        )
         path = folder / f"{k:03d}.parquet"
         pq.write_table(table, path)
         shards.append({"file": str(path), "rows": len(labels), "bytes": path.stat().st_size})
@@ -112,12 +114,15 @@ def test_a_stream_of_kept_rows_and_a_bounded_read_of_the_others(uneven):
     kept = with_kept_rows(uneven, odd)
     assert [s["rows"] for s in kept] == [3, 2, 6, 4, 1, 4, 5]  # odd ids of 0-6, 7-9, ...
     world, micro = 2, 2
-    ranks = [ShardStream(kept, C.LATENT, 1, micro, r, world, 8 * ROW, keep=odd)
-             for r in range(world)]  # fmt: skip
+    ranks = [
+        ShardStream(kept, C.LATENT, 1, micro, r, world, 8 * ROW, keep=odd) for r in range(world)
+    ]
     rows = stream_rows(ranks, world, 25)  # 100 rows: 4 epochs of the 25 odd rows
     for epoch in range(4):
         assert sorted(rows[epoch * 25 : (epoch + 1) * 25]) == list(range(1, 50, 2))
-    evens = [b.x0.reshape(-1).astype(int).tolist()
-             for b in read_batches(uneven, C.LATENT, limit=10, keep=lambda ids: ~odd(ids))]  # fmt: skip
+    evens = [
+        b.x0.reshape(-1).astype(int).tolist()
+        for b in read_batches(uneven, C.LATENT, limit=10, keep=lambda ids: ~odd(ids))
+    ]
     assert [len(b) for b in evens] == [4, 1, 5]  # shard by shard, stopped at the limit
     assert sum(evens, []) == list(range(0, 20, 2))

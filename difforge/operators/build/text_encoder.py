@@ -64,9 +64,13 @@ class BuildTextEncoder(JobOperator):
             for caption in table.column(C.CAPTION).to_pylist():
                 counts.update(words(caption or ""))
         vocab = SPECIAL + sorted(w for w, _ in counts.most_common(p.max_words))
-        config = BertConfig(vocab_size=len(vocab), hidden_size=p.hidden_size,
-                            num_hidden_layers=p.layers, num_attention_heads=p.heads,
-                            intermediate_size=4 * p.hidden_size)  # fmt: skip
+        config = BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=p.hidden_size,
+            num_hidden_layers=p.layers,
+            num_attention_heads=p.heads,
+            intermediate_size=4 * p.hidden_size,
+        )
         torch.manual_seed(p.seed)
         with tempfile.TemporaryDirectory() as d:
             with open(os.path.join(d, "vocab.txt"), "w") as f:
@@ -75,9 +79,18 @@ class BuildTextEncoder(JobOperator):
             BertModel(config).eval().save_pretrained(d)
             ctx.publish(d, "model")
         ctx.log.log_metrics({"vocab_size": len(vocab)})
-        table = pa.table({C.ID: ["text_encoder"], C.MODEL_URI: [ctx.artifact("model")],
-                          "kind": ["text_encoder"], "vocab_size": pa.array([len(vocab)], pa.int64()),
-                          "hidden_size": pa.array([p.hidden_size], pa.int64())})  # fmt: skip
-        info: dict[str, Any] = {"kind": "text_encoder", "vocab_size": len(vocab),
-                                "hidden_size": p.hidden_size}  # fmt: skip
+        table = pa.table(
+            {
+                C.ID: ["text_encoder"],
+                C.MODEL_URI: [ctx.artifact("model")],
+                "kind": ["text_encoder"],
+                "vocab_size": pa.array([len(vocab)], pa.int64()),
+                "hidden_size": pa.array([p.hidden_size], pa.int64()),
+            }
+        )
+        info: dict[str, Any] = {
+            "kind": "text_encoder",
+            "vocab_size": len(vocab),
+            "hidden_size": p.hidden_size,
+        }
         return JobResult(table, metadata={"text_encoder_model": info})

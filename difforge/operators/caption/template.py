@@ -28,8 +28,9 @@ FIELDS = ("class", "brightness", "size", "position")
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    template: str = Field("a {brightness} {class}, {size} and {position}",
-                          description=f"fields: {', '.join(FIELDS)}")  # fmt: skip
+    template: str = Field(
+        "a {brightness} {class}, {size} and {position}", description=f"fields: {', '.join(FIELDS)}"
+    )
 
     @field_validator("template")
     @classmethod
@@ -38,8 +39,10 @@ class Params(BaseModel):
             if name is None:
                 continue
             if name not in FIELDS or spec or conversion:
-                raise ValueError(f"unknown field {{{name}}}: the fields are "
-                                 f"{', '.join('{' + f + '}' for f in FIELDS)}")  # fmt: skip
+                raise ValueError(
+                    f"unknown field {{{name}}}: the fields are "
+                    f"{', '.join('{' + f + '}' for f in FIELDS)}"
+                )
         return template
 
 
@@ -63,8 +66,11 @@ def attributes(pixels: np.ndarray) -> dict[str, str]:
     cy, cx = float((ys * w).sum() / w.sum()), float((xs * w).sum() / w.sum())
     h, wd = gray.shape
     off = max(abs(cy - (h - 1) / 2) / h, abs(cx - (wd - 1) / 2) / wd)
-    return {"brightness": brightness, "size": size,
-            "position": "centered" if off < 0.08 else "off-center"}  # fmt: skip
+    return {
+        "brightness": brightness,
+        "size": size,
+        "position": "centered" if off < 0.08 else "off-center",
+    }
 
 
 class Template(MapOperator):
@@ -89,14 +95,19 @@ class Template(MapOperator):
         from difforge.platform.imaging import to_array
 
         name = self.classes[label] if 0 <= label < len(self.classes) else str(label)
-        return self.params.template.format_map({"class": name.lower(), **attributes(
-            to_array(image))})  # fmt: skip
+        return self.params.template.format_map(
+            {"class": name.lower(), **attributes(to_array(image))}
+        )
 
     def process(self, batch: pa.Table) -> pa.Table:
         import pyarrow as pa
 
-        captions = [self.caption(im, y) for im, y in zip(
-            batch.column(C.IMAGE).to_pylist(), batch.column(C.LABEL).to_pylist(), strict=True)]  # fmt: skip
+        captions = [
+            self.caption(im, y)
+            for im, y in zip(
+                batch.column(C.IMAGE).to_pylist(), batch.column(C.LABEL).to_pylist(), strict=True
+            )
+        ]
         if C.CAPTION in batch.column_names:
             batch = batch.drop_columns([C.CAPTION])
         return batch.append_column(C.CAPTION, pa.array(captions, pa.string()))

@@ -34,11 +34,16 @@ ORIGINAL = "original_caption"
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="an image-to-text model and its processor: a local folder, "
-                       "s3://..., models:/NAME/VERSION, or a hub id "
-                       "(Salesforce/blip-image-captioning-base)")  # fmt: skip
-    prompt: str | None = Field(None, description="text the model continues, with {column} "
-                               "fields filled from each row ({caption}, {label}, {class})")  # fmt: skip
+    model: str = Field(
+        description="an image-to-text model and its processor: a local folder, "
+        "s3://..., models:/NAME/VERSION, or a hub id "
+        "(Salesforce/blip-image-captioning-base)"
+    )
+    prompt: str | None = Field(
+        None,
+        description="text the model continues, with {column} "
+        "fields filled from each row ({caption}, {label}, {class})",
+    )
     max_new_tokens: int = Field(40, ge=1, le=1024)
     num_beams: int = Field(1, ge=1, description="beam search width (1: greedy)")
     temperature: float = Field(0.0, ge=0, description="> 0: sample at this temperature")
@@ -49,8 +54,9 @@ class Params(BaseModel):
     def _plain_fields(cls, prompt: str | None) -> str | None:
         for _, name, spec, conversion in string.Formatter().parse(prompt or ""):
             if name is not None and (not name.isidentifier() or spec or conversion):
-                raise ValueError(f"field {{{name}}}: fields are plain column names, as "
-                                 "{caption} or {label}")  # fmt: skip
+                raise ValueError(
+                    f"field {{{name}}}: fields are plain column names, as {{caption}} or {{label}}"
+                )
         return prompt
 
 
@@ -89,8 +95,9 @@ class CaptionVLM(MapOperator):
         from difforge.models.resolve import resolve
 
         self.device, _ = ctx.torch_device()
-        self.model, self.processor = load_captioner(resolve(self.params.model,
-                                                            "captioning model"), self.device)  # fmt: skip
+        self.model, self.processor = load_captioner(
+            resolve(self.params.model, "captioning model"), self.device
+        )
         self.classes = ctx.metadata(0).get("classes")
 
     def prompts(self, batch: pa.Table) -> list[str] | None:
@@ -103,10 +110,10 @@ class CaptionVLM(MapOperator):
         for row in rows:
             if "class" in fields:
                 label = row.get(C.LABEL)
-                row["class"] = (self.classes[label] if self.classes and label is not None
-                                else label)  # fmt: skip
-            out.append(self.params.prompt.format_map({k: "" if v is None else v
-                                                      for k, v in row.items()}))  # fmt: skip
+                row["class"] = self.classes[label] if self.classes and label is not None else label
+            out.append(
+                self.params.prompt.format_map({k: "" if v is None else v for k, v in row.items()})
+            )
         return out
 
     def process(self, batch: pa.Table) -> pa.Table:
@@ -129,9 +136,13 @@ class CaptionVLM(MapOperator):
             first = str(batch.column(C.ID)[0].as_py()).encode()
             torch.manual_seed(p.seed * 1_000_003 + int(hashlib.sha256(first).hexdigest()[:8], 16))
         with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=p.max_new_tokens,
-                                      num_beams=p.num_beams, do_sample=sample,
-                                      **({"temperature": p.temperature} if sample else {}))  # fmt: skip
+            out = self.model.generate(
+                **inputs,
+                max_new_tokens=p.max_new_tokens,
+                num_beams=p.num_beams,
+                do_sample=sample,
+                **({"temperature": p.temperature} if sample else {}),
+            )
         captions = self.decode(out, inputs, prompts)
         table = batch
         if C.CAPTION in batch.column_names:
@@ -155,15 +166,24 @@ class CaptionVLM(MapOperator):
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         texts = [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
         if prompts is not None:
-            texts = [t[len(q.strip()) :].strip() if t.startswith(q.strip()) else t
-                     for t, q in zip(texts, prompts, strict=True)]  # fmt: skip
+            texts = [
+                t[len(q.strip()) :].strip() if t.startswith(q.strip()) else t
+                for t, q in zip(texts, prompts, strict=True)
+            ]
         return texts
 
     def output_metadata(self, inputs: list[Any]) -> dict[str, Any]:
         p = self.params
-        return {"captions": {**(self.external_state() or {}), "prompt": p.prompt,
-                             "max_new_tokens": p.max_new_tokens, "num_beams": p.num_beams,
-                             "temperature": p.temperature, "seed": p.seed}}  # fmt: skip
+        return {
+            "captions": {
+                **(self.external_state() or {}),
+                "prompt": p.prompt,
+                "max_new_tokens": p.max_new_tokens,
+                "num_beams": p.num_beams,
+                "temperature": p.temperature,
+                "seed": p.seed,
+            }
+        }
 
 
 class _Processor:
@@ -198,17 +218,22 @@ def load_captioner(path: str, device: str = "cpu"):
         try:
             model = transformers.VisionEncoderDecoderModel.from_pretrained(path)
         except (OSError, ValueError) as exc:
-            raise DifforgeError(f"caption.vlm: {path} is not an image-to-text model "
-                                f"({type(exc).__name__}: {exc})") from None  # fmt: skip
+            raise DifforgeError(
+                f"caption.vlm: {path} is not an image-to-text model ({type(exc).__name__}: {exc})"
+            ) from None
     try:
         processor = transformers.AutoProcessor.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError):
         processor = None
     if not (hasattr(processor, "image_processor") and hasattr(processor, "tokenizer")):
         try:  # a folder with the two parts and no processor of its own
-            processor = _Processor(transformers.AutoImageProcessor.from_pretrained(path),
-                                   transformers.AutoTokenizer.from_pretrained(path))  # fmt: skip
+            processor = _Processor(
+                transformers.AutoImageProcessor.from_pretrained(path),
+                transformers.AutoTokenizer.from_pretrained(path),
+            )
         except (OSError, ValueError) as exc:
-            raise DifforgeError(f"caption.vlm: {path} has no image processor and tokenizer "
-                                f"({type(exc).__name__}: {exc})") from None  # fmt: skip
+            raise DifforgeError(
+                f"caption.vlm: {path} has no image processor and tokenizer "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
     return model.to(device).eval(), processor

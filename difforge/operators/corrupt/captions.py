@@ -33,7 +33,7 @@ class Params(BaseModel):
     mode: Literal["swap", "words"] = Field(
         "swap",
         description="swap: pairs of rows exchange captions; words: each word replaced "
-        "with probability eta",  # fmt: skip
+        "with probability eta",
     )
     seed: int = 0
     buckets: int = Field(64, ge=1, description="swap partners are drawn within hash buckets")
@@ -58,14 +58,25 @@ class SelectForSwap:
 
         p = self.p
         rows = [
-            {C.ID: i, C.CAPTION: c, "bucket": draw(p["seed"], "bucket", i) % p["buckets"],
-             "order": draw(p["seed"], "order", i)}
-            for i, c in zip(batch.column(C.ID).to_pylist(), batch.column(C.CAPTION).to_pylist(),
-                            strict=True)
+            {
+                C.ID: i,
+                C.CAPTION: c,
+                "bucket": draw(p["seed"], "bucket", i) % p["buckets"],
+                "order": draw(p["seed"], "order", i),
+            }
+            for i, c in zip(
+                batch.column(C.ID).to_pylist(), batch.column(C.CAPTION).to_pylist(), strict=True
+            )
             if u01(p["seed"], "select", i) < p["corruption_ratio"]
-        ]  # fmt: skip
-        schema = pa.schema([(C.ID, pa.string()), (C.CAPTION, pa.string()),
-                            ("bucket", pa.int64()), ("order", pa.uint64())])  # fmt: skip
+        ]
+        schema = pa.schema(
+            [
+                (C.ID, pa.string()),
+                (C.CAPTION, pa.string()),
+                ("bucket", pa.int64()),
+                ("order", pa.uint64()),
+            ]
+        )
         return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -97,8 +108,11 @@ class Apply:
             for uri in self.swap_files:
                 fs, path = url_to_fs(uri)
                 t = pq.read_table(path, filesystem=fs)
-                self._swaps.update(zip(t.column(C.ID).to_pylist(),
-                                       t.column("new_caption").to_pylist(), strict=True))  # fmt: skip
+                self._swaps.update(
+                    zip(
+                        t.column(C.ID).to_pylist(), t.column("new_caption").to_pylist(), strict=True
+                    )
+                )
         return self._swaps
 
     def words(self, row_id: str, caption: str | None) -> str | None:
@@ -107,9 +121,10 @@ class Apply:
         p = self.p
         out = [
             WORDS[draw(p["seed"], "word", row_id, k) % len(WORDS)]
-            if u01(p["seed"], "replace", row_id, k) < p["corruption_ratio"] else w
+            if u01(p["seed"], "replace", row_id, k) < p["corruption_ratio"]
+            else w
             for k, w in enumerate(caption.split())
-        ]  # fmt: skip
+        ]
         return " ".join(out)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -152,15 +167,18 @@ class Captions(JobOperator):
         files = ctx.inputs[0].shards()
         swap_files: list[str] = []
         if p["mode"] == "swap":
-            chosen = read_files(files, SelectForSwap(p), res.batch_size, res.num_cpus,
-                                columns=[C.ID, C.CAPTION])  # fmt: skip
+            chosen = read_files(
+                files, SelectForSwap(p), res.batch_size, res.num_cpus, columns=[C.ID, C.CAPTION]
+            )
             swaps = open_output(join(ctx.work_uri, "swaps"))  # working data, never committed
             # small inputs pair up in one task (a shuffle's fixed cost is seconds), the same pairs
-            entries = group_and_write(chosen, "bucket", pair_up, {"swaps": swaps},
-                                      rows=ctx.inputs[0].num_rows)["swaps"]  # fmt: skip
+            entries = group_and_write(
+                chosen, "bucket", pair_up, {"swaps": swaps}, rows=ctx.inputs[0].num_rows
+            )["swaps"]
             swap_files = [join(swaps.uri, e["path"]) for e in entries if e["path"]]
-        main = map_files(files, Apply(p, swap_files), {MAIN: ctx.outputs[MAIN]},
-                         res.batch_size, res.num_cpus)[MAIN]  # fmt: skip
+        main = map_files(
+            files, Apply(p, swap_files), {MAIN: ctx.outputs[MAIN]}, res.batch_size, res.num_cpus
+        )[MAIN]
         return JobResult(entries={MAIN: main})
 
     def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:

@@ -62,5 +62,7 @@ def bands(h: int, threshold: int) -> list[tuple[int, int]]:
     n = threshold + 1
     u = h + 2**63
     edges = np.linspace(0, 64, n + 1).astype(int)
-    return [(k, (u >> int(lo)) & ((1 << int(hi - lo)) - 1)) for k, (lo, hi) in
-            enumerate(zip(edges[:-1], edges[1:], strict=True))]  # fmt: skip
+    return [
+        (k, (u >> int(lo)) & ((1 << int(hi - lo)) - 1))
+        for k, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True))
+    ]

@@ -65,8 +65,10 @@ class DedupExact(DedupOperator):
         ids, content = t.column(C.ID).cast(pa.string()), t.column("content_hash")
         gone = pa.array(~first)
         same = pc.equal(content, content.take(keeper)).filter(gone).to_numpy(zero_copy_only=False)
-        return pa.table({
-            C.ID: ids.filter(gone),
-            "duplicate_of": ids.take(keeper).filter(gone),
-            "kind": pa.array(np.where(same, "bytes", "pixels").tolist(), pa.string()),
-        })  # fmt: skip
+        return pa.table(
+            {
+                C.ID: ids.filter(gone),
+                "duplicate_of": ids.take(keeper).filter(gone),
+                "kind": pa.array(np.where(same, "bytes", "pixels").tolist(), pa.string()),
+            }
+        )

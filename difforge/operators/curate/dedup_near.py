@@ -61,8 +61,9 @@ class DedupNear(DedupOperator):
         from difforge.operators.curate._hashes import bands, phash
 
         ids, hashes, keys = [], [], []
-        for row_id, data in zip(batch.column(C.ID).to_pylist(),
-                                batch.column(C.IMAGE).to_pylist(), strict=True):  # fmt: skip
+        for row_id, data in zip(
+            batch.column(C.ID).to_pylist(), batch.column(C.IMAGE).to_pylist(), strict=True
+        ):
             h = phash(data)
             if h is None:
                 continue  # not an image: nothing to compare (curate.validate rejects it)

@@ -33,10 +33,12 @@ class Params(BaseModel):
     labels: list[int] | None = Field(None, description="keep only these labels")
     min_caption_words: int | None = Field(None, ge=0)
     max_caption_words: int | None = Field(None, ge=1)
-    min_score: dict[str, float] | None = Field(None, description="keep rows whose score "
-                                               "column is at least this: {aesthetic: 5.0}")  # fmt: skip
-    max_score: dict[str, float] | None = Field(None, description="keep rows whose score "
-                                               "column is at most this: {watermark: 0.5}")  # fmt: skip
+    min_score: dict[str, float] | None = Field(
+        None, description="keep rows whose score column is at least this: {aesthetic: 5.0}"
+    )
+    max_score: dict[str, float] | None = Field(
+        None, description="keep rows whose score column is at most this: {watermark: 0.5}"
+    )
 
 
 SIZE = ("min_width", "max_width", "min_height", "max_height", "min_aspect", "max_aspect")
@@ -108,16 +110,20 @@ class Filter(FilterOperator):
 
         rejects = outcome.sides["rejects"]
         counts = value_counts(rejects.iter_batches(columns=[C.REASON]), C.REASON)
-        active = [f for f in Params.model_fields if getattr(self.params, f) is not None
-                  and not f.endswith("_score")]  # fmt: skip
+        active = [
+            f
+            for f in Params.model_fields
+            if getattr(self.params, f) is not None and not f.endswith("_score")
+        ]
         active += [f"{b}_score.{col}" for col, bounds in self.scored().items() for b in bounds]
         for col, bounds in self.scored().items():
             preview_threshold(outcome, ctx, col, bounds)
         return {f"removed_by_{f}": float(counts.get(f, 0)) for f in active}
 
 
-def preview_threshold(outcome: StepOutcome, ctx: FinalizeContext, col: str,
-                      bounds: dict[str, float], n: int = 8) -> None:  # fmt: skip
+def preview_threshold(
+    outcome: StepOutcome, ctx: FinalizeContext, col: str, bounds: dict[str, float], n: int = 8
+) -> None:
     """The histogram of a score with its thresholds, and the `n` images on either side of
     each threshold (kept nearest it, and rejected nearest it) as `<col>_threshold.png`. Read a
     shard at a time: the histogram is drawn from `numeric_summary`'s sample of the scores, and
@@ -140,8 +146,9 @@ def preview_threshold(outcome: StepOutcome, ctx: FinalizeContext, col: str,
         for b in rejects.iter_batches(columns=[C.ID, col, C.REASON]):
             yield b if reason is None else b.filter(pc.equal(b.column(C.REASON), reason))
 
-    scores = numeric_summary(itertools.chain(kept(), dropped()), col,
-                             outcome.rows_out + rejects.num_rows)  # fmt: skip
+    scores = numeric_summary(
+        itertools.chain(kept(), dropped()), col, outcome.rows_out + rejects.num_rows
+    )
     log_histogram(ctx, scores.sample, col, bounds)
     if C.IMAGE not in outcome.column_names():
         return
@@ -150,19 +157,25 @@ def preview_threshold(outcome: StepOutcome, ctx: FinalizeContext, col: str,
         for where, rows in (("kept", kept()), ("dropped", dropped(f"{bound}_score.{col}"))):
             near = nearest_rows(rows, col, t, n)
             if near is not None:
-                items += [(where, i, s) for i, s in zip(near.column(C.ID).to_pylist(),
-                                                        near.column(col).to_pylist(), strict=True)]  # fmt: skip
+                items += [
+                    (where, i, s)
+                    for i, s in zip(
+                        near.column(C.ID).to_pylist(), near.column(col).to_pylist(), strict=True
+                    )
+                ]
     wanted = {i for _, i, _ in items}
     images: dict[str, bytes] = {}
     for uri in outcome.main_files:  # only the shown rows' images are read
         fs, path = url_to_fs(uri)
-        t = pq.read_table(path, filesystem=fs, columns=[C.ID, C.IMAGE],
-                          filters=[(C.ID, "in", sorted(wanted))])  # fmt: skip
+        t = pq.read_table(
+            path, filesystem=fs, columns=[C.ID, C.IMAGE], filters=[(C.ID, "in", sorted(wanted))]
+        )
         images.update(zip(t.column(C.ID).to_pylist(), t.column(C.IMAGE).to_pylist(), strict=True))
     if rejects.num_rows:
         shown = rejects.rows_with_ids(wanted - set(images), [C.IMAGE])
-        images.update(zip(shown.column(C.ID).to_pylist(), shown.column(C.IMAGE).to_pylist(),
-                          strict=True))  # fmt: skip
+        images.update(
+            zip(shown.column(C.ID).to_pylist(), shown.column(C.IMAGE).to_pylist(), strict=True)
+        )
     from difforge.platform.show import captioned_grid
 
     grid = [(images.get(i), f"{where} {s:.3g}") for where, i, s in items]

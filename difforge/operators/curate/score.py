@@ -46,23 +46,32 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     column: str = Field(description="the score's column (aesthetic, watermark, nsfw, ...)")
-    head: str | None = Field(None, description="a linear or MLP head's weights over the "
-                             "embedding: a safetensors or torch state-dict file (local or URI)")  # fmt: skip
+    head: str | None = Field(
+        None,
+        description="a linear or MLP head's weights over the "
+        "embedding: a safetensors or torch state-dict file (local or URI)",
+    )
     activation: Literal["none", "relu", "gelu"] = Field(
         "none", description="between a head's linear layers (LAION's aesthetic MLP: none)"
     )
-    prompts: list[str] | None = Field(None, min_length=2, description="zero-shot: the score "
-                                      "is the probability of the first prompt among them")  # fmt: skip
-    caption_column: str | None = Field(None, description="image-caption similarity: "
-                                       "max(100 cos(image, this column's text), 0)")  # fmt: skip
+    prompts: list[str] | None = Field(
+        None,
+        min_length=2,
+        description="zero-shot: the score is the probability of the first prompt among them",
+    )
+    caption_column: str | None = Field(
+        None, description="image-caption similarity: max(100 cos(image, this column's text), 0)"
+    )
     embedding_column: str = Field("embedding", description="the embedding column it reads")
 
     @model_validator(mode="after")
     def _one_scorer(self):
         given = [k for k in ("head", "prompts", "caption_column") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give one scorer: `head` (a weights file), `prompts`, or "
-                             f"`caption_column` (given: {', '.join(given) or 'none'})")  # fmt: skip
+            raise ValueError(
+                "give one scorer: `head` (a weights file), `prompts`, or "
+                f"`caption_column` (given: {', '.join(given) or 'none'})"
+            )
         return self
 
 
@@ -105,8 +114,10 @@ class Score(MapOperator):
         else:
             meta = ctx.metadata(0).get("embedding") or {}
             if not meta.get("model"):
-                raise DifforgeError(f"{self.name}: prompts need the CLIP model that embedded "
-                                    "the images; the input has no encode.image embedding")  # fmt: skip
+                raise DifforgeError(
+                    f"{self.name}: prompts need the CLIP model that embedded "
+                    "the images; the input has no encode.image embedding"
+                )
             self.scorer = TextSide(meta["model"], self.params.prompts)
 
     def process(self, batch: pa.Table) -> pa.Table:
@@ -126,8 +137,10 @@ class Score(MapOperator):
         elif self.params.prompts is not None:
             scores = self.scorer(unit_embeddings(batch, col, self.name))
         else:
-            texts = ["" if t is None else str(t)
-                     for t in batch.column(self.params.caption_column).to_pylist()]  # fmt: skip
+            texts = [
+                "" if t is None else str(t)
+                for t in batch.column(self.params.caption_column).to_pylist()
+            ]
             scores = self.scorer.caption_scores(unit_embeddings(batch, col, self.name), texts)
         return batch.append_column(self.params.column, pa.array(scores, pa.float32()))
 
@@ -144,8 +157,12 @@ class Score(MapOperator):
             return {}
         log_histogram(ctx, scores.sample, c)
         q = scores.quantiles([0.1, 0.5, 0.9])
-        return {f"{c}_mean": scores.mean, f"{c}_p10": float(q[0]),
-                f"{c}_p50": float(q[1]), f"{c}_p90": float(q[2])}  # fmt: skip
+        return {
+            f"{c}_mean": scores.mean,
+            f"{c}_p10": float(q[0]),
+            f"{c}_p50": float(q[1]),
+            f"{c}_p90": float(q[2]),
+        }
 
 
 def load_head(uri: str, activation: str):
@@ -166,10 +183,13 @@ def load_head(uri: str, activation: str):
 
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear error
-        raise DifforgeError(f"curate.score: head {uri} is not a safetensors or torch "
-                            f"state-dict file ({type(exc).__name__}: {exc})") from None  # fmt: skip
-    weights = sorted((k for k, v in state.items() if k.endswith("weight") and v.ndim == 2),
-                     key=_natural)  # fmt: skip
+        raise DifforgeError(
+            f"curate.score: head {uri} is not a safetensors or torch "
+            f"state-dict file ({type(exc).__name__}: {exc})"
+        ) from None
+    weights = sorted(
+        (k for k, v in state.items() if k.endswith("weight") and v.ndim == 2), key=_natural
+    )
     if not weights:
         raise DifforgeError(f"curate.score: head {uri} has no linear layers")
     layers = []
@@ -182,11 +202,14 @@ def load_head(uri: str, activation: str):
         layers.append(layer)
     for a, b in zip(layers[:-1], layers[1:], strict=True):
         if a.out_features != b.in_features:
-            raise DifforgeError(f"curate.score: head {uri}: a layer of {a.out_features} outputs "
-                                f"feeds one of {b.in_features} inputs")  # fmt: skip
+            raise DifforgeError(
+                f"curate.score: head {uri}: a layer of {a.out_features} outputs "
+                f"feeds one of {b.in_features} inputs"
+            )
     if layers[-1].out_features != 1:
-        raise DifforgeError(f"curate.score: head {uri} gives {layers[-1].out_features} outputs, "
-                            "not one score")  # fmt: skip
+        raise DifforgeError(
+            f"curate.score: head {uri} gives {layers[-1].out_features} outputs, not one score"
+        )
     act = {"none": torch.nn.Identity, "relu": torch.nn.ReLU, "gelu": torch.nn.GELU}[activation]
     modules: list[torch.nn.Module] = []
     for layer in layers:
@@ -196,8 +219,10 @@ def load_head(uri: str, activation: str):
 
     def score(e: np.ndarray) -> np.ndarray:
         if e.shape[1] != width:
-            raise DifforgeError(f"curate.score: head {uri} takes {width}-d embeddings, the "
-                                f"column has {e.shape[1]}: embed with the model it was made for")  # fmt: skip
+            raise DifforgeError(
+                f"curate.score: head {uri} takes {width}-d embeddings, the "
+                f"column has {e.shape[1]}: embed with the model it was made for"
+            )
         with torch.no_grad():
             return net(torch.from_numpy(e)).squeeze(1).numpy()
 
@@ -220,8 +245,10 @@ class TextSide:
         path = resolve(model_ref, "CLIP model")
         self.model = AutoModel.from_pretrained(path).eval()
         if not (hasattr(self.model, "get_text_features") and hasattr(self.model, "logit_scale")):
-            raise DifforgeError(f"curate.score: prompts and captions need a CLIP-like model with "
-                                f"a text side; the embeddings are {type(self.model).__name__}'s")  # fmt: skip
+            raise DifforgeError(
+                f"curate.score: prompts and captions need a CLIP-like model with "
+                f"a text side; the embeddings are {type(self.model).__name__}'s"
+            )
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.scale = float(self.model.logit_scale.exp())
         if prompts is not None:

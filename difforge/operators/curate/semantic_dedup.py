@@ -42,28 +42,46 @@ if TYPE_CHECKING:
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    threshold: float = Field(0.95, gt=0, le=1, description="cosine similarity at or above "
-                             "which two rows are duplicates (SemDeDup's 1 - epsilon)")  # fmt: skip
+    threshold: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="cosine similarity at or above "
+        "which two rows are duplicates (SemDeDup's 1 - epsilon)",
+    )
     column: str = Field("embedding", description="the embedding column (encode.image's)")
-    clusters: int | None = Field(None, ge=1, description="k of k-means; default about the "
-                                 "square root of the rows (clusters of about as many rows)")  # fmt: skip
+    clusters: int | None = Field(
+        None,
+        ge=1,
+        description="k of k-means; default about the "
+        "square root of the rows (clusters of about as many rows)",
+    )
     sample_rows: int = Field(100_000, ge=1, description="rows the centroids are fitted on")
     iterations: int = Field(20, ge=1, description="k-means iterations")
-    score_column: str | None = Field(None, description="of a duplicate pair the row with the "
-                                     "higher score stays (ties: the lower id; no score: "
-                                     "ranked last); default: the lower id stays")  # fmt: skip
+    score_column: str | None = Field(
+        None,
+        description="of a duplicate pair the row with the "
+        "higher score stays (ties: the lower id; no score: "
+        "ranked last); default: the lower id stays",
+    )
     seed: int = 0
 
 
 class DecontaminateParams(Params):
-    threshold: float = Field(0.9, gt=0, le=1, description="cosine similarity to a reference "
-                             "row at or above which a training row goes")  # fmt: skip
+    threshold: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="cosine similarity to a reference row at or above which a training row goes",
+    )
 
     @model_validator(mode="after")
     def _no_ranking(self):
         if self.score_column is not None:
-            raise ValueError("score_column: decontamination drops every training row near a "
-                             "reference row, whatever its score")  # fmt: skip
+            raise ValueError(
+                "score_column: decontamination drops every training row near a "
+                "reference row, whatever its score"
+            )
         return self
 
 
@@ -103,15 +121,20 @@ class SemanticDedup(DedupOperator):
         e = unit_embeddings(batch, self.params.column, self.name)
         _, nearest = nearest_centroids(self.centroids, e)
         p = self.params
-        score = (batch.column(p.score_column).to_numpy(zero_copy_only=False).astype(np.float64)
-                 if p.score_column else np.zeros(len(e)))  # fmt: skip
-        return pa.table({
-            C.ID: batch.column(C.ID).cast(pa.string()),
-            "key": pa.array(nearest, pa.int64()),
-            "role": pa.array([role] * len(e), pa.string()),
-            "score": pa.array(score, pa.float64()),
-            "e": to_column(e),
-        })  # fmt: skip
+        score = (
+            batch.column(p.score_column).to_numpy(zero_copy_only=False).astype(np.float64)
+            if p.score_column
+            else np.zeros(len(e))
+        )
+        return pa.table(
+            {
+                C.ID: batch.column(C.ID).cast(pa.string()),
+                "key": pa.array(nearest, pa.int64()),
+                "role": pa.array([role] * len(e), pa.string()),
+                "score": pa.array(score, pa.float64()),
+                "e": to_column(e),
+            }
+        )
 
     def match(self, group: pa.Table, reference: bool) -> pa.Table:
         """In one cluster: each main row with a row ranked above it (or, against a reference,
@@ -142,12 +165,14 @@ class SemanticDedup(DedupOperator):
             out_id += ids[rows[hit]].tolist()
             out_of += ids[best[hit]].tolist()
             out_sim += sim[np.arange(len(rows)), best][hit].tolist()
-        return pa.table({
-            C.ID: pa.array(out_id, pa.string()),
-            "duplicate_of": pa.array(out_of, pa.string()),
-            "similarity": pa.array(out_sim, pa.float32()),
-            "cluster": pa.array([group.column("key")[0].as_py()] * len(out_id), pa.int64()),
-        })  # fmt: skip
+        return pa.table(
+            {
+                C.ID: pa.array(out_id, pa.string()),
+                "duplicate_of": pa.array(out_of, pa.string()),
+                "similarity": pa.array(out_sim, pa.float32()),
+                "cluster": pa.array([group.column("key")[0].as_py()] * len(out_id), pa.int64()),
+            }
+        )
 
 
 class Decontaminate(SemanticDedup):
@@ -198,7 +223,14 @@ def fit_centroids(op: SemanticDedup, ctx: JobContext) -> np.ndarray:
     sample = np.concatenate(parts)
     k = p.clusters or max(1, round(math.sqrt(rows)))
     k = min(k, len(sample))
-    kmeans = faiss.Kmeans(sample.shape[1], k, niter=p.iterations, seed=p.seed, spherical=True,
-                          min_points_per_centroid=1, max_points_per_centroid=1 << 30)  # fmt: skip
+    kmeans = faiss.Kmeans(
+        sample.shape[1],
+        k,
+        niter=p.iterations,
+        seed=p.seed,
+        spherical=True,
+        min_points_per_centroid=1,
+        max_points_per_centroid=1 << 30,
+    )
     kmeans.train(sample)
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)

@@ -22,9 +22,15 @@ if TYPE_CHECKING:
 # Reasons, in the order they are checked. Cheap header checks come before any decoding, so a
 # decompression bomb is refused from its header alone.
 REASONS = (
-    "zero_bytes", "not_an_image", "too_large", "too_small", "bad_aspect",
-    "unsupported_mode", "truncated", "corrupt",
-)  # fmt: skip
+    "zero_bytes",
+    "not_an_image",
+    "too_large",
+    "too_small",
+    "bad_aspect",
+    "unsupported_mode",
+    "truncated",
+    "corrupt",
+)
 
 
 class Params(BaseModel):
@@ -162,6 +168,7 @@ def log_reject_grid(rejects, step_log: StepLog, n: int = 32) -> None:
     table = next(rejects.iter_batches(columns=[C.IMAGE, C.REASON], batch_size=n), None)
     if table is None:
         return
-    items = list(zip(table.column(C.IMAGE).to_pylist(), table.column(C.REASON).to_pylist(),
-                     strict=True))  # fmt: skip
+    items = list(
+        zip(table.column(C.IMAGE).to_pylist(), table.column(C.REASON).to_pylist(), strict=True)
+    )
     step_log.log_image(captioned_grid(items), "rejects.png")

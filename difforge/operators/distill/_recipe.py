@@ -78,8 +78,9 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
 
     # data (this rank's stream, in an order fixed by the seed), teacher, student
     micro = max(1, p["batch_size"] // world)
-    data = ShardStream(config["shards"], config["column"], p["seed"], micro, rank, world,
-                       p["shuffle_mb"] << 20)  # fmt: skip
+    data = ShardStream(
+        config["shards"], config["column"], p["seed"], micro, rank, world, p["shuffle_mb"] << 20
+    )
     base, info, sched_cfg, vae = load_model(config["teacher_uri"], "ema")
     kind, prediction_type = info["backbone"], info.get("prediction_type", "epsilon")
     num_classes = info.get("num_classes") or 0
@@ -100,9 +101,12 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
         optimizer, lambda s: min(1.0, (s + 1) / max(1, p["warmup_steps"]))
     )
     ds = {**p, "grad_accum": 1}
-    engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
-                                           lr_scheduler=lr_sched,
-                                           config=deepspeed_config(ds, micro, world, on_gpu))  # fmt: skip
+    engine, _, _, _ = deepspeed.initialize(
+        model=student,
+        optimizer=optimizer,
+        lr_scheduler=lr_sched,
+        config=deepspeed_config(ds, micro, world, on_gpu),
+    )
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
     # the phase's frozen teacher travels in the checkpoints (the IO's extra-module slot)
     step = io.restore(engine, teacher)
@@ -186,8 +190,9 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
         engine.step()
         if phase["kind"] == "consistency":  # theta- <- mu theta- + (1 - mu) theta
             with torch.no_grad():
-                for target_p, p_ in zip(teacher.parameters(), _unwrap(engine).parameters(),
-                                        strict=True):  # fmt: skip
+                for target_p, p_ in zip(
+                    teacher.parameters(), _unwrap(engine).parameters(), strict=True
+                ):
                     target_p.lerp_(p_.detach().float(), 1.0 - p["target_ema"])
         losses.append(loss.detach())  # read at checkpoints: no wait for the device each step
         step += 1
@@ -196,12 +201,16 @@ def distill(config: dict[str, Any], rank: int, world: int, io) -> None:
         ends_phase = step == start + phase["steps"]
         if ends_phase and rank == 0:
             # each round: a grid of the student at its new step count (and its FD if asked)
-            log_round(config, _unwrap(engine), info, sched_cfg, vae, index,
-                      phase["sample_steps"], step)  # fmt: skip
+            log_round(
+                config, _unwrap(engine), info, sched_cfg, vae, index, phase["sample_steps"], step
+            )
         if step % p["checkpoint_every"] == 0 or ends_phase:
-            metrics = {"step": step, "loss": float(np.mean([x.item() for x in losses])),
-                       "phase": index,
-                       "lr": lr_sched.get_last_lr()[0]}  # fmt: skip
+            metrics = {
+                "step": step,
+                "loss": float(np.mean([x.item() for x in losses])),
+                "phase": index,
+                "lr": lr_sched.get_last_lr()[0],
+            }
             io.save(engine, teacher, step, metrics)
             log_interval(
                 step_log,
@@ -244,8 +253,9 @@ def student_scheduler(sched_cfg: dict[str, Any], plan: list[dict[str, Any]]):
         known = inspect.signature(diffusers.LCMScheduler.__init__).parameters
         return diffusers.LCMScheduler.from_config(
             {k: v for k, v in sched_cfg.items() if k in known},
-            original_inference_steps=plan[-1]["ode_steps"], clip_sample=False,
-        )  # fmt: skip
+            original_inference_steps=plan[-1]["ode_steps"],
+            clip_sample=False,
+        )
     return diffusers.DDPMScheduler.from_config({**sched_cfg, "timestep_spacing": "trailing"})
 
 
@@ -272,9 +282,17 @@ def log_round(config, student, info, sched_cfg, vae, index: int, steps: int, ste
         out = []
         for s in range(0, n, 100):
             m = min(100, n - s)
-            x = sample_batch(student, info["backbone"], make_scheduler(None, scheduler_config),
-                             tuple(info["sample_shape"]), list(range(seed0 + s, seed0 + s + m)),
-                             labels[s : s + m], [w] * m, classes or None, steps)  # fmt: skip
+            x = sample_batch(
+                student,
+                info["backbone"],
+                make_scheduler(None, scheduler_config),
+                tuple(info["sample_shape"]),
+                list(range(seed0 + s, seed0 + s + m)),
+                labels[s : s + m],
+                [w] * m,
+                classes or None,
+                steps,
+            )
             out += to_pil(x, vae)
         return out
 

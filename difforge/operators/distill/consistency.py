@@ -22,29 +22,48 @@ from difforge.operators.distill.progressive import Training, _Distill
 
 class ConsistencyParams(Training):
     steps: int = Field(1000, ge=1, description="optimizer steps")
-    ode_steps: int = Field(50, ge=2, description="N: the teacher's solver takes one DDIM step "
-                           "between neighbours of an N-point grid over its T noise levels "
-                           "(LCM: 50 of 1000, a skipping step of 20)")  # fmt: skip
-    num_inference_steps: int = Field(4, ge=1, le=8, description="the steps the student samples "
-                                     "in by default (any of 1 to ode_steps works)")  # fmt: skip
-    target_ema: float = Field(0.95, ge=0, lt=1, description="mu of the target network "
-                              "theta- <- mu theta- + (1 - mu) theta (LCM: 0.95; 0: the student "
-                              "itself, without gradient)")  # fmt: skip
+    ode_steps: int = Field(
+        50,
+        ge=2,
+        description="N: the teacher's solver takes one DDIM step "
+        "between neighbours of an N-point grid over its T noise levels "
+        "(LCM: 50 of 1000, a skipping step of 20)",
+    )
+    num_inference_steps: int = Field(
+        4,
+        ge=1,
+        le=8,
+        description="the steps the student samples in by default (any of 1 to ode_steps works)",
+    )
+    target_ema: float = Field(
+        0.95,
+        ge=0,
+        lt=1,
+        description="mu of the target network "
+        "theta- <- mu theta- + (1 - mu) theta (LCM: 0.95; 0: the student "
+        "itself, without gradient)",
+    )
     loss: Literal["l2", "pseudo_huber"] = Field(
         "l2", description="the distance d: squared L2, or pseudo-Huber (Song and Dhariwal 2023)"
     )
     guidance_scale: float | None = Field(
-        None, description="distil the teacher's classifier-free guided ODE at this w: the "
-        "student has it built in and samples with one conditional pass per step")  # fmt: skip
+        None,
+        description="distil the teacher's classifier-free guided ODE at this w: the "
+        "student has it built in and samples with one conditional pass per step",
+    )
 
     @model_validator(mode="after")
     def _check(self):
         if self.num_inference_steps > self.ode_steps:
-            raise ValueError(f"num_inference_steps {self.num_inference_steps} exceeds the "
-                             f"ode_steps grid ({self.ode_steps})")  # fmt: skip
+            raise ValueError(
+                f"num_inference_steps {self.num_inference_steps} exceeds the "
+                f"ode_steps grid ({self.ode_steps})"
+            )
         if self.deepspeed.zero_stage == 3:
-            raise ValueError("deepspeed.zero_stage 3 partitions the student's parameters, "
-                             "which the target network's EMA reads whole: use 0, 1 or 2")  # fmt: skip
+            raise ValueError(
+                "deepspeed.zero_stage 3 partitions the student's parameters, "
+                "which the target network's EMA reads whole: use 0, 1 or 2"
+            )
         return self
 
 
@@ -57,8 +76,14 @@ class Consistency(_Distill):
 
     def plan(self) -> list[dict[str, Any]]:
         p = self.params
-        return [{"kind": "consistency", "steps": p.steps, "ode_steps": p.ode_steps,
-                 "sample_steps": p.num_inference_steps}]  # fmt: skip
+        return [
+            {
+                "kind": "consistency",
+                "steps": p.steps,
+                "ode_steps": p.ode_steps,
+                "sample_steps": p.num_inference_steps,
+            }
+        ]
 
     def check_teacher(self, info: dict) -> None:
         from difforge.platform.errors import DifforgeError

@@ -41,8 +41,12 @@ class Training(BaseModel):
     seed: int = 0
     shuffle_mb: ShuffleMB = DEFAULT_SHUFFLE_MB
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
-    eval_images: int = Field(500, ge=10, description="samples per round for the Fréchet "
-                             "distance, when a classifier and reference images are inputs")  # fmt: skip
+    eval_images: int = Field(
+        500,
+        ge=10,
+        description="samples per round for the Fréchet "
+        "distance, when a classifier and reference images are inputs",
+    )
 
 
 class Common(Training):
@@ -56,15 +60,18 @@ class Common(Training):
     def _check(self):
         n = self.teacher_steps
         if n & (n - 1) or n >> self.rounds < 1:
-            raise ValueError(f"teacher_steps {n} must be a power of 2 of at least 2^rounds "
-                             f"({2**self.rounds})")  # fmt: skip
+            raise ValueError(
+                f"teacher_steps {n} must be a power of 2 of at least 2^rounds ({2**self.rounds})"
+            )
         return self
 
 
 class ProgressiveParams(Common):
     guidance_scale: float | None = Field(
-        None, description="distil the teacher's classifier-free guided output at this w into "
-        "the student's one conditional pass (None: conditional only)")  # fmt: skip
+        None,
+        description="distil the teacher's classifier-free guided output at this w into "
+        "the student's one conditional pass (None: conditional only)",
+    )
 
 
 class GuidedParams(Common):
@@ -100,12 +107,18 @@ class _Distill(JobOperator):
         p = self.params
         phases = []
         if self.guided:  # w is learnt on the teacher's own grid
-            phases.append({"kind": "guide", "steps": p.guide_steps,
-                           "sample_steps": p.teacher_steps})  # fmt: skip
+            phases.append(
+                {"kind": "guide", "steps": p.guide_steps, "sample_steps": p.teacher_steps}
+            )
         for r in range(p.rounds):
-            phases.append({"kind": "halve", "teacher_steps": p.teacher_steps >> r,
-                           "steps": p.steps_per_round,
-                           "sample_steps": p.teacher_steps >> (r + 1)})  # fmt: skip
+            phases.append(
+                {
+                    "kind": "halve",
+                    "teacher_steps": p.teacher_steps >> r,
+                    "steps": p.steps_per_round,
+                    "sample_steps": p.teacher_steps >> (r + 1),
+                }
+            )
         return phases
 
     def student_steps(self) -> int:
@@ -117,16 +130,24 @@ class _Distill(JobOperator):
         if info.get("guidance_embedding"):
             raise DifforgeError(f"{self.name}: the teacher is a guided student already")
         if info.get("objective") == "flow_matching":
-            raise DifforgeError(f"{self.name}: the teacher is a flow-matching model; progressive "
-                                "and guided distillation follow a DDIM (DDPM-trained) teacher's "
-                                "steps: distil an epsilon or v_prediction model")  # fmt: skip
-        if info.get("guidance_scale") is not None and getattr(self.params, "guidance_scale",
-                                                             None) is not None:  # fmt: skip
-            raise DifforgeError(f"{self.name}: the teacher has guidance built in (w = "
-                                f"{info['guidance_scale']}): leave guidance_scale unset")  # fmt: skip
+            raise DifforgeError(
+                f"{self.name}: the teacher is a flow-matching model; progressive "
+                "and guided distillation follow a DDIM (DDPM-trained) teacher's "
+                "steps: distil an epsilon or v_prediction model"
+            )
+        if (
+            info.get("guidance_scale") is not None
+            and getattr(self.params, "guidance_scale", None) is not None
+        ):
+            raise DifforgeError(
+                f"{self.name}: the teacher has guidance built in (w = "
+                f"{info['guidance_scale']}): leave guidance_scale unset"
+            )
         if self.guided and not info.get("num_classes"):
-            raise DifforgeError("distill.guided needs a class-conditional teacher (guidance "
-                                "mixes its conditional and unconditional outputs)")  # fmt: skip
+            raise DifforgeError(
+                "distill.guided needs a class-conditional teacher (guidance "
+                "mixes its conditional and unconditional outputs)"
+            )
         if self.guided and not info["backbone"].startswith("UNet"):
             raise DifforgeError(f"distill.guided needs a UNet teacher, not {info['backbone']}")
 
@@ -140,39 +161,59 @@ class _Distill(JobOperator):
         teacher_ds, data = ctx.inputs[:2]
         evaluation = None
         if len(ctx.inputs) == 3:
-            raise DifforgeError(f"{self.name}: an evaluation takes two more inputs, a "
-                                "train.classifier step and reference images")  # fmt: skip
+            raise DifforgeError(
+                f"{self.name}: an evaluation takes two more inputs, a "
+                "train.classifier step and reference images"
+            )
         if len(ctx.inputs) == 4:
             clf = ctx.inputs[2].to_arrow().to_pylist()[0]
             if clf.get("kind") != "classifier":
                 raise DifforgeError(f"{self.name}: the third input must be a train.classifier step")
-            evaluation = {"classifier_uri": clf[C.MODEL_URI], "images": self.params.eval_images,
-                          "reference_uri": ctx.inputs[3].uri}  # fmt: skip
+            evaluation = {
+                "classifier_uri": clf[C.MODEL_URI],
+                "images": self.params.eval_images,
+                "reference_uri": ctx.inputs[3].uri,
+            }
         row = teacher_ds.to_arrow().to_pylist()[0]
         if row.get("kind") != "diffusion" or not row.get(C.MODEL_URI):
-            raise DifforgeError(f"{self.name}: the first input must be a train.diffusion or "
-                                "distill step (a diffusion model)")  # fmt: skip
+            raise DifforgeError(
+                f"{self.name}: the first input must be a train.diffusion or "
+                "distill step (a diffusion model)"
+            )
         info = model_info(row[C.MODEL_URI])
         self.check_teacher(info)
         column = info["column"]
         if column not in data.manifest.column_names:
-            raise DifforgeError(f"{self.name}: the teacher was trained on `{column}`, which the "
-                                "second input lacks: give it the teacher's training data")  # fmt: skip
+            raise DifforgeError(
+                f"{self.name}: the teacher was trained on `{column}`, which the "
+                "second input lacks: give it the teacher's training data"
+            )
         p = self.params.model_dump()
         deepspeed_config({**p, "grad_accum": 1}, 1, 1, ctx.resources.num_gpus > 0)
-        config = {"params": p, "plan": self.plan(), "shards": data.shards(), "column": column,
-                  "teacher_uri": row[C.MODEL_URI], "guided": self.guided, "evaluation": evaluation,
-                  "use_gpu": ctx.resources.num_gpus > 0}  # fmt: skip
+        config = {
+            "params": p,
+            "plan": self.plan(),
+            "shards": data.shards(),
+            "column": column,
+            "teacher_uri": row[C.MODEL_URI],
+            "guided": self.guided,
+            "evaluation": evaluation,
+            "use_gpu": ctx.resources.num_gpus > 0,
+        }
         total = sum(phase["steps"] for phase in config["plan"])
         result = _raytrain.fit(ctx, ray_loop, config, progress=("loss", total, "steps"))
         steps = self.student_steps()
         model_uri, out_info = self.export(ctx, result.checkpoint, row[C.MODEL_URI], steps)
-        table = pa.table({
-            C.ID: ["model"], C.MODEL_URI: [model_uri], "kind": ["diffusion"],
-            "final_loss": [float(result.metrics["loss"])],
-            "steps": pa.array([int(result.metrics["step"])], pa.int64()),
-            "num_inference_steps": pa.array([steps], pa.int64()),
-        })  # fmt: skip
+        table = pa.table(
+            {
+                C.ID: ["model"],
+                C.MODEL_URI: [model_uri],
+                "kind": ["diffusion"],
+                "final_loss": [float(result.metrics["loss"])],
+                "steps": pa.array([int(result.metrics["step"])], pa.int64()),
+                "num_inference_steps": pa.array([steps], pa.int64()),
+            }
+        )
         return JobResult(table, metadata={"model": out_info})
 
     def export(self, ctx: JobContext, checkpoint, teacher_uri: str, steps: int):
@@ -191,9 +232,15 @@ class _Distill(JobOperator):
         with checkpoint.as_directory() as d:
             student.load_state_dict(consolidated_state(d))
         p = self.params
-        out = {**info, "num_inference_steps": steps, "distilled_from": teacher_uri,
-               "distillation": {"method": self.name, **p.model_dump(mode="json")},
-               "adapter": None, "parent_model": None, "parent_weights_sha256": None}  # fmt: skip
+        out = {
+            **info,
+            "num_inference_steps": steps,
+            "distilled_from": teacher_uri,
+            "distillation": {"method": self.name, **p.model_dump(mode="json")},
+            "adapter": None,
+            "parent_model": None,
+            "parent_weights_sha256": None,
+        }
         if self.guided:
             out["guidance_embedding"] = {"w_min": p.w_min, "w_max": p.w_max}
         elif getattr(p, "guidance_scale", None) is not None:

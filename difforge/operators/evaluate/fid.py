@@ -85,8 +85,17 @@ class FID(JobOperator):
 
     @classmethod
     def output_columns(cls, params, input_columns):
-        return {C.ID, "fid", "kid", "precision", "recall", "class_accuracy", "num_samples",
-                "reference_cached", "features"}  # fmt: skip
+        return {
+            C.ID,
+            "fid",
+            "kid",
+            "precision",
+            "recall",
+            "class_accuracy",
+            "num_samples",
+            "reference_cached",
+            "features",
+        }
 
     def run(self, ctx: JobContext) -> JobResult:
 
@@ -112,8 +121,10 @@ class FID(JobOperator):
                 raise DifforgeError("evaluate.fid: the third input must be a train.classifier step")
             clf_spec = classifier_spec(model[C.MODEL_URI])
         elif p.features == "classifier":
-            raise DifforgeError("evaluate.fid: features 'classifier' needs a third input, a "
-                                "train.classifier step (or use features: inception)")  # fmt: skip
+            raise DifforgeError(
+                "evaluate.fid: features 'classifier' needs a third input, a "
+                "train.classifier step (or use features: inception)"
+            )
         mode = clf_spec.mode if clf_spec is not None else "RGB"
         spec = clf_spec
         if p.features == "inception":
@@ -121,8 +132,11 @@ class FID(JobOperator):
         same_size(samples, reference, "evaluate.fid", "samples", "references")
 
         # the reference side is cached under the storage root, keyed by its data and extractor
-        ref_root = (D.join(ctx.storage, "_cache", "reference-features") if p.cache_reference
-                    else D.join(ctx.work_uri, "features"))  # fmt: skip
+        ref_root = (
+            D.join(ctx.storage, "_cache", "reference-features")
+            if p.cache_reference
+            else D.join(ctx.work_uri, "features")
+        )
         work = D.join(ctx.work_uri, "features")
         f_real, cached = features_of(
             ctx, reference, spec, ref_root, self.name, p.max_images, p.seed
@@ -152,6 +166,10 @@ class FID(JobOperator):
             metrics["class_accuracy"] = float("nan")
         ctx.log.log_metrics({**metrics, **by_class})
         metrics["features"] = p.features
-        table = pa.table({C.ID: ["metrics"], **{k: [v if isinstance(v, str) else float(v)]
-                                                for k, v in metrics.items()}})  # fmt: skip
+        table = pa.table(
+            {
+                C.ID: ["metrics"],
+                **{k: [v if isinstance(v, str) else float(v)] for k, v in metrics.items()},
+            }
+        )
         return JobResult(table, metadata={"evaluation": {**metrics, **by_class}})

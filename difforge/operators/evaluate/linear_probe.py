@@ -33,15 +33,23 @@ class Params(BaseModel):
 
     column: str = Field(FEATURES, description="the feature column (a fixed-shape tensor)")
     label_column: str = C.LABEL
-    eval_fraction: float = Field(0.2, gt=0, lt=1, description="held out by id hash, unless a "
-                                 "second input is the held-out set")  # fmt: skip
-    fractions: list[float] = Field([0.1, 0.25, 0.5, 1.0], min_length=1,
-                                   description="the learning curve: fractions of training rows")  # fmt: skip
+    eval_fraction: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="held out by id hash, unless a second input is the held-out set",
+    )
+    fractions: list[float] = Field(
+        [0.1, 0.25, 0.5, 1.0],
+        min_length=1,
+        description="the learning curve: fractions of training rows",
+    )
     C: float = Field(1.0, gt=0, description="inverse L2 regularisation strength")
     max_iter: int = Field(1000, ge=10)
     max_rows: int = Field(200_000, ge=10, description="rows read from each input at most")
-    shuffle_labels: bool = Field(False, description="the control: labels permuted among the "
-                                 "training rows")  # fmt: skip
+    shuffle_labels: bool = Field(
+        False, description="the control: labels permuted among the training rows"
+    )
     seed: int = 0
 
 
@@ -98,8 +106,9 @@ class LinearProbe(JobOperator):
             x_train, y_train, x_eval, y_eval = x[~out], y[~out], x[out], y[out]
             train_ids = [i for i, o in zip(ids, out, strict=True) if not o]
         if len(np.unique(y_train)) < 2 or not len(y_eval):
-            raise DifforgeError(f"{self.name}: needs training rows of two classes or more and "
-                                "held-out rows")  # fmt: skip
+            raise DifforgeError(
+                f"{self.name}: needs training rows of two classes or more and held-out rows"
+            )
         rng = np.random.default_rng(p.seed)
         if p.shuffle_labels:
             y_train = rng.permutation(y_train)
@@ -117,25 +126,41 @@ class LinearProbe(JobOperator):
             probe.fit(x_train[take], y_train[take])
             train_acc = float(probe.score(x_train[take], y_train[take]))
             eval_acc = float(probe.score(x_eval, y_eval))
-            rows.append({"id": f"n{n}", "train_rows": n, "train_accuracy": train_acc,
-                         "eval_accuracy": eval_acc})  # fmt: skip
+            rows.append(
+                {
+                    "id": f"n{n}",
+                    "train_rows": n,
+                    "train_accuracy": train_acc,
+                    "eval_accuracy": eval_acc,
+                }
+            )
             ctx.log.log_metrics({"eval_accuracy": eval_acc, "train_accuracy": train_acc}, step=n)
             figures.append((n, eval_acc))
         if not rows:
-            raise DifforgeError(f"{self.name}: every fraction of the training rows holds one "
-                                "class only: use larger fractions")  # fmt: skip
+            raise DifforgeError(
+                f"{self.name}: every fraction of the training rows holds one "
+                "class only: use larger fractions"
+            )
         final = rows[-1]
-        ctx.log.log_metrics({"accuracy": final["eval_accuracy"], "eval_rows": float(len(y_eval)),
-                             "chance": float(np.bincount(y_eval).max() / len(y_eval))})  # fmt: skip
+        ctx.log.log_metrics(
+            {
+                "accuracy": final["eval_accuracy"],
+                "eval_rows": float(len(y_eval)),
+                "chance": float(np.bincount(y_eval).max() / len(y_eval)),
+            }
+        )
         ctx.log.log_image(_curve(figures, p.shuffle_labels), "learning_curve.png")
-        table = pa.table({
-            C.ID: [r["id"] for r in rows],
-            "train_rows": pa.array([r["train_rows"] for r in rows], pa.int64()),
-            "train_accuracy": [r["train_accuracy"] for r in rows],
-            "eval_accuracy": [r["eval_accuracy"] for r in rows],
-        })  # fmt: skip
-        return JobResult(table, metadata={"probe": {"column": p.column,
-                                                    "shuffle_labels": p.shuffle_labels}})  # fmt: skip
+        table = pa.table(
+            {
+                C.ID: [r["id"] for r in rows],
+                "train_rows": pa.array([r["train_rows"] for r in rows], pa.int64()),
+                "train_accuracy": [r["train_accuracy"] for r in rows],
+                "eval_accuracy": [r["eval_accuracy"] for r in rows],
+            }
+        )
+        return JobResult(
+            table, metadata={"probe": {"column": p.column, "shuffle_labels": p.shuffle_labels}}
+        )
 
 
 def _curve(points: list[tuple[int, float]], shuffled: bool):

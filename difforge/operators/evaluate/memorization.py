@@ -99,13 +99,15 @@ class _Nearest:
                 best_ids = np.take_along_axis(cand, order, 1)
         dist = np.sqrt(best)
         ratio = dist[:, 0] / np.maximum(dist[:, 1], 1e-12)
-        return pa.table({
-            C.ID: batch.column(C.ID),
-            "nearest_id": pa.array(best_ids[:, 0].tolist(), pa.string()),
-            "distance": pa.array(dist[:, 0], pa.float64()),
-            "ratio": pa.array(ratio, pa.float64()),
-            "memorized": pa.array(ratio < self.threshold, pa.bool_()),
-        })  # fmt: skip
+        return pa.table(
+            {
+                C.ID: batch.column(C.ID),
+                "nearest_id": pa.array(best_ids[:, 0].tolist(), pa.string()),
+                "distance": pa.array(dist[:, 0], pa.float64()),
+                "ratio": pa.array(ratio, pa.float64()),
+                "memorized": pa.array(ratio < self.threshold, pa.bool_()),
+            }
+        )
 
 
 class Memorization(JobOperator):
@@ -139,8 +141,10 @@ class Memorization(JobOperator):
         spec = FeatureSpec("pixels")
         if p.features == "classifier":
             if len(ctx.inputs) < 3:
-                raise DifforgeError("evaluate.memorization: features 'classifier' needs a third "
-                                    "input, a train.classifier step")  # fmt: skip
+                raise DifforgeError(
+                    "evaluate.memorization: features 'classifier' needs a third "
+                    "input, a train.classifier step"
+                )
             spec = classifier_spec(model_of(ctx.inputs[2])[C.MODEL_URI])
         if train.num_rows < 2:
             raise DifforgeError("evaluate.memorization: the training input needs at least 2 images")
@@ -149,13 +153,24 @@ class Memorization(JobOperator):
         fake, _ = features_of(ctx, samples, spec, root, self.name)
         real, _ = features_of(ctx, train, spec, root, self.name)
         out = ctx.outputs[MAIN]
-        entries = map_files(fake.shards(), _Nearest(real.shards(), p.chunk, p.ratio_threshold),
-                            {MAIN: out}, p.chunk, columns=[C.ID, FEATURES])[MAIN]  # fmt: skip
+        entries = map_files(
+            fake.shards(),
+            _Nearest(real.shards(), p.chunk, p.ratio_threshold),
+            {MAIN: out},
+            p.chunk,
+            columns=[C.ID, FEATURES],
+        )[MAIN]
         # the summary: four small columns of the rows just written
         fs, root_path = url_to_fs(out.uri)
-        parts = [pq.read_table(f"{root_path}/{e['path']}", filesystem=fs,
-                               columns=[C.ID, "nearest_id", "distance", "ratio"])
-                 for e in entries if e["path"]]  # fmt: skip
+        parts = [
+            pq.read_table(
+                f"{root_path}/{e['path']}",
+                filesystem=fs,
+                columns=[C.ID, "nearest_id", "distance", "ratio"],
+            )
+            for e in entries
+            if e["path"]
+        ]
         ids = [i for t in parts for i in t.column(C.ID).to_pylist()]
         nearest = [i for t in parts for i in t.column("nearest_id").to_pylist()]
         dist = np.concatenate([t.column("distance").to_numpy() for t in parts] or [np.zeros(0)])
@@ -172,15 +187,18 @@ class Memorization(JobOperator):
         if p.pairs and len(ratio):
             closest = np.argsort(ratio, kind="stable")[: p.pairs]
             shown = samples.rows_with_ids({ids[i] for i in closest}, [C.IMAGE])
-            sample_png = dict(zip(shown.column(C.ID).to_pylist(),
-                                  shown.column(C.IMAGE).to_pylist(), strict=True))  # fmt: skip
+            sample_png = dict(
+                zip(shown.column(C.ID).to_pylist(), shown.column(C.IMAGE).to_pylist(), strict=True)
+            )
             shown = train.rows_with_ids({nearest[i] for i in closest}, [C.IMAGE])
-            train_png = dict(zip(shown.column(C.ID).to_pylist(),
-                                 shown.column(C.IMAGE).to_pylist(), strict=True))  # fmt: skip
+            train_png = dict(
+                zip(shown.column(C.ID).to_pylist(), shown.column(C.IMAGE).to_pylist(), strict=True)
+            )
             tiles = []
             for i in closest:  # each pair: the sample, then the training image it is closest to
                 tiles += [decode(sample_png[ids[i]]), decode(train_png[nearest[i]])]
             canvas = grid(tiles, columns=8)
-            ctx.log.log_image(canvas.resize((canvas.width * 3, canvas.height * 3), 0),
-                              "closest_pairs.png")  # fmt: skip
+            ctx.log.log_image(
+                canvas.resize((canvas.width * 3, canvas.height * 3), 0), "closest_pairs.png"
+            )
         return JobResult(entries={MAIN: entries}, metadata={"memorization": metrics})

@@ -143,16 +143,24 @@ class Images(SourceOperator):
         if missing:
             log.warning(
                 "%s: %d entr%s name no image in %s and are ignored (first: %s, row %d)",
-                self.params.sidecar, len(missing), "y" if len(missing) == 1 else "ies",
-                self.params.path, missing[0], rows[missing[0]]["_row"],
-            )  # fmt: skip
+                self.params.sidecar,
+                len(missing),
+                "y" if len(missing) == 1 else "ies",
+                self.params.path,
+                missing[0],
+                rows[missing[0]]["_row"],
+            )
         absent = sorted(listed - set(rows))
         if absent:
             what = "label and caption" if self.params.labels != "folders" else "caption"
             log.warning(
                 "%s: %d image(s) of %s have no entry, so no %s (first: %s)",
-                self.params.sidecar, len(absent), self.params.path, what, absent[0],
-            )  # fmt: skip
+                self.params.sidecar,
+                len(absent),
+                self.params.path,
+                what,
+                absent[0],
+            )
 
     def classes(self, files: list[dict[str, Any]]) -> list[str]:
         return sorted({f["rel"].split("/", 1)[0] for f in files if "/" in f["rel"]})

@@ -78,12 +78,19 @@ class WebDataset(PerFileSource):
                 label = fields.get("cls", b"").decode().strip() or meta.get("label")
                 caption = fields.get("txt", b"").decode().strip() or meta.get("caption")
                 fmt, w, h, mode = describe(data) if data else (None, None, None, None)
-                rows.append({
-                    C.ID: f"{task['rel']}/{key}", C.IMAGE: data, C.FORMAT: fmt, C.WIDTH: w,
-                    C.HEIGHT: h, C.MODE: mode,
-                    C.LABEL: int(label) if label not in (None, "") else None,
-                    C.CAPTION: caption, C.SOURCE: fs.unstrip_protocol(path),
-                })  # fmt: skip
+                rows.append(
+                    {
+                        C.ID: f"{task['rel']}/{key}",
+                        C.IMAGE: data,
+                        C.FORMAT: fmt,
+                        C.WIDTH: w,
+                        C.HEIGHT: h,
+                        C.MODE: mode,
+                        C.LABEL: int(label) if label not in (None, "") else None,
+                        C.CAPTION: caption,
+                        C.SOURCE: fs.unstrip_protocol(path),
+                    }
+                )
                 if len(rows) >= self.params.rows_per_batch:
                     yield self._table(rows)
                     rows = []
@@ -94,9 +101,17 @@ class WebDataset(PerFileSource):
     def _table(rows: list[dict[str, Any]]) -> pa.Table:
         import pyarrow as pa
 
-        schema = pa.schema([
-            (C.ID, pa.string()), (C.IMAGE, pa.binary()), (C.FORMAT, pa.string()),
-            (C.WIDTH, pa.int32()), (C.HEIGHT, pa.int32()), (C.MODE, pa.string()),
-            (C.LABEL, pa.int64()), (C.CAPTION, pa.string()), (C.SOURCE, pa.string()),
-        ])  # fmt: skip
+        schema = pa.schema(
+            [
+                (C.ID, pa.string()),
+                (C.IMAGE, pa.binary()),
+                (C.FORMAT, pa.string()),
+                (C.WIDTH, pa.int32()),
+                (C.HEIGHT, pa.int32()),
+                (C.MODE, pa.string()),
+                (C.LABEL, pa.int64()),
+                (C.CAPTION, pa.string()),
+                (C.SOURCE, pa.string()),
+            ]
+        )
         return pa.Table.from_pylist(rows, schema=schema)

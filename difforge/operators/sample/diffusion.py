@@ -34,8 +34,10 @@ class FasterParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     key_steps: list[int] | None = Field(
-        None, description="the steps (0 first) whose UNet encoder runs; the paper's schedule is "
-        "dense early, sparse late. Default: every `interval`-th step")  # fmt: skip
+        None,
+        description="the steps (0 first) whose UNet encoder runs; the paper's schedule is "
+        "dense early, sparse late. Default: every `interval`-th step",
+    )
     interval: int = Field(2, ge=1, description="without key_steps: a key step every N steps")
 
 
@@ -43,26 +45,35 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     scheduler: Literal["ddpm", "ddim", "dpm_solver_pp", "euler", "heun", "lcm"] | None = Field(
-        None, description="default: the model's, ddim (euler for a flow-matching model, lcm "
-        "for a consistency student); a flow-matching model samples with euler or heun")  # fmt: skip
+        None,
+        description="default: the model's, ddim (euler for a flow-matching model, lcm "
+        "for a consistency student); a flow-matching model samples with euler or heun",
+    )
     num_inference_steps: int | None = Field(
         None,
         ge=1,
         description="default: the model's own (`num_inference_steps` in its difforge.json), else 25",
     )
     weights: Literal["ema", "model", "adapter"] = Field(
-        "ema", description="EMA weights where saved; raw ones; or a fine-tune's adapter put back "
-        "onto its parent model")  # fmt: skip
+        "ema",
+        description="EMA weights where saved; raw ones; or a fine-tune's adapter put back "
+        "onto its parent model",
+    )
     training_step: int | None = Field(
-        None, ge=1, description="sample the model as it was at this training step (one it "
-        "exported with export_every); default: the final model")  # fmt: skip
+        None,
+        ge=1,
+        description="sample the model as it was at this training step (one it "
+        "exported with export_every); default: the final model",
+    )
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     deepcache: DeepCacheParams | None = Field(
         None, description="DeepCache (Ma et al.) for UNet backbones; off by default"
     )
     faster_diffusion: FasterParams | None = Field(
-        None, description="Faster Diffusion's encoder propagation (Li et al.) for UNet "
-        "backbones: the encoder runs at key steps only; off by default")  # fmt: skip
+        None,
+        description="Faster Diffusion's encoder propagation (Li et al.) for UNet "
+        "backbones: the encoder runs at key steps only; off by default",
+    )
 
     @model_validator(mode="after")
     def _one_cache(self) -> Params:
@@ -131,27 +142,45 @@ class SampleDiffusion(MapOperator):
         labels = torch.tensor(batch.column(C.LABEL).to_pylist(), device=self.device)
         cond = uncond = None
         if self.text is not None:
-            negatives = (batch.column("negative_prompt").to_pylist()
-                         if "negative_prompt" in batch.column_names else None)  # fmt: skip
-            cond, uncond = prompt_conditions(self.text, batch.column("prompt").to_pylist(),
-                                             negatives)  # fmt: skip
+            negatives = (
+                batch.column("negative_prompt").to_pylist()
+                if "negative_prompt" in batch.column_names
+                else None
+            )
+            cond, uncond = prompt_conditions(
+                self.text, batch.column("prompt").to_pylist(), negatives
+            )
         guidance, drawn_at = built_in_guidance(info, batch.column("guidance_scale").to_pylist())
-        x = sample_batch(self.model, info["backbone"], self.scheduler, tuple(info["sample_shape"]),
-                         batch.column("seed").to_pylist(), labels, guidance,
-                         info["num_classes"] or None,
-                         self.params.num_inference_steps or (info.get("num_inference_steps") or 25),
-                         self.device, self.dtype, self.deepcache, cond, uncond,
-                         self.faster)  # fmt: skip
+        x = sample_batch(
+            self.model,
+            info["backbone"],
+            self.scheduler,
+            tuple(info["sample_shape"]),
+            batch.column("seed").to_pylist(),
+            labels,
+            guidance,
+            info["num_classes"] or None,
+            self.params.num_inference_steps or (info.get("num_inference_steps") or 25),
+            self.device,
+            self.dtype,
+            self.deepcache,
+            cond,
+            uncond,
+            self.faster,
+        )
         images = to_pil(x, self.vae)
         n = len(images)
         out = batch.drop_columns([C.MODEL_URI])
         if drawn_at is not guidance:  # the model's own w, not the plan's
             i = out.column_names.index("guidance_scale")
             out = out.set_column(i, "guidance_scale", pa.array(drawn_at, pa.float64()))
-        cols = {C.IMAGE: pa.array([encode_png(im) for im in images], pa.binary()),
-                C.FORMAT: pa.array(["png"] * n), C.WIDTH: pa.array([im.width for im in images], pa.int32()),
-                C.HEIGHT: pa.array([im.height for im in images], pa.int32()),
-                C.MODE: pa.array([im.mode for im in images])}  # fmt: skip
+        cols = {
+            C.IMAGE: pa.array([encode_png(im) for im in images], pa.binary()),
+            C.FORMAT: pa.array(["png"] * n),
+            C.WIDTH: pa.array([im.width for im in images], pa.int32()),
+            C.HEIGHT: pa.array([im.height for im in images], pa.int32()),
+            C.MODE: pa.array([im.mode for im in images]),
+        }
         for name, col in cols.items():
             out = out.append_column(name, col)
         return out

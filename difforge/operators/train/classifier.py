@@ -75,8 +75,16 @@ def train_loop(config: dict[str, Any]) -> None:
     p = config["params"]
     keep, eval_keep = config["keep"], config["eval_keep"]
     per_rank = max(1, p["batch_size"] // world)
-    data = ShardStream(config["shards"], C.IMAGE, p["seed"], per_rank, rank, world,
-                       p["shuffle_mb"] << 20, keep=keep)  # fmt: skip
+    data = ShardStream(
+        config["shards"],
+        C.IMAGE,
+        p["seed"],
+        per_rank,
+        rank,
+        world,
+        p["shuffle_mb"] << 20,
+        keep=keep,
+    )
     steps_per_epoch = max(1, len(data) // (per_rank * world))
     steps = p["epochs"] * steps_per_epoch
     num_classes = int(config["num_classes"])
@@ -85,9 +93,11 @@ def train_loop(config: dict[str, Any]) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
     # one-cycle: the weights settle as the rate anneals (a constant rate leaves the held-out
     # accuracy jumping by 10-40 points from epoch to epoch with this BatchNorm CNN)
-    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p["lr"], total_steps=steps,
-                                                 pct_start=0.15)
-             if p["lr_schedule"] == "onecycle" else None)  # fmt: skip
+    sched = (
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p["lr"], total_steps=steps, pct_start=0.15)
+        if p["lr_schedule"] == "onecycle"
+        else None
+    )
     start_epoch = 0
     state = restore()
     if state:
@@ -127,13 +137,22 @@ def train_loop(config: dict[str, Any]) -> None:
                 sched.step()
             total += loss.item()
         accuracy, seen = evaluate()
-        metrics = {"epoch": epoch, "train_loss": total / steps_per_epoch, "accuracy": accuracy,
-                   "eval_rows": seen}  # fmt: skip
-        state = {"model": unwrap(model).state_dict(), "opt": opt.state_dict(), "epoch": epoch,
-                 "sched": sched.state_dict() if sched is not None else None}  # fmt: skip
+        metrics = {
+            "epoch": epoch,
+            "train_loss": total / steps_per_epoch,
+            "accuracy": accuracy,
+            "eval_rows": seen,
+        }
+        state = {
+            "model": unwrap(model).state_dict(),
+            "opt": opt.state_dict(),
+            "epoch": epoch,
+            "sched": sched.state_dict() if sched is not None else None,
+        }
         report(metrics, state if rank == 0 else None)
-        log_interval(step_log, epoch, data, rank, {"train_loss": metrics["train_loss"],
-                                                   "accuracy": accuracy})  # fmt: skip
+        log_interval(
+            step_log, epoch, data, rank, {"train_loss": metrics["train_loss"], "accuracy": accuracy}
+        )
 
 
 class Classifier(JobOperator):
@@ -176,9 +195,14 @@ class Classifier(JobOperator):
             raise DifforgeError(
                 "train.classifier: give an evaluation input or a holdout_fraction above 0"
             )
-        config = {"params": p.model_dump(), "shards": shards, "keep": keep,
-                  "eval_shards": eval_shards, "eval_keep": eval_keep,
-                  "num_classes": num_classes}  # fmt: skip
+        config = {
+            "params": p.model_dump(),
+            "shards": shards,
+            "keep": keep,
+            "eval_shards": eval_shards,
+            "eval_keep": eval_keep,
+            "num_classes": num_classes,
+        }
         progress = ("accuracy", self.params.epochs - 1, "epochs")  # logged per epoch, from 0
         result = _raytrain.fit(ctx, train_loop, config, progress=progress)
         state = _raytrain.final_state(result)
@@ -200,8 +224,12 @@ class Classifier(JobOperator):
                 json.dump(model_config, f, indent=2)
             ctx.publish(d, "model")
         ctx.log.log_metrics({"final_accuracy": result.metrics["accuracy"]})
-        ctx.log.register_model(f"{ctx.pipeline}-{ctx.step}", "model", kind="classifier",
-                               metrics={"accuracy": result.metrics["accuracy"]})  # fmt: skip
+        ctx.log.register_model(
+            f"{ctx.pipeline}-{ctx.step}",
+            "model",
+            kind="classifier",
+            metrics={"accuracy": result.metrics["accuracy"]},
+        )
         table = pa.table(
             {
                 C.ID: ["model"],

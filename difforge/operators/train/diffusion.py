@@ -74,14 +74,18 @@ class Params(BaseModel):
 
     backbone: Backbone = Field(default_factory=Backbone)
     init_from: str | None = Field(
-        None, description="start from these weights: a model folder (local or s3://), "
+        None,
+        description="start from these weights: a model folder (local or s3://), "
         "models:/NAME/VERSION (or @ALIAS), or a hub id; the backbone may then be omitted. An "
-        "earlier model step of the pipeline is given as a second input instead")  # fmt: skip
+        "earlier model step of the pipeline is given as a second input instead",
+    )
     finetune: Finetune = Field(default_factory=Finetune)
     objective: Literal["epsilon", "v_prediction", "flow_matching"] = Field(
-        "epsilon", validation_alias=AliasChoices("objective", "prediction_type"),
+        "epsilon",
+        validation_alias=AliasChoices("objective", "prediction_type"),
         description="what the network learns: the noise (epsilon) or v (Salimans & Ho) on a "
-        "DDPM schedule, or the velocity noise - x0 of a rectified flow (flow_matching)")  # fmt: skip
+        "DDPM schedule, or the velocity noise - x0 of a rectified flow (flow_matching)",
+    )
     timesteps: Timesteps = Field(
         default_factory=Timesteps, description="flow_matching: the density training draws t from"
     )
@@ -100,29 +104,41 @@ class Params(BaseModel):
     max_steps: int = Field(1000, ge=1, description="optimizer steps, exactly")
     checkpoint_every: int = Field(250, ge=1)
     export_every: int | None = Field(
-        None, ge=1, description="also export the weights every N steps (EMA where kept), to "
-        "sample quality against training steps: sample.diffusion's `step`")  # fmt: skip
+        None,
+        ge=1,
+        description="also export the weights every N steps (EMA where kept), to "
+        "sample quality against training steps: sample.diffusion's `step`",
+    )
     sample_every: int | None = Field(
-        None, ge=1, description="also draw the sample grid every N steps, as the image series "
+        None,
+        ge=1,
+        description="also draw the sample grid every N steps, as the image series "
         "`samples` (MLflow's run page steps through it); the final grid is always drawn "
-        "(samples.png)")  # fmt: skip
+        "(samples.png)",
+    )
     seed: int = 0
     shuffle_mb: ShuffleMB = DEFAULT_SHUFFLE_MB
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     repa: RepaParams | None = Field(
-        None, description="REPA (Yu et al.): align a block's hidden state, through an MLP "
-        "projector, with an encoder's features of the clean image (a column of the input)")  # fmt: skip
+        None,
+        description="REPA (Yu et al.): align a block's hidden state, through an MLP "
+        "projector, with an encoder's features of the clean image (a column of the input)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Params:
         if self.timesteps.density != "uniform" and self.objective != FLOW:
-            raise ValueError("timesteps.density applies to objective flow_matching (DDPM "
-                             "objectives draw t uniformly)")  # fmt: skip
+            raise ValueError(
+                "timesteps.density applies to objective flow_matching (DDPM "
+                "objectives draw t uniformly)"
+            )
         if self.export_every and self.deepspeed.zero_stage == 3:
             raise ValueError("export_every needs full parameters on rank 0: use zero_stage <= 2")
         if self.ema_decay is not None and self.deepspeed.zero_stage == 3:
-            raise ValueError("ema_decay needs full parameters on each rank: use zero_stage <= 2 "
-                             "with EMA, or set ema_decay: null")  # fmt: skip
+            raise ValueError(
+                "ema_decay needs full parameters on each rank: use zero_stage <= 2 "
+                "with EMA, or set ema_decay: null"
+            )
         return self
 
 
@@ -146,16 +162,25 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
     # data: this rank's stream of micro batches, in an order fixed by the seed
     micro = max(1, p["batch_size"] // (world * p["grad_accum"]))
     repa = p.get("repa")
-    data = ShardStream(config["shards"], config["column"], p["seed"], micro, rank, world,
-                       p["shuffle_mb"] << 20, aux=repa["features"] if repa else None)  # fmt: skip
+    data = ShardStream(
+        config["shards"],
+        config["column"],
+        p["seed"],
+        micro,
+        rank,
+        world,
+        p["shuffle_mb"] << 20,
+        aux=repa["features"] if repa else None,
+    )
     num_classes = config["num_classes"] if data.has_labels else 0
     kind = p["backbone"]["type"]
 
     # backbone and noise schedule
     torch.manual_seed(p["seed"])
     cond_dim = data.cond_shape[-1] if data.cond_shape else None
-    model, cond_module = build_backbone(p, data.sample_shape[-1], data.sample_shape[0],
-                                        num_classes, cond_dim)  # fmt: skip
+    model, cond_module = build_backbone(
+        p, data.sample_shape[-1], data.sample_shape[0], num_classes, cond_dim
+    )
     retrain_classes = False
     if config.get("init_state") is not None:  # pretrained weights (a Ray object, or a dict)
         from difforge.diffusion.pretrained import load_into
@@ -178,13 +203,18 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
 
     # DeepSpeed engine: a torch AdamW (DeepSpeed's fused Adam would JIT-compile for minutes)
     # only what trains goes to the optimizer (and into ZeRO's partitions)
-    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=p["lr"],
-                                  weight_decay=p["weight_decay"])  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        [q for q in model.parameters() if q.requires_grad],
+        lr=p["lr"],
+        weight_decay=p["weight_decay"],
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(p))
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
         config=deepspeed_config(p, micro, world, on_gpu),
-    )  # fmt: skip
+    )
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
 
     # resume: the optimizer step count comes back with the weights
@@ -219,8 +249,9 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
             try:
                 return _draw_grid(config, shown.eval(), device, next(shown.parameters()).dtype)
             except Exception as exc:  # noqa: BLE001 - a view of the model never fails its training
-                log.warning("no sample grid at training step %d: %s: %s", step,
-                            type(exc).__name__, exc)  # fmt: skip
+                log.warning(
+                    "no sample grid at training step %d: %s: %s", step, type(exc).__name__, exc
+                )
                 return None
             finally:
                 shown.train(was)
@@ -297,9 +328,13 @@ def train(config: dict[str, Any], rank: int, world: int, io) -> None:
             window_start += time.time() - began
         if checkpoint:
             rate = window_steps * p["batch_size"] / max(1e-9, now - window_start)
-            metrics = {"step": step, "loss": float(np.mean([x.item() for x in losses])),
-                       "lr": scheduler.get_last_lr()[0], "samples_per_s": rate,
-                       "first_step_at": first_step_at}  # fmt: skip
+            metrics = {
+                "step": step,
+                "loss": float(np.mean([x.item() for x in losses])),
+                "lr": scheduler.get_last_lr()[0],
+                "samples_per_s": rate,
+                "first_step_at": first_step_at,
+            }
             if align_losses:
                 metrics["repa_loss"] = float(np.mean([x.item() for x in align_losses]))
             io.save(engine, ema, step, metrics)
@@ -331,8 +366,9 @@ def _grid_plan(p: dict, data, text, num_classes: int) -> dict | None:
         return None
     prompts: list[str] = []
     for batch in data.iter_batches(columns=[C.CAPTION], batch_size=1024):
-        prompts += [t for t in dict.fromkeys(batch.column(C.CAPTION).to_pylist())
-                    if t and t not in prompts]  # fmt: skip
+        prompts += [
+            t for t in dict.fromkeys(batch.column(C.CAPTION).to_pylist()) if t and t not in prompts
+        ]
         if len(prompts) >= 8:
             break
     if not prompts:
@@ -367,12 +403,26 @@ def _draw_grid(config: dict[str, Any], model, device, dtype):
         null, n, w = config["num_classes"], len(labels), 2.0
     else:  # unconditional: 8 rows, nothing to guide by
         n, w = per * per, 1.0
-    x = sample_batch(model, kind, scheduler, tuple(config["sample_shape"]), list(range(n)),
-                     labels, [w] * n, null, 25, device=device, dtype=dtype, **extra)  # fmt: skip
+    x = sample_batch(
+        model,
+        kind,
+        scheduler,
+        tuple(config["sample_shape"]),
+        list(range(n)),
+        labels,
+        [w] * n,
+        null,
+        25,
+        device=device,
+        dtype=dtype,
+        **extra,
+    )
     tiles = to_pil(x, _vae(config["vae_uri"], device) if config.get("vae_uri") else None)
     if "prompts" in plan:
-        rows = [(t, grid(tiles[i * per : (i + 1) * per], columns=per))
-                for i, t in enumerate(plan["prompts"])]  # fmt: skip
+        rows = [
+            (t, grid(tiles[i * per : (i + 1) * per], columns=per))
+            for i, t in enumerate(plan["prompts"])
+        ]
         return captioned(rows)
     canvas = grid(tiles, columns=per)
     return canvas.resize((canvas.width * 3, canvas.height * 3), 0)
@@ -488,14 +538,20 @@ class DiffusionTraining(JobOperator):
         if pre is not None:
             from difforge.diffusion.pretrained import architecture, check_shape, load_state
 
-            params["backbone"] = architecture(self.params.backbone.model_dump(
-                include=self.params.backbone.model_fields_set | set(
-                    self.params.backbone.model_extra or {})), pre)  # fmt: skip
+            params["backbone"] = architecture(
+                self.params.backbone.model_dump(
+                    include=self.params.backbone.model_fields_set
+                    | set(self.params.backbone.model_extra or {})
+                ),
+                pre,
+            )
             check_shape(params["backbone"], x_shape, pre.ref)
             state = load_state(pre.folder, pre.backbone)
         elif self.params.finetune.method != "full":
-            raise DifforgeError(f"finetune.method {self.params.finetune.method} needs pretrained "
-                                "weights: set init_from, or give a model step as second input")  # fmt: skip
+            raise DifforgeError(
+                f"finetune.method {self.params.finetune.method} needs pretrained "
+                "weights: set init_from, or give a model step as second input"
+            )
         encoder = null_cond = None  # a text model's: loaded once, for training's null and the grid
         if params["backbone"]["type"] == "UNet2DConditionModel":
             encoder, null_cond = _text_null(data)
@@ -506,9 +562,15 @@ class DiffusionTraining(JobOperator):
 
         def count() -> bool:  # whether the class embedding is re-initialised
             trainable, total, retrain = _count(params, data, x_shape, num_classes, state)
-            log.info("step %s: %s, %s of %s parameters train (%.2f%%)%s", ctx.step,
-                     params["finetune"]["method"] if pre else "from scratch", f"{trainable:,}",
-                     f"{total:,}", 100 * trainable / total, f", from {pre.ref}" if pre else "")  # fmt: skip
+            log.info(
+                "step %s: %s, %s of %s parameters train (%.2f%%)%s",
+                ctx.step,
+                params["finetune"]["method"] if pre else "from scratch",
+                f"{trainable:,}",
+                f"{total:,}",
+                100 * trainable / total,
+                f", from {pre.ref}" if pre else "",
+            )
             return retrain
 
         pool = ThreadPoolExecutor(1, thread_name_prefix=f"{ctx.step}-count")
@@ -596,8 +658,9 @@ def _cond_dim(p: dict, data) -> int | None:
     return int(data.manifest.schema().field(C.COND_EMBEDDING).type.shape[-1])
 
 
-def export(p: dict, checkpoint, data, config: dict, ctx: JobContext,
-           retrain_classes: bool) -> tuple[str, dict]:  # fmt: skip
+def export(
+    p: dict, checkpoint, data, config: dict, ctx: JobContext, retrain_classes: bool
+) -> tuple[str, dict]:
     """Consolidated fp32 weights (and EMA) as a diffusers folder with the noise scheduler's
     config and the training input's VAE recorded, registered in MLflow's registry with its
     lineage (the sample grid was drawn by the training loop)."""
@@ -618,8 +681,11 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext,
     trainable, total = prepare(trained, kind, ft, retrain_classes)
     with checkpoint.as_directory() as d:
         trained.load_state_dict(backbone_state(consolidated_state(d)))  # REPA's projector dropped
-        ema_state = (torch.load(os.path.join(d, "ema.pt"), map_location="cpu", weights_only=True)
-                     if os.path.exists(os.path.join(d, "ema.pt")) else None)  # fmt: skip
+        ema_state = (
+            torch.load(os.path.join(d, "ema.pt"), map_location="cpu", weights_only=True)
+            if os.path.exists(os.path.join(d, "ema.pt"))
+            else None
+        )
     ema_trained = None
     if ema_state is not None:
         ema_trained = copy.deepcopy(trained)
@@ -659,10 +725,15 @@ def export(p: dict, checkpoint, data, config: dict, ctx: JobContext,
         parent_model=pre.get("init_from"),
         parent_weights_sha256=pre.get("init_weights_sha256"),
         snapshots=sorted(snapshots) or None,
-        adapter=None if adapter is None else {
-            **ft, "retrain_classes": retrain_classes,
-            "trainable_params": trainable, "total_params": total},
-    )  # fmt: skip
+        adapter=None
+        if adapter is None
+        else {
+            **ft,
+            "retrain_classes": retrain_classes,
+            "trainable_params": trainable,
+            "total_params": total,
+        },
+    )
     info = model_info.model_dump(mode="json")
     ema = plain(ema_trained) if ema_trained is not None else None
     extras = None

@@ -43,9 +43,11 @@ class Params(BaseModel):
     checkpoint_every: int = Field(250, ge=1, description="steps between checkpoints")
     shuffle_mb: ShuffleMB = DEFAULT_SHUFFLE_MB
     init_from: str | None = Field(
-        None, description="start from this AutoencoderKL: a folder (local or s3://), "
+        None,
+        description="start from this AutoencoderKL: a folder (local or s3://), "
         "models:/NAME/VERSION (or @ALIAS), or a hub id; its architecture is then the weights' "
-        "own (settings given must match it)")  # fmt: skip
+        "own (settings given must match it)",
+    )
 
     @model_validator(mode="after")
     def _groups_divide(self) -> Params:
@@ -92,8 +94,9 @@ def train_loop(config: dict[str, Any]) -> None:
     p = config["params"]
     per_rank = max(1, p["batch_size"] // world)
     # this rank's stream of batches, in an order fixed by the seed (resumes at any step)
-    data = ShardStream(config["shards"], C.IMAGE, p["seed"], per_rank, rank, world,
-                       p["shuffle_mb"] << 20)  # fmt: skip
+    data = ShardStream(
+        config["shards"], C.IMAGE, p["seed"], per_rank, rank, world, p["shuffle_mb"] << 20
+    )
     torch.manual_seed(p["seed"])
     if config.get("init") is not None:  # pretrained: (config, weights in Ray's object store)
         from diffusers import AutoencoderKL
@@ -129,8 +132,9 @@ def train_loop(config: dict[str, Any]) -> None:
             metrics = {"step": done, "mse": float(np.mean(losses)), "psnr": psnr}
             state = {"model": unwrap(model).vae.state_dict(), "opt": opt.state_dict(), "step": done}
             report(metrics, state if rank == 0 else None)
-            log_interval(step_log, done, data, rank, {"train_mse": metrics["mse"],
-                                                      "train_psnr": psnr})  # fmt: skip
+            log_interval(
+                step_log, done, data, rank, {"train_mse": metrics["mse"], "train_psnr": psnr}
+            )
             losses = []
 
 
@@ -176,12 +180,16 @@ class TrainVAE(JobOperator):
         held = ctx.inputs[1] if len(ctx.inputs) > 1 else None
         if held is not None:  # refused before training, not after
             if C.IMAGE not in held.manifest.column_names:
-                raise DifforgeError("train.vae: the second input (held-out images to measure "
-                                    f"the VAE on) has no `{C.IMAGE}` column")  # fmt: skip
+                raise DifforgeError(
+                    "train.vae: the second input (held-out images to measure "
+                    f"the VAE on) has no `{C.IMAGE}` column"
+                )
             a, b = first_images(data, 1).shape[1:], first_images(held, 1).shape[1:]
             if a != b:
-                raise DifforgeError(f"train.vae: the held-out images are {list(b)} (channels, "
-                                    f"height, width), the training images {list(a)}")  # fmt: skip
+                raise DifforgeError(
+                    f"train.vae: the held-out images are {list(b)} (channels, "
+                    f"height, width), the training images {list(a)}"
+                )
         init = pre = None
         if self.params.init_from:
             import ray
@@ -190,12 +198,19 @@ class TrainVAE(JobOperator):
 
             pre = getattr(self, "_start", None) or pretrained(self.params.init_from, "vae")
             arch = ("latent_channels", "block_out_channels", "layers_per_block", "norm_num_groups")
-            check_matches({k: getattr(self.params, k) for k in arch
-                           if k in self.params.model_fields_set}, pre.config, pre, "train.vae")  # fmt: skip
+            check_matches(
+                {k: getattr(self.params, k) for k in arch if k in self.params.model_fields_set},
+                pre.config,
+                pre,
+                "train.vae",
+            )
             init = (dict(pre.config), ray.put(load_state(pre.folder, pre.backbone)))
-        result = _raytrain.fit(ctx, train_loop, {"params": self.params.model_dump(),
-                                                 "shards": data.shards(), "init": init},
-                               progress=("train_mse", self.params.max_steps, "steps"))  # fmt: skip
+        result = _raytrain.fit(
+            ctx,
+            train_loop,
+            {"params": self.params.model_dump(), "shards": data.shards(), "init": init},
+            progress=("train_mse", self.params.max_steps, "steps"),
+        )
         state = _raytrain.final_state(result)
         # the latent scale (LDM: latents scaled to unit variance) from training images, and the
         # reconstruction PSNR on held-out ones where given: up to 256 rows of each, read alone
@@ -226,20 +241,29 @@ class TrainVAE(JobOperator):
         from difforge.platform.show import grid
 
         mode = "L" if tiles.shape[-1] == 1 else "RGB"
-        img = grid([Image.fromarray(t.squeeze(-1) if mode == "L" else t, mode) for t in tiles],
-                   columns=16)  # fmt: skip
+        img = grid(
+            [Image.fromarray(t.squeeze(-1) if mode == "L" else t, mode) for t in tiles], columns=16
+        )
         ctx.log.log_image(img.resize((img.width * 3, img.height * 3), 0), "reconstructions.png")
         figure = "holdout_psnr" if held is not None else "final_train_psnr"
         ctx.log.log_metrics({figure: psnr, "scaling_factor": scaling})
         with tempfile.TemporaryDirectory() as d:
             vae.save_pretrained(d)
             with open(os.path.join(d, "difforge.json"), "w") as f:
-                json.dump({"kind": "vae", "psnr": psnr, "psnr_on": psnr_on,
-                           "image_shape": list(x.shape[1:]),
-                           **(pre.lineage() if pre else {})}, f)  # fmt: skip
+                json.dump(
+                    {
+                        "kind": "vae",
+                        "psnr": psnr,
+                        "psnr_on": psnr_on,
+                        "image_shape": list(x.shape[1:]),
+                        **(pre.lineage() if pre else {}),
+                    },
+                    f,
+                )
             ctx.publish(d, "model")
-        ctx.log.register_model(f"{ctx.pipeline}-{ctx.step}", "model", kind="vae",
-                               metrics={figure: psnr})  # fmt: skip
+        ctx.log.register_model(
+            f"{ctx.pipeline}-{ctx.step}", "model", kind="vae", metrics={figure: psnr}
+        )
         del np
         table = pa.table(
             {
@@ -251,5 +275,7 @@ class TrainVAE(JobOperator):
                 "scaling_factor": [scaling],
             }
         )
-        return JobResult(table, metadata={"vae": {"uri": ctx.artifact("model"), "psnr": psnr,
-                                                  "psnr_on": psnr_on}})  # fmt: skip
+        return JobResult(
+            table,
+            metadata={"vae": {"uri": ctx.artifact("model"), "psnr": psnr, "psnr_on": psnr_on}},
+        )

@@ -13,8 +13,9 @@ from difforge.testing import check_map_operator
 def images() -> pa.Table:
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 10 if i % 3 == 0 else 255, (8, 8), np.uint8) for i in range(12)]
-    return pa.table({"id": [f"img{i}" for i in range(12)],
-                     "image": [encode_png(a) for a in arrays]})  # fmt: skip
+    return pa.table(
+        {"id": [f"img{i}" for i in range(12)], "image": [encode_png(a) for a in arrays]}
+    )
 
 
 def test_it_conforms_to_the_operator_contract(tmp_path):
