@@ -8,11 +8,11 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup demo test lint format bench ui clean
+.PHONY: setup demo test lint format docs docs-serve bench ui clean
 
 setup: $(STAMP) $(FASHION_MNIST)
 
-# Pinned dependencies; torch is the CPU build (README: "Installing a CUDA build").
+# Pinned dependencies; torch is the CPU build (docs/getting-started.md: "Installing a CUDA build").
 $(STAMP): requirements.lock pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.lock
@@ -37,7 +37,14 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: setup lint
+# The documentation site, strictly: a broken link, anchor or a page missing from the nav fails.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
+
+test: setup lint docs
 	$(BIN)/python -m pytest
 
 bench: setup
@@ -47,4 +54,4 @@ ui: setup
 	$(BIN)/difforge ui
 
 clean:
-	rm -rf difforge-data .difforge .pytest_cache .ruff_cache
+	rm -rf difforge-data .difforge .pytest_cache .ruff_cache build/site

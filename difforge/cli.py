@@ -518,41 +518,24 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def _type_name(annotation: Any) -> str:
-    """A parameter's type as a user writes it: `one of: a, b` for a Literal."""
-    import typing
-
-    if typing.get_origin(annotation) is typing.Literal:
-        return "one of: " + ", ".join(str(v) for v in typing.get_args(annotation))
-    args = typing.get_args(annotation)
-    if type(None) in args and len(args) == 2:  # X | None
-        return _type_name(next(a for a in args if a is not type(None))) + " | None"
-    text = getattr(annotation, "__name__", None) or str(annotation)
-    return text.replace("typing.", "")
-
-
-def _default(info):
-    """A field's default as a user writes it: a default factory's value, models' settings."""
-
-    def plain(v):
-        if hasattr(v, "model_dump"):
-            return v.model_dump(mode="json")
-        return [plain(x) for x in v] if isinstance(v, list) else v
-
-    return plain(info.get_default(call_default_factory=True))
-
-
 def cmd_ops(args: argparse.Namespace) -> int:
     from difforge.platform import registry
+    from difforge.platform.opdoc import param_rows
 
     names = [args.name] if args.name else registry.names()
     for name in names:
         op = registry.get(name)
         print(f"{name}  (v{op.version}, {op.kind})  {op.description()}")
-        for field, info in op.Params.model_fields.items():
-            default = "required" if info.is_required() else f"default {_default(info)!r}"
-            desc = f"  {info.description}" if info.description else ""
-            print(f"    {field}: {_type_name(info.annotation)} ({default}){desc}")
+        # nested params under their parent's name, with their choices and defaults
+        for field, kind, default, desc in param_rows(op.Params):
+            shown = (
+                ""
+                if not default
+                else " (required)"
+                if default == "required"
+                else f" (default {default})"
+            )
+            print(f"    {field}: {kind}{shown}{'  ' + desc if desc else ''}")
         if args.name:
             print(f"    reads: {', '.join(op.reads) or '-'}; writes: {', '.join(op.writes) or '-'}")
             if op.side_outputs:
