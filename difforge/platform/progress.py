@@ -141,8 +141,14 @@ class MetricProgress:
     """A training job's progress, read from the metric its rank 0 logs to MLflow (step of
     total, loss), polled in a thread while the job runs."""
 
-    def __init__(self, step_log: StepLog, label: str, metric: str, total: int, unit: str):
+    def __init__(
+        self, step_log: StepLog, label: str, metric: str, total: int, unit: str, first: int = 1
+    ):
+        """`first`: the step the metric is logged at once the first unit is done: 1 where the
+        step counts units done (optimizer steps), 0 where it is the index of the unit just done
+        (epochs counted from 0)."""
         self.step_log, self.metric = step_log, metric
+        self.offset = 1 - first
         self.progress = Progress(label, total, unit)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
@@ -180,6 +186,6 @@ class MetricProgress:
         if points:
             step, value, name = max(points)
             if step != seen:
-                self.progress.update(step, show=show, **{name: value})
+                self.progress.update(step + self.offset, show=show, **{name: value})
                 return step
         return seen

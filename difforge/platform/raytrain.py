@@ -27,11 +27,13 @@ def fit(
     loop: Callable[[dict], None],
     config: dict[str, Any],
     max_failures: int = 2,
-    progress: tuple[str, int, str] | None = None,
+    progress: tuple[str, int, str] | tuple[str, int, str, int] | None = None,
     alongside: Future | None = None,
 ):
     """Run `loop` on ctx.resources.num_workers Ray Train workers; return the Result.
-    `progress`: (metric, total, unit): the metric rank 0 logs with its step, for the bar.
+    `progress`: (metric, total, unit[, first]): the metric rank 0 logs with its step, for the
+    bar; `first`: the step logged once the first unit is done (1, the default, where steps
+    count units done; 0 where a step is the index of the unit just done, as epochs from 0 are).
     `alongside`: the driver's own work (a check, say) running in a thread while Ray Train
     starts its workers, seconds that would otherwise come first; should it fail, the workers
     are stopped and its error is the step's."""
@@ -78,8 +80,8 @@ def fit(
     if progress is None:
         result = _fit(trainer, alongside)
     else:
-        metric, total, unit = progress
-        with MetricProgress(ctx.log, ctx.step, metric, total, unit):
+        metric, total, unit, *first = progress
+        with MetricProgress(ctx.log, ctx.step, metric, total, unit, *first):
             result = _fit(trainer, alongside)
     nodes = f"{work.rstrip('/')}/nodes"  # nodes_uri, on `fs`
     if fs.exists(nodes):

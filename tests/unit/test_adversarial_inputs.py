@@ -3,6 +3,7 @@ never a traceback, a hang or a wrong cache hit. Runs without Ray."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import textwrap
@@ -63,6 +64,31 @@ def test_a_file_rewritten_with_the_same_size_and_mtime_is_detected_with_verify_c
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # `touch -r`: the old mtime back
     assert target.stat().st_size == st.st_size and target.stat().st_mtime_ns == st.st_mtime_ns
     assert difforge.plan(write(tmp_path, text)).step("raw").fingerprint != before
+
+
+def test_a_file_rewritten_with_the_same_size_between_listing_and_read_fails_the_read(tmp_path):
+    """The listing that fingerprints a folder records sizes and modification times; a file
+    rewritten with the same size after it (another image, all white) fails its read, naming
+    the file, rather than being committed under the old fingerprint."""
+    from difforge.operators.ingest.images import Images
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    op = Images(Images.Params(path=str(folder)))
+    (task,) = op.read_tasks(100)  # listed now, as when the run is planned
+    assert len(pa.concat_tables(op.read(task))) == 3  # unchanged: read as listed
+    target = folder / "1.png"
+    size, mtime = target.stat().st_size, target.stat().st_mtime_ns
+    white = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(white, format="PNG")
+    white = white.getvalue().ljust(size, b"\0")[:size]
+    target.write_bytes(white)  # another image, the same size
+    os.utime(target, ns=(mtime + 5_000_000_000, mtime + 5_000_000_000))
+    assert target.stat().st_size == size
+    with pytest.raises(DifforgeError, match=r"1\.png: changed between the run's listing"):
+        list(op.read(task))
 
 
 def test_a_manifest_naming_a_file_outside_its_dataset_is_refused(tmp_path):

@@ -246,6 +246,16 @@ def test_services_bind_to_loopback_by_default():
             assert path.parent.name in ("kuberay", "mlflow"), path
 
 
+def test_the_s3_servers_default_ports_stay_out_of_rays_worker_ports():
+    """SeaweedFS opens each port and port+10000; Ray's workers take ports 10002-19999 by
+    default: a start once failed with "port 18336 for Filer is not available"."""
+    text = (INFRA / "local" / "s3.sh").read_text()
+    s3 = int(re.search(r'S3_PORT="\$\{S3_PORT:-(\d+)\}"', text).group(1))
+    for port in range(s3, s3 + 5):  # S3, master, volume, filer, admin
+        for opened in (port, port + 10000):
+            assert not 10002 <= opened <= 19999 and opened < 65536, opened
+
+
 def test_local_scripts_are_valid_shell():
     for script in sorted((INFRA / "local").glob("*.sh")):
         done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)

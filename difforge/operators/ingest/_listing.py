@@ -7,7 +7,7 @@ describe what was read (a rerun lists again and reads the folder as it is then).
 
 What a listing detects (`verify`):
 - `size+mtime` (the default): a file added, removed or renamed, or rewritten with another size
-  or modification time (ETag on S3). A rewrite that keeps both is not seen.
+  or modification time (ETag on S3): the read compares both with the listing's.
 - `content`: also any change of bytes; every file is read and hashed (SHA-256) when the run is
   planned, and again when it is read.
 """
@@ -78,37 +78,56 @@ def _gone(uri: str) -> DifforgeError:
     )
 
 
-def _changed(uri: str, listed: int, found: int) -> DifforgeError:
+def _changed(uri: str, listed: str, found: str) -> DifforgeError:
     return DifforgeError(
-        f"{uri}: changed between the run's listing and its read ({listed} bytes listed, "
-        f"{found} found); nothing was committed: run again to read it as it is now"
+        f"{uri}: changed between the run's listing and its read ({listed} listed, {found} "
+        "found); nothing was committed: run again to read it as it is now"
     )
 
 
-def check_listed(uri: str, listed: dict[str, Any], data: bytes | BaseException | None) -> bytes:
+def stamp_of(fs: Any, path: str) -> str | BaseException:
+    """A file's modification time (ETag on S3) now, or the error asking for it."""
+    try:
+        return _stamp(fs.info(path))
+    except Exception as exc:  # noqa: BLE001 - judged by check_listed
+        return exc
+
+
+def check_listed(
+    uri: str,
+    listed: dict[str, Any],
+    data: bytes | BaseException | None,
+    stamp: str | BaseException | None = None,
+) -> bytes:
     """The bytes read for a listed file, refused if the file vanished or changed since the run
-    listed it. Other read errors (permissions, a broken file) give empty bytes: curation then
-    rejects the row with a reason."""
-    if isinstance(data, FileNotFoundError) or data is None:
+    listed it: its size, its modification time or ETag (`stamp`, taken after the read, against
+    the listing's), its SHA-256 where the listing has one. Other read errors (permissions, a
+    broken file) give empty bytes: curation then rejects the row with a reason."""
+    if isinstance(data, FileNotFoundError) or data is None or isinstance(stamp, FileNotFoundError):
         raise _gone(uri)
     if isinstance(data, BaseException):
         return b""
-    if len(data) != listed["size"] or (
-        listed.get("sha256") and hashlib.sha256(data).hexdigest() != listed["sha256"]
-    ):
-        raise _changed(uri, listed["size"], len(data))
+    if len(data) != listed["size"]:
+        raise _changed(uri, f"{listed['size']} bytes", f"{len(data)}")
+    if isinstance(stamp, str) and listed.get("stamp") and stamp != listed["stamp"]:
+        raise _changed(uri, f"modified {listed['stamp']}", f"modified {stamp}")
+    if listed.get("sha256") and hashlib.sha256(data).hexdigest() != listed["sha256"]:
+        raise _changed(uri, "its SHA-256", "other bytes")
     return data
 
 
 def check_size(fs: Any, path: str, listed: dict[str, Any]) -> None:
-    """Refuse a listed file, about to be streamed, that vanished or changed size since."""
+    """Refuse a listed file, about to be streamed, that vanished or changed size or
+    modification time since."""
     uri = fs.unstrip_protocol(path)
     try:
-        size = fs.info(path)["size"]
+        info = fs.info(path)
     except FileNotFoundError:
         raise _gone(uri) from None
-    if size != listed["size"]:
-        raise _changed(uri, listed["size"], size)
+    if info["size"] != listed["size"]:
+        raise _changed(uri, f"{listed['size']} bytes", f"{info['size']}")
+    if listed.get("stamp") and _stamp(info) != listed["stamp"]:
+        raise _changed(uri, f"modified {listed['stamp']}", f"modified {_stamp(info)}")
 
 
 class PerFileSource(SourceOperator):
@@ -144,4 +163,4 @@ class PerFileSource(SourceOperator):
         except Exception as exc:  # noqa: BLE001 - judged by check_listed
             data = exc
         uri = fs.unstrip_protocol(path)
-        return uri, check_listed(uri, task, data)
+        return uri, check_listed(uri, task, data, stamp_of(fs, path))

@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from difforge.operators.ingest._listing import VERIFY_FIELD, Verify, check_listed, list_files
+from difforge.operators.ingest._listing import (
+    VERIFY_FIELD,
+    Verify,
+    check_listed,
+    list_files,
+    stamp_of,
+)
 from difforge.platform import columns as C
 from difforge.platform.datasets import url_to_fs
 from difforge.platform.errors import DifforgeError
@@ -132,7 +138,8 @@ class Images(SourceOperator):
             raw: bytes | BaseException = fs.cat_file(path)
         except Exception as exc:  # noqa: BLE001 - judged by check_listed
             raw = exc
-        return parse_sidecar(self.params.sidecar, check_listed(self.params.sidecar, listed, raw))
+        checked = check_listed(self.params.sidecar, listed, raw, stamp_of(fs, path))
+        return parse_sidecar(self.params.sidecar, checked)
 
     def _check_sidecar(self, files: list[dict[str, Any]], side: list[dict[str, Any]]) -> None:
         """At plan time: the sidecar parses, and what it and the folder disagree on is counted
@@ -170,7 +177,7 @@ class Images(SourceOperator):
         classes = {c: i for i, c in enumerate(self.classes(files))}
         listed = []
         for f in files:
-            entry = {k: f[k] for k in ("rel", "size", "sha256") if k in f}
+            entry = {k: f[k] for k in ("rel", "size", "stamp", "sha256") if k in f}
             if self.params.labels == "folders" and "/" in f["rel"]:
                 entry["label"] = classes[f["rel"].split("/", 1)[0]]
             listed.append(entry)
@@ -208,7 +215,9 @@ class Images(SourceOperator):
             rel = listed["rel"]
             # vanished or changed since listed: the step fails, naming it; unreadable: kept
             # with empty bytes, and curation rejects it with a reason
-            data = check_listed(fs.unstrip_protocol(path), listed, contents.get(path))
+            data = check_listed(
+                fs.unstrip_protocol(path), listed, contents.get(path), stamp_of(fs, path)
+            )
             fmt, w, h, mode = describe(data) if data else (None, None, None, None)
             extra = sidecar.get(rel, {})
             label = listed.get("label", extra.get("label"))

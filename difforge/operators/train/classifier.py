@@ -203,7 +203,8 @@ class Classifier(JobOperator):
             "eval_keep": eval_keep,
             "num_classes": num_classes,
         }
-        progress = ("accuracy", self.params.epochs - 1, "epochs")  # logged per epoch, from 0
+        # logged at each epoch's index (from 0): epoch e done means e + 1 of `epochs`
+        progress = ("accuracy", self.params.epochs, "epochs", 0)
         result = _raytrain.fit(ctx, train_loop, config, progress=progress)
         state = _raytrain.final_state(result)
         model_config = {
