@@ -8,9 +8,11 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup demo test lint format docs docs-serve bench ui clean
+.PHONY: setup demo test lint format docs docs-serve bench ui clean cluster cluster-down
 
-setup: $(STAMP) $(FASHION_MNIST)
+POSTGRES := $(firstword $(wildcard /usr/lib/postgresql/*/bin/postgres) /usr/lib/postgresql/bin/postgres)
+
+setup: $(STAMP) $(FASHION_MNIST) $(POSTGRES)
 
 # Pinned dependencies; torch is the CPU build (docs/getting-started.md: "Installing a CUDA build").
 $(STAMP): requirements.lock pyproject.toml Makefile
@@ -26,6 +28,18 @@ $(FASHION_MNIST):
 	$(SUDO) apt-get update -qq
 	$(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
 
+# PostgreSQL from Debian: the MLflow backend store of the multi-host cluster (infra/local/hosts.py).
+$(POSTGRES):
+	$(SUDO) apt-get update -qq
+	$(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql iproute2 util-linux
+
+# A cluster of hosts on this machine (network namespaces; needs root): services, head, workers.
+cluster: setup
+	$(SUDO) $(BIN)/python infra/local/hosts.py up
+
+cluster-down:
+	$(SUDO) $(BIN)/python infra/local/hosts.py down
+
 demo: setup
 	$(BIN)/difforge run pipelines/quickstart.yaml
 
@@ -39,7 +53,7 @@ format: $(STAMP)
 
 # The documentation site, strictly: a broken link, anchor or a page missing from the nav fails.
 docs: $(STAMP)
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict 2>&1 | grep -v "^INFO" ; exit $${PIPESTATUS[0]}
 
 docs-serve: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000

@@ -63,6 +63,12 @@ def free_port(pair_offset: int | None = None) -> int:
     raise RuntimeError("no free port")
 
 
+# what a submitted run needs from a cluster's own environment to reach its S3 (`--env NAME`)
+NEEDS_S3 = [
+    f"--env={name}" for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
+]
+
+
 def wait_for(check, timeout: float, what: str) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:

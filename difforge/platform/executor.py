@@ -33,6 +33,7 @@ from difforge.platform.plan import Plan, PlannedStep, build_plan
 from difforge.platform.progress import quiet_libraries
 from difforge.platform.resources import Fitted, fit
 from difforge.platform.runtime import RayRuntime
+from difforge.platform.shared import check_shared
 from difforge.platform.show import text_table
 from difforge.platform.spec import LoadedSpec, PipelineSpec, load_spec
 from difforge.platform.tracking import MlflowObserver
@@ -413,6 +414,7 @@ def run(
             try:
                 if any(not s.cached for s in plan.steps):
                     runtime.ensure()
+                    check_shared(plan.storage)  # on several nodes: one storage they all see
             finally:  # the pipeline's run exists either way, and is ended below
                 opening.result()
                 started = True

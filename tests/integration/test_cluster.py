@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 import difforge
 from difforge.jobs import cluster as jobs
 from tests.conftest import (
+    NEEDS_S3,
     RAY_TOKEN,
     S3_SECRET,
     SLOW_PLUGIN,
@@ -93,18 +94,8 @@ def pipeline(tmp_path: Path, mlflow_url: str, name: str, steps: str) -> Path:
     return path
 
 
-FORWARD = [
-    "--env",
-    "AWS_ACCESS_KEY_ID",
-    "--env",
-    "AWS_SECRET_ACCESS_KEY",
-    "--env",
-    "AWS_ENDPOINT_URL",
-]
-
-
 def submit(path: Path, url: str, *extra: str) -> str:
-    out = difforge_cli("submit", str(path), "--cluster", url, *FORWARD, *extra, timeout=120)
+    out = difforge_cli("submit", str(path), "--cluster", url, *NEEDS_S3, *extra, timeout=120)
     assert out.returncode == 0, out.stderr
     line = next(x for x in out.stdout.splitlines() if x.startswith("submitted job"))
     return line.split()[2]
@@ -165,7 +156,7 @@ def test_a_pipeline_spreads_over_both_nodes_and_every_dataset_is_whole(
         str(path),
         "--cluster",
         ray_cluster,
-        *FORWARD,
+        *NEEDS_S3,
         "--set",
         "model.params.max_steps=2",
         "--wait",

@@ -1,0 +1,71 @@
+"""One multi-host cluster per test session: Linux network namespaces made by
+infra/local/hosts.py (services, head, worker1, worker2, client), shared by every test here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+HOSTS = ROOT / "infra" / "local" / "hosts.py"
+
+
+@dataclass
+class Cluster:
+    env: dict[str, str]
+    state: Path
+
+    def run(self, host: str, *argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        """A command on one of the hosts, in the environment its role has there."""
+        return subprocess.run(
+            [sys.executable, str(HOSTS), "exec", host, "--", *argv],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def python(self, host: str, code: str, timeout: float = 300):
+        """Run Python on a host; it prints one JSON value last, which this returns."""
+        done = self.run(host, sys.executable, "-c", code, timeout=timeout)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    @property
+    def secrets(self) -> dict[str, dict[str, str]]:
+        return json.loads((self.state / "secrets.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    if os.geteuid() != 0:
+        pytest.skip("the multi-host cluster needs root (network namespaces)")
+    parent = Path(tempfile.mkdtemp(prefix="dfh", dir="/tmp"))  # short: Ray's socket paths
+    parent.chmod(0o755)  # PostgreSQL runs as its own user, inside
+    state = parent / "c"
+    env = {
+        **os.environ,
+        "DIFFORGE_HOSTS_PREFIX": f"dt{os.getpid() % 10000}",
+        "DIFFORGE_HOSTS_STATE": str(state),
+    }
+    up = subprocess.run(
+        [sys.executable, str(HOSTS), "up"], env=env, capture_output=True, text=True, timeout=600
+    )
+    try:
+        if up.returncode != 0:
+            logs = "".join(
+                f"\n--- {p.name}\n{p.read_text()[-2000:]}" for p in (state / "logs").glob("*")
+            )
+            pytest.fail(f"hosts.py up failed:\n{up.stdout}\n{up.stderr}{logs}")
+        yield Cluster(env, state)
+    finally:
+        subprocess.run(
+            [sys.executable, str(HOSTS), "down"], env=env, capture_output=True, timeout=300
+        )
