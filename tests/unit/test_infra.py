@@ -55,6 +55,35 @@ def test_every_manifest_parses_and_is_typed():
             assert doc.get("apiVersion") and doc.get("kind"), path
 
 
+KUBERNETES = "1.33.0"  # the Kubernetes release the manifests are checked against
+CRDS = {"RayCluster", "RayJob"}  # KubeRay's own kinds: no schema ships with the validator
+
+
+def test_the_core_kinds_are_valid_kubernetes_objects():
+    """Every manifest of a core kind validates, strictly (no unknown field), against
+    Kubernetes' own OpenAPI schemas (kubernetes-validate, offline)."""
+    import copy
+
+    import kubernetes_validate
+
+    checked = set()
+    for path, doc in all_docs():
+        if path.parent.name == "ray-cluster" or doc["kind"] in CRDS:
+            continue
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{path.name}: {doc['kind']} {doc['metadata']['name']}: {exc.message}")
+        checked.add(doc["kind"])
+    assert checked >= {"Service", "Deployment", "StatefulSet", "CronJob", "ConfigMap"}
+    # the validator does refuse a mistake: a misspelt field of a container
+    (cron,) = by_kind("CronJob")
+    broken = copy.deepcopy(cron)
+    broken["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["comand"] = ["x"]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES, strict=True)
+
+
 def test_images_are_the_difforge_image_of_this_version_or_pinned():
     images = {img for _, d in all_docs() for img in walk(d, "image")}
     ours = {i for i in images if i.startswith("ghcr.io/difforge/")}
