@@ -120,6 +120,25 @@ def read_manifest(dataset_uri: str) -> Manifest:
         raise DifforgeError(f"{dataset_uri}/{MANIFEST}: not a valid manifest: {exc}") from None
 
 
+def missing_files(dataset_uri: str, manifest: Manifest) -> list[str]:
+    """The files `manifest` lists that are absent from `dataset_uri`, or of another size, as
+    this process sees the storage: one listing, no file read ("path (N bytes listed, M found)")."""
+    fs, root = url_to_fs(dataset_uri)
+    root = root.rstrip("/")
+    try:
+        found = {p[len(root) + 1 :]: i.get("size") for p, i in fs.find(root, detail=True).items()}
+    except FileNotFoundError:
+        found = {}
+    out = []
+    for f in manifest.files:
+        size = found.get(f.path)
+        if size is None:
+            out.append(f"{f.path} (absent)")
+        elif f.bytes and size != f.bytes:
+            out.append(f"{f.path} ({f.bytes} bytes listed, {size} found)")
+    return out
+
+
 def remove_work(work_uri: str) -> None:
     fs, path = url_to_fs(work_uri)
     if fs.exists(path):

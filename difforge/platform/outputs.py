@@ -42,6 +42,7 @@ from difforge.platform.datasets import (
     Manifest,
     encode_schema,
     join,
+    missing_files,
     read_manifest,
     url_to_fs,
 )
@@ -219,8 +220,8 @@ class Output:
         fs.makedirs(root, exist_ok=True)
         path = f"{root}/{MANIFEST}"
         keep: set[str] = set()
+        self._check_files_exist(manifest)
         if replace:
-            self._check_files_exist(fs, root, manifest)
             if fs.exists(path):  # the replaced commit's files stay until `gc`: a reader may
                 keep = set(read_manifest(self.uri).attempts())  # be in the middle of them
             ours = _replace(fs, path, data)
@@ -244,16 +245,16 @@ class Output:
         except FileNotFoundError:
             pass
 
-    def _check_files_exist(self, fs: AbstractFileSystem, root: str, manifest: Manifest) -> None:
-        try:
-            present = {p[len(root) + 1 :] for p in fs.find(root)}
-        except FileNotFoundError:
-            present = set()
-        missing = [f.path for f in manifest.files if f.path not in present]
+    def _check_files_exist(self, manifest: Manifest) -> None:
+        """Every file the manifest lists is there, with its size, as the committing process
+        sees the storage: a shard written where this process cannot see it (a node's own
+        disk), or removed while the step ran, fails the commit instead of being listed."""
+        missing = missing_files(self.uri, manifest)
         if missing:
             raise DifforgeError(
-                f"{self.uri}: {len(missing)} shard(s) of this attempt are gone before its commit "
-                f"(first: {missing[0]}); was the folder cleaned while the step ran?"
+                f"{self.uri}: {len(missing)} shard(s) this attempt wrote are not where its "
+                f"commit looks (first: {missing[0]}); nothing was committed. Were they written "
+                "to storage this process does not share, or cleaned while the step ran?"
             )
 
 

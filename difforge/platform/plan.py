@@ -6,6 +6,7 @@ cache consulted. This is all `difforge validate` does, and it imports neither to
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,19 +15,20 @@ from pydantic import BaseModel, ValidationError
 from difforge.platform import registry
 from difforge.platform.columns import type_problems
 from difforge.platform.datasets import (
-    MANIFEST,
     WORK,
     DatasetNotCommitted,
     join,
+    missing_files,
     normalize_uri,
     read_manifest,
-    url_to_fs,
 )
 from difforge.platform.devices import device_class, uses_auto_precision
 from difforge.platform.errors import DifforgeError, Problem, SpecError
 from difforge.platform.fingerprint import fingerprint
 from difforge.platform.operator import MAIN, Operator, SourceOperator
 from difforge.platform.spec import LoadedSpec, Resources
+
+log = logging.getLogger("difforge")
 
 
 @dataclass
@@ -85,6 +87,29 @@ class PlannedStep:
             "fingerprint": self.fingerprint,
             "uri": self.uri,
         }
+
+
+def _committed_whole(step: PlannedStep) -> bool:
+    """A cache hit: the step's dataset is committed and every file its manifest lists is
+    there with its size. A commit with files missing is recomputed (and its commit replaced,
+    as `--force` would), said once on the console."""
+    try:
+        manifest = read_manifest(step.uri)
+    except DatasetNotCommitted:
+        return False
+    missing = missing_files(step.uri, manifest)
+    if missing:
+        log.warning(
+            "step %s: its committed dataset %s lacks %d of its %d file(s) (first: %s): "
+            "recomputing it",
+            step.id,
+            step.uri,
+            len(missing),
+            len(manifest.files),
+            missing[0],
+        )
+        step.forced = True
+    return not missing
 
 
 @dataclass
@@ -367,8 +392,6 @@ def build_plan(
 
     steps = [planned[s] for s in selected]
     if check_cache:
-        fs, _ = url_to_fs(storage)
         for step in steps:
-            _, path = url_to_fs(step.uri)
-            step.cached = not step.forced and fs.exists(f"{path}/{MANIFEST}")
+            step.cached = not step.forced and _committed_whole(step)
     return Plan(loaded=loaded, steps=steps, storage=storage)

@@ -129,6 +129,26 @@ def test_committed_data_lives_outside_the_work_folder(ray_session, tmp_path, fai
         assert difforge.open_dataset(uri).to_arrow().num_rows == 1797
 
 
+def test_a_commit_with_files_missing_is_no_cache_hit_and_is_recomputed(
+    ray_session, tmp_path, fail_if
+):
+    """A dataset whose manifest lists a file that is gone (a node's disk, a hand-cleaned
+    folder) is not cached: the plan says so, the rerun recomputes it and replaces its commit;
+    what is whole stays cached."""
+    spec = digits_spec(tmp_path / "s", tmp_path / "flag")
+    first = difforge.run(spec)
+    uri = first.step("check").uri
+    shard = difforge.open_dataset(uri).manifest.files[0]
+    (Path(uri) / shard.path).unlink()
+    plan = difforge.plan(spec)
+    assert not plan.step("check").cached and plan.step("raw").cached
+    again = difforge.run(spec)
+    assert again.step("raw").cached and not again.step("check").cached
+    assert again.step("check").uri == uri  # the same fingerprint, its commit replaced
+    assert difforge.open_dataset(uri).to_arrow().num_rows == 1797
+    assert all(s.cached for s in difforge.run(spec).steps)
+
+
 def test_a_forced_step_that_fails_leaves_the_old_commit_visible(ray_session, tmp_path, fail_if):
     flag = tmp_path / "flag"
     first = difforge.run(digits_spec(tmp_path / "s", flag))

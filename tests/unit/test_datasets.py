@@ -44,6 +44,26 @@ def test_commit_then_read_back(tmp_path):
     assert sum(b.num_rows for b in ds.iter_batches(batch_size=5)) == 12
 
 
+def test_a_commit_refuses_shards_its_process_cannot_see(tmp_path):
+    """A shard written where the committing process does not see it (another host's disk), or
+    of another size there, is never listed in a manifest: the commit fails and nothing is
+    committed."""
+    uri = str(tmp_path / "ds")
+    out = open_output(uri)
+    entries = shards(uri, out.attempt)
+    (tmp_path / "ds" / entries[1]["path"]).unlink()
+    with pytest.raises(DifforgeError, match=r"1 shard\(s\) this attempt wrote are not where"):
+        out.commit(entries, "fp", {})
+    with pytest.raises(DatasetNotCommitted):
+        D.open_dataset(uri)
+    other = open_output(uri)
+    entries = shards(uri, other.attempt)
+    with open(tmp_path / "ds" / entries[0]["path"], "ab") as f:
+        f.write(b"more")
+    with pytest.raises(DifforgeError, match=r"bytes listed, \d+ found"):
+        other.commit(entries, "fp", {})
+
+
 def test_retried_shards_are_counted_once(tmp_path):
     uri = str(tmp_path / "ds")
     out = open_output(uri)
