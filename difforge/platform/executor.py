@@ -26,6 +26,7 @@ from difforge.platform.errors import DifforgeError, Problem, SpecError, StepFail
 from difforge.platform.events import Observers, RunObserver, StepLog
 from difforge.platform.failures import cause, failed_step
 from difforge.platform.fusion import passes
+from difforge.platform.leases import Lease, claim
 from difforge.platform.operator import MAIN, JobOperator, StepOutcome
 from difforge.platform.outputs import Output, new_attempt, nodes_seen, saw_nodes, this_node
 from difforge.platform.passes import PassStep, keeps_progress, output_names, run_map_pass
@@ -108,6 +109,7 @@ class _Started:
     log: StepLog
     fitted: Fitted
     attempt: str
+    lease: Lease
 
 
 class Executor:
@@ -159,7 +161,7 @@ class Executor:
         run_id = self.events.step_cached(step, rows)
         return StepSummary(step.id, step.op, None, rows, 0.0, True, step.uri, run_id=run_id)
 
-    def _start(self, step: PlannedStep, fused_with: list[str]) -> _Started:
+    def _start(self, step: PlannedStep, fused_with: list[str], fresh: bool) -> _Started:
         step_log = self.events.step_started(step, fused_with)
         try:
             cluster = self.ray.ensure()
@@ -171,16 +173,19 @@ class Executor:
                     f"{step.device} (part of its fingerprint) but it would run on {ran_on}; set "
                     f"DIFFORGE_DEVICE_CLASS={ran_on}, or an explicit dtype/precision"
                 )
-            if step.forced:
-                # forced: start over, checkpoints included; the old commit stays visible until
-                # the new one replaces it
-                ds_mod.remove_work(step.work_uri)
+            # its own work folder: an ended attempt's, to resume, else a new one; forced (or
+            # in a pass with a forced step): a new one, checkpoints not reused. The old commit
+            # stays visible until the new one replaces it
+            lease = claim(step.work_root, fresh=fresh)
+            step.work = lease.uri
+            if lease.resumed:
+                log.debug("step %s: resuming in %s", step.id, lease.uri)
         except BaseException as exc:
             self.events.step_ended(
                 step, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
             )
             raise
-        return _Started(step, step_log, fitted, new_attempt())
+        return _Started(step, step_log, fitted, new_attempt(), lease)
 
     def run_pass(self, group: list[PlannedStep]) -> list[StepSummary]:
         """Run one pass: a cached step, a job, or one Ray Data pass over a chain of map steps
@@ -191,9 +196,10 @@ class Executor:
         keep = keeps_progress(group)  # then a failed attempt's files stay, for the rerun
         started: list[_Started] = []
         done: list[StepSummary] = []
+        fresh = any(s.forced for s in group)  # a pass's kept results include the forced step's
         try:
             for step in group:
-                started.append(self._start(step, ids))
+                started.append(self._start(step, ids, fresh))
             t0 = time.time()
             if len(group) > 1:
                 log.info(
@@ -224,6 +230,9 @@ class Executor:
             raise StepFailed(
                 f"step '{failed.id}' ({failed.op}){where} failed: {cause(exc)}"
             ) from exc
+        finally:
+            for s in started:  # its work folder is free: to resume, or for gc
+                s.lease.release()
 
     def _work(self, started: list[_Started], t0: float) -> list[tuple]:
         """A pass's work: a job, or one Ray Data pass over a chain of map steps; per step its
@@ -233,9 +242,6 @@ class Executor:
             saw_nodes([this_node()])  # a job works on the driver too
             entries, rows_in, extra = self._run_job(head.step, head.fitted, head.attempt, head.log)
             return [(entries, rows_in, time.time() - t0, extra)]
-        if len(started) > 1 and any(s.step.forced for s in started):
-            for s in started:  # the pass's kept results include the forced step's
-                ds_mod.remove_work(s.step.work_uri)
         entries_k, rows_k, work, resumed = run_map_pass(
             [PassStep(s.step, s.fitted, s.attempt) for s in started]
         )

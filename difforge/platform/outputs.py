@@ -226,7 +226,7 @@ class Output:
                 keep = set(read_manifest(self.uri).attempts())  # be in the middle of them
             ours = _replace(fs, path, data)
         else:
-            ours = _create_exclusive(fs, path, data)
+            ours = create_exclusive(fs, path, data)
         if not ours:
             winner = read_manifest(self.uri)
             self.abort(keep=set(winner.attempts()))
@@ -309,7 +309,7 @@ def build_manifest(
     )
 
 
-def _create_exclusive(fs: AbstractFileSystem, path: str, data: bytes) -> bool:
+def create_exclusive(fs: AbstractFileSystem, path: str, data: bytes) -> bool:
     """Create `path` only if it does not exist. True if we created it."""
     if _is_local(fs):
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
@@ -350,7 +350,7 @@ def _replace(fs: AbstractFileSystem, path: str, data: bytes) -> bool:
         try:
             etag = fs.info(path).get("ETag")
         except FileNotFoundError:
-            return _create_exclusive(fs, path, data)
+            return create_exclusive(fs, path, data)
         bucket, key, _ = fs.split_path(path)
         try:
             fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=etag)

@@ -58,6 +58,7 @@ class PlannedStep:
     upstream: set[str] = field(default_factory=set)
     min_rows: int | None = None  # fewer rows in the main output fail the step
     device: str | None = None  # the device class its `auto` precisions resolve for, if any
+    work: str | None = None  # the work folder this run holds the lease of (leases.py), once started
 
     @property
     def op(self) -> str:
@@ -70,8 +71,16 @@ class PlannedStep:
         return self.op_cls(self.params)
 
     @property
-    def work_uri(self) -> str:
+    def work_root(self) -> str:
+        """Where the step's work folders live (`_work/`: one per attempt, leases.py)."""
         return join(self.uri, WORK)
+
+    @property
+    def work_uri(self) -> str:
+        """The work folder this run holds for the step: checkpoints, resume markers."""
+        if self.work is None:
+            raise RuntimeError(f"step {self.id}: no work folder before the step starts")
+        return self.work
 
     def output_uri(self, name: str = MAIN) -> str:
         return self.uri if name == MAIN else join(self.uri, name)

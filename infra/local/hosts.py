@@ -4,6 +4,7 @@
     sudo python infra/local/hosts.py up          # network, services, Ray head, two workers
     sudo python infra/local/hosts.py exec client -- difforge submit pipelines/... --wait
     sudo python infra/local/hosts.py link worker1 down     # cut a host's link (and `up`)
+    sudo python infra/local/hosts.py restart head          # its Ray node stopped and started
     sudo python infra/local/hosts.py status
     sudo python infra/local/hosts.py down
 
@@ -329,9 +330,7 @@ def start_ray(values: dict) -> dict[str, dict[str, str]]:
         "PYTHON": sys.executable,
     }
     profiles["head"] = env
-    done = run_on_env("head", [str(INFRA / "local" / "ray.sh"), "start"], {**env, **local})
-    if done.returncode != 0:
-        raise SystemExit(f"the Ray head failed:\n{done.stdout}{done.stderr}")
+    nodes = {"head": {"argv": [str(INFRA / "local" / "ray.sh"), "start"], "env": {**env, **local}}}
     cpu_group = next(g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == "cpu")
     for worker in ("worker1", "worker2"):
         env = ray_env(cpu_group, values)
@@ -344,12 +343,27 @@ def start_ray(values: dict) -> dict[str, dict[str, str]]:
             "PYTHON": sys.executable,
         }
         profiles[worker] = env
-        done = run_on_env(
-            worker, [str(INFRA / "local" / "ray.sh"), "worker", worker], {**env, **local}
-        )
-        if done.returncode != 0:
-            raise SystemExit(f"Ray on {worker} failed:\n{done.stdout}{done.stderr}")
+        argv = [str(INFRA / "local" / "ray.sh"), "worker", worker]
+        nodes[worker] = {"argv": argv, "env": {**env, **local}}
+    (STATE / "ray.json").write_text(json.dumps(nodes))
+    (STATE / "ray.json").chmod(0o600)
+    for host in nodes:
+        start_ray_node(host)
     return profiles
+
+
+def start_ray_node(host: str) -> None:
+    """Start the Ray node of `host` (head or worker) as `up` did."""
+    node = json.loads((STATE / "ray.json").read_text())[host]
+    done = run_on_env(host, node["argv"], node["env"])
+    if done.returncode != 0:
+        raise SystemExit(f"Ray on {host} failed:\n{done.stdout}{done.stderr}")
+
+
+def stop_ray_node(host: str) -> None:
+    """Stop the Ray node of `host` (only the processes `up` started there)."""
+    env = {"DIFFORGE_LOCAL": str(STATE / host), "PATH": PATH}
+    subprocess.run([str(INFRA / "local" / "ray.sh"), "stop"], env=env, capture_output=True)
 
 
 def run_on_env(host: str, argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -400,16 +414,12 @@ def up() -> None:
 
 
 def down() -> None:
-    for host, script in (
-        ("worker1", "ray.sh"),
-        ("worker2", "ray.sh"),
-        ("head", "ray.sh"),
-        ("services", "s3.sh"),
-    ):
-        folder = STATE / ("s3" if script == "s3.sh" else host)
-        if folder.exists():
-            env = {"DIFFORGE_LOCAL": str(folder), "PATH": PATH}
-            subprocess.run([str(INFRA / "local" / script), "stop"], env=env, capture_output=True)
+    for host in ("worker1", "worker2", "head"):
+        if (STATE / host).exists():
+            stop_ray_node(host)
+    if (STATE / "s3").exists():
+        env = {"DIFFORGE_LOCAL": str(STATE / "s3"), "PATH": PATH}
+        subprocess.run([str(INFRA / "local" / "s3.sh"), "stop"], env=env, capture_output=True)
     for pid in _pids().values():  # MLflow, PostgreSQL: their process groups
         try:
             os.killpg(pid, 15)
@@ -441,13 +451,19 @@ def main(argv: list[str]) -> int:
         return subprocess.call(host_argv(host, cmd))
     elif command == "link":
         link(rest[0], rest[1])
+    elif command == "restart":  # a Ray node's host rebooted: its node stopped, then started
+        stop_ray_node(rest[0])
+        start_ray_node(rest[0])
     elif command == "status":
         for host in HOSTS:
             print(f"{host:9} {namespace(host):16} {address(host)}")
         for name, pid in _pids().items():
             print(f"{name:20} pid {pid}")
     else:
-        print(f"unknown command {command}: up, down, exec HOST -- CMD, link HOST up|down, status")
+        print(
+            f"unknown command {command}: up, down, exec HOST -- CMD, link HOST up|down, "
+            "restart HOST, status"
+        )
         return 2
     return 0
 

@@ -6,7 +6,10 @@ runs word for word. Failures found by trying this path, not yet fixed, are stric
 from __future__ import annotations
 
 import shlex
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -301,3 +304,65 @@ def test_the_cluster_is_reached_only_through_its_hosts_addresses(cluster):
     probe.settimeout(2)
     with pytest.raises(OSError):
         probe.connect((address("head"), 8265))  # not routed from this machine's own namespace
+
+
+def hosts_command(cluster, *argv: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(INFRA / "local" / "hosts.py"), *argv],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 32 (4): a restarted head forgets its jobs (`difforge jobs list` shows nothing, "
+    "`jobs status` says no job) and the pipeline's MLflow runs stay RUNNING",
+)
+def test_a_job_lost_with_its_head_is_reported_lost_and_its_runs_end(cluster):
+    """Last in this module: it restarts the head (and the workers, which cannot rejoin a new
+    GCS), leaving the cluster as `up` made it."""
+    path = write(
+        cluster,
+        "long.yaml",
+        f"""
+        name: long
+        storage: s3://difforge-datasets/long
+        tracking: {{uri: "http://mlflow:5000", experiment: long}}
+        steps:
+          - id: raw
+            op: ingest.digits
+          - id: model
+            op: train.diffusion
+            inputs: [raw]
+            params:
+              backbone: {TINY_UNET}
+              batch_size: 16
+              max_steps: 100000
+              checkpoint_every: 50
+            resources: {{num_workers: 1, num_cpus: 1}}
+        """,
+    )
+    job = submitted(cluster.run("client", "difforge", "submit", path, *NEEDS_S3))
+    deadline = time.time() + 180
+    while "model: " not in cluster.run("client", "difforge", "jobs", "logs", job).stdout:
+        assert time.time() < deadline, "the training step never started"
+        time.sleep(2)
+    try:
+        hosts_command(cluster, "restart", "head")
+    finally:
+        for worker in ("worker1", "worker2"):
+            hosts_command(cluster, "restart", worker)
+    listed = cluster.run("client", "difforge", "jobs", "list")
+    line = next((x for x in listed.stdout.splitlines() if job in x), "")
+    assert "LOST" in line.upper(), listed.stdout + listed.stderr
+    running = cluster.python(
+        "client",
+        "import json; from mlflow.tracking import MlflowClient; c = MlflowClient(); "
+        "e = c.get_experiment_by_name('long'); "
+        "print(json.dumps([r.info.status for r in c.search_runs([e.experiment_id])]))",
+    )
+    assert running and "RUNNING" not in running

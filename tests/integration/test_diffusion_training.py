@@ -188,9 +188,9 @@ def test_lora_finetune_of_a_registered_model_resumes_after_a_killed_worker(train
     thread.start()
     work = tmp_path / "s" / "fault" / "model"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(work.glob("*/_work/ray-train/checkpoint_*")):
+    while time.time() < deadline and not list(work.glob("*/_work/*/ray-train/checkpoint_*")):
         time.sleep(0.5)
-    assert list(work.glob("*/_work/ray-train/checkpoint_*")), "no checkpoint appeared"
+    assert list(work.glob("*/_work/*/ray-train/checkpoint_*")), "no checkpoint appeared"
     victims = train_workers()
     assert victims, "no training worker found"
     victims[-1].kill()  # SIGKILL one rank mid-run

@@ -113,12 +113,12 @@ def test_killed_pass_of_fused_steps_redoes_only_unfinished_shards(tmp_path):
     proc = start(path, env, home)
     raw = tmp_path / "storage" / "slow" / "raw"
     try:
-        wait_for(lambda: any(raw.glob("*/_work/passes/pass-*/item-*.done.json")), 120, "a shard")
+        wait_for(lambda: any(raw.glob("*/_work/*/passes/pass-*/item-*.done.json")), 120, "a shard")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     assert not (step_dir(tmp_path, "raw") / "_manifest.json").exists()
-    done_before = len(list(raw.glob("*/_work/passes/pass-*/item-*.done.json")))
+    done_before = len(list(raw.glob("*/_work/*/passes/pass-*/item-*.done.json")))
     assert 1 <= done_before < 9  # 1,797 rows in input shards of 200
 
     rerun = start(path, env, home)
@@ -202,7 +202,7 @@ def test_ctrl_c_during_training_is_an_interruption_not_a_failure(tmp_path):
     try:
         # the training loop is running once its worker wrote where it runs
         wait_for(
-            lambda: any((tmp_path / "storage" / "slow" / "model").glob("*/_work/nodes/rank-0")),
+            lambda: any((tmp_path / "storage" / "slow" / "model").glob("*/_work/*/nodes/rank-0")),
             180,
             "the training loop",
         )
