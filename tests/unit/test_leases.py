@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -43,7 +44,10 @@ def test_a_dead_process_or_a_stale_lease_frees_its_folder(tmp_path, monkeypatch)
     (tmp_path / "_work" / held.uri.rsplit("/", 1)[-1] / "_lease-000002.json").write_text(
         json.dumps(other_host)
     )
-    assert leases.claim(root).uri != held.uri  # another host's, renewed just now: held
+    other = leases.claim(root)
+    assert other.uri != held.uri  # another host's, renewed just now: held
+    other._stop.set()
+    shutil.rmtree(tmp_path / "_work" / other.uri.rsplit("/", 1)[-1])
     monkeypatch.setattr(leases, "EXPIRES_S", 0.0)
     assert leases.claim(root).uri == held.uri  # not renewed in time: expired
 
