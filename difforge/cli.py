@@ -431,7 +431,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         )
         if info["message"]:
             print(f"  {info['message']}")
-        return 0 if info["status"] != "FAILED" else 1
+        return 0 if info["status"] not in ("FAILED", "LOST") else 1
     if args.jobs_command == "logs":
         status = cluster.logs(args.cluster, args.job_id, follow=args.follow)
         if args.follow:

@@ -178,7 +178,8 @@ def submit(
     job_id = f"difforge-{re.sub(r'[^a-z0-9-]', '-', spec.name.lower())}-" + (
         time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
     )
-    tags = {**(tags or {}), "difforge.job_id": job_id}
+    # the record of the job that outlives the cluster's own: its MLflow runs carry both
+    tags = {**(tags or {}), "difforge.job_id": job_id, "difforge.cluster": address}
     argv = ["difforge", "run", PIPELINE_FILE, "--submitted"]
     for name in required:
         argv += ["--require-env", name]
@@ -231,7 +232,53 @@ def _status_name(status: Any) -> str:
     return str(getattr(status, "value", status))
 
 
+LOST = "its job is gone from the cluster that ran it (a restarted head?)"
+
+
+def _mlflow_record(address: str, job_id: str | None = None) -> list[Any]:
+    """The pipeline runs that jobs submitted to `address` started (all, or one job's), from
+    the MLflow server in MLFLOW_TRACKING_URI: difforge's own record of what ran there. Empty
+    where no server is set."""
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        return []
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    query = f"tags.`difforge.cluster` = '{address}'"
+    if job_id:
+        query += f" and tags.`difforge.job_id` = '{job_id}'"
+    runs = client.search_runs(experiments, query, max_results=1000) if experiments else []
+    return [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+
+
+def _lost(address: str, run: Any) -> dict[str, Any]:
+    """A job the cluster no longer lists, as its MLflow run tells it; a run still RUNNING
+    there is ended FAILED (its driver went with the cluster's record of it)."""
+    from mlflow.tracking import MlflowClient
+
+    from difforge.platform.watchdog import end_run_and_steps
+
+    tags, status = run.data.tags, run.info.status
+    lost = status == "RUNNING" or tags.get("difforge.ended_by") == LOST
+    if status == "RUNNING":
+        end_run_and_steps(MlflowClient(), run, LOST)
+        status = "FAILED"
+    shown = "LOST" if lost else {"FINISHED": "SUCCEEDED", "KILLED": "STOPPED"}.get(status, status)
+    return {
+        "job_id": tags["difforge.job_id"],
+        "status": shown,
+        "pipeline": tags.get("difforge.pipeline", "-"),
+        "start": (run.info.start_time or 0) / 1000,
+        "end": (run.info.end_time or 0) / 1000,
+        "message": f"{address} no longer lists this job; its MLflow run {run.info.run_id} "
+        f"ended {status}" + (" when it was found gone" if lost else ""),
+    }
+
+
 def list_jobs(cluster: str | None) -> list[dict[str, Any]]:
+    """Every job the cluster lists, and the jobs difforge's MLflow record says ran there that
+    the cluster no longer lists (a restarted head forgets its jobs): LOST, never unknown."""
     rows = []
     for job in client(cluster).list_jobs():
         meta = job.metadata or {}
@@ -245,6 +292,12 @@ def list_jobs(cluster: str | None) -> list[dict[str, Any]]:
                 "message": (job.message or "").strip(),
             }
         )
+    known = {r["job_id"] for r in rows}
+    address = cluster_address(cluster)
+    for run in _mlflow_record(address):
+        if run.data.tags.get("difforge.job_id") not in known:
+            rows.append(_lost(address, run))
+            known.add(rows[-1]["job_id"])
     return sorted(rows, key=lambda r: r["start"])
 
 
@@ -253,7 +306,16 @@ def job_info(cluster: str | None, job_id: str) -> dict[str, Any]:
     try:
         info = api.get_job_info(job_id)
     except Exception:
-        raise DifforgeError(f"no job {job_id} on {cluster_address(cluster)}") from None
+        address = cluster_address(cluster)
+        record = _mlflow_record(address, job_id)
+        if record:
+            return {
+                **_lost(address, record[0]),
+                "entrypoint": "",
+                "metadata": {},
+                "runtime_env": {},
+            }
+        raise DifforgeError(f"no job {job_id} on {address}") from None
     return {
         "job_id": job_id,
         "status": _status_name(info.status),

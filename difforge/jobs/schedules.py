@@ -299,8 +299,9 @@ class RunLauncher:
         if not job_id.startswith("local:"):
             from difforge.jobs import cluster
 
-            info = cluster.job_info(schedule.cluster, job_id)
+            info = cluster.job_info(schedule.cluster, job_id)  # a lost job: LOST, from MLflow
             status = {"SUCCEEDED": "succeeded", "FAILED": "failed", "STOPPED": "stopped"}
+            status["LOST"] = "failed"
             return status.get(info["status"], "running"), info["message"]
         _, pid, stem = job_id.split(":", 2)
         proc = self.procs.get(job_id)

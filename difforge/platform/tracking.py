@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from difforge.platform import settings
 from difforge.platform.events import RunObserver, StepLog
 from difforge.platform.progress import PROGRESS_EVERY_S, PROGRESS_METRIC, quiet_libraries
-from difforge.platform.watchdog import process_identity, reap_dead_runs
+from difforge.platform.watchdog import Heartbeat, process_identity, reap_dead_runs
 
 if TYPE_CHECKING:
     import numpy as np
@@ -294,6 +294,7 @@ class MlflowObserver(RunObserver):
         self.uri_setting, self.experiment, self.tags = uri, experiment, tags
         self.tracker: Tracker | None = None
         self.parent: StepTracker | None = None
+        self.heartbeat: Heartbeat | None = None
         self.steps: dict[str, StepTracker] = {}
         self.pipeline = ""
 
@@ -323,6 +324,7 @@ class MlflowObserver(RunObserver):
                 **self.tags,
             },
         )
+        self.heartbeat = Heartbeat(tracker.client, self.parent.run_id)  # it is alive
         self.parent.log_params(
             {**params, **{f"fingerprint.{s.id}": s.fingerprint for s in plan.steps}}
         )
@@ -376,6 +378,8 @@ class MlflowObserver(RunObserver):
             run.end(status)
 
     def pipeline_ended(self, status: str, metrics: dict[str, float]) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         if self.parent is not None:
             self.parent.log_metrics(metrics)
             self.parent.end(status)

@@ -1,5 +1,7 @@
-"""One multi-host cluster per test session: Linux network namespaces made by
-infra/local/hosts.py (services, head, worker1, worker2, client), shared by every test here."""
+"""One multi-host cluster for the tests of this folder: Linux network namespaces made by
+infra/local/hosts.py (services, head, worker1, worker2, client), shared by every test here and
+removed after the last of them (its Ray, MLflow and PostgreSQL stop before the rest of the
+suite runs)."""
 
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ class Cluster:
         return json.loads((self.state / "secrets.json").read_text())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # up for tests/cluster/ only, not the whole suite
 def cluster():
     if os.geteuid() != 0:
         pytest.skip("the multi-host cluster needs root (network namespaces)")

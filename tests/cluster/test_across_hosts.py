@@ -319,14 +319,11 @@ def hosts_command(cluster, *argv: str) -> None:
         raise RuntimeError(f"hosts.py {' '.join(argv)}: {done.stdout}{done.stderr}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 32 (4): a restarted head forgets its jobs (`difforge jobs list` shows nothing, "
-    "`jobs status` says no job) and the pipeline's MLflow runs stay RUNNING",
-)
 def test_a_job_lost_with_its_head_is_reported_lost_and_its_runs_end(cluster):
-    """Last in this module: it restarts the head (and the workers, which cannot rejoin a new
+    """A head restarted mid-job forgets the job (issue 32, 4: `jobs list` showed nothing,
+    `jobs status` said "no job", the runs stayed RUNNING): difforge's own record, the MLflow
+    runs tagged with the job and its cluster, reports it LOST and ends its runs FAILED.
+    Last in this module: it restarts the head (and the workers, which cannot rejoin a new
     GCS), leaving the cluster as `up` made it."""
     path = write(
         cluster,
@@ -373,3 +370,6 @@ def test_a_job_lost_with_its_head_is_reported_lost_and_its_runs_end(cluster):
         "print(json.dumps([r.info.status for r in c.search_runs([e.experiment_id])]))",
     )
     assert running and "RUNNING" not in running
+    status = cluster.run("client", "difforge", "jobs", "status", job)
+    assert status.returncode == 1 and f"{job}: LOST" in status.stdout, status.stdout + status.stderr
+    assert "no longer lists this job" in status.stdout

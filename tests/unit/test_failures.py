@@ -33,3 +33,27 @@ def test_an_error_raised_from_none_is_named_not_the_one_it_replaced():
 
     said = cause(raised(replaced))
     assert said == "ValueError: Must provide the same number of block_out_channels"
+
+
+def test_a_run_whose_driver_went_silent_is_known_gone_on_any_host():
+    """A run's liveness is its driver's heartbeat, not its host name: silent for longer than
+    STALE_S anywhere means gone; a fresh heartbeat from another host means alive."""
+    import socket
+    import time
+
+    from difforge.platform import watchdog
+
+    now = time.time()
+    elsewhere = {watchdog.HOST: "another-host", watchdog.PID: "1", watchdog.PID_START: "0"}
+    fresh = {**elsewhere, watchdog.HEARTBEAT: f"{now - 5:.0f}"}
+    assert watchdog.driver_gone(fresh, now) is None
+    silent = {**elsewhere, watchdog.HEARTBEAT: f"{now - watchdog.STALE_S - 60:.0f}"}
+    assert "heartbeat stopped" in watchdog.driver_gone(silent, now)
+    assert watchdog.driver_gone(elsewhere, now) is None  # an older driver: no heartbeat, unknown
+    here_dead = {
+        watchdog.HOST: socket.gethostname(),
+        watchdog.PID: "999999999",
+        watchdog.PID_START: "0",
+        watchdog.HEARTBEAT: f"{now:.0f}",
+    }
+    assert "dead" in watchdog.driver_gone(here_dead, now)
