@@ -58,11 +58,17 @@ def address(host: str) -> str:
     return {"worker1": "127.77.0.12", "worker2": "127.77.0.13", "head": "127.77.0.11"}[host]
 
 
-def write(cluster, name: str, text: str) -> str:
+def write(cluster, name: str, steps: str, storage: str = "") -> str:
+    """A pipeline file on `client`: `steps` under a header that stores on the services host's
+    S3 (or `storage`) and tracks on its MLflow server."""
     folder = cluster.state / "client" / "pipelines"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_text(textwrap.dedent(text).lstrip())
-    return str(folder / name)
+    header = (
+        f"name: {name}\nstorage: {storage or 's3://difforge-datasets/' + name}\n"
+        f'tracking: {{uri: "http://mlflow:5000", experiment: {name}}}\nsteps:\n'
+    )
+    (folder / f"{name}.yaml").write_text(header + textwrap.dedent(steps).strip() + "\n")
+    return str(folder / f"{name}.yaml")
 
 
 def submitted(done) -> str:
@@ -78,12 +84,8 @@ def test_a_pipeline_from_the_client_runs_on_both_worker_hosts(cluster):
     registered model samples on `client`."""
     path = write(
         cluster,
-        "across.yaml",
+        "across",
         f"""
-        name: across
-        storage: s3://difforge-datasets/across
-        tracking: {{uri: "http://mlflow:5000", experiment: across}}
-        steps:
           - id: raw
             op: ingest.digits
             resources: {{batch_size: 300}}
@@ -244,12 +246,8 @@ def test_the_nightly_cronjob_runs_word_for_word_and_reruns_cached(cluster):
 def test_local_storage_that_not_every_node_sees_is_refused(cluster):
     path = write(
         cluster,
-        "local.yaml",
+        "local-disk",
         """
-        name: local-disk
-        storage: /mnt/local-storage   # the client's and each node's own local disk
-        tracking: {uri: "http://mlflow:5000", experiment: local-disk}
-        steps:
           - id: raw
             op: ingest.digits
             resources: {batch_size: 100}
@@ -257,6 +255,7 @@ def test_local_storage_that_not_every_node_sees_is_refused(cluster):
             op: curate.validate
             inputs: [raw]
         """,
+        storage="/mnt/local-storage",  # the client's and each node's own local disk
     )
     """Storage on each host's own disk (issue 32, 1: the job SUCCEEDED, its manifests listing
     files that only the workers' disks held) is refused before any step, naming the nodes that
@@ -327,12 +326,8 @@ def test_a_job_lost_with_its_head_is_reported_lost_and_its_runs_end(cluster):
     GCS), leaving the cluster as `up` made it."""
     path = write(
         cluster,
-        "long.yaml",
+        "long",
         f"""
-        name: long
-        storage: s3://difforge-datasets/long
-        tracking: {{uri: "http://mlflow:5000", experiment: long}}
-        steps:
           - id: raw
             op: ingest.digits
           - id: model
