@@ -171,8 +171,9 @@ def submit(
             raise DifforgeError(f"--env {name}: not an environment variable name (--env NAME)")
         if name not in required:
             required.append(name)
-    if not spec.tracking.uri and _tracking_setting():
-        data["tracking"] = {**data.get("tracking", {}), "uri": _tracking_setting()}
+    uri = spec.tracking.uri or _tracking_setting()
+    if uri and not spec.tracking.uri:
+        data["tracking"] = {**data.get("tracking", {}), "uri": uri}
     check_tracking(data.get("tracking", {}).get("uri"))
     api = client(cluster)
     job_id = f"difforge-{re.sub(r'[^a-z0-9-]', '-', spec.name.lower())}-" + (
@@ -235,12 +236,12 @@ def _status_name(status: Any) -> str:
 LOST = "its job is gone from the cluster that ran it (a restarted head?)"
 
 
-def _mlflow_record(address: str, job_id: str | None = None) -> list[Any]:
+def _mlflow_record(address: str, job_id: str | None = None) -> tuple[Any, list[Any]]:
     """The pipeline runs that jobs submitted to `address` started (all, or one job's), from
-    the MLflow server in MLFLOW_TRACKING_URI: difforge's own record of what ran there. Empty
-    where no server is set."""
+    the MLflow server in MLFLOW_TRACKING_URI, with its client: difforge's own record of what
+    ran there. No runs where no server is set."""
     if not os.environ.get("MLFLOW_TRACKING_URI"):
-        return []
+        return None, []
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
@@ -249,20 +250,18 @@ def _mlflow_record(address: str, job_id: str | None = None) -> list[Any]:
     if job_id:
         query += f" and tags.`difforge.job_id` = '{job_id}'"
     runs = client.search_runs(experiments, query, max_results=1000) if experiments else []
-    return [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return client, [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
 
 
-def _lost(address: str, run: Any) -> dict[str, Any]:
+def _lost(client: Any, address: str, run: Any) -> dict[str, Any]:
     """A job the cluster no longer lists, as its MLflow run tells it; a run still RUNNING
     there is ended FAILED (its driver went with the cluster's record of it)."""
-    from mlflow.tracking import MlflowClient
-
     from difforge.platform.watchdog import end_run_and_steps
 
     tags, status = run.data.tags, run.info.status
     lost = status == "RUNNING" or tags.get("difforge.ended_by") == LOST
     if status == "RUNNING":
-        end_run_and_steps(MlflowClient(), run, LOST)
+        end_run_and_steps(client, run, LOST)
         status = "FAILED"
     shown = "LOST" if lost else {"FINISHED": "SUCCEEDED", "KILLED": "STOPPED"}.get(status, status)
     return {
@@ -294,9 +293,10 @@ def list_jobs(cluster: str | None) -> list[dict[str, Any]]:
         )
     known = {r["job_id"] for r in rows}
     address = cluster_address(cluster)
-    for run in _mlflow_record(address):
+    record, runs = _mlflow_record(address)
+    for run in runs:
         if run.data.tags.get("difforge.job_id") not in known:
-            rows.append(_lost(address, run))
+            rows.append(_lost(record, address, run))
             known.add(rows[-1]["job_id"])
     return sorted(rows, key=lambda r: r["start"])
 
@@ -307,10 +307,10 @@ def job_info(cluster: str | None, job_id: str) -> dict[str, Any]:
         info = api.get_job_info(job_id)
     except Exception:
         address = cluster_address(cluster)
-        record = _mlflow_record(address, job_id)
-        if record:
+        record, runs = _mlflow_record(address, job_id)
+        if runs:
             return {
-                **_lost(address, record[0]),
+                **_lost(record, address, runs[0]),
                 "entrypoint": "",
                 "metadata": {},
                 "runtime_env": {},

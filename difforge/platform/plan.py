@@ -98,14 +98,13 @@ class PlannedStep:
         }
 
 
-def _committed_whole(step: PlannedStep) -> bool:
-    """A cache hit: the step's dataset is committed and every file its manifest lists is
-    there with its size. A commit with files missing is recomputed (and its commit replaced,
-    as `--force` would), said once on the console."""
+def _commit_state(step: PlannedStep) -> str:
+    """ "whole" (a cache hit: committed, every listed file there with its size), "absent", or
+    "broken" (committed with files missing, said once on the console)."""
     try:
         manifest = read_manifest(step.uri)
     except DatasetNotCommitted:
-        return False
+        return "absent"
     missing = missing_files(step.uri, manifest)
     if missing:
         log.warning(
@@ -117,8 +116,8 @@ def _committed_whole(step: PlannedStep) -> bool:
             len(manifest.files),
             missing[0],
         )
-        step.forced = True
-    return not missing
+        return "broken"
+    return "whole"
 
 
 @dataclass
@@ -402,5 +401,7 @@ def build_plan(
     steps = [planned[s] for s in selected]
     if check_cache:
         for step in steps:
-            step.cached = not step.forced and _committed_whole(step)
+            state = "absent" if step.forced else _commit_state(step)
+            step.cached = state == "whole"
+            step.forced = step.forced or state == "broken"  # its commit replaced, as --force
     return Plan(loaded=loaded, steps=steps, storage=storage)

@@ -129,10 +129,6 @@ def host_argv(host: str, argv: list[str], env: dict[str, str] | None = None) -> 
     return prefix + [host, str(disk)] + assignments + argv
 
 
-def run_on(host: str, argv: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(host_argv(host, argv), text=True, capture_output=True, **kw)
-
-
 def start_on(host: str, name: str, argv: list[str], env: dict[str, str]) -> int:
     """A long-running process on `host`, its log in STATE/logs, its pid recorded."""
     logs = STATE / "logs"

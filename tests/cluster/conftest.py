@@ -5,6 +5,7 @@ suite runs)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +18,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 HOSTS = ROOT / "infra" / "local" / "hosts.py"
+_spec = importlib.util.spec_from_file_location("difforge_hosts", HOSTS)
+hosts = importlib.util.module_from_spec(_spec)  # the harness's own addresses and pod env
+_spec.loader.exec_module(hosts)
 
 
 @dataclass

@@ -253,10 +253,9 @@ def test_the_image_runs_what_the_manifests_ask_of_it():
 def test_mlflow_accepts_the_host_names_its_clients_use():
     """MLflow 3.17 answers 403 to a Host header it does not list (while /health stays 200):
     the in-cluster names of its Service, with and without the port, are allowed."""
-    (deploy,) = [d for d in by_kind("Deployment") if d["metadata"]["name"] == "mlflow"]
-    (container,) = deploy["spec"]["template"]["spec"]["containers"]
-    argv = shlex.split(" ".join(container["args"]))
-    allowed = argv[argv.index("--allowed-hosts") + 1].split(",")
+    from tests.conftest import manifest_allowed_hosts
+
+    allowed = manifest_allowed_hosts().split(",")
     (svc,) = [d for d in by_kind("Service") if d["metadata"]["name"] == "mlflow"]
     port = svc["spec"]["ports"][0]["port"]
     assert "mlflow" in allowed and f"mlflow:{port}" in allowed
