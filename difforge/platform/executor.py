@@ -32,7 +32,7 @@ from difforge.platform.outputs import Output, new_attempt, nodes_seen, saw_nodes
 from difforge.platform.passes import PassStep, keeps_progress, output_names, run_map_pass
 from difforge.platform.plan import Plan, PlannedStep, build_plan
 from difforge.platform.progress import quiet_libraries
-from difforge.platform.resources import Fitted, fit
+from difforge.platform.resources import Fitted, demand, fit
 from difforge.platform.runtime import RayRuntime
 from difforge.platform.shared import check_shared
 from difforge.platform.show import text_table
@@ -166,6 +166,9 @@ class Executor:
         try:
             cluster = self.ray.ensure()
             fitted = fit(step.id, step.resources, cluster, step.op_cls.gpus_when_available)
+            stateful = getattr(step.op_cls, "stateful", False)
+            needs = demand(step.op_cls.kind, stateful, step.resources, fitted)
+            self.ray.wait_for_nodes(step.id, needs)  # an autoscaling cluster grows first
             ran_on = "cuda" if fitted.num_gpus else "cpu"
             if step.device is not None and step.device != ran_on:
                 raise DifforgeError(
@@ -233,6 +236,7 @@ class Executor:
         finally:
             for s in started:  # its work folder is free: to resume, or for gc
                 s.lease.release()
+            self.ray.release_nodes()  # the autoscaler may scale the step's nodes down
 
     def _work(self, started: list[_Started], t0: float) -> list[tuple]:
         """A pass's work: a job, or one Ray Data pass over a chain of map steps; per step its

@@ -1,7 +1,8 @@
 """Fitting a step's resource requests to the cluster it runs on.
 
-A request the cluster can never meet is an error at start, never a silent wait. `num_gpus:
-auto` takes GPUs where the cluster has them, so one YAML serves a laptop and a GPU cluster.
+A request the cluster can never meet, as it is or as its autoscaler can grow it (capacity.py),
+is an error at start, never a silent wait. `num_gpus: auto` takes GPUs where the cluster has or
+can have them, so one YAML serves a laptop and a GPU cluster.
 A training job with no `num_cpus` takes the largest node's CPUs, divided by its workers.
 Actor pools never starve the tasks that feed them (FACTS.md: on a 2-CPU node, two 1-CPU
 actors behind a Ray Data read leave no CPU for reading and wait forever). difforge's workers
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from difforge.platform.capacity import Capacity
 from difforge.platform.errors import ResourceError
 from difforge.platform.spec import Resources
 
@@ -29,11 +31,12 @@ class Fitted:
     num_workers: int
 
 
-def fit(step: str, res: Resources, cluster: dict[str, float], gpus_when_available: float) -> Fitted:
-    cpus = float(cluster.get("CPU", 0))
-    gpus = float(cluster.get("GPU", 0))
+def fit(step: str, res: Resources, cap: Capacity, gpus_when_available: float) -> Fitted:
+    """A step's requests fitted to what the cluster holds, or can grow to where an autoscaler
+    adds nodes (capacity.py); a request it can never meet is an error now."""
+    cpus, gpus = cap.most("CPU"), cap.most("GPU")
     if res.num_gpus == "auto":
-        num_gpus = gpus_when_available if gpus > 0 else 0.0
+        num_gpus = gpus_when_available if cap.can_have_gpus() else 0.0
     else:
         num_gpus = float(res.num_gpus or 0.0)
     if num_gpus > 0 and gpus == 0:
@@ -43,9 +46,11 @@ def fit(step: str, res: Resources, cluster: dict[str, float], gpus_when_availabl
         )
     if num_gpus > gpus:
         raise ResourceError(
-            f"step '{step}' asks for num_gpus={num_gpus} per worker; the cluster has {gpus:g}"
+            f"step '{step}' asks for num_gpus={num_gpus} per worker; the cluster has "
+            f"{cap.describe('GPU')}"
         )
-    node_cpus = float(cluster.get("node_cpus", cpus))
+    # sizes follow the nodes there are; on a cluster scaled to zero, one node of its kind
+    node_cpus = cap.largest_node_cpus() or 1.0
     if res.num_cpus is not None:
         num_cpus = float(res.num_cpus)
     elif res.num_workers is not None:
@@ -56,23 +61,26 @@ def fit(step: str, res: Resources, cluster: dict[str, float], gpus_when_availabl
         num_cpus = 1.0
     if num_cpus > cpus:
         raise ResourceError(
-            f"step '{step}' asks for num_cpus={num_cpus:g} per worker; the cluster has {cpus:g}"
+            f"step '{step}' asks for num_cpus={num_cpus:g} per worker; the cluster has "
+            f"{cap.describe('CPU')}"
         )
     num_workers = res.num_workers or 1
     if num_workers * num_cpus > cpus:
         raise ResourceError(
             f"step '{step}' asks for {num_workers} workers x {num_cpus:g} CPUs; the cluster has "
-            f"{cpus:g} CPUs. Lower resources.num_workers or resources.num_cpus"
+            f"{cap.describe('CPU')}. Lower resources.num_workers or resources.num_cpus"
         )
     if num_gpus > 0 and num_workers * num_gpus > gpus:
         raise ResourceError(
             f"step '{step}' asks for {num_workers} workers x {num_gpus:g} GPUs; the cluster has "
-            f"{gpus:g} GPUs"
+            f"{cap.describe('GPU')}"
         )
+    # a pool as large as the nodes there are (an autoscaler adds more only where asked)
+    pool_cpus = cap.cpus if cap.cpus >= num_cpus else node_cpus
     if num_gpus > 0:
-        max_actors = res.max_actors or max(1, int(gpus / num_gpus))
+        max_actors = res.max_actors or max(1, int(max(cap.gpus, 1.0) / num_gpus))
     else:
-        max_actors = res.max_actors or max(1, int(cpus / num_cpus))
+        max_actors = res.max_actors or max(1, int(pool_cpus / num_cpus))
         if max_actors * num_cpus > cpus:
             # more actors than fit: share the CPUs rather than wait for ones that never free up
             num_cpus = cpus / max_actors
@@ -87,3 +95,18 @@ def fit(step: str, res: Resources, cluster: dict[str, float], gpus_when_availabl
         max_actors=max_actors,
         num_workers=num_workers,
     )
+
+
+def demand(kind: str, stateful: bool, res: Resources, fitted: Fitted) -> list[dict[str, float]]:
+    """The bundles a step needs placed before its work can start: a training job's workers,
+    a model-holding map's smallest pool, else one task."""
+    bundle = {"CPU": fitted.num_cpus}
+    if fitted.num_gpus:
+        bundle["GPU"] = fitted.num_gpus
+    if kind == "job" and res.num_workers is not None:
+        count = fitted.num_workers
+    elif stateful:
+        count = fitted.min_actors
+    else:
+        count = 1
+    return [dict(bundle) for _ in range(count)]

@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 
+from difforge.platform import capacity
 from difforge.platform.errors import DifforgeError
 from difforge.platform.progress import quiet_libraries, verbose
 from difforge.platform.watchdog import start_watchdog
@@ -86,8 +87,9 @@ class RayRuntime:
         self.address = address or os.environ.get("RAY_ADDRESS") or "local"
         self.started = False
         self.watchdog = None
+        self.requested = False  # a standing request to the autoscaler
 
-    def ensure(self) -> dict[str, float]:
+    def ensure(self) -> capacity.Capacity:
         import ray
 
         if not ray.is_initialized():
@@ -128,10 +130,17 @@ class RayRuntime:
                     session = ray._private.worker.global_worker.node.get_session_dir_path()
                     workers = f" (Ray's worker logs: {session}/logs)"
                 log.info("Ray's and libraries' logs: %s%s; -v shows them", logs, workers)
-        resources = dict(ray.cluster_resources())
-        nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-        resources["node_cpus"] = max(nodes, default=resources.get("CPU", 0.0))
-        return resources
+        return capacity.of_cluster()
+
+    def wait_for_nodes(self, step: str, bundles: list[dict[str, float]]) -> None:
+        """On an autoscaling cluster: ask for the step's nodes and wait until they are up."""
+        if capacity.autoscaler_present():
+            self.requested |= capacity.wait_for_nodes(step, bundles, capacity.scale_timeout_s())
+
+    def release_nodes(self) -> None:
+        if self.requested:
+            capacity.release()
+            self.requested = False
 
     def shutdown(self) -> None:
         if self.started:

@@ -307,6 +307,8 @@ def ray_env(role: dict, values: dict) -> dict[str, str]:
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "3",
     }
     env.update(pod_env(container, values))
+    if "DIFFORGE_DEVICE_CLASS" in env:  # the manifest's GPU group is not part of this cluster
+        env["DIFFORGE_DEVICE_CLASS"] = "cpu"
     return env
 
 

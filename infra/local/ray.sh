@@ -6,8 +6,10 @@
 # DIFFORGE_BIND), RAY_PORT (6379), RAY_DASHBOARD_PORT (8265), RAY_NUM_CPUS (all), RAY_TEMP_DIR,
 # RAY_AGENT_PORT (the node's dashboard agent, which runs submitted jobs; Ray's 52365) and
 # RAY_CLIENT_PORT (10001), RAY_WORKER_AGENT_PORT (a joining node's agent): set them when several
-# Ray nodes share one machine. Ray's RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30) bounds how long
-# `stop` lets running work drain.
+# Ray nodes share one machine. RAY_AUTOSCALING_CONFIG: the head runs Ray's autoscaler with this
+# cluster config (its node types and maxima; the head then starts with RAY_NUM_CPUS=0 as on
+# KubeRay, and steps wait for the nodes they need). Ray's RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S
+# (30) bounds how long `stop` lets running work drain.
 # Token authentication stays on (Ray 2.60's default): the token is RAY_AUTH_TOKEN_PATH, or
 # ~/.ray/auth_token, generated when missing; clients on this machine find it there.
 # Each node runs with `--block` under its own pid, so `stop` ends only the nodes this script
@@ -36,7 +38,8 @@ case "${1:-}" in
     start_bg ray-head ray start --head --block --node-ip-address "$HOST" \
       --port "$RAY_PORT" --dashboard-host "$HOST" --dashboard-port "$RAY_DASHBOARD_PORT" \
       --ray-client-server-port "${RAY_CLIENT_PORT:-10001}" \
-      --disable-usage-stats "${cpus[@]}" "${temp[@]}" "${agent[@]}"
+      --disable-usage-stats "${cpus[@]}" "${temp[@]}" "${agent[@]}" \
+      ${RAY_AUTOSCALING_CONFIG:+--autoscaling-config "$RAY_AUTOSCALING_CONFIG"}
     url="http://$HOST:$RAY_DASHBOARD_PORT"
     wait_ready ray-head 90 "$PYTHON" -c \
       "from ray.job_submission import JobSubmissionClient as C; C('$url').list_jobs()"
