@@ -6,9 +6,11 @@ that a step waits for nodes, and a wait no node type can end stops at its time-o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -88,7 +90,23 @@ def autoscaling_cluster():
         yield f"127.0.0.1:{port}"
     finally:
         stop()
+        end_processes_of(state)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def end_processes_of(state: Path) -> None:
+    """The added nodes' processes the head's stop leaves (their log monitors outlive it): each
+    names this cluster's own temp folder on its command line."""
+    mine = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(state).encode() in (proc / "cmdline").read_bytes():
+                mine.append(int(proc.name))
+        except OSError:
+            continue
+    for pid in mine:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def pipeline(tmp_path: Path, name: str, steps: str) -> Path:
