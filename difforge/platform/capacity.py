@@ -11,6 +11,7 @@ reads); where it does not, nothing is refused up front and the time-out bounds t
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -96,15 +97,21 @@ def of_cluster() -> Capacity:
 
 
 def autoscaler_present() -> bool:
-    """An autoscaler watches this cluster: its status record is in the GCS (the monitor writes
-    it every few seconds), or Ray's autoscaler v2 is on (KubeRay's)."""
+    """An autoscaler can add nodes to this cluster: Ray's autoscaler v2 is on (KubeRay's), or
+    the monitor's status record (in the GCS, rewritten every few seconds) names node types.
+    Every `ray start --head` runs a monitor, but without a cluster config it only reports the
+    nodes there are, each its own type `node_<id>`: a fixed cluster."""
     try:
         from ray.experimental.internal_kv import _internal_kv_get
 
-        if _internal_kv_get(b"__autoscaling_status"):
-            return True
         flag = _internal_kv_get(b"__autoscaler_v2_enabled", namespace=b"__autoscaler")
-        return flag == b"1"
+        if flag == b"1":
+            return True
+        status = _internal_kv_get(b"__autoscaling_status")
+        if not status:
+            return False
+        types = json.loads(status)["autoscaler_report"].get("node_type_mapping") or {}
+        return any(not str(t).startswith("node_") for t in types.values())
     except Exception:  # noqa: BLE001 - Ray's private record; no autoscaler known
         return False
 

@@ -77,19 +77,90 @@ def fit(
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
     )
-    if progress is None:
-        result = _fit(trainer, alongside)
-    else:
-        metric, total, unit, *first = progress
-        with MetricProgress(ctx.log, ctx.step, metric, total, unit, *first):
-            result = _fit(trainer, alongside)
+    watch = NodeLossWatch(ctx.step, [per_worker] * res.num_workers)
+    try:
+        if progress is None:
+            result = _fit(trainer, alongside, watch)
+        else:
+            metric, total, unit, *first = progress
+            with MetricProgress(ctx.log, ctx.step, metric, total, unit, *first):
+                result = _fit(trainer, alongside, watch)
+    except Exception:
+        watch.raise_if_lost()  # the cause, not the stopped run's error
+        raise
+    finally:
+        watch.stop()
     nodes = f"{work.rstrip('/')}/nodes"  # nodes_uri, on `fs`
     if fs.exists(nodes):
         saw_nodes(fs.cat_file(p).decode() for p in fs.ls(nodes, detail=False))
     return result
 
 
-def _fit(trainer, alongside: Future | None = None):
+class NodeLossWatch:
+    """Ends a training run that a lost node has made impossible. When a node dies, Ray Train
+    restarts its worker group from the last checkpoint; where the nodes left cannot hold the
+    group and no autoscaler can add one (two 1-CPU hosts, two workers, one host gone), it asks
+    for the group again and again, and the step would wait for good. This notices that (every
+    2 s), stops the run, and fails the step naming the lost node; its checkpoints stay in the
+    work folder, and a rerun on a cluster that can hold the group continues from them."""
+
+    PERIOD_S = 2.0
+
+    def __init__(self, step: str, bundles: list[dict[str, float]]):
+        import threading
+
+        import ray
+
+        self.step, self.bundles = step, bundles
+        self.start_nodes = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
+        self.lost: list[str] = []
+        self.stopping = threading.Event()
+        self.on_lost: Callable[[], None] = lambda: None
+        self.thread = threading.Thread(target=self._run, name="node-loss-watch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.wait(self.PERIOD_S):
+            try:
+                if self._group_lost():
+                    self.on_lost()
+                    return
+            except Exception as exc:  # noqa: BLE001 - a failed look is no verdict
+                log.debug("node watch: %s", exc)
+
+    def _group_lost(self) -> bool:
+        import ray
+
+        from difforge.platform import capacity
+
+        nodes = ray.nodes()
+        alive = {n["NodeID"] for n in nodes if n.get("Alive")}
+        gone = [n for node_id, n in self.start_nodes.items() if node_id not in alive]
+        if not gone:
+            return False
+        live = [dict(n["Resources"]) for n in nodes if n.get("Alive")]
+        if capacity.fits(self.bundles, live) or capacity.autoscaler_present():
+            return False  # Ray Train places the group again, here or on an added node
+        self.lost = [f"{n['NodeManagerAddress']} (node {n['NodeID'][:8]})" for n in gone]
+        return True
+
+    def raise_if_lost(self) -> None:
+        from difforge.platform.capacity import show
+        from difforge.platform.errors import DifforgeError
+
+        if self.lost:
+            raise DifforgeError(
+                f"step '{self.step}': lost {', '.join(self.lost)} during training; the nodes "
+                f"left cannot hold its workers ({show(self.bundles)}), so it stopped. Its "
+                "checkpoints are kept: rerun once the cluster can hold them again, and it "
+                "continues from the last one"
+            )
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+
+def _fit(trainer, alongside: Future | None = None, watch: NodeLossWatch | None = None):
     """`trainer.fit()`, with Ctrl-C kept as an interruption, and stopped early should the
     `alongside` work fail (its error raised, not the stopped run's).
 
@@ -102,10 +173,15 @@ def _fit(trainer, alongside: Future | None = None):
     import signal
     import threading
 
+    import ray
+
     if threading.current_thread() is not threading.main_thread():
         if alongside is not None:
             alongside.result()
-        return trainer.fit()
+        result = trainer.fit()
+        if watch is not None:
+            watch.raise_if_lost()
+        return result
     if alongside is not None and alongside.done():
         alongside.result()  # failed already: start nothing
     previous = signal.getsignal(signal.SIGINT)
@@ -125,6 +201,8 @@ def _fit(trainer, alongside: Future | None = None):
         signal.signal(signal.SIGINT, on_sigint)
         if alongside is not None:
             alongside.add_done_callback(lambda f: f.exception() is not None and stop(controller))
+        if watch is not None:  # Ray Train's abort waits on the group it cannot place: kill
+            watch.on_lost = lambda: ray.kill(controller, no_restart=True)
 
     trainer._register_sigint_handler = register  # Ray Train's hook for its own handler
     try:
@@ -137,6 +215,8 @@ def _fit(trainer, alongside: Future | None = None):
         signal.signal(signal.SIGINT, previous)
     if alongside is not None:
         alongside.result()
+    if watch is not None:
+        watch.raise_if_lost()  # an aborted run can end without an error of its own
     return result
 
 

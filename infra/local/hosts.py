@@ -27,7 +27,12 @@ stopped (by their pids), never another Ray on the machine.
 Settings (environment): DIFFORGE_HOSTS_PREFIX (`dfh`: namespace names, so that two clusters can
 coexist), DIFFORGE_HOSTS_NET (`127.77.0`: the /24 the hosts' addresses come from),
 DIFFORGE_HOSTS_STATE (`/tmp/difforge-hosts-PREFIX`: logs, data, the Ray token),
-DIFFORGE_WORKER_CPUS (1).
+DIFFORGE_WORKER_CPUS (1), DIFFORGE_HOSTS_PLUGINS (a folder on the Ray nodes' PYTHONPATH: operator
+plugins, as an image would have them installed).
+
+Unlike a production cluster, the head's health checks of the nodes are short (a node silent for
+about 10 s is dead, where Ray's defaults take about a minute), so that the fault tests see a
+cut link in seconds.
 """
 
 from __future__ import annotations
@@ -289,6 +294,27 @@ def start_mlflow(values: dict) -> None:
     wait_until("MLflow", lambda: run_on_env("services", health, {}).returncode == 0, 180)
 
 
+def plugins() -> dict[str, str]:
+    folder = os.environ.get("DIFFORGE_HOSTS_PLUGINS")
+    return {"PYTHONPATH": folder} if folder else {}
+
+
+# The head declares a node dead after 8 missed checks 1 s apart (each may take 2 s): ~10 s,
+# not Ray's minute.
+HEALTH_CHECKS = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "2000",
+    "RAY_health_check_failure_threshold": "8",
+}
+# A task's owner learns that the node running it is gone only when its call to that node fails:
+# after a pulled cable (no reset ever arrives) that is gRPC's keepalive, pings every 5 minutes and
+# 2 minutes to answer by Ray's defaults; here 5 s and 5 s, on every node.
+KEEPALIVE = {
+    "RAY_grpc_client_keepalive_time_ms": "5000",
+    "RAY_grpc_client_keepalive_timeout_ms": "5000",
+}
+
+
 def ray_env(role: dict, values: dict) -> dict[str, str]:
     (container,) = role["template"]["spec"]["containers"]
     token = STATE / "ray_auth_token"
@@ -306,6 +332,8 @@ def ray_env(role: dict, values: dict) -> dict[str, str]:
         "HF_HUB_OFFLINE": "1",
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "3",
     }
+    env.update(plugins())
+    env.update(KEEPALIVE)
     env.update(pod_env(container, values))
     if "DIFFORGE_DEVICE_CLASS" in env:  # the manifest's GPU group is not part of this cluster
         env["DIFFORGE_DEVICE_CLASS"] = "cpu"
@@ -326,6 +354,7 @@ def start_ray(values: dict) -> dict[str, dict[str, str]]:
         "RAY_TEMP_DIR": str(STATE / "head" / "ray"),
         "RAY_NUM_CPUS": str(params.get("num-cpus", "")),
         "PYTHON": sys.executable,
+        **HEALTH_CHECKS,
     }
     profiles["head"] = env
     nodes = {"head": {"argv": [str(INFRA / "local" / "ray.sh"), "start"], "env": {**env, **local}}}
@@ -379,6 +408,7 @@ def client_env(values: dict) -> dict[str, str]:
         "RAY_AUTH_TOKEN_PATH": str(STATE / "ray_auth_token"),
         "HF_HUB_OFFLINE": "1",
         **values["difforge-s3"],
+        **plugins(),
     }
 
 

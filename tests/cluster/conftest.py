@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import SLOW_PLUGIN, make_plugin
+
 ROOT = Path(__file__).resolve().parents[2]
 HOSTS = ROOT / "infra" / "local" / "hosts.py"
 _spec = importlib.util.spec_from_file_location("difforge_hosts", HOSTS)
@@ -56,10 +58,15 @@ def cluster():
     parent = Path(tempfile.mkdtemp(prefix="dfh", dir="/tmp"))  # short: Ray's socket paths
     parent.chmod(0o755)  # PostgreSQL runs as its own user, inside
     state = parent / "c"
+    plugins = parent / "plugins"  # test.slow, on the Ray nodes as an image would have it
+    plugins.mkdir()
+    make_plugin(plugins, SLOW_PLUGIN, "test.slow = difforge_plugin:Slow")
+    plugins.chmod(0o755)
     env = {
         **os.environ,
         "DIFFORGE_HOSTS_PREFIX": f"dt{os.getpid() % 10000}",
         "DIFFORGE_HOSTS_STATE": str(state),
+        "DIFFORGE_HOSTS_PLUGINS": str(plugins),
     }
     up = subprocess.run(
         [sys.executable, str(HOSTS), "up"], env=env, capture_output=True, text=True, timeout=600

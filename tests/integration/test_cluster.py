@@ -215,6 +215,26 @@ def test_a_failing_pipeline_reports_failure_and_its_error(ray_cluster, mlflow_se
     assert "/nonexistent/folder" in logs.stdout and "error:" in logs.stdout
 
 
+def test_a_step_a_fixed_cluster_cannot_hold_fails_at_start(ray_cluster, mlflow_server, tmp_path):
+    """This cluster has no autoscaler (its head's monitor reports only the nodes there are), so
+    a step asking for more than its nodes hold fails at start instead of waiting for nodes."""
+    path = pipeline(
+        tmp_path,
+        mlflow_server,
+        "too-big",
+        """
+        - id: raw
+          op: ingest.digits
+          resources: {num_cpus: 4}
+        """,
+    )
+    job_id = submit(path, ray_cluster)
+    assert jobs.wait(ray_cluster, job_id, timeout=120) == "FAILED"
+    logs = jobs.client(ray_cluster).get_job_logs(job_id)
+    assert "asks for num_cpus=4 per worker; the cluster has 2 CPUs" in logs, logs[-2000:]
+    assert "waiting for the autoscaler" not in logs
+
+
 def test_stop_stops_a_running_job(ray_cluster, mlflow_server, tmp_path):
     path = pipeline(
         tmp_path,

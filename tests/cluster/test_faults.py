@@ -1,0 +1,133 @@
+"""Faults the way they happen on a cluster, on the multi-host harness (its head sees a silent
+node as dead in about 10 s): after each, the committed ids equal the source's, no id is in two
+shards, no MLflow run is RUNNING, and `difforge jobs` says what happened. Each test leaves the
+cluster as `up` made it."""
+
+from __future__ import annotations
+
+import time
+
+from tests.cluster.test_across_hosts import (
+    INSPECT,
+    TINY_UNET,
+    address,
+    hosts_command,
+    submitted,
+    write,
+)
+from tests.conftest import NEEDS_S3
+
+
+def logs(cluster, job: str) -> str:
+    return cluster.run("client", "difforge", "jobs", "logs", job).stdout
+
+
+def wait_for_log(cluster, job: str, text: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while text not in logs(cluster, job):
+        if time.time() > deadline:
+            raise RuntimeError(f"job {job} never logged {text!r}:\n{logs(cluster, job)[-3000:]}")
+        time.sleep(1)
+
+
+def test_a_worker_host_cut_off_mid_pass_leaves_its_work_to_the_other(cluster):
+    """worker2's cable pulled while a map pass runs on both workers: the head declares its node
+    dead, the tasks it held run again on worker1, and the step commits every row once."""
+    path = write(
+        cluster,
+        "cut-pass",
+        """
+          - id: raw
+            op: ingest.digits
+            params: {limit: 240}
+            resources: {batch_size: 40}
+          - id: slow
+            op: test.slow
+            inputs: [raw]
+            params: {seconds_per_batch: 1.0}
+            resources: {batch_size: 20}
+        """,
+    )
+    job = submitted(cluster.run("client", "difforge", "submit", path, *NEEDS_S3))
+    try:
+        wait_for_log(cluster, job, "running in one pass")
+        time.sleep(2)  # both workers are in the middle of their items
+        hosts_command(cluster, "link", "worker2", "down")
+        ended = cluster.run("client", "difforge", "jobs", "logs", job, "--follow", timeout=180)
+    finally:
+        hosts_command(cluster, "link", "worker2", "up")
+        hosts_command(cluster, "restart", "worker2")  # its node was declared dead: a new one
+    assert f"job {job}: SUCCEEDED" in ended.stdout, ended.stdout[-4000:]
+    # the loss happened during the job: Ray's own word, in the job's log
+    assert f"address: {address('worker2')}" in ended.stdout and "marked dead" in ended.stdout
+
+    seen = cluster.python("client", f"EXPERIMENT = 'cut-pass'; JOB = '{job}'\n" + INSPECT)
+    assert seen["parent"] == "FINISHED"
+    assert all(s["status"] == "FINISHED" for s in seen["steps"].values())
+    raw, slow = seen["steps"]["raw"], seen["steps"]["slow"]
+    assert raw["rows"] == slow["rows"] == 240  # every row once: no id in two shards
+    assert slow["ids"] == raw["ids"] and len(set(slow["ids"])) == 240
+    status = cluster.run("client", "difforge", "jobs", "status", job)
+    assert f"{job}: SUCCEEDED" in status.stdout
+
+
+# Python on `client`: wait until the training step's first checkpoint is on S3, print them all
+CHECKPOINTS = """
+import json, sys, time, s3fs
+fs, deadline = s3fs.S3FileSystem(), time.time() + 120
+pattern = "difforge-datasets/cut-train/cut-train/model/*/_work/*/ray-train/checkpoint_2*"
+while not fs.glob(pattern) and time.time() < deadline and WAIT:
+    time.sleep(0.5)
+    fs.invalidate_cache()
+print(json.dumps(fs.glob(pattern)))
+"""
+
+
+def test_a_worker_host_cut_off_mid_training_fails_the_step_by_name_and_keeps_its_checkpoints(
+    cluster,
+):
+    """Two Ray Train workers, one on each 1-CPU worker host; worker2's cable pulled after the
+    first checkpoint: Ray Train would ask for the group again and again (the hosts left cannot
+    hold it), and the step waited for good. It fails naming the lost host, its checkpoints kept
+    for a rerun, its runs ended."""
+    path = write(
+        cluster,
+        "cut-train",
+        f"""
+          - id: raw
+            op: ingest.digits
+            params: {{limit: 600}}
+          - id: model
+            op: train.diffusion
+            inputs: [raw]
+            params:
+              backbone: {TINY_UNET}
+              batch_size: 16
+              max_steps: 100000
+              checkpoint_every: 20
+              warmup_steps: 1
+            resources: {{num_workers: 2, num_cpus: 1}}
+        """,
+    )
+    job = submitted(cluster.run("client", "difforge", "submit", path, *NEEDS_S3))
+    try:
+        kept = cluster.python("client", "WAIT = True\n" + CHECKPOINTS, timeout=180)
+        assert kept, "no checkpoint appeared"
+        hosts_command(cluster, "link", "worker2", "down")
+        ended = cluster.run("client", "difforge", "jobs", "logs", job, "--follow", timeout=120)
+    finally:
+        hosts_command(cluster, "link", "worker2", "up")
+        hosts_command(cluster, "restart", "worker2")
+    assert f"job {job}: FAILED" in ended.stdout, ended.stdout[-4000:]
+    assert f"error: step 'model': lost {address('worker2')}" in ended.stdout, ended.stdout[-3000:]
+    assert "the nodes left cannot hold its workers (2 x {CPU: 1})" in ended.stdout
+    assert set(kept) <= set(cluster.python("client", "WAIT = False\n" + CHECKPOINTS))
+    statuses = cluster.python(
+        "client",
+        "import json; from mlflow.tracking import MlflowClient; c = MlflowClient(); "
+        "e = c.get_experiment_by_name('cut-train'); "
+        "print(json.dumps([r.info.status for r in c.search_runs([e.experiment_id])]))",
+    )
+    assert "RUNNING" not in statuses and "FAILED" in statuses
+    status = cluster.run("client", "difforge", "jobs", "status", job)
+    assert f"{job}: FAILED" in status.stdout and "lost" in status.stdout, status.stdout
