@@ -375,8 +375,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"done in {summary.seconds:.1f}s. MLflow run {summary.run_id} "
         f"(experiment '{summary.experiment}', {summary.tracking_uri})"
     )
-    if summary.tracking_uri.startswith("sqlite:"):
-        print("Browse it: difforge ui   (then open http://127.0.0.1:5000)")
+    from difforge.platform.report import headline
+
+    try:
+        results, url = headline(summary.tracking_uri, summary.run_id)
+    except Exception as exc:  # noqa: BLE001 - the run stands; only its summary is missing
+        print(f"(the run's results could not be read back from MLflow: {exc})")
+        results, url = [], None
+    if results:
+        print("result: " + ", ".join(results))
+    if url:
+        local = summary.tracking_uri.startswith("sqlite:")
+        print(f"browse it: {'difforge ui, then ' if local else ''}{url}")
     return 0
 
 

@@ -240,3 +240,29 @@ def main_table(path: Path) -> str:
     """The report's table (for printing)."""
     text = path.read_text().splitlines()
     return "\n".join(line for line in text if line.startswith("|"))
+
+
+def headline(tracking_uri: str, run_id: str | None) -> tuple[list[str], str | None]:
+    """What a run's console ends with: the metrics its evaluation steps declare
+    (`report_metrics`; a cached step's from the run that computed it), as "step.metric value",
+    and the pipeline run's page in the MLflow UI (the `difforge ui` address for a local store)."""
+    if run_id is None:
+        return [], None
+    client = _client(tracking_uri)
+    run = client.get_run(run_id)
+    exp_id = run.info.experiment_id
+    lines = []
+    for step in sorted(_children(client, exp_id, run_id), key=lambda r: r.info.start_time):
+        op = step.data.tags.get("difforge.op", "")
+        wanted = _report_metrics(op) if op.startswith("evaluate.") else ()
+        if not wanted:
+            continue
+        metrics = _computed_metrics(client, exp_id, step)
+        sid = step.data.tags.get("difforge.step", "")
+        lines += [f"{sid}.{m} {_fmt(metrics[m])}" for m in wanted if m in metrics]
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith("http") else UI_ADDRESS
+    return lines, f"{base}/#/experiments/{exp_id}/runs/{run_id}"
+
+
+#: where `difforge ui` serves a local store
+UI_ADDRESS = "http://127.0.0.1:5000"

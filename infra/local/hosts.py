@@ -5,6 +5,7 @@
     sudo python infra/local/hosts.py exec client -- difforge submit pipelines/... --wait
     sudo python infra/local/hosts.py link worker1 down     # cut a host's link (and `up`)
     sudo python infra/local/hosts.py restart head          # its Ray node stopped and started
+    sudo python infra/local/hosts.py stop worker2          # its Ray node stopped
     sudo python infra/local/hosts.py status
     sudo python infra/local/hosts.py down
 
@@ -340,6 +341,11 @@ def ray_env(role: dict, values: dict) -> dict[str, str]:
     return env
 
 
+# The head's rayStartParams (raycluster.yaml) and how this harness applies each: num-cpus as
+# ray.sh's RAY_NUM_CPUS; dashboard-host (0.0.0.0 in its pod) as the host's own address.
+APPLIED_START_PARAMS = ("num-cpus", "dashboard-host")
+
+
 def start_ray(values: dict) -> dict[str, dict[str, str]]:
     (cluster,) = manifests("kuberay/raycluster.yaml")
     head = cluster["spec"]["headGroupSpec"]
@@ -348,6 +354,9 @@ def start_ray(values: dict) -> dict[str, dict[str, str]]:
     if "DIFFORGE_HOME" in env:  # the pod's home folder, here on this host's own disk
         env["DIFFORGE_HOME"] = str(STATE / "head" / "home")
     params = head.get("rayStartParams", {})
+    unapplied = set(params) - set(APPLIED_START_PARAMS)
+    if unapplied:  # what the head runs here would no longer be what the manifest asks
+        raise SystemExit(f"rayStartParams {sorted(unapplied)}: not applied by this harness")
     local = {
         "DIFFORGE_BIND": address("head"),
         "DIFFORGE_LOCAL": str(STATE / "head"),
@@ -482,6 +491,8 @@ def main(argv: list[str]) -> int:
     elif command == "restart":  # a Ray node's host rebooted: its node stopped, then started
         stop_ray_node(rest[0])
         start_ray_node(rest[0])
+    elif command == "stop":  # a Ray node stopped for good (a smaller cluster)
+        stop_ray_node(rest[0])
     elif command == "status":
         for host in HOSTS:
             print(f"{host:9} {namespace(host):16} {address(host)}")
@@ -490,7 +501,7 @@ def main(argv: list[str]) -> int:
     else:
         print(
             f"unknown command {command}: up, down, exec HOST -- CMD, link HOST up|down, "
-            "restart HOST, status"
+            "restart HOST, stop HOST, status"
         )
         return 2
     return 0

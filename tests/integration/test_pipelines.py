@@ -156,6 +156,35 @@ def test_cached_rerun_does_not_start_ray(quickstart):
     assert "CACHED True RAY False" in out.stdout, out.stderr[-4000:]
 
 
+def test_the_console_ends_with_the_result_and_the_runs_page(quickstart):
+    """A rerun from the command line (all cached) ends, after its step table, with what the
+    evaluation step declares (`report_metrics`: those of the run that computed it) and the
+    pipeline run's page in the MLflow UI."""
+    _, overrides, first = quickstart
+    done = difforge_cli("run", QUICKSTART, *(f"--set={o}" for o in overrides))
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    (result,) = [x for x in lines if x.startswith("result: ")]
+    client = MlflowClient(first.tracking_uri)
+    computed = client.get_run(first.step("quality").run_id).data.metrics
+    shown = dict(item.rsplit(" ", 1) for item in result.removeprefix("result: ").split(", "))
+    assert list(shown) == [f"quality.{m}" for m in ("fid", "precision", "recall", "class_accuracy")]
+    for name, value in shown.items():
+        assert float(value) == pytest.approx(computed[name.split(".")[1]], rel=1e-3)
+    (browse,) = [x for x in lines if x.startswith("browse it: ")]
+    run_id = next(x for x in lines if x.startswith("done in")).split("MLflow run ")[1].split()[0]
+    exp_id = client.get_run(run_id).info.experiment_id
+    assert (
+        browse
+        == f"browse it: difforge ui, then http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{run_id}"
+    )
+    assert (
+        lines.index(browse)
+        > lines.index(result)
+        > max(i for i, x in enumerate(lines) if x.startswith("quality "))
+    )  # after the table
+
+
 def test_changed_param_recomputes_exactly_what_depends_on_it(quickstart):
     _, overrides, first = quickstart
     changed = [*overrides, "noisy.params.seed=1"]

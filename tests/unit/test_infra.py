@@ -288,3 +288,49 @@ def test_local_scripts_are_valid_shell():
     for script in sorted((INFRA / "local").glob("*.sh")):
         done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert done.returncode == 0, f"{script.name}: {done.stderr}"
+
+
+def launcher_ray_starts() -> list[list[str]]:
+    """The `ray start` lines of the cluster launcher's config, as argv (leading VAR=value
+    assignments dropped)."""
+    (config,) = docs(INFRA / "ray-cluster" / "cluster.yaml")
+    lines = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    starts = []
+    for line in lines:
+        argv = shlex.split(line)
+        while argv and re.match(r"^[A-Z_]+=", argv[0]):
+            argv.pop(0)
+        if argv[:2] == ["ray", "start"]:
+            starts.append(argv[2:])
+    return starts
+
+
+def test_every_ray_start_option_the_infra_uses_is_one_ray_has():
+    """The launcher's `ray start` lines and KubeRay's rayStartParams name options of the
+    installed Ray's own `ray start` (a renamed or mistyped flag fails here, not on a cluster),
+    and every rayStartParam is one the multi-host harness applies (infra/local/hosts.py refuses
+    to start a head whose params it would not run as the manifest asks)."""
+    import importlib.util
+
+    from ray.scripts.scripts import start
+
+    options = {opt for param in start.params for opt in param.opts}
+    starts = launcher_ray_starts()
+    assert len(starts) == 2  # the head's and the workers'
+    for argv in starts:
+        for arg in argv:
+            if arg.startswith("-"):
+                assert arg.split("=")[0] in options, arg
+    spec = importlib.util.spec_from_file_location("hosts", INFRA / "local" / "hosts.py")
+    hosts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hosts)
+    (cluster,) = by_kind("RayCluster")
+    groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
+    for group in groups:
+        for name in group.get("rayStartParams", {}):
+            assert f"--{name}" in options, name
+    assert set(cluster["spec"]["headGroupSpec"]["rayStartParams"]) <= set(
+        hosts.APPLIED_START_PARAMS
+    )
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        assert not group.get("rayStartParams"), "the harness's workers take no params"
