@@ -189,22 +189,8 @@ def workload(h: Harness, tag: str, rows: int, train_steps: int) -> dict:
 
 def nightly(h: Harness) -> dict:
     """The CronJob's argv and env, verbatim from its manifest, twice: the second is cached."""
-    import yaml
-
-    infra = ROOT / "infra" / "kuberay"
-    (cron,) = [d for d in yaml.safe_load_all((infra / "cronjob.yaml").read_text()) if d]
-    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
-    (cm,) = [d for d in yaml.safe_load_all((infra / "pipeline-configmap.yaml").read_text()) if d]
-    (mount,) = container["volumeMounts"]
-    volume = h.state / "client" / "volumes" / mount["name"]
-    volume.mkdir(parents=True, exist_ok=True)
-    for name, text in cm["data"].items():
-        (volume / name).write_text(text)
-    argv = [
-        a.replace(mount["mountPath"], str(volume)) for a in container["command"] + container["args"]
-    ]
-    secrets = json.loads((h.state / "secrets.json").read_text())
-    env = ["env", *(f"{k}={v}" for k, v in hosts.pod_env(container, secrets).items())]
+    argv, pod_env = hosts.cronjob_command(h.state)
+    env = ["env", *(f"{k}={v}" for k, v in pod_env.items())]
     walls = []
     for _ in range(2):
         t0 = time.time()

@@ -168,7 +168,7 @@ class Executor:
             fitted = fit(step.id, step.resources, cluster, step.op_cls.gpus_when_available)
             stateful = getattr(step.op_cls, "stateful", False)
             needs = demand(step.op_cls.kind, stateful, step.resources, fitted)
-            self.ray.wait_for_nodes(step.id, needs)  # an autoscaling cluster grows first
+            self.ray.wait_for_nodes(step.id, needs, cluster)  # an autoscaling one grows
             ran_on = "cuda" if fitted.num_gpus else "cpu"
             if step.device is not None and step.device != ran_on:
                 raise DifforgeError(

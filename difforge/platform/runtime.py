@@ -132,9 +132,12 @@ class RayRuntime:
                 log.info("Ray's and libraries' logs: %s%s; -v shows them", logs, workers)
         return capacity.of_cluster()
 
-    def wait_for_nodes(self, step: str, bundles: list[dict[str, float]]) -> None:
-        """On an autoscaling cluster: ask for the step's nodes and wait until they are up."""
-        if capacity.autoscaler_present():
+    def wait_for_nodes(
+        self, step: str, bundles: list[dict[str, float]], cap: capacity.Capacity
+    ) -> None:
+        """On an autoscaling cluster (`cap`, from `ensure`): ask for the step's nodes and wait
+        until they are up."""
+        if cap.autoscaler:
             self.requested |= capacity.wait_for_nodes(step, bundles, capacity.scale_timeout_s())
 
     def release_nodes(self) -> None:

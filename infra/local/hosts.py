@@ -406,6 +406,25 @@ def run_on_env(host: str, argv: list[str], env: dict[str, str]) -> subprocess.Co
     return subprocess.run(host_argv(host, argv, env), text=True, capture_output=True, timeout=300)
 
 
+def cronjob_command(state: Path) -> tuple[list[str], dict[str, str]]:
+    """The nightly CronJob's container command and args, verbatim from
+    infra/kuberay/cronjob.yaml with its ConfigMap written where the container mounts it (under
+    `state`'s client folder), and the env Kubernetes would give it (this cluster's Secrets)."""
+    (cron,) = manifests("kuberay/cronjob.yaml")
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    (cm,) = manifests("kuberay/pipeline-configmap.yaml")
+    (mount,) = container["volumeMounts"]
+    volume = state / "client" / "volumes" / mount["name"]
+    volume.mkdir(parents=True, exist_ok=True)
+    for name, text in cm["data"].items():
+        (volume / name).write_text(text)
+    argv = [
+        a.replace(mount["mountPath"], str(volume)) for a in container["command"] + container["args"]
+    ]
+    values = json.loads((state / "secrets.json").read_text())
+    return argv, pod_env(container, values)
+
+
 def client_env(values: dict) -> dict[str, str]:
     """The user's laptop: the cluster's address and token, S3 keys to read results."""
     return {

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.cluster.conftest import hosts
 from tests.conftest import NEEDS_S3
@@ -164,32 +163,12 @@ def test_a_pipeline_from_the_client_runs_on_both_worker_hosts(cluster):
     assert (out / "grid.png").is_file()
 
 
-def cronjob_argv(cluster) -> tuple[list[str], dict[str, str]]:
-    """The CronJob's container command, args and env from infra/kuberay/cronjob.yaml, with its
-    ConfigMap volume where the container would mount it."""
-    (cron,) = [d for d in yaml.safe_load_all((INFRA / "kuberay/cronjob.yaml").read_text()) if d]
-    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    (cm,) = [
-        d for d in yaml.safe_load_all((INFRA / "kuberay/pipeline-configmap.yaml").read_text()) if d
-    ]
-    (mount,) = container["volumeMounts"]
-    volume = cluster.state / "client" / "volumes" / mount["name"]
-    volume.mkdir(parents=True, exist_ok=True)
-    for name, text in cm["data"].items():
-        (volume / name).write_text(text)
-    argv = [
-        a.replace(mount["mountPath"], str(volume)) for a in container["command"] + container["args"]
-    ]
-    return argv, hosts.pod_env(container, cluster.secrets)
-
-
 def test_the_nightly_cronjob_runs_word_for_word_and_reruns_cached(cluster):
     """The CronJob's argv, verbatim from its manifest (its ConfigMap where it is mounted), run
     twice from `client`: the first run curates Fashion-MNIST across the workers, the second is
     all cached; then one real `difforge schedule` firing of the same command under
     `difforge scheduler` succeeds."""
-    argv, env = cronjob_argv(cluster)
+    argv, env = hosts.cronjob_command(cluster.state)
     assert argv[:2] == ["difforge", "submit"] and "--wait" in argv
     with_env = ["env", *(f"{k}={v}" for k, v in env.items())]
     first = cluster.run("client", *with_env, *argv, timeout=600)

@@ -117,6 +117,13 @@ def pipeline(tmp_path: Path, name: str, steps: str) -> Path:
     return path
 
 
+def run_on(address: str, path: Path, **env: str):
+    """`difforge run PATH --address ADDRESS`, as a user on this machine would."""
+    return difforge_cli(
+        "run", str(path), "--address", address, env={**LOOPBACK, **env}, timeout=240
+    )
+
+
 def test_steps_wait_for_the_nodes_they_need_and_run_on_them(autoscaling_cluster, tmp_path):
     """From zero nodes: a source step gets a CPU node, a GPU-capable map step (`num_gpus:
     auto`, on a cluster whose head says its steps run on GPUs) a GPU node, and training with 2
@@ -139,14 +146,7 @@ def test_steps_wait_for_the_nodes_they_need_and_run_on_them(autoscaling_cluster,
           resources: {num_workers: 2, num_cpus: 1, num_gpus: 0}
         """,
     )
-    done = difforge_cli(
-        "run",
-        str(path),
-        "--address",
-        autoscaling_cluster,
-        env={"DIFFORGE_DEVICE_CLASS": "cuda", **LOOPBACK},
-        timeout=240,
-    )
+    done = run_on(autoscaling_cluster, path, DIFFORGE_DEVICE_CLASS="cuda")
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
     assert "step raw: waiting for the autoscaler to add nodes for 1 x {CPU: 1}" in out
@@ -178,14 +178,7 @@ def test_a_wait_no_node_type_can_end_stops_at_its_time_out(autoscaling_cluster, 
           resources: {num_cpus: 4}
         """,
     )
-    done = difforge_cli(
-        "run",
-        str(path),
-        "--address",
-        autoscaling_cluster,
-        env={"DIFFORGE_SCALE_TIMEOUT_S": "5", **LOOPBACK},
-        timeout=200,
-    )
+    done = run_on(autoscaling_cluster, path, DIFFORGE_SCALE_TIMEOUT_S="5")
     assert done.returncode != 0
     assert "step 'raw' waited 5 s for nodes to hold 1 x {CPU: 4}" in done.stderr, done.stderr
     assert "raise DIFFORGE_SCALE_TIMEOUT_S" in done.stderr
