@@ -12,7 +12,9 @@ export DS_ACCELERATOR ?= cpu
 
 POSTGRES := $(firstword $(wildcard /usr/lib/postgresql/*/bin/postgres) /usr/lib/postgresql/bin/postgres)
 
-setup: $(STAMP) $(FASHION_MNIST) $(POSTGRES)
+REDIS := /usr/bin/redis-server
+
+setup: $(STAMP) $(FASHION_MNIST) $(POSTGRES) $(REDIS)
 
 # Pinned dependencies; torch is the CPU build (docs/getting-started.md: "Installing a CUDA build").
 $(STAMP): requirements.lock pyproject.toml Makefile
@@ -32,6 +34,13 @@ $(FASHION_MNIST):
 $(POSTGRES):
 	$(SUDO) apt-get update -qq
 	$(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql iproute2 util-linux
+
+# Redis from Debian: the Ray head's GCS store in the multi-host cluster (fault tolerance). Only
+# the harness starts it, in its own namespace: the package's system service stays off.
+$(REDIS):
+	$(SUDO) apt-get update -qq
+	$(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server
+	-$(SUDO) systemctl disable --now redis-server >/dev/null 2>&1
 
 # A cluster of hosts on this machine (network namespaces; needs root): services, head, workers.
 cluster: setup

@@ -275,25 +275,81 @@ def _lost(client: Any, address: str, run: Any) -> dict[str, Any]:
     }
 
 
+SUPERVISOR = "_ray_internal_job_actor_"  # Ray's name for the actor that runs a job's driver
+
+
+def _dead_supervisors(address: str) -> dict[str, str]:
+    """Jobs whose supervisor actor (the parent of their driver) is dead, with why: a head
+    restarted with GCS fault tolerance lists its jobs as they were, RUNNING, until a new
+    submission wakes its job manager, though their drivers went with the old head."""
+    from ray.util.state import list_actors
+
+    try:
+        actors = list_actors(
+            address=address,
+            filters=[("class_name", "=", "JobSupervisor"), ("state", "=", "DEAD")],
+            detail=True,
+            raise_on_missing_output=False,
+        )
+    except Exception:  # noqa: BLE001 - an older Ray, a state API away: Ray's word stands
+        return {}
+    dead = {}
+    for actor in actors:
+        if actor.name and actor.name.startswith(SUPERVISOR):
+            cause = (actor.death_cause or {}).get("actor_died_error_context", {})
+            why = str(cause.get("error_message", "")).strip().splitlines()
+            dead[actor.name[len(SUPERVISOR) :]] = why[0] if why else "it died"
+    return dead
+
+
+def _reconcile(rows: list[dict[str, Any]], address: str, job_id: str | None = None) -> tuple:
+    """Ray's record against what is alive: a job Ray lists as running whose supervisor is dead
+    is LOST; the MLflow runs of a job that failed or is lost end FAILED, never left RUNNING
+    (its driver went without ending them: a restarted head, a killed pod). Returns difforge's
+    MLflow record of the cluster's jobs (all, or `job_id`'s), as `_mlflow_record`."""
+    active = [r for r in rows if r["status"] not in TERMINAL]
+    dead = _dead_supervisors(address) if active else {}
+    for row in active:
+        if row["job_id"] in dead:
+            row["status"] = "LOST"
+            row["message"] = (
+                f"{address} still lists it {row['ray_status']}, but its driver is gone with "
+                f"its supervisor: {dead[row['job_id']]}"
+            )
+    ended = {r["job_id"]: r["status"] for r in rows if r["status"] in ("FAILED", "LOST")}
+    if not ended and job_id is not None:  # one job, alive or ended well: nothing to look up
+        return None, []
+    record, runs = _mlflow_record(address, job_id)
+    if ended:
+        from difforge.platform.watchdog import end_run_and_steps
+
+        for run in runs:
+            status = ended.get(run.data.tags.get("difforge.job_id"))
+            if status is not None and run.info.status == "RUNNING":
+                end_run_and_steps(record, run, LOST if status == "LOST" else "its job failed")
+    return record, runs
+
+
+def _row(job: Any, job_id: str) -> dict[str, Any]:
+    status = _status_name(job.status)
+    return {
+        "job_id": job_id,
+        "status": status,
+        "ray_status": status,
+        "pipeline": (job.metadata or {}).get("difforge.pipeline", "-"),
+        "start": (job.start_time or 0) / 1000,
+        "end": (job.end_time or 0) / 1000,
+        "message": (job.message or "").strip(),
+    }
+
+
 def list_jobs(cluster: str | None) -> list[dict[str, Any]]:
     """Every job the cluster lists, and the jobs difforge's MLflow record says ran there that
     the cluster no longer lists (a restarted head forgets its jobs): LOST, never unknown."""
-    rows = []
-    for job in client(cluster).list_jobs():
-        meta = job.metadata or {}
-        rows.append(
-            {
-                "job_id": job.submission_id or job.job_id,
-                "status": _status_name(job.status),
-                "pipeline": meta.get("difforge.pipeline", "-"),
-                "start": (job.start_time or 0) / 1000,
-                "end": (job.end_time or 0) / 1000,
-                "message": (job.message or "").strip(),
-            }
-        )
-    known = {r["job_id"] for r in rows}
+    rows = [_row(job, job.submission_id or job.job_id) for job in client(cluster).list_jobs()]
     address = cluster_address(cluster)
-    record, runs = _mlflow_record(address)
+    record, runs = _reconcile(rows, address)
+    known = {r["job_id"] for r in rows}
     for run in runs:
         if run.data.tags.get("difforge.job_id") not in known:
             rows.append(_lost(record, address, run))
@@ -316,14 +372,11 @@ def job_info(cluster: str | None, job_id: str) -> dict[str, Any]:
                 "runtime_env": {},
             }
         raise DifforgeError(f"no job {job_id} on {address}") from None
+    row = _row(info, job_id)
+    _reconcile([row], cluster_address(cluster), job_id)
     return {
-        "job_id": job_id,
-        "status": _status_name(info.status),
-        "pipeline": (info.metadata or {}).get("difforge.pipeline", "-"),
+        **row,
         "entrypoint": info.entrypoint,
-        "message": (info.message or "").strip(),
-        "start": (info.start_time or 0) / 1000,
-        "end": (info.end_time or 0) / 1000,
         "metadata": info.metadata or {},
         "runtime_env": info.runtime_env or {},
     }
@@ -356,10 +409,14 @@ def stop(cluster: str | None, job_id: str) -> bool:
 
 def wait(cluster: str | None, job_id: str, timeout: float = 600, poll: float = 1.0) -> str:
     api = client(cluster)
-    deadline = time.time() + timeout
+    deadline, checked = time.time() + timeout, time.time()
     while time.time() < deadline:
         status = _status_name(api.get_job_status(job_id))
         if status in TERMINAL:
             return status
+        if time.time() - checked > 10:  # every 10 s: is its driver still there?
+            checked = time.time()
+            if job_id in _dead_supervisors(cluster_address(cluster)):
+                return job_info(cluster, job_id)["status"]  # LOST, its runs ended
         time.sleep(poll)
     raise DifforgeError(f"job {job_id} still running after {timeout:.0f}s")

@@ -77,6 +77,13 @@ def fit(
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
     )
+    earlier = sorted(fs.glob(f"{work.rstrip('/')}/ray-train/checkpoint_[0-9]*"))
+    if earlier:  # Ray Train restores the run of this name and storage path: the last of them
+        log.info(
+            "step %s: continues from %s, the last checkpoint of an earlier attempt",
+            ctx.step,
+            earlier[-1].rsplit("/", 1)[-1],
+        )
     watch = NodeLossWatch(ctx.step, [per_worker] * res.num_workers)
     try:
         if progress is None:

@@ -5,6 +5,9 @@
     sudo python infra/local/hosts.py exec client -- difforge submit pipelines/... --wait
     sudo python infra/local/hosts.py link worker1 down     # cut a host's link (and `up`)
     sudo python infra/local/hosts.py restart head          # its Ray node stopped and started
+    sudo python infra/local/hosts.py restart head --lose-state   # as if without GCS FT
+    sudo python infra/local/hosts.py restart mlflow        # a service: mlflow, s3 or redis
+    sudo python infra/local/hosts.py stop s3               # (and `start s3`)
     sudo python infra/local/hosts.py stop worker2          # its Ray node stopped
     sudo python infra/local/hosts.py status
     sudo python infra/local/hosts.py down
@@ -14,15 +17,18 @@ to a bridge that lives in a namespace of its own, so nothing is added to this ma
 network. Their addresses are in 127.0.0.0/8 (`route_localnet` lets such addresses cross the
 veths), and each host has its own hostname (a UTS namespace per command), loopback and
 /etc/hosts (`/etc/netns/NS/hosts`, which `ip netns exec` mounts over /etc/hosts) resolving the
-names the Kubernetes manifests use: `mlflow`, `postgres`, `difforge-head-svc`. `/mnt` is each
+names the Kubernetes manifests use: `mlflow`, `postgres`, `redis`, `difforge-head-svc`. `/mnt` is each
 host's own local disk (a folder of the state, bind-mounted in the host's mount namespace); the
 rest of the file system is shared, as a network file system would be.
 
 What runs where is read from the manifests in infra/: the MLflow server runs the Deployment's
 command and args verbatim (PostgreSQL from Debian as its backend store, as the Postgres
-StatefulSet has it, SeaweedFS as its S3) with the env the Deployment gives it; the Ray nodes get
-the env of the RayCluster's pods (Secrets included, from this harness's secret values) and the
-head's rayStartParams, started by infra/local/ray.sh. Only processes this harness started are
+StatefulSet has it, SeaweedFS as its S3) with the env the Deployment gives it, and so does Redis
+(Debian's redis-server, the Redis StatefulSet's command); the Ray nodes get the env of the
+RayCluster's pods (Secrets included, from this harness's secret values), the head's
+rayStartParams and what KubeRay makes of gcsFaultToleranceOptions (the head's GCS keeps its
+state in that Redis; workers wait up to 600 s for a restarted head), started by
+infra/local/ray.sh. Only processes this harness started are
 stopped (by their pids), never another Ray on the machine.
 
 Settings (environment): DIFFORGE_HOSTS_PREFIX (`dfh`: namespace names, so that two clusters can
@@ -57,7 +63,7 @@ NET = os.environ.get("DIFFORGE_HOSTS_NET", "127.77.0")
 STATE = Path(os.environ.get("DIFFORGE_HOSTS_STATE", f"/tmp/difforge-hosts-{PREFIX}"))
 HOSTS = {"services": 10, "head": 11, "worker1": 12, "worker2": 13, "client": 14}
 # the manifests' service names, and where they live here
-NAMES = {"services": ["mlflow", "postgres", "s3"], "head": ["difforge-head-svc"]}
+NAMES = {"services": ["mlflow", "postgres", "s3", "redis"], "head": ["difforge-head-svc"]}
 S3_PORT = 28333  # it and port+10000 lie outside Ray's worker ports (10002-19999)
 VENV = ROOT / ".venv" / "bin"
 PATH = f"{VENV}:{os.environ['PATH']}" if VENV.is_dir() else os.environ["PATH"]
@@ -208,6 +214,7 @@ def secret_values() -> dict[str, dict[str, str]]:
             "POSTGRES_PASSWORD": secrets.token_hex(16),
         },
         "difforge-ray-token": {"auth_token": secrets.token_hex(32)},
+        "difforge-redis": {"password": secrets.token_hex(24)},
     }
     path.write_text(json.dumps(values))
     path.chmod(0o600)
@@ -283,6 +290,28 @@ def start_s3(values: dict) -> None:
         raise SystemExit(f"S3 on services failed:\n{done.stdout}{done.stderr}")
 
 
+def mounted(container: dict, argv: list[str], service: str) -> list[str]:
+    """`argv` with the container's volume's mount path (one volume) replaced by a folder of this
+    harness's state, as Kubernetes would mount the volume there."""
+    (mount,) = container["volumeMounts"]
+    volume = STATE / service / mount["name"]
+    volume.mkdir(parents=True, exist_ok=True)
+    return [a.replace(mount["mountPath"], str(volume)) for a in argv]
+
+
+def start_redis(values: dict) -> None:
+    """Redis as its StatefulSet runs it (Debian's redis-server): the GCS's store."""
+    (statefulset,) = [d for d in manifests("kuberay/redis.yaml") if d["kind"] == "StatefulSet"]
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    env = {"PATH": PATH, **pod_env(container, values)}
+    argv = mounted(container, container["command"] + container["args"], "redis")
+    start_on("services", "redis", argv, env)
+    port = str(container["ports"][0]["containerPort"])
+    ping = ["redis-cli", "-h", address("services"), "-p", port, "--no-auth-warning", "ping"]
+    auth = {"REDISCLI_AUTH": env["REDIS_PASSWORD"]}
+    wait_until("Redis", lambda: "PONG" in run_on_env("services", ping, auth).stdout, 60)
+
+
 def start_mlflow(values: dict) -> None:
     """The MLflow Deployment's command and args, word for word, with its env."""
     (deploy,) = [d for d in manifests("mlflow/mlflow.yaml") if d["kind"] == "Deployment"]
@@ -346,9 +375,38 @@ def ray_env(role: dict, values: dict) -> dict[str, str]:
 APPLIED_START_PARAMS = ("num-cpus", "dashboard-host")
 
 
+# What KubeRay does with gcsFaultToleranceOptions: the head's GCS gets the Redis address and
+# password, and a namespace of keys of its own (the RayCluster's uid there); workers wait 600 s,
+# not Ray's 60, for a head to come back (KubeRay's default with fault tolerance on).
+APPLIED_GCS_OPTIONS = ("redisAddress", "redisPassword")
+WORKER_GCS_RECONNECT_S = "600"
+
+
+def gcs_env(cluster: dict, values: dict) -> dict[str, str]:
+    """The head's environment for the RayCluster's gcsFaultToleranceOptions ({} without)."""
+    options = cluster["spec"].get("gcsFaultToleranceOptions")
+    if options is None:
+        return {}
+    unapplied = set(options) - set(APPLIED_GCS_OPTIONS)
+    if unapplied:
+        raise SystemExit(f"gcsFaultToleranceOptions {sorted(unapplied)}: not applied here")
+    password = options.get("redisPassword", {})
+    if "valueFrom" in password:
+        ref = password["valueFrom"]["secretKeyRef"]
+        password = values[ref["name"]][ref["key"]]
+    else:
+        password = password.get("value", "")
+    return {
+        "RAY_REDIS_ADDRESS": options["redisAddress"],
+        "REDIS_PASSWORD": password,
+        "RAY_external_storage_namespace": f"{PREFIX}-{secrets.token_hex(4)}",
+    }
+
+
 def start_ray(values: dict) -> dict[str, dict[str, str]]:
     (cluster,) = manifests("kuberay/raycluster.yaml")
     head = cluster["spec"]["headGroupSpec"]
+    gcs = gcs_env(cluster, values)
     profiles = {}
     env = ray_env(head, values)
     if "DIFFORGE_HOME" in env:  # the pod's home folder, here on this host's own disk
@@ -364,6 +422,7 @@ def start_ray(values: dict) -> dict[str, dict[str, str]]:
         "RAY_NUM_CPUS": str(params.get("num-cpus", "")),
         "PYTHON": sys.executable,
         **HEALTH_CHECKS,
+        **gcs,
     }
     profiles["head"] = env
     nodes = {"head": {"argv": [str(INFRA / "local" / "ray.sh"), "start"], "env": {**env, **local}}}
@@ -378,6 +437,8 @@ def start_ray(values: dict) -> dict[str, dict[str, str]]:
             "RAY_NUM_CPUS": os.environ.get("DIFFORGE_WORKER_CPUS", "1"),
             "PYTHON": sys.executable,
         }
+        if gcs:
+            local["RAY_gcs_rpc_server_reconnect_timeout_s"] = WORKER_GCS_RECONNECT_S
         profiles[worker] = env
         argv = [str(INFRA / "local" / "ray.sh"), "worker", worker]
         nodes[worker] = {"argv": argv, "env": {**env, **local}}
@@ -398,8 +459,84 @@ def start_ray_node(host: str) -> None:
 
 def stop_ray_node(host: str) -> None:
     """Stop the Ray node of `host` (only the processes `up` started there)."""
-    env = {"DIFFORGE_LOCAL": str(STATE / host), "PATH": PATH}
-    subprocess.run([str(INFRA / "local" / "ray.sh"), "stop"], env=env, capture_output=True)
+    stop_ray_nodes([host])
+
+
+def stop_ray_nodes(hosts: list[str]) -> None:
+    """Stop the Ray nodes of `hosts`, together."""
+    for stop in [stopping(host) for host in hosts]:
+        stop.wait()
+
+
+def stopping(host: str, script: str = "ray.sh") -> subprocess.Popen:
+    """`infra/local/SCRIPT stop` for what `up` started on `host`, under way."""
+    return subprocess.Popen(
+        [str(INFRA / "local" / script), "stop"],
+        env={"DIFFORGE_LOCAL": str(STATE / host), "PATH": PATH},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def restart_head(lose_state: bool) -> None:
+    """The head restarted (its pod replaced). With GCS fault tolerance its GCS reads its state
+    back from Redis and the workers rejoin it; `lose_state` starts it on an empty namespace of
+    Redis keys, as a head without fault tolerance comes back: its jobs forgotten, its workers
+    refused by it (they are restarted too, as their pods would be)."""
+    stop_ray_node("head")
+    if lose_state:
+        nodes = json.loads((STATE / "ray.json").read_text())
+        env = nodes["head"]["env"]
+        if "RAY_external_storage_namespace" in env:
+            env["RAY_external_storage_namespace"] = f"{PREFIX}-{secrets.token_hex(4)}"
+        (STATE / "ray.json").write_text(json.dumps(nodes))
+    start_ray_node("head")
+    if lose_state:
+        workers = [h for h in ("worker1", "worker2") if (STATE / h).exists()]
+        stop_ray_nodes(workers)
+        for worker in workers:
+            start_ray_node(worker)
+
+
+SERVICES = ("mlflow", "s3", "redis")
+
+
+def stop_service(name: str) -> None:
+    """A service's process ended (its data kept), as a crashed or evicted pod's would be."""
+    if name == "s3":
+        stopping("s3", "s3.sh").wait()
+    else:
+        stop_group(_pids()[f"services/{name}"])
+
+
+def start_service(name: str) -> None:
+    """A service started again as `up` started it, on the data it had."""
+    {"mlflow": start_mlflow, "s3": start_s3, "redis": start_redis}[name](secret_values())
+
+
+def stop_group(pid: int) -> None:
+    stop_groups([pid])
+
+
+def stop_groups(pids: list[int]) -> None:
+    """SIGTERM to process groups this harness started, together; SIGKILL after 10 s."""
+
+    def alive(pid: int) -> bool:
+        try:
+            os.killpg(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    for pid in pids:
+        if alive(pid):
+            os.killpg(pid, 15)
+    deadline = time.time() + 10
+    while any(alive(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    for pid in pids:
+        if alive(pid):
+            os.killpg(pid, 9)
 
 
 def run_on_env(host: str, argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -459,6 +596,7 @@ def up() -> None:
     network_up()
     start_postgres(values)
     start_s3(values)
+    start_redis(values)
     start_mlflow(values)
     profiles = start_ray(values)
     profiles["client"] = client_env(values)
@@ -470,25 +608,13 @@ def up() -> None:
 
 
 def down() -> None:
-    for host in ("worker1", "worker2", "head"):
-        if (STATE / host).exists():
-            stop_ray_node(host)
+    """Everything `up` started stopped, together; then the network and the state removed."""
+    stops = [stopping(h) for h in ("worker1", "worker2", "head") if (STATE / h).exists()]
     if (STATE / "s3").exists():
-        env = {"DIFFORGE_LOCAL": str(STATE / "s3"), "PATH": PATH}
-        subprocess.run([str(INFRA / "local" / "s3.sh"), "stop"], env=env, capture_output=True)
-    for pid in _pids().values():  # MLflow, PostgreSQL: their process groups
-        try:
-            os.killpg(pid, 15)
-        except ProcessLookupError:
-            continue
-        for _ in range(100):
-            try:
-                os.killpg(pid, 0)
-                time.sleep(0.1)
-            except ProcessLookupError:
-                break
-        else:
-            os.killpg(pid, 9)
+        stops.append(stopping("s3", "s3.sh"))
+    stop_groups(list(_pids().values()))  # MLflow, PostgreSQL, Redis: their process groups
+    for stop in stops:
+        stop.wait()
     network_down()
     shutil.rmtree(STATE, ignore_errors=True)
 
@@ -507,6 +633,13 @@ def main(argv: list[str]) -> int:
         return subprocess.call(host_argv(host, cmd))
     elif command == "link":
         link(rest[0], rest[1])
+    elif command in ("stop", "start", "restart") and rest[0] in SERVICES:
+        if command != "start":
+            stop_service(rest[0])
+        if command != "stop":
+            start_service(rest[0])
+    elif command == "restart" and rest[0] == "head":
+        restart_head(lose_state="--lose-state" in rest)
     elif command == "restart":  # a Ray node's host rebooted: its node stopped, then started
         stop_ray_node(rest[0])
         start_ray_node(rest[0])
@@ -520,7 +653,7 @@ def main(argv: list[str]) -> int:
     else:
         print(
             f"unknown command {command}: up, down, exec HOST -- CMD, link HOST up|down, "
-            "restart HOST, stop HOST, status"
+            "restart HOST|SERVICE [--lose-state], stop HOST|SERVICE, start SERVICE, status"
         )
         return 2
     return 0

@@ -8,8 +8,11 @@
 # RAY_CLIENT_PORT (10001), RAY_WORKER_AGENT_PORT (a joining node's agent): set them when several
 # Ray nodes share one machine. RAY_AUTOSCALING_CONFIG: the head runs Ray's autoscaler with this
 # cluster config (its node types and maxima; the head then starts with RAY_NUM_CPUS=0 as on
-# KubeRay, and steps wait for the nodes they need). Ray's RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S
-# (30) bounds how long `stop` lets running work drain.
+# KubeRay, and steps wait for the nodes they need). RAY_REDIS_ADDRESS and REDIS_PASSWORD: the
+# head's GCS keeps its state in that Redis (fault tolerance: a restarted head keeps its jobs and
+# its workers; RAY_external_storage_namespace keeps clusters sharing one Redis apart, and a
+# worker waits RAY_gcs_rpc_server_reconnect_timeout_s for a head to come back). Ray's
+# RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30) bounds how long `stop` lets running work drain.
 # Token authentication stays on (Ray 2.60's default): the token is RAY_AUTH_TOKEN_PATH, or
 # ~/.ray/auth_token, generated when missing; clients on this machine find it there.
 # Each node runs with `--block` under its own pid, so `stop` ends only the nodes this script
@@ -21,6 +24,7 @@ HOST="${DIFFORGE_BIND:-127.0.0.1}"
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 cpus=(); [[ -n "${RAY_NUM_CPUS:-}" ]] && cpus=(--num-cpus "$RAY_NUM_CPUS")
 agent=(); [[ -n "${RAY_AGENT_PORT:-}" ]] && agent=(--dashboard-agent-listen-port "$RAY_AGENT_PORT")
+redis=(); [[ -n "${RAY_REDIS_ADDRESS:-}" ]] && redis=(--redis-password "${REDIS_PASSWORD:-}")
 ensure_token() {
   if [[ "$RAY_AUTH_MODE" == token && -z "${RAY_AUTH_TOKEN:-}" ]]; then
     local path="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
@@ -38,7 +42,7 @@ case "${1:-}" in
     start_bg ray-head ray start --head --block --node-ip-address "$HOST" \
       --port "$RAY_PORT" --dashboard-host "$HOST" --dashboard-port "$RAY_DASHBOARD_PORT" \
       --ray-client-server-port "${RAY_CLIENT_PORT:-10001}" \
-      --disable-usage-stats "${cpus[@]}" "${temp[@]}" "${agent[@]}" \
+      --disable-usage-stats "${cpus[@]}" "${temp[@]}" "${agent[@]}" "${redis[@]}" \
       ${RAY_AUTOSCALING_CONFIG:+--autoscaling-config "$RAY_AUTOSCALING_CONFIG"}
     url="http://$HOST:$RAY_DASHBOARD_PORT"
     wait_ready ray-head 90 "$PYTHON" -c \

@@ -51,6 +51,37 @@ class Cluster:
         return json.loads((self.state / "secrets.json").read_text())
 
 
+# test.gate: a filter (every third row to `rejects`) that waits at a gate between its two
+# commits (its `rejects`, then its main output), so a test can fault the cluster right there
+GATE_PLUGIN = '''
+import os, time, zlib
+from difforge.platform.operator import FilterOperator, Verdicts
+
+class GateParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    folder: str
+
+class Gate(FilterOperator):
+    """Rejects every third row; before its main output's commit, writes FOLDER/reached and
+    waits (at most 120 s) for FOLDER/go."""
+    name = "test.gate"
+    Params = GateParams
+
+    def judge(self, batch):
+        ids = batch.column("id").to_pylist()
+        return Verdicts(["third" if zlib.crc32(i.encode()) % 3 == 0 else None for i in ids])
+
+    def finalize(self, outcome, ctx):
+        open(os.path.join(self.params.folder, "reached"), "w").close()
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(self.params.folder, "go")):
+            if time.time() > deadline:
+                raise RuntimeError("the gate never opened")
+            time.sleep(0.1)
+        return None
+'''
+
+
 @pytest.fixture(scope="package")  # up for tests/cluster/ only, not the whole suite
 def cluster():
     if os.geteuid() != 0:
@@ -58,9 +89,10 @@ def cluster():
     parent = Path(tempfile.mkdtemp(prefix="dfh", dir="/tmp"))  # short: Ray's socket paths
     parent.chmod(0o755)  # PostgreSQL runs as its own user, inside
     state = parent / "c"
-    plugins = parent / "plugins"  # test.slow, on the Ray nodes as an image would have it
+    plugins = parent / "plugins"  # test.slow and test.gate, on the Ray nodes as in an image
     plugins.mkdir()
-    make_plugin(plugins, SLOW_PLUGIN, "test.slow = difforge_plugin:Slow")
+    entry_points = "test.slow = difforge_plugin:Slow\ntest.gate = difforge_plugin:Gate"
+    make_plugin(plugins, SLOW_PLUGIN + GATE_PLUGIN, entry_points)
     plugins.chmod(0o755)
     env = {
         **os.environ,

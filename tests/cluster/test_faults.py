@@ -5,10 +5,13 @@ cluster as `up` made it."""
 
 from __future__ import annotations
 
+import time
+
 from tests.cluster.test_across_hosts import (
     INSPECT,
     address,
     hosts_command,
+    run_statuses,
     submitted,
     write,
 )
@@ -116,12 +119,81 @@ def test_a_worker_host_cut_off_mid_training_fails_the_step_by_name_and_keeps_its
     assert f"error: step 'model': lost {address('worker2')}" in ended.stdout, ended.stdout[-3000:]
     assert "the nodes left cannot hold its workers (2 x {CPU: 1})" in ended.stdout
     assert set(kept) <= set(cluster.python("client", "WAIT = False\n" + CHECKPOINTS))
-    statuses = cluster.python(
-        "client",
-        "import json; from mlflow.tracking import MlflowClient; c = MlflowClient(); "
-        "e = c.get_experiment_by_name('cut-train'); "
-        "print(json.dumps([r.info.status for r in c.search_runs([e.experiment_id])]))",
-    )
+    statuses = run_statuses(cluster, "cut-train")
     assert "RUNNING" not in statuses and "FAILED" in statuses
     status = cluster.run("client", "difforge", "jobs", "status", job)
     assert f"{job}: FAILED" in status.stdout and "lost" in status.stdout, status.stdout
+
+    # worker2 back: a rerun continues from the last checkpoint (stopped once it says so)
+    rerun = submitted(cluster.run("client", "difforge", "submit", path, *NEEDS_S3))
+    said = wait_for_log(cluster, rerun, "model: continues from ")
+    cluster.run("client", "difforge", "jobs", "stop", rerun)
+    resumed = said.split("model: continues from ")[1].split(",")[0]
+    names = {
+        k.rstrip("/").rsplit("/", 1)[1]
+        for k in cluster.python("client", "WAIT = False\n" + CHECKPOINTS)
+    }
+    assert resumed in names and resumed >= max(k.rsplit("/", 1)[1] for k in kept), said[-2000:]
+
+
+def wait_for_log(cluster, job: str, text: str, seconds: float = 120) -> str:
+    """The job's log once it contains `text`."""
+    deadline = time.time() + seconds
+    while True:
+        said = cluster.run("client", "difforge", "jobs", "logs", job).stdout
+        if text in said:
+            return said
+        assert time.time() < deadline, f"{text!r} never in the log of {job}:\n{said[-3000:]}"
+        time.sleep(1)
+
+
+def test_s3_lost_between_a_steps_two_commits_loses_no_row_and_a_rerun_completes(cluster):
+    """The S3 server stopped after a filter committed its `rejects` and before its main output:
+    the step fails (nothing half-committed is taken for done), its runs end; with S3 back, a
+    rerun commits the main output, and kept + rejected rows are the source's ids, each once."""
+    gate = cluster.state / "client" / "gate"
+    gate.mkdir()
+    path = write(
+        cluster,
+        "cut-s3",
+        f"""
+          - id: raw
+            op: ingest.digits
+            params: {{limit: 300}}
+          - id: split
+            op: test.gate
+            inputs: [raw]
+            params: {{folder: {gate}}}
+        """,
+    )
+    job = submitted(cluster.run("client", "difforge", "submit", path, *NEEDS_S3))
+    try:
+        deadline = time.time() + 120
+        while not (gate / "reached").exists():
+            said = cluster.run("client", "difforge", "jobs", "logs", job).stdout
+            assert time.time() < deadline, f"the step never reached its gate:\n{said[-3000:]}"
+            time.sleep(0.5)
+        hosts_command(cluster, "stop", "s3")
+        (gate / "go").touch()
+        ended = cluster.run("client", "difforge", "jobs", "logs", job, "--follow", timeout=180)
+    finally:
+        hosts_command(cluster, "start", "s3")
+    assert f"job {job}: FAILED" in ended.stdout, ended.stdout[-4000:]
+    assert "error: step 'split'" in ended.stdout, ended.stdout[-3000:]
+    (gate / "reached").unlink()
+    again = cluster.run("client", "difforge", "submit", path, *NEEDS_S3, "--wait", timeout=300)
+    assert "SUCCEEDED" in again.stdout, again.stdout[-4000:]
+    rerun = submitted(again)
+
+    seen = cluster.python("client", f"EXPERIMENT = 'cut-s3'; JOB = '{rerun}'\n" + INSPECT)
+    raw, split = seen["steps"]["raw"], seen["steps"]["split"]
+    rejects = cluster.python(
+        "client",
+        "import json, difforge; "
+        f"t = difforge.open_dataset({split['uri'] + '/rejects'!r}).to_arrow(); "
+        "print(json.dumps(t.column('id').to_pylist()))",
+    )
+    assert rejects and split["ids"]
+    assert sorted(split["ids"] + rejects) == raw["ids"]  # every id once, kept or rejected
+    statuses = run_statuses(cluster, "cut-s3")
+    assert "RUNNING" not in statuses and "FAILED" in statuses

@@ -334,3 +334,28 @@ def test_every_ray_start_option_the_infra_uses_is_one_ray_has():
     )
     for group in cluster["spec"]["workerGroupSpecs"]:
         assert not group.get("rayStartParams"), "the harness's workers take no params"
+
+
+def test_the_head_keeps_its_state_in_the_redis_the_manifests_run():
+    """GCS fault tolerance: the RayCluster's Redis address is a Service of infra/ on the port it
+    exposes, its password the Secret the Redis StatefulSet requires, created as the RayCluster's
+    instructions say, and the multi-host harness applies every option (as it does the head's
+    rayStartParams)."""
+    import importlib.util
+
+    (cluster,) = by_kind("RayCluster")
+    options = cluster["spec"]["gcsFaultToleranceOptions"]
+    host, port = options["redisAddress"].split(":")
+    assert int(port) in services()[host]
+    ref = options["redisPassword"]["valueFrom"]["secretKeyRef"]
+    (redis,) = [d for d in by_kind("StatefulSet") if d["metadata"]["name"] == host]
+    (container,) = redis["spec"]["template"]["spec"]["containers"]
+    refs = [e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e]
+    assert ref in refs and "--requirepass" in container["args"][0]
+    instructions = (INFRA / "kuberay" / "raycluster.yaml").read_text()
+    assert f"create secret generic {ref['name']} --from-literal={ref['key']}=" in instructions
+    spec = importlib.util.spec_from_file_location("hosts", INFRA / "local" / "hosts.py")
+    hosts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hosts)
+    assert set(options) <= set(hosts.APPLIED_GCS_OPTIONS)
+    assert host in hosts.NAMES["services"]
