@@ -8,7 +8,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup demo test lint format docs docs-serve bench ui clean cluster cluster-down
+.PHONY: setup demo test test-fast lint format docs docs-serve bench ui clean cluster cluster-down
 
 POSTGRES := $(firstword $(wildcard /usr/lib/postgresql/*/bin/postgres) /usr/lib/postgresql/bin/postgres)
 
@@ -69,6 +69,10 @@ docs-serve: $(STAMP)
 
 test: setup lint docs
 	$(BIN)/python -m pytest
+
+# The fast tier, while editing: unit tests but the slow ones (no Ray cluster, no services).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests/unit -m "not slow and not gpu" -q
 
 bench: setup
 	$(BIN)/python benchmarks/engine.py

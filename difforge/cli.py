@@ -7,6 +7,7 @@ Heavy libraries are imported inside the commands that need them, so `difforge --
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -178,7 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--json", action="store_true", help="print the resolved plan as JSON")
 
-    sub.add_parser("schema", help="print the JSON Schema of the pipeline spec")
+    p = sub.add_parser(
+        "schema",
+        help="print the JSON Schema of a pipeline, every operator's params included (for "
+        "editors: the shipped pipelines name schema/pipeline.schema.json)",
+    )
+    p.add_argument(
+        "--builtin",
+        action="store_true",
+        help="difforge's own operators only, no plugins (how schema/pipeline.schema.json is made)",
+    )
 
     p = sub.add_parser("ops", help="list operators with their parameters")
     p.add_argument("name", nargs="?", help="show one operator")
@@ -522,9 +532,9 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from difforge.platform.spec import PipelineSpec
+    from difforge.platform.schema import builtin_names, pipeline_schema
 
-    print(json.dumps(PipelineSpec.model_json_schema(), indent=2))
+    print(json.dumps(pipeline_schema(builtin_names() if args.builtin else None), indent=2))
     return 0
 
 
@@ -739,7 +749,47 @@ def cmd_ui(args: argparse.Namespace) -> int:
     ]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     print(f"MLflow UI for {store} at http://{args.host}:{args.port}  (Ctrl-C stops it)")
-    return subprocess.call(cmd, env=env)
+    # the server and its workers in a process group of their own, ended with this command
+    # whatever ends it (Ctrl-C, SIGTERM, a closed terminal's SIGHUP): none left holding the port
+    server = subprocess.Popen(cmd, env=env, start_new_session=True)
+    return _serve_until_signalled(server)
+
+
+def _serve_until_signalled(server) -> int:
+    """Wait for `server`; on SIGINT, SIGTERM or SIGHUP end its process group (SIGTERM, then
+    SIGKILL after 4 s) and return 0."""
+    import signal
+    import time
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+    try:
+        return server.wait()
+    except Stop:
+        pass
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C does not cut the clean-up short
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    deadline = time.time() + 4
+    while time.time() < deadline:
+        try:
+            os.killpg(server.pid, 0)
+        except ProcessLookupError:
+            break
+        server.poll()  # reap the leader, or its group never empties
+        time.sleep(0.1)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
+    return 0
 
 
 COMMANDS = {

@@ -45,6 +45,19 @@ os.environ.pop("DIFFORGE_CLUSTER", None)
 os.environ.pop("DIFFORGE_SCHEDULES", None)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a CUDA GPU: skipped, saying so, where there is none."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (none here)")
+        for item in gpu:
+            item.add_marker(skip)
+
+
 def free_port(pair_offset: int | None = None) -> int:
     """A free loopback port (and port+offset free too, for servers that open both)."""
     from difforge.platform.runtime import free_port as one_free_port

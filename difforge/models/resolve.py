@@ -71,10 +71,31 @@ def pin(ref: str) -> str:
         return f"models:/{name}/{version}"
     if HUB_ID.match(ref) and not os.path.isdir(os.path.expanduser(ref)) and "@" not in ref:
         _offline_error(ref, "model")
-        from huggingface_hub import model_info
-
-        return f"{ref}@{model_info(ref).sha}"
+        return f"{ref}@{_hub_revision(ref)}"
     return ref
+
+
+def _hub_revision(ref: str) -> str:
+    """The commit of a hub model now; a hub that cannot be reached, or that has no such model,
+    is a short error naming the address and what to do."""
+    from huggingface_hub import constants, model_info
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        return model_info(ref).sha
+    except RepositoryNotFoundError:
+        raise DifforgeError(
+            f"model '{ref}': no such model on the Hugging Face hub ({constants.ENDPOINT}), "
+            "or it is private (log in with `hf auth login`)"
+        ) from None
+    except Exception as exc:  # httpx's connect errors, timeouts, proxies, 5xx
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DifforgeError(
+            f"model '{ref}': cannot reach the Hugging Face hub at {constants.ENDPOINT} ({why}). "
+            f"Check the network (or HTTPS_PROXY); or download it where there is network "
+            f"(`hf download {ref} --local-dir DIR`) and pass DIR, or set HF_HUB_OFFLINE=1 to "
+            "use what the hub cache already holds"
+        ) from None
 
 
 def _offline_error(ref: str, what: str) -> None:

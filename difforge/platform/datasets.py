@@ -114,10 +114,36 @@ def read_manifest(dataset_uri: str) -> Manifest:
             f"{dataset_uri}: no committed dataset here (no {MANIFEST}); a dataset exists only "
             "once its manifest is written"
         ) from None
+    except Exception as exc:
+        denied(dataset_uri, exc)
+        raise
     try:
         return Manifest.model_validate(json.loads(raw))
     except ValueError as exc:
         raise DifforgeError(f"{dataset_uri}/{MANIFEST}: not a valid manifest: {exc}") from None
+
+
+def denied(uri: str, exc: BaseException) -> None:
+    """Raise a short DifforgeError where `exc` is an object store refusing this process's keys,
+    or finding none: the storage, the endpoint, and what to set (never in the YAML)."""
+    if not uri.startswith(("s3://", "s3a://")):
+        return
+    endpoint = (
+        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+    )
+    name, text = type(exc).__name__, str(exc)
+    keys = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment (or AWS_PROFILE)"
+    if name in ("NoCredentialsError", "PartialCredentialsError") or "locate credentials" in text:
+        raise DifforgeError(
+            f"storage {uri}: no S3 keys for {endpoint}: set {keys}; never in the YAML"
+        ) from None
+    refused = ("Forbidden", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+    if isinstance(exc, PermissionError) or any(word in text for word in refused):
+        why = text.strip().splitlines()[0] if text.strip() else name
+        raise DifforgeError(
+            f"storage {uri}: the S3 server at {endpoint} refused this process's keys ({why}): "
+            f"check {keys}"
+        ) from None
 
 
 def missing_files(dataset_uri: str, manifest: Manifest) -> list[str]:

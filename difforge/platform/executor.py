@@ -34,7 +34,6 @@ from difforge.platform.plan import Plan, PlannedStep, build_plan
 from difforge.platform.progress import quiet_libraries
 from difforge.platform.resources import Fitted, demand, fit
 from difforge.platform.runtime import RayRuntime
-from difforge.platform.shared import check_shared
 from difforge.platform.show import text_table
 from difforge.platform.spec import LoadedSpec, PipelineSpec, load_spec
 from difforge.platform.tracking import MlflowObserver
@@ -270,39 +269,11 @@ class Executor:
         output), log its metrics and end its run."""
         step = s.step
         t0 = time.time()
-        rows_out = sum(e["rows"] for e in entries[MAIN])
-        if step.min_rows is not None and rows_out < step.min_rows:
-            raise DifforgeError(
-                f"step '{step.id}' ({step.op}) wrote {rows_out} rows, fewer than its "
-                f"min_rows: {step.min_rows}; nothing was committed"
-            )
-        if rows_out == 0:
-            log.warning(
-                "step %s (%s): its output has 0 rows (set min_rows to make this an error)",
-                step.id,
-                step.op,
-            )
-        producer = {
-            "pipeline": self.plan.name,
-            "step": step.id,
-            "op": step.op,
-            "op_version": step.op_cls.version,
-            "device": "cuda" if s.fitted.num_gpus else "cpu",
-            "nodes": nodes or [],  # the Ray nodes its work ran on
-        }
-        if step.device is not None:  # what its `auto` precision resolved to
-            producer["auto_precision"] = "bfloat16" if step.device == "cuda" else "float32"
-        metadata: dict[str, Any] = {}
-        if step.inputs:
-            metadata.update(Dataset(step.inputs[0].uri).metadata)
-        if extra is not None:  # a job's own metadata
-            metadata.update(extra)
-        else:
-            inputs = [Dataset(r.uri) for r in step.inputs]
-            metadata.update(step.operator.output_metadata(inputs))
-        side_rows, sides = {}, {}
+        rows_out = _checked_rows(step, entries[MAIN])
+        producer = self._producer(s, nodes)
         outputs = {name: Output(step.output_uri(name), s.attempt) for name in output_names(step)}
         commit = {"replace": step.forced, "stale_before": self.run_started}
+        side_rows, sides = {}, {}
         for name in step.op_cls.side_outputs:
             m, _ = outputs[name].commit(
                 entries[name], step.fingerprint, {**producer, "output": name}, **commit
@@ -319,24 +290,12 @@ class Executor:
         op_metrics = step.operator.finalize(
             outcome, FinalizeContext(step.id, self.plan.name, s.log)
         )
-        op_metrics = op_metrics or {}
         manifest, _ = outputs[MAIN].commit(
-            entries[MAIN], step.fingerprint, producer, metadata, **commit
+            entries[MAIN], step.fingerprint, producer, _metadata(step, extra), **commit
         )
         seconds += time.time() - t0
-        metrics = {
-            "rows_out": manifest.num_rows,
-            "seconds": seconds,
-            "cached": 0,
-            **{f"rows_{k}": v for k, v in side_rows.items()},
-            **op_metrics,
-        }
-        if rows_in is not None:
-            metrics["rows_in"] = rows_in
-        if rows_in is not None or manifest.num_rows:
-            rows = rows_in if rows_in is not None else manifest.num_rows
-            metrics["rows_per_s"] = rows / seconds if seconds > 0 else 0.0
-            metrics[f"{step.operator.rows_are}_per_s"] = metrics["rows_per_s"]
+        counts = {"rows_out": manifest.num_rows, "rows_in": rows_in, "sides": side_rows}
+        metrics = _step_metrics(step, counts, seconds, op_metrics or {})
         self.events.step_finished(step, metrics, manifest.model_dump(mode="json"))
         return StepSummary(
             step.id,
@@ -350,6 +309,73 @@ class Executor:
             s.log.run_id,
             step.op_cls.kind,
         )
+
+    def _producer(self, s: _Started, nodes: list[str] | None) -> dict[str, Any]:
+        """Who made a dataset, in its manifest: pipeline, step, operator, device, nodes."""
+        step = s.step
+        producer = {
+            "pipeline": self.plan.name,
+            "step": step.id,
+            "op": step.op,
+            "op_version": step.op_cls.version,
+            "device": "cuda" if s.fitted.num_gpus else "cpu",
+            "nodes": nodes or [],  # the Ray nodes its work ran on
+        }
+        if step.device is not None:  # what its `auto` precision resolved to
+            producer["auto_precision"] = "bfloat16" if step.device == "cuda" else "float32"
+        return producer
+
+
+def _checked_rows(step: PlannedStep, main: list[dict]) -> int:
+    """The rows of a step's main output: fewer than its min_rows fail it; none is a warning."""
+    rows_out = sum(e["rows"] for e in main)
+    if step.min_rows is not None and rows_out < step.min_rows:
+        raise DifforgeError(
+            f"step '{step.id}' ({step.op}) wrote {rows_out} rows, fewer than its "
+            f"min_rows: {step.min_rows}; nothing was committed"
+        )
+    if rows_out == 0:
+        log.warning(
+            "step %s (%s): its output has 0 rows (set min_rows to make this an error)",
+            step.id,
+            step.op,
+        )
+    return rows_out
+
+
+def _metadata(step: PlannedStep, extra: dict | None) -> dict[str, Any]:
+    """The main output's manifest metadata: its main input's, then a job's own (`extra`) or
+    what the operator says of its output."""
+    metadata: dict[str, Any] = {}
+    if step.inputs:
+        metadata.update(Dataset(step.inputs[0].uri).metadata)
+    if extra is not None:
+        metadata.update(extra)
+    else:
+        metadata.update(step.operator.output_metadata([Dataset(r.uri) for r in step.inputs]))
+    return metadata
+
+
+def _step_metrics(
+    step: PlannedStep, counts: dict[str, Any], seconds: float, op_metrics: dict[str, float]
+) -> dict[str, float]:
+    """A computed step's MLflow metrics: rows out (and in, and per side output), seconds, the
+    operator's own, and its rate (which no operator's metric of that name overrides)."""
+    rows_out, rows_in = counts["rows_out"], counts["rows_in"]
+    metrics = {
+        "rows_out": rows_out,
+        "seconds": seconds,
+        "cached": 0,
+        **{f"rows_{k}": v for k, v in counts["sides"].items()},
+        **op_metrics,
+    }
+    if rows_in is not None:
+        metrics["rows_in"] = rows_in
+    if rows_in is not None or rows_out:
+        rows = rows_in if rows_in is not None else rows_out
+        metrics["rows_per_s"] = rows / seconds if seconds > 0 else 0.0
+        metrics[f"{step.operator.rows_are}_per_s"] = metrics["rows_per_s"]
+    return metrics
 
 
 def run(
@@ -390,10 +416,7 @@ def run(
     spec = loaded.spec
     if fuse is None:
         fuse = os.environ.get("DIFFORGE_FUSE", "1") != "0"
-    own_runtime = runtime is None
-    runtime = runtime or RayRuntime(address)
     t0 = time.time()
-
     quiet_libraries()  # the libraries' own logs go to a file (-v: to the console)
     tracking = MlflowObserver(
         spec.tracking.uri,
@@ -401,32 +424,59 @@ def run(
         {"difforge.file": loaded.file, **(tags or {})},
     )
     events = Observers(tracking, *(observers or []))
-    settings_ = {
-        "pipeline": spec.name,
+    settings_ = {"until": until, "force": force, **(params or {})}
+    opening = _opening(plan, settings_)
+    summaries, status, total = _execute(plan, events, runtime, address, fuse, opening, t0)
+    order = {s.id: i for i, s in enumerate(plan.steps)}  # the pipeline's order, not the passes'
+    summaries.sort(key=lambda s: order[s.step])
+    return RunSummary(
+        spec.name, events.run_id, tracking.uri, tracking.experiment, summaries, total, status
+    )
+
+
+def _opening(plan: Plan, settings_: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """What the pipeline's run starts with: its params (the pipeline, storage, overrides and
+    the run's settings) and files (the resolved plan, the YAML as written)."""
+    loaded = plan.loaded
+    params = {
+        "pipeline": plan.name,
         "storage": plan.storage,
         "overrides": loaded.overrides,
-        "until": until,
-        "force": force,
-        **(params or {}),
+        **settings_,
     }
     files = {"resolved.json": json.dumps(plan.resolved(), indent=2)}
     if loaded.text is not None:
         files["pipeline.yaml"] = loaded.text
+    return params, files
 
-    # Ray starts only if some step must run; its start-up (mostly waiting on its processes)
-    # overlaps with setting up the MLflow run.
+
+def _execute(
+    plan: Plan,
+    events: Observers,
+    runtime: RayRuntime | None,
+    address: str | None,
+    fuse: bool,
+    opening: tuple[dict[str, Any], dict[str, str]],
+    t0: float,
+) -> tuple[list[StepSummary], str, float]:
+    """Run a plan's passes, its events told to `events`: the pipeline's run opened (with its
+    settings and files) while Ray starts, if some step must run (Ray starts only then); ended
+    whatever happens. Returns the step summaries, in the order the passes ran, the status and
+    the seconds since `t0` when it ended."""
+    own_runtime = runtime is None
+    runtime = runtime or RayRuntime(address)
     summaries: list[StepSummary] = []
-    status = "FAILED"
+    status, total = "FAILED", 0.0
     started = False
     try:
         with ThreadPoolExecutor(1) as pool:
-            opening = pool.submit(events.pipeline_started, plan, settings_, files)
+            opened = pool.submit(events.pipeline_started, plan, *opening)
             try:
                 if any(not s.cached for s in plan.steps):
                     runtime.ensure()
-                    check_shared(plan.storage)  # on several nodes: one storage they all see
+                    runtime.check_storage(plan.storage)  # on several nodes: one they all see
             finally:  # the pipeline's run exists either way, and is ended below
-                opening.result()
+                opened.result()
                 started = True
         executor = Executor(plan, events, runtime, fuse=fuse)
         for group in executor.passes():
@@ -446,8 +496,4 @@ def run(
         finally:
             if own_runtime:
                 runtime.shutdown()
-    order = {s.id: i for i, s in enumerate(plan.steps)}  # the pipeline's order, not the passes'
-    summaries.sort(key=lambda s: order[s.step])
-    return RunSummary(
-        spec.name, events.run_id, tracking.uri, tracking.experiment, summaries, total, status
-    )
+    return summaries, status, total

@@ -482,6 +482,23 @@ class GarbageReport:
     kept: int  # committed datasets left in place
 
 
+def _older_versions(committed: dict[str, Manifest], keep_last: int) -> list[str]:
+    """The committed versions of each step (folders named by fingerprint) but its
+    `keep_last` newest."""
+    import re
+
+    versions: dict[str, list[str]] = {}
+    for folder in committed:
+        parent, name = folder.rsplit("/", 1)
+        if re.fullmatch(r"[0-9a-f]{16}", name):  # a step's versions, by fingerprint
+            versions.setdefault(parent, []).append(folder)
+    older = []
+    for folders in versions.values():
+        folders.sort(key=lambda f: committed[f].created, reverse=True)
+        older += folders[keep_last:]
+    return older
+
+
 def collect_garbage(
     storage: str,
     older_than: float = 24 * 3600,
@@ -498,8 +515,6 @@ def collect_garbage(
     - with `keep_last=N`, every committed version of a step but its N newest, whole.
 
     Uncommitted work folders stay: a rerun resumes from them."""
-    import re
-
     now = time.time() if now is None else now
     cutoff = now - older_than
     fs, root = url_to_fs(storage)
@@ -535,16 +550,9 @@ def collect_garbage(
         if manifest is not None and manifest.created < cutoff and f"{folder}/_work" in found:
             remove(f"{folder}/_work")
     if keep_last is not None:
-        versions: dict[str, list[str]] = {}
-        for folder in committed:
-            parent, name = folder.rsplit("/", 1)
-            if re.fullmatch(r"[0-9a-f]{16}", name):  # a step's versions, by fingerprint
-                versions.setdefault(parent, []).append(folder)
-        for folders in versions.values():
-            folders.sort(key=lambda f: committed[f].created, reverse=True)
-            for folder in folders[keep_last:]:
-                remove(folder)
-                committed.pop(folder)
+        for folder in _older_versions(committed, keep_last):
+            remove(folder)
+            committed.pop(folder)
     gone = tuple(r.split("://", 1)[-1] for r in removed)
     kept = sum(1 for f in committed if not f.startswith(gone))
     return GarbageReport(removed, kept)

@@ -279,29 +279,59 @@ def run_map_pass(
 ) -> tuple[list[dict[str, list[dict]]], list[int | None], list[float], int]:
     """Run the chain; per step: its shard entries by output, rows in and seconds of work;
     and how many input shards an earlier, interrupted run had finished."""
-    import ray.data
-
     head = chain[0].step
-    fitted = chain[0].fitted
     rows_in: list[int | None] = [None] + [0] * (len(chain) - 1)
     if issubclass(head.op_cls, SourceOperator):
-        items = head.operator.read_tasks(fitted.batch_size)
+        items = head.operator.read_tasks(chain[0].fitted.batch_size)
     else:
         source = Dataset(head.inputs[0].uri)
         items = split_shards(source.shards(), SHARDS_PER_CPU * cluster_cpus())
         rows_in[0] = source.num_rows
-    markers = None
-    if keeps_progress([s.step for s in chain]):
-        # these very steps over the same items: another pass's markers are not ours. A source's
-        # read tasks depend on its batch size; a map's items are its input shards (or their
-        # parts), whatever the batch size (a rerun with another batch size reuses what was done)
-        what = [s.step.fingerprint for s in chain]
-        if issubclass(head.op_cls, SourceOperator):
-            what.append(str(chain[0].fitted.batch_size))
-        elif any("start" in i for i in items):
-            what.append(json.dumps([[i.get("start"), i.get("stop")] for i in items]))
-        key = hashlib.sha256(" ".join(what).encode()).hexdigest()[:16]
-        markers = join(head.work_uri, PASSES, f"pass-{key}")
+    markers = _markers(chain, items)
+    stages = _stages(chain)
+    rows = [{"item": json.dumps({**t, "index": i})} for i, t in enumerate(items)]
+    resumed = _count_markers(markers)
+    if resumed:
+        log.info(
+            "%s: %d of %d input shards already done by an earlier run",
+            "+".join(s.step.id for s in chain),
+            resumed,
+            len(rows),
+        )
+    results = _results(chain, stages, markers, rows)
+    entries: list[dict[str, list[dict]]] = [{n: [] for n in s.outputs} for s in stages]
+    work = [0.0] * len(chain)
+    unit = "read tasks" if issubclass(head.op_cls, SourceOperator) else "shards"
+    progress = Progress("+".join(s.step.id for s in chain), len(rows), unit)
+    try:
+        for row in results:
+            _account(row, entries, rows_in, work, progress)
+    finally:
+        progress.close()
+    return entries, rows_in, work, resumed
+
+
+def _markers(chain: list[PassStep], items: list[dict]) -> str | None:
+    """Where the pass marks the items it has done, for a rerun to skip them (None where its
+    steps keep no progress)."""
+    if not keeps_progress([s.step for s in chain]):
+        return None
+    head = chain[0].step
+    # these very steps over the same items: another pass's markers are not ours. A source's
+    # read tasks depend on its batch size; a map's items are its input shards (or their
+    # parts), whatever the batch size (a rerun with another batch size reuses what was done)
+    what = [s.step.fingerprint for s in chain]
+    if issubclass(head.op_cls, SourceOperator):
+        what.append(str(chain[0].fitted.batch_size))
+    elif any("start" in i for i in items):
+        what.append(json.dumps([[i.get("start"), i.get("stop")] for i in items]))
+    key = hashlib.sha256(" ".join(what).encode()).hexdigest()[:16]
+    return join(head.work_uri, PASSES, f"pass-{key}")
+
+
+def _stages(chain: list[PassStep]) -> list[Stage]:
+    """Each step of the chain as the workers run it: its operator, params, outputs and (but
+    a source's) context, with the metadata the step before it will commit."""
     stages = []
     pending = None  # the metadata the previous step of the chain will commit
     for k, s in enumerate(chain):
@@ -324,19 +354,19 @@ def run_map_pass(
             )
         params = step.params.model_dump(mode="json")
         stages.append(Stage(step.id, step.op_cls, params, outputs, ctx, s.fitted.batch_size))
+    return stages
+
+
+def _results(chain: list[PassStep], stages: list[Stage], markers: str | None, rows: list[dict]):
+    """The workers' report rows, as they finish: an actor pool where the chain holds a model,
+    else one plain Ray task per item."""
+    import ray.data
+
+    fitted = chain[0].fitted
     common: dict[str, Any] = {"batch_format": "pyarrow", "num_cpus": fitted.num_cpus}
     if fitted.num_gpus:
         common["num_gpus"] = fitted.num_gpus
-    rows = [{"item": json.dumps({**t, "index": i})} for i, t in enumerate(items)]
-    resumed = _count_markers(markers)
-    if resumed:
-        log.info(
-            "%s: %d of %d input shards already done by an earlier run",
-            "+".join(s.step.id for s in chain),
-            resumed,
-            len(rows),
-        )
-    if getattr(head.op_cls, "stateful", False):
+    if getattr(chain[0].step.op_cls, "stateful", False):
         data = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
         data = data.map_batches(
             PassWorker,
@@ -348,27 +378,16 @@ def run_map_pass(
             ),
             **common,
         )
-        results = data.iter_rows()
-    else:  # a stateless chain: one plain Ray task per item, no Ray Data pipeline around them
-        import pyarrow as pa
+        return data.iter_rows()
+    import pyarrow as pa
 
-        tables = as_finished(
-            _task(stages, markers),
-            [pa.Table.from_pylist([r]) for r in rows],
-            fitted.num_cpus,
-            fitted.num_gpus,
-        )
-        results = (row for t in tables for row in t.to_pylist())
-    entries: list[dict[str, list[dict]]] = [{n: [] for n in s.outputs} for s in stages]
-    work = [0.0] * len(chain)
-    unit = "read tasks" if issubclass(head.op_cls, SourceOperator) else "shards"
-    progress = Progress("+".join(s.step.id for s in chain), len(rows), unit)
-    try:
-        for row in results:
-            _account(row, entries, rows_in, work, progress)
-    finally:
-        progress.close()
-    return entries, rows_in, work, resumed
+    tables = as_finished(
+        _task(stages, markers),
+        [pa.Table.from_pylist([r]) for r in rows],
+        fitted.num_cpus,
+        fitted.num_gpus,
+    )
+    return (row for t in tables for row in t.to_pylist())
 
 
 def _account(row: dict, entries: list, rows_in: list, work: list, progress: Progress) -> None:

@@ -147,7 +147,7 @@ class Plan:
         }
 
 
-def _parse_input(text: str, step_ids: set[str]) -> InputRef:
+def _parse_input(text: str) -> InputRef:
     if "/" in text or "://" in text:
         return InputRef(text=text, uri=normalize_uri(text))
     step, _, output = text.partition(".")
@@ -198,185 +198,192 @@ def build_plan(
     force: list[str] | None = None,
     check_cache: bool = True,
 ) -> Plan:
-    """Resolve and check everything about a pipeline that can be known before running it."""
-    spec = loaded.spec
-    problems: list[Problem] = []
-    ids = [s.id for s in spec.steps]
-    by_id = {}
-    for i, s in enumerate(spec.steps):
-        if s.id in by_id:
-            problems.append(loaded.problem("duplicate step id", ("steps", i, "id"), step=s.id))
-        by_id.setdefault(s.id, (i, s))
+    """Resolve and check everything about a pipeline that can be known before running it: a
+    sequence of small passes over the steps, each building on what the ones before it checked;
+    a SpecError carries every problem a pass (or the first two together) found."""
+    steps, found = resolve_ops(loaded)
+    found += resolve_inputs(loaded, steps)
+    if found:  # as the spec reads: duplicates first, then step by step
+        raise SpecError([problem for _, problem in sorted(found, key=lambda f: f[0])])
+    ordered = order(loaded, steps)
+    selected, forced = select(steps, ordered, until, force)
+    storage = normalize_uri(loaded.spec.storage)
+    fingerprint_steps(loaded, steps, ordered, selected, join(storage, loaded.spec.name))
+    for sid in ordered:
+        steps[sid].forced = sid in forced
+    plan = Plan(loaded=loaded, steps=[steps[s] for s in selected], storage=storage)
+    if check_cache:
+        check_cache_hits(plan)
+    return plan
 
-    planned: dict[str, PlannedStep] = {}
-    for sid, (i, s) in by_id.items():
-        loc = ("steps", i)
+
+def _index(loaded: LoadedSpec) -> dict[str, int]:
+    """Each step id's position in the spec (its first, for a duplicated id)."""
+    positions: dict[str, int] = {}
+    for i, s in enumerate(loaded.spec.steps):
+        positions.setdefault(s.id, i)
+    return positions
+
+
+# Problems a pass found, each with its rank in the spec's reading order (-1: before the steps)
+Found = list[tuple[int, Problem]]
+
+
+def resolve_ops(loaded: LoadedSpec) -> tuple[dict[str, PlannedStep], Found]:
+    """Step ids unique; each step's operator found, its params validated (pydantic's errors
+    said in the spec's words), its number of inputs checked, its resources merged over the
+    operator's. Inputs are parsed, not yet resolved. Returns the steps it could make."""
+    found: Found = []
+    positions = _index(loaded)
+    for i, s in enumerate(loaded.spec.steps):
+        if positions[s.id] != i:
+            found.append((-1, loaded.problem("duplicate step id", ("steps", i, "id"), step=s.id)))
+    steps: dict[str, PlannedStep] = {}
+    for sid, i in positions.items():
+        s, loc = loaded.spec.steps[i], ("steps", i)
         try:
             op_cls = registry.get(s.op)
         except DifforgeError as exc:
-            problems.append(loaded.problem(str(exc), (*loc, "op"), step=sid, fld="op"))
+            found.append((i, loaded.problem(str(exc), (*loc, "op"), step=sid, fld="op")))
             continue
         try:
             params = op_cls.Params.model_validate(s.params)
         except ValidationError as exc:
-            allowed = ", ".join(op_cls.Params.model_fields) or "none"
-            for err in exc.errors():
-                ploc = tuple(err["loc"])
-                msg = err["msg"]
-                if err["type"] == "extra_forbidden":
-                    msg = f"unknown parameter of '{op_cls.name}' (allowed: {allowed})"
-                elif err["type"] == "missing":
-                    msg = "required parameter is missing"
-                got = err.get("input")
-                if err["type"] not in ("missing", "extra_forbidden") and not isinstance(
-                    got, dict | list
-                ):
-                    msg = f"{msg} (got {got!r})"
-                problems.append(
-                    loaded.problem(
-                        msg,
-                        (*loc, "params", *ploc),
-                        step=sid,
-                        fld="params." + ".".join(str(p) for p in ploc),
-                    )
-                )
+            found += [(i, p) for p in _param_problems(loaded, op_cls, exc, loc, sid)]
             continue
         lo, hi = op_cls.inputs
         if not lo <= len(s.inputs) <= hi:
             want = f"{lo}" if lo == hi else f"{lo} to {hi}"
-            problems.append(
-                loaded.problem(
-                    f"'{op_cls.name}' takes {want} input(s), got {len(s.inputs)}",
-                    (*loc, "inputs"),
-                    step=sid,
-                    fld="inputs",
-                )
-            )
-        refs = []
-        for j, text in enumerate(s.inputs):
-            ref = _parse_input(text, set(ids))
-            iloc = (*loc, "inputs", j)
-            if ref.step is not None:
-                if ref.step not in by_id:
-                    problems.append(
-                        loaded.problem(
-                            f"input '{text}' is not a step of this pipeline "
-                            f"(steps: {', '.join(ids)})",
-                            iloc,
-                            step=sid,
-                            fld="inputs",
-                        )
-                    )
-                elif ref.step == sid:
-                    problems.append(loaded.problem("a step cannot read its own output", iloc, sid))
-                else:
-                    other = registry.find(by_id[ref.step][1].op)
-                    if (
-                        other is not None
-                        and ref.output != MAIN
-                        and ref.output not in other.side_outputs
-                    ):
-                        outs = ", ".join(other.side_outputs) or "none"
-                        problems.append(
-                            loaded.problem(
-                                f"step '{ref.step}' ({other.name}) has no output "
-                                f"'{ref.output}' (side outputs: {outs})",
-                                iloc,
-                                step=sid,
-                                fld="inputs",
-                            )
-                        )
-            refs.append(ref)
+            got = f"'{op_cls.name}' takes {want} input(s), got {len(s.inputs)}"
+            found.append((i, loaded.problem(got, (*loc, "inputs"), step=sid, fld="inputs")))
+        refs = [_parse_input(text) for text in s.inputs]
         resources = op_cls.resources.merged(s.resources)
-        planned[sid] = PlannedStep(sid, op_cls, params, resources, refs, min_rows=s.min_rows)
+        steps[sid] = PlannedStep(sid, op_cls, params, resources, refs, min_rows=s.min_rows)
+    return steps, found
 
-    if problems:
-        raise SpecError(problems)
 
-    deps = {sid: [r.step for r in p.inputs if r.step] for sid, p in planned.items()}
-    order, cycle = _toposort(deps, list(planned))
-    if cycle:
-        i = by_id[cycle[0]][0]
-        raise SpecError(
-            [
-                loaded.problem(
-                    "the steps form a cycle: " + " -> ".join(cycle), ("steps", i), step=cycle[0]
+def _param_problems(
+    loaded: LoadedSpec, op_cls: type[Operator], exc: ValidationError, loc: tuple, sid: str
+) -> list[Problem]:
+    """pydantic's errors for a step's params, in the spec's words and at their lines."""
+    allowed = ", ".join(op_cls.Params.model_fields) or "none"
+    problems = []
+    for err in exc.errors():
+        ploc = tuple(err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown parameter of '{op_cls.name}' (allowed: {allowed})"
+        elif err["type"] == "missing":
+            msg = "required parameter is missing"
+        got = err.get("input")
+        if err["type"] not in ("missing", "extra_forbidden") and not isinstance(got, dict | list):
+            msg = f"{msg} (got {got!r})"
+        fld = "params." + ".".join(str(p) for p in ploc)
+        problems.append(loaded.problem(msg, (*loc, "params", *ploc), step=sid, fld=fld))
+    return problems
+
+
+def resolve_inputs(loaded: LoadedSpec, steps: dict[str, PlannedStep]) -> Found:
+    """Each input that names a step names another step of this pipeline, and an output that
+    step has (its main one, or a side output)."""
+    found: Found = []
+    ids = [s.id for s in loaded.spec.steps]
+    positions = _index(loaded)
+    for sid, step in steps.items():
+        for j, ref in enumerate(step.inputs):
+            if ref.step is None:
+                continue
+            i = positions[sid]
+            loc = ("steps", i, "inputs", j)
+            if ref.step not in positions:
+                said = (
+                    f"input '{ref.text}' is not a step of this pipeline (steps: {', '.join(ids)})"
                 )
-            ]
-        )
-    for sid in order:
-        planned[sid].upstream = set(deps[sid]).union(*(planned[d].upstream for d in deps[sid]))
+                found.append((i, loaded.problem(said, loc, step=sid, fld="inputs")))
+            elif ref.step == sid:
+                found.append((i, loaded.problem("a step cannot read its own output", loc, sid)))
+            else:
+                other = registry.find(loaded.spec.steps[positions[ref.step]].op)
+                if (
+                    other is not None
+                    and ref.output != MAIN
+                    and ref.output not in other.side_outputs
+                ):
+                    outs = ", ".join(other.side_outputs) or "none"
+                    said = (
+                        f"step '{ref.step}' ({other.name}) has no output '{ref.output}' "
+                        f"(side outputs: {outs})"
+                    )
+                    found.append((i, loaded.problem(said, loc, step=sid, fld="inputs")))
+    return found
 
-    selected = order
+
+def order(loaded: LoadedSpec, steps: dict[str, PlannedStep]) -> list[str]:
+    """The steps in topological order (stable in spec order), each knowing every step
+    upstream of it; a cycle is an error naming it."""
+    deps = {sid: [r.step for r in p.inputs if r.step] for sid, p in steps.items()}
+    ordered, cycle = _toposort(deps, list(steps))
+    if cycle:
+        i = _index(loaded)[cycle[0]]
+        said = "the steps form a cycle: " + " -> ".join(cycle)
+        raise SpecError([loaded.problem(said, ("steps", i), step=cycle[0])])
+    for sid in ordered:
+        steps[sid].upstream = set(deps[sid]).union(*(steps[d].upstream for d in deps[sid]))
+    return ordered
+
+
+def select(
+    steps: dict[str, PlannedStep], ordered: list[str], until: str | None, force: list[str] | None
+) -> tuple[list[str], set[str]]:
+    """`--until STEP`: that step and what it needs; `--force STEP`: it and everything
+    downstream of it. Returns (the selected steps in order, the forced ones)."""
+    selected = ordered
     if until is not None:
-        if until not in planned:
-            raise SpecError([Problem(f"--until: no step '{until}' (steps: {', '.join(order)})")])
-        keep = planned[until].upstream | {until}
-        selected = [s for s in order if s in keep]
+        if until not in steps:
+            raise SpecError([Problem(f"--until: no step '{until}' (steps: {', '.join(ordered)})")])
+        keep = steps[until].upstream | {until}
+        selected = [s for s in ordered if s in keep]
     forced: set[str] = set()
     for f in force or []:
-        if f not in planned:
-            raise SpecError([Problem(f"--force: no step '{f}' (steps: {', '.join(order)})")])
-        forced |= {f} | {s for s in order if f in planned[s].upstream}
+        if f not in steps:
+            raise SpecError([Problem(f"--force: no step '{f}' (steps: {', '.join(ordered)})")])
+        forced |= {f} | {s for s in ordered if f in steps[s].upstream}
+    return selected, forced
 
-    storage = normalize_uri(spec.storage)
-    root = join(storage, spec.name)
-    for sid in order:
-        step = planned[sid]
-        i = by_id[sid][0]
-        input_fps, input_cols = [], []
-        for j, ref in enumerate(step.inputs):
-            if ref.step:
-                up = planned[ref.step]
-                ref.fingerprint = up.fingerprint
-                ref.uri = up.output_uri(ref.output)
-                ref.columns = (
-                    up.columns
-                    if ref.output == MAIN
-                    else up.op_cls.side_output_columns(up.params, ref.output)
-                )
-            else:
-                try:
-                    m = read_manifest(ref.uri)
-                except DatasetNotCommitted as exc:
-                    raise SpecError(
-                        [loaded.problem(str(exc), ("steps", i, "inputs", j), sid, "inputs")]
-                    ) from None
-                ref.fingerprint = m.fingerprint
-                ref.columns = set(m.column_names)
-                if j == 0:  # a committed input's types are known now: check them now
-                    for text in type_problems(
-                        m.schema(), step.op_cls.required_columns(step.params)
-                    ):
-                        problems.append(
-                            loaded.problem(
-                                f"'{step.op}' cannot read input '{ref.text}': its {text}",
-                                ("steps", i, "inputs", j),
-                                sid,
-                                "inputs",
-                            )
-                        )
-            input_fps.append(ref.fingerprint)
-            input_cols.append(ref.columns)
+
+def fingerprint_steps(
+    loaded: LoadedSpec,
+    steps: dict[str, PlannedStep],
+    ordered: list[str],
+    selected: list[str],
+    root: str,
+) -> None:
+    """In order, each step's inputs resolved (an upstream step's output, or an external
+    committed dataset whose manifest is read and whose types are checked now), its input
+    columns checked, its output columns known, and its fingerprint and folder under `root`:
+    the operator, its version and params, its inputs' fingerprints, the device class its
+    `auto` precisions resolve for, and, for a selected step, what it reads from outside."""
+    problems: list[Problem] = []
+    positions = _index(loaded)
+    for sid in ordered:
+        step, i = steps[sid], positions[sid]
+        problems += _resolve_input_data(loaded, steps, step, i)
+        input_cols = [ref.columns for ref in step.inputs]
         if step.inputs and input_cols[0] is not None:
             missing = step.op_cls.required_columns(step.params) - input_cols[0]
             if missing:
                 have = ", ".join(sorted(input_cols[0])) or "none"
-                problems.append(
-                    loaded.problem(
-                        f"'{step.op}' needs column(s) {', '.join(sorted(missing))} in its input "
-                        f"'{step.inputs[0].text}', which has: {have}",
-                        ("steps", i, "inputs"),
-                        step=sid,
-                        fld="inputs",
-                    )
+                said = (
+                    f"'{step.op}' needs column(s) {', '.join(sorted(missing))} in its input "
+                    f"'{step.inputs[0].text}', which has: {have}"
                 )
+                problems.append(loaded.problem(said, ("steps", i, "inputs"), sid, "inputs"))
         step.columns = step.op_cls.output_columns(step.params, input_cols)
         payload: dict[str, Any] = {
             "op": step.op,
             "version": step.op_cls.version,
             "params": step.params.model_dump(mode="json"),
-            "inputs": [[r.output, fp] for r, fp in zip(step.inputs, input_fps, strict=True)],
+            "inputs": [[r.output, r.fingerprint] for r in step.inputs],
         }
         if uses_auto_precision(payload["params"]):
             # `auto` is bf16 on GPUs and fp32 on CPUs: the device class decides what runs
@@ -393,15 +400,45 @@ def build_plan(
                 continue
         step.fingerprint = fingerprint(payload)
         step.uri = join(root, sid, step.fingerprint)
-        step.forced = sid in forced
-
     if problems:
         raise SpecError(problems)
 
-    steps = [planned[s] for s in selected]
-    if check_cache:
-        for step in steps:
-            state = "absent" if step.forced else _commit_state(step)
-            step.cached = state == "whole"
-            step.forced = step.forced or state == "broken"  # its commit replaced, as --force
-    return Plan(loaded=loaded, steps=steps, storage=storage)
+
+def _resolve_input_data(
+    loaded: LoadedSpec, steps: dict[str, PlannedStep], step: PlannedStep, i: int
+) -> list[Problem]:
+    """A step's inputs' fingerprints, folders and columns; the types of a committed external
+    first input checked against what the operator reads. Returns the problems found."""
+    problems = []
+    for j, ref in enumerate(step.inputs):
+        loc = ("steps", i, "inputs", j)
+        if ref.step:
+            up = steps[ref.step]
+            ref.fingerprint = up.fingerprint
+            ref.uri = up.output_uri(ref.output)
+            ref.columns = (
+                up.columns
+                if ref.output == MAIN
+                else up.op_cls.side_output_columns(up.params, ref.output)
+            )
+            continue
+        try:
+            m = read_manifest(ref.uri)
+        except DatasetNotCommitted as exc:
+            raise SpecError([loaded.problem(str(exc), loc, step.id, "inputs")]) from None
+        ref.fingerprint = m.fingerprint
+        ref.columns = set(m.column_names)
+        if j == 0:  # a committed input's types are known now: check them now
+            for text in type_problems(m.schema(), step.op_cls.required_columns(step.params)):
+                said = f"'{step.op}' cannot read input '{ref.text}': its {text}"
+                problems.append(loaded.problem(said, loc, step.id, "inputs"))
+    return problems
+
+
+def check_cache_hits(plan: Plan) -> None:
+    """Each step not forced is cached when its dataset is committed whole; one committed with
+    files missing is recomputed, its commit replaced (as with --force)."""
+    for step in plan.steps:
+        state = "absent" if step.forced else _commit_state(step)
+        step.cached = state == "whole"
+        step.forced = step.forced or state == "broken"

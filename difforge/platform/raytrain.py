@@ -37,11 +37,7 @@ def fit(
     `alongside`: the driver's own work (a check, say) running in a thread while Ray Train
     starts its workers, seconds that would otherwise come first; should it fail, the workers
     are stopped and its error is the step's."""
-    import ray.train
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-    from ray.train.torch import TorchTrainer
-
-    from difforge.platform.datasets import join, url_to_fs
+    from difforge.platform.datasets import url_to_fs
 
     _tune_ray_train()
     res = ctx.resources
@@ -56,27 +52,7 @@ def fit(
         f" + {res.num_gpus:g} GPU" if res.num_gpus else "",
         max(1, int(res.num_cpus)),
     )
-    nodes_uri = join(ctx.work_uri, "nodes")  # each worker says where it runs
-    trainer = TorchTrainer(
-        _on_node(loop),
-        train_loop_config={
-            **config,
-            "threads": res.num_cpus,
-            "log": ctx.log,
-            "nodes_uri": nodes_uri,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=res.num_workers,
-            use_gpu=res.num_gpus > 0,
-            resources_per_worker=per_worker,
-        ),
-        run_config=ray.train.RunConfig(
-            name="ray-train",
-            storage_path=work,
-            storage_filesystem=PyFileSystem(FSSpecHandler(fs)),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-        ),
-    )
+    trainer = _trainer(ctx, loop, config, per_worker, max_failures)
     earlier = sorted(fs.glob(f"{work.rstrip('/')}/ray-train/checkpoint_[0-9]*"))
     if earlier:  # Ray Train restores the run of this name and storage path: the last of them
         log.info(
@@ -101,6 +77,45 @@ def fit(
     if fs.exists(nodes):
         saw_nodes(fs.cat_file(p).decode() for p in fs.ls(nodes, detail=False))
     return result
+
+
+def _trainer(
+    ctx: JobContext,
+    loop: Callable[[dict], None],
+    config: dict[str, Any],
+    per_worker: dict[str, float],
+    max_failures: int,
+):
+    """A TorchTrainer for the step: its workers, and its run named `ray-train` in the step's
+    work folder (where a rerun finds it, and its checkpoints, again)."""
+    import ray.train
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+    from ray.train.torch import TorchTrainer
+
+    from difforge.platform.datasets import join, url_to_fs
+
+    res = ctx.resources
+    fs, work = url_to_fs(ctx.work_uri)
+    return TorchTrainer(
+        _on_node(loop),
+        train_loop_config={
+            **config,
+            "threads": res.num_cpus,
+            "log": ctx.log,
+            "nodes_uri": join(ctx.work_uri, "nodes"),  # each worker says where it runs
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=res.num_workers,
+            use_gpu=res.num_gpus > 0,
+            resources_per_worker=per_worker,
+        ),
+        run_config=ray.train.RunConfig(
+            name="ray-train",
+            storage_path=work,
+            storage_filesystem=PyFileSystem(FSSpecHandler(fs)),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        ),
+    )
 
 
 class NodeLossWatch:

@@ -34,21 +34,8 @@ class Fitted:
 def fit(step: str, res: Resources, cap: Capacity, gpus_when_available: float) -> Fitted:
     """A step's requests fitted to what the cluster holds, or can grow to where an autoscaler
     adds nodes (capacity.py); a request it can never meet is an error now."""
-    cpus, gpus = cap.most("CPU"), cap.most("GPU")
-    if res.num_gpus == "auto":
-        num_gpus = gpus_when_available if cap.can_have_gpus() else 0.0
-    else:
-        num_gpus = float(res.num_gpus or 0.0)
-    if num_gpus > 0 and gpus == 0:
-        raise ResourceError(
-            f"step '{step}' asks for num_gpus={res.num_gpus} but the cluster has no GPU; "
-            "use `num_gpus: auto` to run on GPUs where they exist and on CPUs elsewhere"
-        )
-    if num_gpus > gpus:
-        raise ResourceError(
-            f"step '{step}' asks for num_gpus={num_gpus} per worker; the cluster has "
-            f"{cap.describe('GPU')}"
-        )
+    num_gpus = _gpus(step, res, cap, gpus_when_available)
+    cpus = cap.most("CPU")
     # sizes follow the nodes there are; on a cluster scaled to zero, one node of its kind
     node_cpus = cap.largest_node_cpus() or 1.0
     if res.num_cpus is not None:
@@ -59,22 +46,8 @@ def fit(step: str, res: Resources, cap: Capacity, gpus_when_available: float) ->
         num_cpus = float(max(1, int(node_cpus // res.num_workers)))
     else:
         num_cpus = 1.0
-    if num_cpus > cpus:
-        raise ResourceError(
-            f"step '{step}' asks for num_cpus={num_cpus:g} per worker; the cluster has "
-            f"{cap.describe('CPU')}"
-        )
     num_workers = res.num_workers or 1
-    if num_workers * num_cpus > cpus:
-        raise ResourceError(
-            f"step '{step}' asks for {num_workers} workers x {num_cpus:g} CPUs; the cluster has "
-            f"{cap.describe('CPU')}. Lower resources.num_workers or resources.num_cpus"
-        )
-    if num_gpus > 0 and num_workers * num_gpus > gpus:
-        raise ResourceError(
-            f"step '{step}' asks for {num_workers} workers x {num_gpus:g} GPUs; the cluster has "
-            f"{cap.describe('GPU')}"
-        )
+    _check_group(step, cap, num_workers, num_cpus, num_gpus)
     # a pool as large as the nodes there are (an autoscaler adds more only where asked)
     pool_cpus = cap.cpus if cap.cpus >= num_cpus else node_cpus
     if num_gpus > 0:
@@ -95,6 +68,49 @@ def fit(step: str, res: Resources, cap: Capacity, gpus_when_available: float) ->
         max_actors=max_actors,
         num_workers=num_workers,
     )
+
+
+def _gpus(step: str, res: Resources, cap: Capacity, gpus_when_available: float) -> float:
+    """GPUs per worker: `auto` means the operator's share where the cluster can have GPUs;
+    asking for more than any node has is an error."""
+    gpus = cap.most("GPU")
+    if res.num_gpus == "auto":
+        num_gpus = gpus_when_available if cap.can_have_gpus() else 0.0
+    else:
+        num_gpus = float(res.num_gpus or 0.0)
+    if num_gpus > 0 and gpus == 0:
+        raise ResourceError(
+            f"step '{step}' asks for num_gpus={res.num_gpus} but the cluster has no GPU; "
+            "use `num_gpus: auto` to run on GPUs where they exist and on CPUs elsewhere"
+        )
+    if num_gpus > gpus:
+        raise ResourceError(
+            f"step '{step}' asks for num_gpus={num_gpus} per worker; the cluster has "
+            f"{cap.describe('GPU')}"
+        )
+    return num_gpus
+
+
+def _check_group(
+    step: str, cap: Capacity, num_workers: int, num_cpus: float, num_gpus: float
+) -> None:
+    """A worker, and the group of them, within what the cluster holds or can grow to."""
+    cpus, gpus = cap.most("CPU"), cap.most("GPU")
+    if num_cpus > cpus:
+        raise ResourceError(
+            f"step '{step}' asks for num_cpus={num_cpus:g} per worker; the cluster has "
+            f"{cap.describe('CPU')}"
+        )
+    if num_workers * num_cpus > cpus:
+        raise ResourceError(
+            f"step '{step}' asks for {num_workers} workers x {num_cpus:g} CPUs; the cluster has "
+            f"{cap.describe('CPU')}. Lower resources.num_workers or resources.num_cpus"
+        )
+    if num_gpus > 0 and num_workers * num_gpus > gpus:
+        raise ResourceError(
+            f"step '{step}' asks for {num_workers} workers x {num_gpus:g} GPUs; the cluster has "
+            f"{cap.describe('GPU')}"
+        )
 
 
 def demand(kind: str, stateful: bool, res: Resources, fitted: Fitted) -> list[dict[str, float]]:

@@ -81,7 +81,9 @@ def free_port() -> int:
 
 
 class RayRuntime:
-    """Starts Ray on first use; shuts it down only if it started it."""
+    """Where a run's work runs, as the executor sees it: `ensure` (Ray started on first use;
+    what the cluster holds), `check_storage`, `wait_for_nodes` and `release_nodes` (an
+    autoscaler's), `shutdown` (only a Ray it started)."""
 
     def __init__(self, address: str | None):
         self.address = address or os.environ.get("RAY_ADDRESS") or "local"
@@ -131,6 +133,12 @@ class RayRuntime:
                     workers = f" (Ray's worker logs: {session}/logs)"
                 log.info("Ray's and libraries' logs: %s%s; -v shows them", logs, workers)
         return capacity.of_cluster()
+
+    def check_storage(self, storage: str) -> None:
+        """Refuse storage that some node of the cluster cannot see (shared.py)."""
+        from difforge.platform.shared import check_shared
+
+        check_shared(storage)
 
     def wait_for_nodes(
         self, step: str, bundles: list[dict[str, float]], cap: capacity.Capacity

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difforge.platform import settings
+from difforge.platform.errors import DifforgeError
 from difforge.platform.events import RunObserver, StepLog
 from difforge.platform.progress import PROGRESS_EVERY_S, PROGRESS_METRIC, quiet_libraries
 from difforge.platform.watchdog import Heartbeat, process_identity, reap_dead_runs
@@ -218,6 +219,66 @@ class StepTracker:
         self.client.set_terminated(self.run_id, status=status)
 
 
+def unreachable(uri: str, exc: BaseException) -> None:
+    """Raise a short DifforgeError where `exc` says an MLflow server could not be reached
+    (refused, timed out, no such host): the address tried and what to do, no traceback."""
+    text = str(exc)
+    signs = ("Failed to establish a new connection", "Max retries exceeded", "timed out")
+    if uri.startswith(("http://", "https://")) and any(sign in text for sign in signs):
+        why = "connection refused" if "refused" in text else "no answer"
+        raise DifforgeError(
+            f"cannot reach the MLflow tracking server at {uri} ({why}): start it (`mlflow "
+            "server`, or `infra/local/up.sh`), or point tracking.uri / MLFLOW_TRACKING_URI at "
+            "one that runs; without either, runs track to SQLite in DIFFORGE_HOME"
+        ) from None
+
+
+# Arrow's types as MLflow's column types (its UI shows a dataset's schema in these)
+_MLFLOW_TYPES = {
+    "string": "string",
+    "large_string": "string",
+    "binary": "binary",
+    "bool": "boolean",
+}
+_MLFLOW_TYPES.update(large_binary="binary", int32="integer", int64="long", double="double")
+_MLFLOW_TYPES.update(float="float", int8="integer", int16="integer", uint8="integer")
+
+
+def dataset_inputs(step: PlannedStep) -> list:
+    """A step's inputs as MLflow datasets (its Datasets panel): name, the fingerprint as
+    digest, the URI as source, the schema and a profile with the row count; context `input`.
+    Each step's output so shows as the next step's input. An input whose manifest cannot be
+    read now (it is an upstream step's, not yet committed) is left out."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from difforge.platform.datasets import read_manifest
+
+    out = []
+    for ref in step.inputs:
+        try:
+            manifest = read_manifest(ref.uri)
+        except Exception:  # noqa: BLE001 - not committed yet: nothing to show
+            continue
+        columns = [
+            {"name": c["name"], "type": _MLFLOW_TYPES.get(c["type"], "string")}
+            for c in manifest.columns
+        ]
+        dataset = Dataset(
+            name=ref.text,
+            digest=manifest.fingerprint,
+            source_type="difforge",
+            source=json.dumps({"uri": ref.uri}),
+            schema=json.dumps({"mlflow_colspec": columns}),
+            profile=json.dumps({"num_rows": manifest.num_rows, "files": len(manifest.files)}),
+        )
+        out.append(DatasetInput(dataset, [InputTag("mlflow.data.context", "input")]))
+    return out
+
+
+# MLflow's UI opens an experiment of this kind on its runs (not on GenAI's traces and judges)
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 class Tracker:
     """The pipeline run and its nested step runs."""
 
@@ -228,19 +289,27 @@ class Tracker:
         self.experiment = experiment
         with _store_lock(self.uri):
             self.client = _client(self.uri)
-            self.experiment_id = self._experiment_id()
+            try:
+                self.experiment_id = self._experiment_id()
+            except Exception as exc:
+                unreachable(self.uri, exc)
+                raise
         self.run: StepTracker | None = None
 
     def _experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is not None:
+            if exp.tags.get(EXPERIMENT_KIND[0]) is None:  # made before difforge said so
+                self.client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
             return exp.experiment_id
         location = None
         if is_local_store(self.uri):
             # Set explicitly, or artifacts land in ./mlruns of whatever the current folder is.
             location = (settings.default_artifact_root() / self.experiment).as_uri()
         try:
-            return self.client.create_experiment(self.experiment, artifact_location=location)
+            return self.client.create_experiment(
+                self.experiment, artifact_location=location, tags=dict([EXPERIMENT_KIND])
+            )
         except Exception:
             # another process created it between our look-up and create
             exp = self.client.get_experiment_by_name(self.experiment)
@@ -297,6 +366,7 @@ class MlflowObserver(RunObserver):
         self.heartbeat: Heartbeat | None = None
         self.steps: dict[str, StepTracker] = {}
         self.pipeline = ""
+        self.source: dict[str, str | None] = {}
 
     @property
     def uri(self) -> str:
@@ -314,13 +384,23 @@ class MlflowObserver(RunObserver):
                 log.info("run %s: its driver is gone; marked FAILED", dead)
         except Exception as exc:  # noqa: BLE001 - housekeeping never fails a run
             log.debug("could not check for dead runs: %s", exc)
+        commit = git_commit()
+        self.source = {  # MLflow's "Source": the pipeline file, and the commit it was run at
+            "mlflow.source.name": self.tags.get("difforge.file") or plan.name,
+            "mlflow.source.type": "JOB" if "difforge.job_id" in self.tags else "LOCAL",
+            "mlflow.source.git.commit": commit,
+        }
+        steps = ", ".join(f"{s.id} ({s.op})" for s in plan.steps)
         self.parent = tracker.start_pipeline(
             plan.name,
             {
                 **process_identity(),
+                **self.source,
+                "mlflow.note.content": f"difforge pipeline `{plan.name}`, storage "
+                f"{plan.storage}: {len(plan.steps)} steps, {steps}.",
                 "difforge.pipeline": plan.name,
                 "difforge.storage": plan.storage,
-                "difforge.git_commit": git_commit(),
+                "difforge.git_commit": commit,
                 **self.tags,
             },
         )
@@ -331,7 +411,11 @@ class MlflowObserver(RunObserver):
         tracker.log_files(self.parent, files)
 
     def _tags(self, step: PlannedStep) -> dict[str, str]:
+        reads = ", ".join(r.text for r in step.inputs) or "no input (a source)"
         return {
+            **self.source,
+            "mlflow.note.content": f"`{step.op}` v{step.op_cls.version}: "
+            f"{step.op_cls.description()} Reads {reads}; writes {step.uri}.",
             "difforge.pipeline": self.pipeline,
             "difforge.step": step.id,
             "difforge.op": step.op,
@@ -341,9 +425,16 @@ class MlflowObserver(RunObserver):
             "difforge.uri": step.uri,
         }
 
+    def _log_inputs(self, step: PlannedStep, run_id: str) -> None:
+        assert self.tracker is not None
+        inputs = dataset_inputs(step)
+        if inputs:
+            self.tracker.client.log_inputs(run_id, datasets=inputs)
+
     def step_cached(self, step: PlannedStep, rows: int) -> str | None:
         assert self.tracker is not None
         run = self.tracker.start_step(step.id, {**self._tags(step), "difforge.cached": "true"})
+        self._log_inputs(step, run.run_id)
         run.log_metrics({"rows_out": rows, "cached": 1})
         run.end()
         return run.run_id
@@ -355,6 +446,7 @@ class MlflowObserver(RunObserver):
             tags["difforge.pass"] = "+".join(fused_with)
         run = self.steps[step.id] = self.tracker.start_step(step.id, tags)
         try:
+            self._log_inputs(step, run.run_id)
             run.log_params(step.params.model_dump(mode="json"), prefix="")
         except BaseException:
             run.end("FAILED")

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, difforge_cli
 
 QUICKSTART = str(ROOT / "pipelines" / "quickstart.yaml")
@@ -98,8 +100,51 @@ def test_ops_lists_operators_with_params():
     assert "stages: list (default [{'trials': 10, 'keep': 3}, {'trials': 30, 'keep': 1}])" in dc
 
 
-def test_schema_is_json_schema_of_the_spec():
+def test_schema_is_json_schema_of_the_spec_with_every_operators_params():
     out = difforge_cli("schema")
     schema = json.loads(out.stdout)
     assert schema["title"] == "PipelineSpec"
     assert {"name", "storage", "tracking", "steps"} <= set(schema["properties"])
+    assert "ingest.digits" in schema["$defs"]["StepSpec"]["properties"]["op"]["enum"]
+    assert "train.diffusion.params" in schema["$defs"]
+
+
+SERVE = """
+import subprocess, sys
+from difforge.cli import _serve_until_signalled
+server = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60"], start_new_session=True)
+print(server.pid, flush=True)
+sys.exit(_serve_until_signalled(server))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_served_process_group_ends_with_the_command_whatever_signal_ends_it(sig):
+    """What `difforge ui` does with its MLflow server: Ctrl-C, `kill` and a closed terminal
+    each end the server's whole process group (workers too) and the command, at once."""
+    import signal
+    import time
+
+    import psutil
+
+    command = subprocess.Popen([sys.executable, "-c", SERVE], stdout=subprocess.PIPE, text=True)
+    group = int(command.stdout.readline())
+    deadline = time.time() + 10
+    while len([p for p in psutil.process_iter() if _in_group(p, group)]) < 3:
+        assert time.time() < deadline, "the server's processes never started"
+        time.sleep(0.05)
+    command.send_signal(getattr(signal, sig))
+    assert command.wait(10) == 0
+    time.sleep(0.2)
+    assert not [p.pid for p in psutil.process_iter() if _in_group(p, group)]
+
+
+def _in_group(process, group: int) -> bool:
+    import os
+
+    import psutil
+
+    try:
+        return os.getpgid(process.pid) == group and process.status() != "zombie"
+    except (ProcessLookupError, psutil.Error):
+        return False

@@ -31,6 +31,8 @@ from difforge.operators.distill.progressive import GuidedParams, ProgressivePara
 from difforge.operators.train.diffusion import Params, train
 from tests.unit.test_diffusion_recipe import TINY_UNET, digits_dataset
 
+pytestmark = pytest.mark.slow  # a teacher trained once per module, students trained
+
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
