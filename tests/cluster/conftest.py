@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -114,3 +115,4 @@ def cluster():
         subprocess.run(
             [sys.executable, str(HOSTS), "down"], env=env, capture_output=True, timeout=300
         )
+        shutil.rmtree(parent, ignore_errors=True)  # the plugins' folder, what down left

@@ -4,6 +4,7 @@ traceback, the address tried and what to do. And `difforge ui` leaves nothing be
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -74,20 +75,29 @@ def test_difforge_ui_ended_by_sigterm_leaves_no_process_and_frees_its_port(tmp_p
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-            break
-        except OSError:
-            assert ui.poll() is None and time.time() < deadline, "the UI never answered"
-            time.sleep(0.2)
-    children = psutil.Process(ui.pid).children(recursive=True)
-    assert children  # the MLflow server (and its workers)
-    ui.send_signal(signal.SIGTERM)
-    ui.wait(10)
-    _, alive = psutil.wait_procs(children, timeout=5)
-    assert not alive, [p.cmdline() for p in alive]
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                assert ui.poll() is None and time.time() < deadline, "the UI never answered"
+                time.sleep(0.2)
+        children = psutil.Process(ui.pid).children(recursive=True)
+        assert children  # the MLflow server (and its workers)
+        ui.send_signal(signal.SIGTERM)
+        ui.wait(10)
+        _, alive = psutil.wait_procs(children, timeout=5)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:  # a failed test leaves no server behind either
+        if ui.poll() is None:
+            leader = psutil.Process(ui.pid)
+            children = [*leader.children(recursive=True), leader]
+        for process in children:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
     with socket.socket() as s:  # free again: a server can listen there (as servers do, past
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT)
         s.bind(("127.0.0.1", port))
