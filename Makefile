@@ -8,11 +8,15 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup demo test test-fast lint format docs docs-serve bench ui clean cluster cluster-down
+.PHONY: setup demo test test-fast lint format docs docs-serve docs-screenshots bench ui clean cluster cluster-down
 
 POSTGRES := $(firstword $(wildcard /usr/lib/postgresql/*/bin/postgres) /usr/lib/postgresql/bin/postgres)
 
 REDIS := /usr/bin/redis-server
+
+# Debian's Chromium: the browser of the test of what users browse (Playwright drives it; it
+# downloads no browser of its own)
+CHROMIUM := /usr/bin/chromium
 
 setup: $(STAMP) $(FASHION_MNIST) $(POSTGRES) $(REDIS)
 
@@ -42,6 +46,10 @@ $(REDIS):
 	$(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server
 	-$(SUDO) systemctl disable --now redis-server >/dev/null 2>&1
 
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
 # A cluster of hosts on this machine (network namespaces; needs root): services, head, workers.
 cluster: setup
 	$(SUDO) $(BIN)/python infra/local/hosts.py up
@@ -67,8 +75,13 @@ docs: $(STAMP)
 docs-serve: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
 
-test: setup lint docs
+test: setup $(CHROMIUM) lint docs
 	$(BIN)/python -m pytest
+
+# The docs' pictures of MLflow's UI (docs/img/ui-*.png), taken by the browser test as it checks
+# those pages, on the suite's small quickstart run.
+docs-screenshots: setup $(CHROMIUM)
+	DIFFORGE_SCREENSHOTS=docs/img $(BIN)/python -m pytest tests/integration/test_browser.py -q
 
 # The fast tier, while editing: unit tests but the slow ones (no Ray cluster, no services).
 test-fast: $(STAMP)

@@ -590,62 +590,43 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
-    from difforge.diffusion.model_folder import load_model
-    from difforge.diffusion.sampling import built_in_guidance, sample_batch, to_pil
-    from difforge.diffusion.schedules import default_scheduler, make_scheduler
+    from difforge.diffusion.generate import Generator
     from difforge.platform.errors import DifforgeError
     from difforge.platform.show import grid
 
-    try:
-        model, info, config, vae = load_model(args.model, args.weights, args.training_step)
-    except (FileNotFoundError, OSError) as exc:
-        raise DifforgeError(f"{args.model}: not a difforge model folder ({exc})") from None
-    classes = info.get("num_classes") or 0
-    text = info.get("conditioning") == "text"
-    if text != bool(args.prompt):
+    gen = Generator(args.model, args.weights, args.training_step)
+    if gen.text != bool(args.prompt):
         raise DifforgeError(
             "--prompt: the model is text-conditional: give one"
-            if text
+            if gen.text
             else "--prompt: the model is not text-conditional (--class instead)"
         )
-    if args.label is not None and not 0 <= args.label < max(classes, 1):
-        raise DifforgeError(f"--class {args.label}: the model has {classes} classes")
-    labels = torch.tensor(
-        [args.label if args.label is not None else i % max(classes, 1) for i in range(args.n)]
-    )
-    cond = uncond = None
-    if text:
-        from difforge.diffusion.model_folder import text_conditioning
-        from difforge.diffusion.sampling import prompt_conditions
-
+    if args.label is not None and not 0 <= args.label < max(gen.num_classes, 1):
+        raise DifforgeError(f"--class {args.label}: the model has {gen.num_classes} classes")
+    seeds = [args.seed + i for i in range(args.n)]
+    labels = prompts = None
+    if gen.text:
         prompts = [args.prompt[i % len(args.prompt)] for i in range(args.n)]
-        cond, uncond = prompt_conditions(
-            text_conditioning(args.model), prompts, [args.negative_prompt] * args.n
-        )
-    steps = args.steps or (info.get("num_inference_steps") or 25)
-    args.scheduler = args.scheduler or default_scheduler(config)
-    guidance, drawn_at = built_in_guidance(info, [args.guidance] * args.n)
-    if drawn_at is not guidance:
-        args.guidance = f"{drawn_at[0]} (built into the model)"
-    x = sample_batch(
-        model,
-        info["backbone"],
-        make_scheduler(args.scheduler, config),
-        tuple(info["sample_shape"]),
-        [args.seed + i for i in range(args.n)],
+    elif args.label is not None:
+        labels = [args.label] * args.n
+    drawn = gen.draw(
+        seeds,
         labels,
-        guidance,
-        classes or None,
-        steps,
-        cond=cond,
-        uncond=uncond,
+        prompts,
+        [args.negative_prompt] * args.n,
+        args.steps,
+        args.guidance,
+        args.scheduler,
     )
-    images = to_pil(x, vae)
+    images = drawn.images
+    how = f"{drawn.steps} {drawn.scheduler} steps, guidance " + (
+        f"{drawn.guidance[0]} (built into the model)"
+        if drawn.built_in_guidance
+        else f"{args.guidance}"
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if text:
+    if gen.text:
         from difforge.platform.show import captioned
 
         for i, img in enumerate(images):
@@ -655,20 +636,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
             for t in dict.fromkeys(prompts)
         ]
         captioned(shown, scale=4).save(out / "grid.png")
-        print(
-            f"{args.n} images ({len(shown)} prompt(s), {steps} {args.scheduler} steps, "
-            f"guidance {args.guidance}) in {out}/, grid: {out}/grid.png"
-        )
+        print(f"{args.n} images ({len(shown)} prompt(s), {how}) in {out}/, grid: {out}/grid.png")
         return 0
-    names = info.get("classes") or []
-    for i, (img, y) in enumerate(zip(images, labels.tolist(), strict=True)):
+    names = gen.info.get("classes") or []
+    classes = labels or [i % max(gen.num_classes, 1) for i in range(args.n)]
+    for i, (img, y) in enumerate(zip(images, classes, strict=True)):
         img.save(out / f"{i:05d}-class{y}.png")
     g = grid(images, columns=min(8, args.n))
     g.resize((g.width * 4, g.height * 4), 0).save(out / "grid.png")
     what = f"class {names[args.label] if names and args.label is not None else args.label}"
     print(
-        f"{args.n} images ({what if args.label is not None else 'all classes'}, {steps} "
-        f"{args.scheduler} steps, guidance {args.guidance}) in {out}/, grid: {out}/grid.png"
+        f"{args.n} images ({what if args.label is not None else 'all classes'}, {how}) "
+        f"in {out}/, grid: {out}/grid.png"
     )
     return 0
 
@@ -729,6 +708,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
     from difforge.platform import settings
+    from difforge.platform.tracking import ui_page
 
     store = settings.default_tracking_uri()
     cmd = [
@@ -748,11 +728,28 @@ def cmd_ui(args: argparse.Namespace) -> int:
         settings.default_artifact_root().as_uri(),
     ]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    print(f"MLflow UI for {store} at http://{args.host}:{args.port}  (Ctrl-C stops it)")
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI for {store} at {base}  (Ctrl-C stops it)")
+    for name, experiment_id in _recent_experiments(store):
+        print(f"  {name:24} {ui_page(base, f'experiments/{experiment_id}')}")
+    sys.stdout.flush()  # before the server's own output, and seen at once through a pipe
     # the server and its workers in a process group of their own, ended with this command
     # whatever ends it (Ctrl-C, SIGTERM, a closed terminal's SIGHUP): none left holding the port
     server = subprocess.Popen(cmd, env=env, start_new_session=True)
     return _serve_until_signalled(server)
+
+
+def _recent_experiments(store: str, n: int = 8) -> list[tuple[str, str]]:
+    """(name, id) of the store's most recently updated experiments, if it has any yet: their
+    runs pages are what `difforge ui` prints (MLflow's own links open GenAI's view)."""
+    if not store.startswith("sqlite:///") or not os.path.exists(store[len("sqlite:///") :]):
+        return []
+    from mlflow import MlflowClient
+
+    found = MlflowClient(store).search_experiments(
+        max_results=n + 1, order_by=["last_update_time DESC"]
+    )
+    return [(e.name, e.experiment_id) for e in found if e.name != "Default"][:n]
 
 
 def _serve_until_signalled(server) -> int:

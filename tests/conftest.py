@@ -45,6 +45,13 @@ os.environ.pop("DIFFORGE_CLUSTER", None)
 os.environ.pop("DIFFORGE_SCHEDULES", None)
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """The session's MLflow store and caches go with it (a few hundred MB over a full run);
+    DIFFORGE_KEEP_TEST_HOME=1 keeps them, to look into a failure."""
+    if not os.environ.get("DIFFORGE_KEEP_TEST_HOME"):
+        shutil.rmtree(SESSION_HOME, ignore_errors=True)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need a CUDA GPU: skipped, saying so, where there is none."""
     gpu = [item for item in items if item.get_closest_marker("gpu")]
@@ -223,6 +230,51 @@ def mlflow_server(s3_server):
     yield f"http://127.0.0.1:{port}"
     stop()
     shutil.rmtree(state, ignore_errors=True)
+
+
+QUICKSTART = str(ROOT / "pipelines" / "quickstart.yaml")
+
+
+@pytest.fixture(scope="session")
+def quickstart(ray_session, tmp_path_factory):
+    """The quickstart on a small slice, run once for the session: the tests of
+    tests/integration/test_pipelines.py and the browser's (test_browser.py) look at it."""
+    storage = tmp_path_factory.mktemp("quickstart")
+    overrides = [
+        f"storage={storage}",
+        "tracking.experiment=quickstart-test",
+        "raw.params.limit=1200",
+        "raw_test.params.limit=300",
+        "classifier.params.epochs=2",
+        "classifier.params.batch_size=64",
+        "vae.params.max_steps=60",
+        "vae.params.checkpoint_every=30",
+        "model.params.max_steps=10",
+        "model.params.checkpoint_every=10",
+        "plan.params.num_images=40",
+        "samples.params.num_inference_steps=4",
+        "quality.params.kid_subset_size=20",
+    ]
+    import difforge
+
+    summary = difforge.run(QUICKSTART, overrides)
+    return storage, overrides, summary
+
+
+def load_pyfunc(tracking_uri: str, ref: str):
+    """`mlflow.pyfunc.load_model(ref)` as a user would call it, with MLFLOW_TRACKING_URI set
+    to `tracking_uri` for the call (MLflow's global tracking URI is left as it was: unset)."""
+    import mlflow
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    try:
+        return mlflow.pyfunc.load_model(ref)
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI")
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 def difforge_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd=None):

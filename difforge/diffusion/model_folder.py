@@ -168,11 +168,14 @@ def snapshot_folder(step: int) -> str:
     return f"steps/{step:07d}"
 
 
-def load_model(uri: str, weights: str = "ema", training_step: int | None = None):
+def load_model(
+    uri: str, weights: str = "ema", training_step: int | None = None, vae: str | None = None
+):
     """A model folder, loaded: (network, info dict, scheduler config, VAE or None). `weights`
     "ema" takes the EMA weights where the folder has them, "model" the raw ones, "adapter" a
     fine-tune's adapter put back onto its parent model (what the merged weights equal).
-    `training_step`: the network as it was at that step of training (one of `snapshots`)."""
+    `training_step`: the network as it was at that step of training (one of `snapshots`).
+    `vae`: a local copy of the VAE that a latent model names (its MLflow model carries one)."""
     import diffusers
 
     from difforge.models.resolve import local_copy, resolve
@@ -202,10 +205,11 @@ def load_model(uri: str, weights: str = "ema", training_step: int | None = None)
         model.w_embedding.load_state_dict(read_extra(os.path.join(path, sub), "w_embedding"))
         model.eval()
     scheduler_config = diffusers.DDPMScheduler.load_config(os.path.join(path, "scheduler"))
-    vae = None
+    decoder = None
     if info.get("vae"):
-        vae = diffusers.AutoencoderKL.from_pretrained(local_copy(info["vae"]["uri"])).eval()
-    return model, info, scheduler_config, vae
+        folder = vae or local_copy(info["vae"]["uri"])
+        decoder = diffusers.AutoencoderKL.from_pretrained(folder).eval()
+    return model, info, scheduler_config, decoder
 
 
 def _from_adapter(path: str, info: dict[str, Any], uri: str):

@@ -131,6 +131,16 @@ def local_copy(uri: str) -> str:
     return str(dest)
 
 
+def model_folder_in(path: str) -> str:
+    """The model folder in what a registered version downloads to: an MLflow model (versions
+    registered from this release on) keeps it as its artifact `model`; earlier versions are
+    the folder itself."""
+    inner = os.path.join(path, "artifacts", "model")
+    if os.path.exists(os.path.join(path, "MLmodel")) and os.path.isdir(inner):
+        return inner
+    return path
+
+
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
@@ -148,7 +158,10 @@ def resolve(ref: str, what: str = "model") -> str:
             dest.mkdir(parents=True, exist_ok=True)
             try:
                 client, tracking = _client()
-                source = client.get_model_version(name, version).source
+                found = client.get_model_version(name, version)
+                source = found.source
+                if found.model_id:  # a logged model (this release on): where its files are
+                    source = client.get_logged_model(found.model_id).artifact_location
                 path = download_artifacts(
                     artifact_uri=source, dst_path=str(dest), tracking_uri=tracking
                 )
@@ -156,7 +169,7 @@ def resolve(ref: str, what: str = "model") -> str:
                 raise DifforgeError(
                     f"{ref}: not found in MLflow's model registry ({exc})"
                 ) from None
-            (dest / ".complete").write_text(path)
+            (dest / ".complete").write_text(model_folder_in(path))
         return (dest / ".complete").read_text() or str(dest)
     if "://" in ref:
         return local_copy(ref)

@@ -124,6 +124,27 @@ class JobContext:
         self.log.log_artifacts(local_dir, name)
         return uri
 
+    def publish_model(
+        self,
+        folder: str,
+        kind: str,
+        metrics: dict[str, float] | None = None,
+        mlflow_model: str | None = None,
+        usage: str | None = None,
+    ) -> str:
+        """Copy a local model folder into this step's committed artifacts (`model/`, what the
+        step's `model_uri` names) and register it in MLflow as `<pipeline>-<step>`: as the
+        step's logged model `mlflow_model` (an MLflow model of the folder) where the operator
+        made one, else the folder itself. `usage`: how to use it, for its model card
+        (`{ref}` is replaced by its `models:/` reference)."""
+        uri = self.artifact("model")
+        fs, path = url_to_fs(uri)
+        fs.put(folder.rstrip("/") + "/", path, recursive=True)
+        self.log.register_model(
+            f"{self.pipeline}-{self.step}", mlflow_model or folder, kind, metrics, usage
+        )
+        return uri
+
     @property
     def tracker(self) -> StepLog:
         """The step's log by its former name."""

@@ -58,13 +58,15 @@ class StepLog(Protocol):
     def register_model(
         self,
         name: str,
-        artifact_path: str,
+        folder: str,
         kind: str = "diffusion",
         metrics: dict[str, float] | None = None,
+        description: str | None = None,
     ) -> str | None:
-        """Register this step's artifact folder as a new version of model `name`, tagged with
-        its kind, figures and lineage; return its `models:/name/version` reference (None where
-        there is no registry)."""
+        """Log the local `folder` (an MLflow model, or a plain model folder) as this step's
+        logged model and register it as a new version of model `name`, tagged with its kind,
+        figures and lineage, `description` its model card; return its `models:/name/version`
+        reference (None where there is no registry)."""
 
 
 class NullLog:
@@ -105,9 +107,10 @@ class NullLog:
     def register_model(
         self,
         name: str,
-        artifact_path: str,
+        folder: str,
         kind: str = "diffusion",
         metrics: dict[str, float] | None = None,
+        description: str | None = None,
     ) -> str | None:
         return None
 

@@ -260,8 +260,10 @@ def headline(tracking_uri: str, run_id: str | None) -> tuple[list[str], str | No
         metrics = _computed_metrics(client, exp_id, step)
         sid = step.data.tags.get("difforge.step", "")
         lines += [f"{sid}.{m} {_fmt(metrics[m])}" for m in wanted if m in metrics]
+    from difforge.platform.tracking import ui_page
+
     base = tracking_uri.rstrip("/") if tracking_uri.startswith("http") else UI_ADDRESS
-    return lines, f"{base}/#/experiments/{exp_id}/runs/{run_id}"
+    return lines, ui_page(base, f"experiments/{exp_id}/runs/{run_id}")
 
 
 #: where `difforge ui` serves a local store

@@ -184,39 +184,102 @@ class StepTracker:
     def register_model(
         self,
         name: str,
-        artifact_path: str,
+        folder: str,
         kind: str = "diffusion",
         metrics: dict[str, float] | None = None,
+        description: str | None = None,
     ) -> str | None:
-        """A new version of registered model `name` from this run's `artifact_path`, with the
-        run's lineage (pipeline, step, inputs, dataset), its kind and figures as tags."""
+        """A new version of registered model `name`: the local `folder` (an MLflow model, or a
+        plain model folder) logged as an MLflow logged model of this run (its source run),
+        the version tagged with the run's lineage (pipeline, step, inputs, dataset), its kind
+        and figures; its description the model card (`model_card`), `description` (how to
+        use it) last."""
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
         from mlflow.exceptions import MlflowException
 
+        run = self.client.get_run(self.run_id)
+        tags = run.data.tags
+        lineage = {
+            "pipeline": tags.get("difforge.pipeline", ""),
+            "step": tags.get("difforge.step", ""),
+            "inputs": tags.get("difforge.inputs", ""),
+            "dataset": tags.get("difforge.uri", ""),
+            "kind": kind,
+        }
+        figures = {f"metric.{k}": f"{v:.6g}" for k, v in (metrics or {}).items()}
+        logged = self.client.create_logged_model(
+            run.info.experiment_id,
+            name=lineage["step"] or name,
+            source_run_id=self.run_id,
+            tags={f"difforge.{k}": v for k, v in lineage.items()},
+            model_type=kind,
+        )
+        self.client.log_model_artifacts(logged.model_id, folder)
+        self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, step=0)])
         try:
             self.client.create_registered_model(name)
         except MlflowException:
             pass  # already there
-        run = self.client.get_run(self.run_id)
-        tags = run.data.tags
         version = self.client.create_model_version(
             name,
-            f"{run.info.artifact_uri}/{artifact_path}",
+            logged.artifact_location,  # (models:/ID would be looked up in the default store)
             run_id=self.run_id,
-            tags={
-                "pipeline": tags.get("difforge.pipeline", ""),
-                "step": tags.get("difforge.step", ""),
-                "inputs": tags.get("difforge.inputs", ""),
-                "dataset": tags.get("difforge.uri", ""),
-                "kind": kind,
-                **{f"metric.{k}": f"{v:.6g}" for k, v in (metrics or {}).items()},
-            },
+            tags={**lineage, **figures},
+            model_id=logged.model_id,
         )
         ref = f"models:/{name}/{version.version}"
+        usage = description.replace("{ref}", ref) if description else None
+        card = model_card(name, run, {**run.data.metrics, **(metrics or {})}, usage)
+        self.client.update_model_version(name, version.version, description=card)
+        # the logged model's page links to the version, as MLflow's own registration does
+        link = [{"name": name, "version": version.version}]
+        self.client.set_logged_model_tags(
+            logged.model_id, {"mlflow.modelVersions": json.dumps(link)}
+        )
         self.set_tags({"difforge.registered_model": ref})
         return ref
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+def ui_page(base: str, page: str) -> str:
+    """The address of a page of MLflow's UI at `base` (`experiments/1/runs/ID`, say), in its
+    model-training view: MLflow 3.17's UI opens every experiment in its GenAI view unless the
+    address asks for the other (the experimentKind tag decides only where that toggle is off)."""
+    return f"{base.rstrip('/')}/#/{page}?workflowType=machine_learning"
+
+
+def model_card(name: str, run: Any, metrics: dict[str, float], usage: str | None) -> str:
+    """A registered version's description (Markdown): what made it (step, operator, pipeline,
+    commit), the data it read (URIs and fingerprints), its recipe (the step's params) and its
+    figures at registration."""
+    tags, params = run.data.tags, run.data.params
+    made = (
+        f"**{name}**: step `{tags.get('difforge.step', '?')}` (`{tags.get('difforge.op', '?')}` "
+        f"v{tags.get('difforge.op_version', '?')}) of pipeline `{tags.get('difforge.pipeline', '?')}`"
+        f", run `{run.info.run_id}`"
+    )
+    if tags.get("mlflow.source.git.commit"):
+        made += f", git commit `{tags['mlflow.source.git.commit'][:12]}`"
+    lines = [made + ".", ""]
+    ours = [d.dataset for d in run.inputs.dataset_inputs if d.dataset.source_type == "difforge"]
+    read = {d.name: json.loads(d.source).get("uri") for d in ours}
+    inputs = json.loads(tags.get("difforge.inputs") or "{}")
+    lines.append("Data:")
+    for ref, fingerprint in inputs.items():
+        where = f", `{read[ref]}`" if read.get(ref) else ""
+        lines.append(f"- `{ref}` (fingerprint `{fingerprint}`{where})")
+    if tags.get("difforge.uri"):
+        lines.append(f"- written to `{tags['difforge.uri']}`")
+    recipe = ", ".join(f"`{k}={v}`" for k, v in sorted(params.items()))
+    lines += ["", f"Recipe: {recipe[:MAX_PARAM] or 'defaults'}.", ""]
+    figures = ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()) if not k.startswith("_"))
+    lines.append(f"Figures at registration: {figures or 'none yet'}.")
+    if usage:
+        lines += ["", usage]
+    return "\n".join(lines)
 
 
 def unreachable(uri: str, exc: BaseException) -> None:
@@ -244,17 +307,20 @@ _MLFLOW_TYPES.update(large_binary="binary", int32="integer", int64="long", doubl
 _MLFLOW_TYPES.update(float="float", int8="integer", int16="integer", uint8="integer")
 
 
-def dataset_inputs(step: PlannedStep) -> list:
+def dataset_inputs(step: PlannedStep, known: set[str] | frozenset = frozenset()) -> list:
     """A step's inputs as MLflow datasets (its Datasets panel): name, the fingerprint as
     digest, the URI as source, the schema and a profile with the row count; context `input`.
     Each step's output so shows as the next step's input. An input whose manifest cannot be
-    read now (it is an upstream step's, not yet committed) is left out."""
+    read now (an upstream step's in the same fused pass, not yet committed) is left out, as
+    are those named `known` (logged already)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     from difforge.platform.datasets import read_manifest
 
     out = []
     for ref in step.inputs:
+        if ref.text in known:
+            continue
         try:
             manifest = read_manifest(ref.uri)
         except Exception:  # noqa: BLE001 - not committed yet: nothing to show
@@ -275,7 +341,8 @@ def dataset_inputs(step: PlannedStep) -> list:
     return out
 
 
-# MLflow's UI opens an experiment of this kind on its runs (not on GenAI's traces and judges)
+# what difforge's experiments are: MLflow's UI opens one of this kind on its runs (not on
+# GenAI's traces and judges) where its view toggle is off; 3.17's is on, hence `ui_page`
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
@@ -347,11 +414,6 @@ class Tracker:
                     f.write(content)
             run.log_artifacts(tmp)
 
-    def run_url(self, run_id: str) -> str | None:
-        if self.uri.startswith("http"):
-            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
-        return None
-
 
 class MlflowObserver(RunObserver):
     """Tracks a run in MLflow: one parent run for the pipeline (its settings as params, the
@@ -365,6 +427,7 @@ class MlflowObserver(RunObserver):
         self.parent: StepTracker | None = None
         self.heartbeat: Heartbeat | None = None
         self.steps: dict[str, StepTracker] = {}
+        self.inputs_logged: dict[str, set[str]] = {}
         self.pipeline = ""
         self.source: dict[str, str | None] = {}
 
@@ -425,11 +488,13 @@ class MlflowObserver(RunObserver):
             "difforge.uri": step.uri,
         }
 
-    def _log_inputs(self, step: PlannedStep, run_id: str) -> None:
+    def _log_inputs(self, step: PlannedStep, run_id: str, known=frozenset()) -> set[str]:
+        """Log the step's committed inputs not `known`; return the names of all it has."""
         assert self.tracker is not None
-        inputs = dataset_inputs(step)
+        inputs = dataset_inputs(step, known)
         if inputs:
             self.tracker.client.log_inputs(run_id, datasets=inputs)
+        return {*known, *(i.dataset.name for i in inputs)}
 
     def step_cached(self, step: PlannedStep, rows: int) -> str | None:
         assert self.tracker is not None
@@ -446,7 +511,7 @@ class MlflowObserver(RunObserver):
             tags["difforge.pass"] = "+".join(fused_with)
         run = self.steps[step.id] = self.tracker.start_step(step.id, tags)
         try:
-            self._log_inputs(step, run.run_id)
+            self.inputs_logged[step.id] = self._log_inputs(step, run.run_id)
             run.log_params(step.params.model_dump(mode="json"), prefix="")
         except BaseException:
             run.end("FAILED")
@@ -457,6 +522,8 @@ class MlflowObserver(RunObserver):
         self, step: PlannedStep, metrics: dict[str, float], manifest: dict[str, Any]
     ) -> None:
         run = self.steps.pop(step.id)
+        # inputs from the same fused pass are committed now
+        self._log_inputs(step, run.run_id, self.inputs_logged.pop(step.id, frozenset()))
         run.log_metrics(metrics)
         run.log_dict(manifest, "manifest.json")
         nodes = manifest.get("producer", {}).get("nodes")

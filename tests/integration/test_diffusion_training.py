@@ -71,7 +71,7 @@ def test_two_workers_zero2_to_a_registered_model(trained):
         assert [m.step for m in waits] == [m.step for m in computes] == [10, 20, 30]
         assert all(m.value >= 0 for m in waits) and all(m.value > 0 for m in computes)
     names = {a.path for a in client.list_artifacts(run_id)}
-    assert {"samples.png", "model"} <= names
+    assert "samples.png" in names  # the model is its logged model, not a run artifact
     registered = client.get_run(run_id).data.tags["difforge.registered_model"]
     assert registered.startswith("models:/diffusion-model/")
     version = client.get_model_version("diffusion-model", registered.rsplit("/", 1)[1])

@@ -5,11 +5,12 @@ takes w; consistency, into a student with guidance built in. Each is then sample
 
 from __future__ import annotations
 
+import pandas as pd
 from mlflow.tracking import MlflowClient
 
 import difforge
 from difforge.diffusion.model_folder import model_info
-from tests.conftest import difforge_cli, digits_pipeline
+from tests.conftest import difforge_cli, digits_pipeline, load_pyfunc
 
 
 def test_guided_distillation_pipeline(ray_session, digits_storage, tmp_path):
@@ -61,7 +62,12 @@ def test_guided_distillation_pipeline(ray_session, digits_storage, tmp_path):
     assert [m.step for m in history] == [20, 40, 60, 80]  # each step once
     names = {a.path for a in client.list_artifacts(run_id)}
     # a grid and a Fréchet distance after each phase: guidance folded in (4 steps), then halved
-    assert {"samples_2_steps.png", "round_0_4_steps.png", "round_1_2_steps.png", "model"} <= names
+    assert {"samples_2_steps.png", "round_0_4_steps.png", "round_1_2_steps.png"} <= names
+    # registered as an MLflow model that draws in its own 2 steps at the w asked for
+    ref = client.get_run(run_id).data.tags["difforge.registered_model"]
+    asked = pd.DataFrame({"class_label": [1, 1], "seed": [0, 0], "guidance": [0.0, 3.0]})
+    drawn = load_pyfunc(summary.tracking_uri, ref).predict(asked)
+    assert drawn.image[0] != drawn.image[1]  # w is an input of a guided student
     fd = client.get_metric_history(run_id, "fd")
     assert [m.step for m in fd] == [40, 80] and all(m.value > 0 for m in fd)
     sampled = difforge_cli(

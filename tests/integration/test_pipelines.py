@@ -12,32 +12,14 @@ from mlflow.tracking import MlflowClient
 
 import difforge
 from difforge.platform.datasets import open_dataset
-from tests.conftest import ROOT, difforge_cli
-
-QUICKSTART = str(ROOT / "pipelines" / "quickstart.yaml")
-
-
-@pytest.fixture(scope="module")
-def quickstart(ray_session, tmp_path_factory):
-    """The quickstart on a small slice, run once for the tests of this module."""
-    storage = tmp_path_factory.mktemp("quickstart")
-    overrides = [
-        f"storage={storage}",
-        "tracking.experiment=quickstart-test",
-        "raw.params.limit=1200",
-        "raw_test.params.limit=300",
-        "classifier.params.epochs=2",
-        "classifier.params.batch_size=64",
-        "vae.params.max_steps=60",
-        "vae.params.checkpoint_every=30",
-        "model.params.max_steps=10",
-        "model.params.checkpoint_every=10",
-        "plan.params.num_images=40",
-        "samples.params.num_inference_steps=4",
-        "quality.params.kid_subset_size=20",
-    ]
-    summary = difforge.run(QUICKSTART, overrides)
-    return storage, overrides, summary
+from tests.conftest import (
+    BIN,
+    QUICKSTART,
+    difforge_cli,
+    free_port,
+    load_pyfunc,
+    wait_for,
+)
 
 
 def test_quickstart_runs_every_step(quickstart):
@@ -119,7 +101,8 @@ def test_quickstart_is_tracked_in_mlflow(quickstart):
     clf = by_step["classifier"]
     history = client.get_metric_history(clf.info.run_id, "accuracy")
     assert [m.step for m in history] == [0, 1]  # one point per epoch, none twice
-    assert "model" in {a.path for a in client.list_artifacts(clf.info.run_id)}
+    (logged,) = client.get_run(clf.info.run_id).outputs.model_outputs  # its logged model
+    assert client.get_logged_model(logged.model_id).model_type == "classifier"
     # the diffusion model's grid, drawn by its training worker: 10 rows of 8 samples decoded
     # through the VAE to 32 x 32 images (4 x 8 x 8 latents would tile 32 x 8), 3x, 2 px apart
     from PIL import Image
@@ -177,6 +160,7 @@ def test_the_console_ends_with_the_result_and_the_runs_page(quickstart):
     assert (
         browse
         == f"browse it: difforge ui, then http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{run_id}"
+        "?workflowType=machine_learning"
     )
     assert (
         lines.index(browse)
@@ -244,3 +228,64 @@ def test_run_summary_table_and_manifest(quickstart):
     )
     assert manifest["producer"]["op"] == "ingest.fashion_mnist"
     assert manifest["num_rows"] == 1200 and manifest["difforge_version"] == difforge.__version__
+
+
+def test_the_registered_model_draws_offline_and_answers_http(quickstart):
+    """The quickstart's model, registered as an MLflow model that carries its VAE: loaded with
+    `mlflow.pyfunc` (the hub offline) it draws 32 x 32 images decoded from its 4 x 8 x 8
+    latents; `mlflow models serve --env-manager local` answers a request with them, and a
+    class it does not have with an error saying so."""
+    import base64
+    import io
+    import os
+    import signal
+
+    import pandas as pd
+    import requests
+    from PIL import Image
+
+    _, _, summary = quickstart
+    client = MlflowClient(summary.tracking_uri)
+    ref = client.get_run(summary.step("model").run_id).data.tags["difforge.registered_model"]
+    name, version = ref.removeprefix("models:/").split("/")
+    card = client.get_model_version(name, version).description
+    latents = json.loads(client.get_run(summary.step("model").run_id).data.tags["difforge.inputs"])
+    read = f"`latents` (fingerprint `{latents['latents']}`, `{summary.step('latents').uri}`)"
+    assert read in card and "`max_steps=10`" in card  # what it read, where; its recipe
+    model = load_pyfunc(summary.tracking_uri, ref)
+    assert model.unwrap_python_model().generator.vae is not None  # its own copy of the VAE
+    out = model.predict(pd.DataFrame({"class_label": [0, 9], "seed": [0, 1], "steps": [2, 2]}))
+    assert [Image.open(io.BytesIO(base64.b64decode(b))).size for b in out.image] == [(32, 32)] * 2
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": summary.tracking_uri,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+    }
+    served = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", ref, "--env-manager", "local"]
+        + ["-h", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(
+            lambda: served.poll() is None and requests.get(f"{url}/ping", timeout=1).ok,
+            60,
+            "mlflow models serve",
+        )
+        asked = {"dataframe_records": [{"class_label": 3, "seed": 0, "steps": 2, "guidance": 3}]}
+        answer = requests.post(f"{url}/invocations", json=asked, timeout=60)
+        assert answer.status_code == 200, answer.text[-2000:]
+        (row,) = answer.json()["predictions"]
+        assert Image.open(io.BytesIO(base64.b64decode(row["image"]))).size == (32, 32)
+        bad = requests.post(
+            f"{url}/invocations", json={"dataframe_records": [{"class_label": 12}]}, timeout=60
+        )
+        assert bad.status_code == 400 and "class 12: the model has 10 classes" in bad.text
+    finally:
+        os.killpg(served.pid, signal.SIGTERM)
+        served.wait(timeout=30)

@@ -81,6 +81,22 @@ def test_a_pipeline_and_its_steps_become_nested_runs_with_their_lineage(tmp_path
         assert run.data.tags["mlflow.source.type"] == "JOB"  # a submitted job's (job_id tag)
 
 
+def test_an_input_committed_later_in_the_same_pass_shows_when_the_step_ends(tmp_path, plan):
+    """Fused steps start together: the input of the second is committed only when the first's
+    part of the pass commits. It shows in the Datasets panel once the step has ended."""
+    seen, client = observer(tmp_path)
+    raw, clean = plan.steps
+    seen.pipeline_started(plan, {}, {})
+    seen.step_started(raw, ["raw", "clean"])
+    log = seen.step_started(clean, ["raw", "clean"])
+    assert client.get_run(log.run_id).inputs.dataset_inputs == []  # raw is not committed yet
+    write_dataset(raw.uri, pa.table({"id": ["a"], "label": [1]}), raw.fingerprint)
+    seen.step_finished(raw, {"rows_out": 1}, {"num_rows": 1})
+    seen.step_finished(clean, {"rows_out": 1}, {"num_rows": 1})
+    (read,) = client.get_run(log.run_id).inputs.dataset_inputs
+    assert (read.dataset.name, read.dataset.digest) == ("raw", raw.fingerprint)
+
+
 def test_a_failed_step_and_a_killed_pipeline_end_as_such(tmp_path, plan):
     seen, client = observer(tmp_path)
     seen.pipeline_started(plan, {}, {})

@@ -250,8 +250,9 @@ class _Distill(JobOperator):
             unet = student.unet if self.guided else student
             extras = {"w_embedding": student.w_embedding.state_dict()} if self.guided else None
             write_model_folder(d, ModelInfo(**out), unet, scheduler, extras=extras)
-            ctx.publish(d, "model")
-        ctx.log.register_model(f"{ctx.pipeline}-{ctx.step}", "model", kind="distilled")
+            from difforge.diffusion.serving import register
+
+            register(ctx, d, out, "distilled")
         return ctx.artifact("model"), out
 
 

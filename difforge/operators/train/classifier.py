@@ -223,14 +223,8 @@ class Classifier(JobOperator):
             )
             with open(os.path.join(d, "config.json"), "w") as f:
                 json.dump(model_config, f, indent=2)
-            ctx.publish(d, "model")
-        ctx.log.log_metrics({"final_accuracy": result.metrics["accuracy"]})
-        ctx.log.register_model(
-            f"{ctx.pipeline}-{ctx.step}",
-            "model",
-            kind="classifier",
-            metrics={"accuracy": result.metrics["accuracy"]},
-        )
+            ctx.log.log_metrics({"final_accuracy": result.metrics["accuracy"]})
+            ctx.publish_model(d, "classifier", metrics={"accuracy": result.metrics["accuracy"]})
         table = pa.table(
             {
                 C.ID: ["model"],

@@ -745,13 +745,10 @@ def export(
             snap = copy.deepcopy(trained)
             snap.load_state_dict(state)
             plain(snap).save_pretrained(os.path.join(d, snapshot_folder(at)))
-        ctx.publish(d, "model")
-    # in the MLflow Model Registry, with the step's lineage as tags
-    ctx.log.register_model(
-        f"{ctx.pipeline}-{ctx.step}",
-        "model",
-        kind="adapter" if adapter is not None else "diffusion",
-    )
+        # committed with the dataset, and an MLflow model in the registry, with its lineage
+        from difforge.diffusion.serving import register
+
+        register(ctx, d, info, "adapter" if adapter is not None else "diffusion")
     return ctx.artifact("model"), info
 
 

@@ -260,10 +260,7 @@ class TrainVAE(JobOperator):
                     },
                     f,
                 )
-            ctx.publish(d, "model")
-        ctx.log.register_model(
-            f"{ctx.pipeline}-{ctx.step}", "model", kind="vae", metrics={figure: psnr}
-        )
+            ctx.publish_model(d, "vae", metrics={figure: psnr})
         del np
         table = pa.table(
             {
