@@ -540,7 +540,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_ops(args: argparse.Namespace) -> int:
     from difforge.platform import registry
-    from difforge.platform.opdoc import param_rows
+    from difforge.platform.opdoc import columns_line, param_rows
 
     names = [args.name] if args.name else registry.names()
     for name in names:
@@ -557,7 +557,7 @@ def cmd_ops(args: argparse.Namespace) -> int:
             )
             print(f"    {field}: {kind}{shown}{'  ' + desc if desc else ''}")
         if args.name:
-            print(f"    reads: {', '.join(op.reads) or '-'}; writes: {', '.join(op.writes) or '-'}")
+            print(f"    {columns_line(op).lower()}")
             if op.side_outputs:
                 print(f"    side outputs: {', '.join(op.side_outputs)}")
             print(f"    resources: {op.resources.model_dump(exclude_none=True)}")

@@ -8,7 +8,8 @@ Ray. A plugin's own tests call it on their operator:
 
 It checks that
 - its `Params` forbid unknown fields (a typo in YAML is an error, not a silent default);
-- the columns it declares (`output_columns`, `side_output_columns`) are the columns it writes;
+- the columns it declares (`columns()`, or the former `reads`, `writes`, `output_columns` ...)
+  are those it writes, and the sample has those it reads;
 - every batch's output has one schema, and undeclared outputs are never returned;
 - its output is deterministic: the same batch twice gives the same rows;
 - it does not depend on how rows are batched: the whole sample at once and the sample in
@@ -30,7 +31,13 @@ from pydantic import ValidationError
 from difforge.platform.context import MapContext
 from difforge.platform.errors import DifforgeError
 from difforge.platform.fusion import plain_map
-from difforge.platform.operator import MAIN, MapOperator
+from difforge.platform.operator import (
+    MAIN,
+    MapOperator,
+    output_columns,
+    required_columns,
+    side_output_columns,
+)
 from difforge.platform.outputs import write_dataset
 
 
@@ -115,14 +122,18 @@ def check_map_operator(
                 f"{slice_rows} rows (a fused pass batches it so)"
             )
 
-    declared = op_cls.output_columns(validated, [set(sample.column_names)])
+    declaring = op_cls(validated)  # its columns() (or the former spellings)
+    missing = required_columns(declaring) - set(sample.column_names)
+    if missing:
+        raise ConformanceError(f"{name}: reads {sorted(missing)}, which the sample lacks")
+    declared = output_columns(declaring, [set(sample.column_names)])
     written = set(whole[MAIN].column_names)
     if declared is not None and declared != written:
         raise ConformanceError(
             f"{name}: declares columns {sorted(declared)} but writes {sorted(written)}"
         )
     for side in op_cls.side_outputs:
-        side_declared = op_cls.side_output_columns(validated, side)
+        side_declared = side_output_columns(declaring, side)
         if side in whole and side_declared is not None:
             if side_declared != set(whole[side].column_names):
                 raise ConformanceError(

@@ -76,13 +76,12 @@ class FinalizeContext:
 
     @property
     def tracker(self) -> StepLog:
-        """The step's log by its former name (`finalize(outcome, tracker)` plugins keep
-        working: its `log_metrics`, `log_image` ... are also this context's)."""
-        return self.log
+        return _former("tracker", self.log)
 
     def __getattr__(self, name: str) -> Any:
+        # a `finalize(outcome, tracker)` of the former contract called the log's methods on it
         if name.startswith("log_") or name in ("set_tags", "run_id"):
-            return getattr(self.log, name)
+            return _former(name, getattr(self.log, name))
         raise AttributeError(name)
 
 
@@ -147,5 +146,18 @@ class JobContext:
 
     @property
     def tracker(self) -> StepLog:
-        """The step's log by its former name."""
-        return self.log
+        return _former("tracker", self.log)
+
+
+def _former(name: str, value: Any) -> Any:
+    """`value`, reached by a former spelling of the context (`ctx.tracker`, `ctx.log_metrics`):
+    a DeprecationWarning says to use `ctx.log`."""
+    import warnings
+
+    warnings.warn(
+        f"ctx.{name} is the former spelling of ctx.log{'' if name == 'tracker' else '.' + name};"
+        " it works until difforge 0.3",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return value

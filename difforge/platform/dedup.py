@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from difforge.platform import columns as C
 from difforge.platform.datasets import join, url_to_fs
-from difforge.platform.operator import JobOperator, JobResult
+from difforge.platform.operator import JobOperator, JobResult, required_columns
 from difforge.platform.outputs import MAIN, SHARD_ROWS, collect
 from difforge.platform.parallel import SINGLE_TASK_ROWS
 
@@ -168,7 +168,7 @@ def run_dedup(op: DedupOperator, ctx: JobContext) -> JobResult:
     )
 
     res = ctx.resources
-    columns = sorted(op.required_columns(op.params))
+    columns = sorted(required_columns(op))
     match = partial(op.match, reference=len(ctx.inputs) > 1)
     side = {DUPLICATES: ctx.outputs[DUPLICATES]}
     roles = ["main", "ref"][: len(ctx.inputs)]

@@ -27,7 +27,13 @@ from difforge.platform.events import Observers, RunObserver, StepLog
 from difforge.platform.failures import cause, failed_step
 from difforge.platform.fusion import passes
 from difforge.platform.leases import Lease, claim
-from difforge.platform.operator import MAIN, JobOperator, StepOutcome
+from difforge.platform.operator import (
+    MAIN,
+    JobOperator,
+    StepOutcome,
+    output_metadata,
+    required_columns,
+)
 from difforge.platform.outputs import Output, new_attempt, nodes_seen, saw_nodes, this_node
 from difforge.platform.passes import PassStep, keeps_progress, output_names, run_map_pass
 from difforge.platform.plan import Plan, PlannedStep, build_plan
@@ -130,7 +136,7 @@ class Executor:
     ) -> tuple[dict[str, list[dict]], int | None, dict]:
         inputs = [Dataset(r.uri) for r in step.inputs]
         if inputs:
-            problems = type_problems(inputs[0].schema, step.op_cls.required_columns(step.params))
+            problems = type_problems(inputs[0].schema, required_columns(step.operator))
             if problems:
                 raise DifforgeError(
                     f"step '{step.id}' ({step.op}): its input's " + "; ".join(problems)
@@ -352,7 +358,7 @@ def _metadata(step: PlannedStep, extra: dict | None) -> dict[str, Any]:
     if extra is not None:
         metadata.update(extra)
     else:
-        metadata.update(step.operator.output_metadata([Dataset(r.uri) for r in step.inputs]))
+        metadata.update(output_metadata(step.operator, [Dataset(r.uri) for r in step.inputs]))
     return metadata
 
 

@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from difforge.platform.operator import columns_by_default
+
 
 def type_name(annotation: Any) -> str:
     """A parameter's type as a user writes it: `one of: a, b` for a Literal."""
@@ -39,6 +41,18 @@ def _nested_model(annotation: Any) -> type[BaseModel] | None:
     if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
         return args[0]
     return None
+
+
+def columns_line(op, quote: str = "{}") -> str:
+    """ "Reads: a, b; writes: c" at the operator's default params (its `columns()`)."""
+    found = columns_by_default(op)
+    if found is None:
+        return "Reads and writes: depend on its params"
+    reads, writes = found
+    shown = ", ".join(quote.format(c) for c in writes) if writes else "-"
+    if writes is None:
+        shown = "known once it runs"
+    return f"Reads: {', '.join(quote.format(c) for c in reads) or '-'}; writes: {shown}"
 
 
 def param_rows(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, str, str, str]]:
@@ -77,8 +91,7 @@ def reference_markdown() -> str:
                 cells = [f"`{field}`", kind, f"`{default}`" if default else "", desc]
                 out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
             out.append("")
-        out.append(f"Reads: {', '.join(f'`{c}`' for c in op.reads) or '-'}. ")
-        out.append(f"Writes: {', '.join(f'`{c}`' for c in op.writes) or '-'}.")
+        out.append(columns_line(op, "`{}`") + ".")
         if op.side_outputs:
             out[-1] += f" Side outputs: {', '.join(f'`{s}`' for s in op.side_outputs)}."
         resources = op.resources.model_dump(exclude_none=True)

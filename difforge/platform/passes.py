@@ -26,7 +26,13 @@ from difforge.platform.context import MapContext
 from difforge.platform.datasets import Dataset, join
 from difforge.platform.errors import DifforgeError
 from difforge.platform.failures import STEP_NOTE
-from difforge.platform.operator import MAIN, JobOperator, SourceOperator
+from difforge.platform.operator import (
+    MAIN,
+    JobOperator,
+    SourceOperator,
+    output_metadata,
+    required_columns,
+)
 from difforge.platform.outputs import (
     MIN_SHARD_ROWS,
     SHARDS_PER_CPU,
@@ -103,7 +109,7 @@ class PassWorker:
         self.ops, self.reads = [], []
         for k, s in enumerate(stages):
             op = s.op_cls(s.op_cls.Params.model_validate(s.params))
-            self.reads.append(s.op_cls.required_columns(op.params))
+            self.reads.append(required_columns(op))
             if not (k == 0 and self.source):
                 try:
                     op.setup(s.ctx)
@@ -341,7 +347,7 @@ def _stages(chain: list[PassStep]) -> list[Stage]:
             meta = inputs[0].metadata if inputs else {}
         else:
             inputs, meta = [], pending  # plain maps' metadata depends on params alone
-        pending = {**meta, **step.operator.output_metadata(inputs)}
+        pending = {**meta, **output_metadata(step.operator, inputs)}
         outputs = {name: Output(step.output_uri(name), s.attempt) for name in output_names(step)}
         ctx = None
         if not (k == 0 and issubclass(step.op_cls, SourceOperator)):

@@ -25,7 +25,14 @@ from difforge.platform.datasets import (
 from difforge.platform.devices import device_class, uses_auto_precision
 from difforge.platform.errors import DifforgeError, Problem, SpecError
 from difforge.platform.fingerprint import fingerprint
-from difforge.platform.operator import MAIN, Operator, SourceOperator
+from difforge.platform.operator import (
+    MAIN,
+    Operator,
+    SourceOperator,
+    output_columns,
+    required_columns,
+    side_output_columns,
+)
 from difforge.platform.spec import LoadedSpec, Resources
 
 log = logging.getLogger("difforge")
@@ -370,7 +377,7 @@ def fingerprint_steps(
         problems += _resolve_input_data(loaded, steps, step, i)
         input_cols = [ref.columns for ref in step.inputs]
         if step.inputs and input_cols[0] is not None:
-            missing = step.op_cls.required_columns(step.params) - input_cols[0]
+            missing = required_columns(step.operator) - input_cols[0]
             if missing:
                 have = ", ".join(sorted(input_cols[0])) or "none"
                 said = (
@@ -378,7 +385,7 @@ def fingerprint_steps(
                     f"'{step.inputs[0].text}', which has: {have}"
                 )
                 problems.append(loaded.problem(said, ("steps", i, "inputs"), sid, "inputs"))
-        step.columns = step.op_cls.output_columns(step.params, input_cols)
+        step.columns = output_columns(step.operator, input_cols)
         payload: dict[str, Any] = {
             "op": step.op,
             "version": step.op_cls.version,
@@ -417,9 +424,7 @@ def _resolve_input_data(
             ref.fingerprint = up.fingerprint
             ref.uri = up.output_uri(ref.output)
             ref.columns = (
-                up.columns
-                if ref.output == MAIN
-                else up.op_cls.side_output_columns(up.params, ref.output)
+                up.columns if ref.output == MAIN else side_output_columns(up.operator, ref.output)
             )
             continue
         try:
@@ -429,7 +434,7 @@ def _resolve_input_data(
         ref.fingerprint = m.fingerprint
         ref.columns = set(m.column_names)
         if j == 0:  # a committed input's types are known now: check them now
-            for text in type_problems(m.schema(), step.op_cls.required_columns(step.params)):
+            for text in type_problems(m.schema(), required_columns(step.operator)):
                 said = f"'{step.op}' cannot read input '{ref.text}': its {text}"
                 problems.append(loaded.problem(said, loc, step.id, "inputs"))
     return problems

@@ -1,4 +1,5 @@
-"""Fitting a step's resource requests to the cluster it runs on.
+"""What a step asks of the cluster (`Resources`: an operator's defaults, a step's
+`resources:` in YAML), and fitting those requests to the cluster it runs on.
 
 A request the cluster can never meet, as it is or as its autoscaler can grow it (capacity.py),
 is an error at start, never a silent wait. `num_gpus: auto` takes GPUs where the cluster has or
@@ -13,12 +14,50 @@ that actors' CPUs never exceed the cluster's, whatever the YAML asks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from difforge.platform.capacity import Capacity
 from difforge.platform.errors import ResourceError
-from difforge.platform.spec import Resources
 
 DEFAULT_BATCH_SIZE = 1024
+
+
+class Resources(BaseModel):
+    """What a step asks of the cluster. Resources never change results: anything that does is a param."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float | None = Field(
+        None, gt=0, description="CPUs per task, actor or training worker"
+    )
+    num_gpus: float | Literal["auto"] | None = Field(
+        None,
+        description="GPUs (or a fraction) per actor or worker; 'auto': where the cluster has them",
+    )
+    batch_size: int | None = Field(None, gt=0, description="rows per batch handed to the operator")
+    min_actors: int | None = Field(
+        None,
+        ge=1,
+        description="smallest actor pool (default: "
+        "the largest, all started at once; less: it grows with "
+        "the work queued)",
+    )
+    max_actors: int | None = Field(None, ge=1, description="largest actor pool")
+    num_workers: int | None = Field(None, ge=1, description="training workers of a job operator")
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _gpus_not_negative(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float) and v < 0:
+            raise ValueError("must be >= 0 or 'auto'")
+        return v
+
+    def merged(self, override: Resources | None) -> Resources:
+        if override is None:
+            return self
+        return self.model_copy(update=override.model_dump(exclude_none=True))
 
 
 @dataclass(frozen=True)

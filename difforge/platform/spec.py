@@ -9,12 +9,13 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from difforge.platform.errors import Problem, SpecError
+from difforge.platform.resources import Resources as Resources  # the `resources:` of a step
 
 STEP_ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
 #: names become MLflow param keys (at most 250 characters, with a prefix) and folder names
@@ -35,42 +36,6 @@ def _name(value: str, what: str) -> str:
             "names MLflow params and folders"
         )
     return value
-
-
-class Resources(BaseModel):
-    """What a step asks of the cluster. Resources never change results: anything that does is a param."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    num_cpus: float | None = Field(
-        None, gt=0, description="CPUs per task, actor or training worker"
-    )
-    num_gpus: float | Literal["auto"] | None = Field(
-        None,
-        description="GPUs (or a fraction) per actor or worker; 'auto': where the cluster has them",
-    )
-    batch_size: int | None = Field(None, gt=0, description="rows per batch handed to the operator")
-    min_actors: int | None = Field(
-        None,
-        ge=1,
-        description="smallest actor pool (default: "
-        "the largest, all started at once; less: it grows with "
-        "the work queued)",
-    )
-    max_actors: int | None = Field(None, ge=1, description="largest actor pool")
-    num_workers: int | None = Field(None, ge=1, description="training workers of a job operator")
-
-    @field_validator("num_gpus")
-    @classmethod
-    def _gpus_not_negative(cls, v: float | str | None) -> float | str | None:
-        if isinstance(v, float) and v < 0:
-            raise ValueError("must be >= 0 or 'auto'")
-        return v
-
-    def merged(self, override: Resources | None) -> Resources:
-        if override is None:
-            return self
-        return self.model_copy(update=override.model_dump(exclude_none=True))
 
 
 class Tracking(BaseModel):

@@ -1,6 +1,7 @@
 """The example plugin (examples/difforge-example-plugin), as a user installs and runs it: it
-appears in `difforge ops` through its entry point, and runs in a pipeline, fused with its
-neighbours and alone, writing the same datasets."""
+appears in `difforge ops` through its entry point, and runs in a pipeline (its filter fused
+with its neighbours and alone, its model-holding map as an actor pool), writing the same
+datasets either way."""
 
 from __future__ import annotations
 
@@ -39,12 +40,15 @@ def installed(tmp_path, monkeypatch):
     )
     paths = f"{PLUGIN / 'src'}:{tmp_path / 'site'}"
     monkeypatch.syspath_prepend(str(PLUGIN / "src"))
-    from difforge_example import brightness
+    from difforge_example import brightness, sharpness
 
-    cloudpickle.register_pickle_by_value(brightness)  # Ray's workers get it by value
+    for module in (brightness, sharpness):
+        cloudpickle.register_pickle_by_value(module)  # Ray's workers get it by value
     registry.register(brightness.MinBrightness)
+    registry.register(sharpness.Sharpness)
     yield paths
     registry.unregister("example.min_brightness")
+    registry.unregister("example.sharpness")
 
 
 def test_it_is_listed_by_difforge_ops(installed):
@@ -81,10 +85,11 @@ def test_it_runs_fused_and_alone_with_the_same_output(ray_session, installed, tm
                     "resources": {"batch_size": 5},
                 },
                 {"id": "clean", "op": "curate.validate", "inputs": ["raw"]},
+                {"id": "sharp", "op": "example.sharpness", "inputs": ["clean"]},  # actors
                 {
                     "id": "bright",
                     "op": "example.min_brightness",
-                    "inputs": ["clean"],
+                    "inputs": ["sharp"],
                     "params": {"threshold": 30},
                     "resources": {"batch_size": 4},
                 },
@@ -98,6 +103,8 @@ def test_it_runs_fused_and_alone_with_the_same_output(ray_session, installed, tm
         b = difforge.open_dataset(alone.step("bright").uri + out).to_arrow().sort_by("id")
         assert a.equals(b)
     assert fused.step("bright").rows_out == 9 and fused.step("bright").side_rows == {"rejects": 3}
+    scores = difforge.open_dataset(fused.step("sharp").uri).to_arrow().column("sharpness")
+    assert scores.null_count == 0 and min(scores.to_pylist()) > 0  # noise is anything but flat
 
 
 def test_its_own_tests_pass():

@@ -13,7 +13,14 @@ from difforge.operators.curate.validate import Validate
 from difforge.operators.image.resize import Resize
 from difforge.platform.fusion import plain_map
 from difforge.platform.imaging import encode_png
-from difforge.platform.operator import MapOperator
+from difforge.platform.operator import (
+    Columns,
+    MapOperator,
+    ModelMap,
+    output_columns,
+    output_metadata,
+    required_columns,
+)
 from difforge.testing import ConformanceError, check_map_operator
 
 
@@ -72,7 +79,9 @@ class Counter(MapOperator):
 
     name = "test.counter"
     Params = P
-    writes = ("n",)
+
+    def columns(self):
+        return Columns(writes={"n"})
 
     def process(self, batch):
         return batch.append_column("n", pa.array(range(batch.num_rows)))
@@ -83,7 +92,9 @@ class Liar(MapOperator):
 
     name = "test.liar"
     Params = P
-    writes = ("score",)
+
+    def columns(self):
+        return Columns(writes={"score"})
 
     def process(self, batch):
         return batch
@@ -126,3 +137,97 @@ def test_an_operator_that_reads_its_input_whole_says_so(tmp_path, sample):
 def test_contract_breakers_are_named_with_their_rule(tmp_path, sample, op, rule):
     with pytest.raises(ConformanceError, match=rule):
         check_map_operator(op, {}, sample, tmp_path)
+
+
+class Brightest(ModelMap):
+    """Marks each image's brightest pixel value, with a lookup table built once per actor."""
+
+    name = "test.brightest"
+    Params = P
+    loads = 0
+
+    def columns(self):
+        return Columns(reads={"id", "image"}, writes={"brightest"})
+
+    def load(self, ctx):
+        type(self).loads += 1
+        return {v: v / 255 for v in range(256)}  # the "model": a table
+
+    def process(self, batch):
+        from difforge.platform.imaging import decode
+
+        values = []
+        for data in batch.column("image").to_pylist():
+            try:
+                values.append(self.model[max(decode(data).convert("L").getdata())])
+            except Exception:  # noqa: BLE001 - an undecodable sample image
+                values.append(None)
+        return batch.append_column("brightest", pa.array(values, pa.float64()))
+
+
+def test_a_model_holding_map_needs_a_handful_of_names(tmp_path, sample):
+    """ModelMap: name, Params, columns, load and process; `load` once per actor (the kit sets
+    one up per run it checks), the model is `self.model`, and it runs as an actor pool."""
+    out = check_map_operator(Brightest, {}, sample, tmp_path)
+    assert out["main"].column("brightest")[0].as_py() == pytest.approx(240 / 255)  # 15 x 16
+    assert Brightest.loads == 3 and Brightest.stateful  # a pool of actors, each loads once
+    own = {n for n in vars(Brightest) if not n.startswith("_")} - {"loads"}
+    assert own == {"name", "Params", "columns", "load", "process"}
+
+
+def test_the_former_contract_still_works_and_says_what_replaces_it(tmp_path, sample):
+    """Operators written for the earlier contract (`reads`/`writes`, `output_columns`,
+    `metadata()` without inputs, `ctx.tracker`) keep working for one release, each spelling
+    with a DeprecationWarning naming the new one."""
+    with pytest.warns(DeprecationWarning, match=r"former contract \(reads: columns\(\).*"):
+
+        class Old(MapOperator):
+            """Tags rows, the former way."""
+
+            name = "test.old"
+            Params = P
+            reads = ("id",)
+            writes = ("tag",)
+
+            def metadata(self):
+                return {"tagged": True}
+
+            def process(self, batch):
+                return batch.append_column("tag", pa.array(["t"] * batch.num_rows))
+
+    out = check_map_operator(Old, {}, sample, tmp_path)
+    assert out["main"].column("tag")[0].as_py() == "t"
+    op = Old(P())
+    assert required_columns(op) == {"id"}
+    assert output_columns(op, [{"id", "image"}]) == {"id", "image", "tag"}
+    assert output_metadata(op, []) == {"tagged": True}
+    from difforge.platform.context import FinalizeContext
+    from difforge.platform.events import NullLog
+
+    ctx = FinalizeContext(step="s", pipeline="p", log=NullLog())
+    with pytest.warns(DeprecationWarning, match="ctx.tracker is the former spelling of ctx.log"):
+        assert ctx.tracker is ctx.log
+    with pytest.warns(DeprecationWarning, match="former spelling of ctx.log.log_metrics"):
+        ctx.log_metrics({"x": 1.0})
+
+
+def test_columns_declare_what_a_map_drops_renames_and_a_job_replaces():
+    """One declaration, `columns()`, for what planning checks and passes on."""
+    from difforge.operators.caption.vlm import CaptionVLM
+    from difforge.operators.encode.vae import EncodeVAE
+    from difforge.operators.train.classifier import Classifier
+
+    vae = EncodeVAE(EncodeVAE.Params())
+    assert output_columns(vae, [{"id", "image", "label"}]) == {"id", "label", "latent"}
+    vlm = CaptionVLM(CaptionVLM.Params.model_construct(prompt="a {class}"))
+    assert required_columns(vlm) == {"id", "image", "label"}
+    assert output_columns(vlm, [{"id", "image", "caption"}]) == {
+        "id",
+        "image",
+        "caption",
+        "original_caption",
+    }
+    assert output_columns(vlm, [{"id", "image"}]) == {"id", "image", "caption"}
+    trained = output_columns(Classifier(Classifier.Params()), [{"id", "image", "label"}])
+    assert trained == {"id", "model_uri", "kind", "accuracy", "num_classes"}
+    assert output_columns(vae, [None]) is None  # unknown input: unknown output

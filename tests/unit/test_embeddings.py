@@ -13,6 +13,7 @@ from PIL import Image
 
 from difforge.models.features import Extractor, FeatureSpec
 from difforge.platform.errors import DifforgeError
+from difforge.platform.operator import required_columns
 from tests.tiny_models import tiny_clip, tiny_dinov2
 
 
@@ -223,7 +224,7 @@ def test_a_caption_prompt_is_filled_from_each_row():
         "A photo of Trouser. Old caption: grey",
         "A photo of T-shirt/top. Old caption: ",
     ]
-    assert CaptionVLM.required_columns(op.params) == {"id", "image", "caption", "label"}
+    assert required_columns(op) == {"id", "image", "caption", "label"}
     with pytest.raises(ValueError, match="fields are plain column names"):
         Params(model="x", prompt="{caption.__class__}")
 

@@ -8,8 +8,7 @@ import pytest
 
 from difforge.platform.capacity import Capacity, NodeGroup, fits
 from difforge.platform.errors import ResourceError
-from difforge.platform.resources import demand, fit
-from difforge.platform.spec import Resources
+from difforge.platform.resources import Resources, demand, fit
 
 CPU2 = Capacity(cpus=2.0, node_cpus=2.0)
 GPU8 = Capacity(cpus=64.0, gpus=8.0, node_cpus=64.0)

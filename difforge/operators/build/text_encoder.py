@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from difforge.platform import columns as C
-from difforge.platform.operator import JobOperator, JobResult
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, JobOperator, JobResult
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     from difforge.platform.context import JobContext
@@ -44,12 +44,11 @@ class BuildTextEncoder(JobOperator):
     name = "build.text_encoder"
     version = 1
     Params = Params
-    reads = (C.CAPTION,)
     resources = Resources(num_cpus=1)
 
-    @classmethod
-    def output_columns(cls, params, input_columns):
-        return {C.ID, C.MODEL_URI, "kind", "vocab_size", "hidden_size"}
+    def columns(self) -> Columns:
+        written = {C.ID, C.MODEL_URI, "kind", "vocab_size", "hidden_size"}
+        return Columns(reads={C.CAPTION}, writes=written, keeps_input=False)
 
     def run(self, ctx: JobContext) -> JobResult:
         from collections import Counter

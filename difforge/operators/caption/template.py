@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from difforge.platform import columns as C
-from difforge.platform.operator import MapOperator, passthrough
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, MapOperator
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import numpy as np
@@ -80,13 +80,10 @@ class Template(MapOperator):
     version = 1
     Params = Params
     stateful = True
-    reads = (C.ID, C.IMAGE, C.LABEL)
-    writes = (C.CAPTION,)
     resources = Resources(batch_size=1024)
 
-    @classmethod
-    def output_columns(cls, params, input_columns):
-        return passthrough(input_columns, add=(C.CAPTION,))
+    def columns(self) -> Columns:
+        return Columns(reads={C.ID, C.IMAGE, C.LABEL}, writes={C.CAPTION})
 
     def setup(self, ctx) -> None:
         self.classes = ctx.input(0).metadata.get("classes") or []
@@ -112,5 +109,5 @@ class Template(MapOperator):
             batch = batch.drop_columns([C.CAPTION])
         return batch.append_column(C.CAPTION, pa.array(captions, pa.string()))
 
-    def metadata(self) -> dict[str, Any]:
+    def metadata(self, inputs: list[Any]) -> dict[str, Any]:
         return {"captions": {"template": self.params.template}}

@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
-from difforge.platform.operator import MapOperator, passthrough
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, MapOperator
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -68,22 +68,13 @@ class CaptionVLM(MapOperator):
     version = 1
     Params = Params
     stateful = True
-    reads = (C.ID, C.IMAGE)
-    writes = (C.CAPTION,)
     resources = Resources(batch_size=16, num_gpus="auto")
     gpus_when_available = 1.0
 
-    @classmethod
-    def required_columns(cls, params: Params) -> set[str]:
-        fields = {n for _, n, _, _ in string.Formatter().parse(params.prompt or "") if n}
-        return {C.ID, C.IMAGE} | {C.LABEL if f == "class" else f for f in fields}
-
-    @classmethod
-    def output_columns(cls, params, input_columns):
-        out = passthrough(input_columns, add=(C.CAPTION,))
-        if out is not None and input_columns[0] and C.CAPTION in input_columns[0]:
-            out.add(ORIGINAL)
-        return out
+    def columns(self) -> Columns:
+        fields = {n for _, n, _, _ in string.Formatter().parse(self.params.prompt or "") if n}
+        reads = {C.ID, C.IMAGE} | {C.LABEL if f == "class" else f for f in fields}
+        return Columns(reads=reads, writes={C.CAPTION}, renames={C.CAPTION: ORIGINAL})
 
     def external_state(self) -> dict[str, str] | None:
         """The model, pinned (`resolve.pinned_identity`): other weights caption anew."""
@@ -172,7 +163,7 @@ class CaptionVLM(MapOperator):
             ]
         return texts
 
-    def output_metadata(self, inputs: list[Any]) -> dict[str, Any]:
+    def metadata(self, inputs: list[Any]) -> dict[str, Any]:
         p = self.params
         return {
             "captions": {

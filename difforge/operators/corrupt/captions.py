@@ -10,8 +10,14 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from difforge.platform import columns as C
-from difforge.platform.operator import MAIN, JobOperator, JobResult, StepOutcome, passthrough
-from difforge.platform.spec import Resources
+from difforge.platform.operator import (
+    MAIN,
+    Columns,
+    JobOperator,
+    JobResult,
+    StepOutcome,
+)
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -150,13 +156,11 @@ class Captions(JobOperator):
     name = "corrupt.captions"
     version = 1
     Params = Params
-    reads = (C.ID, C.CAPTION)
-    writes = (C.CAPTION, "caption_clean", "corrupted")
     resources = Resources(batch_size=8192)
 
-    @classmethod
-    def output_columns(cls, params, input_columns):
-        return passthrough(input_columns, add=cls.writes)
+    def columns(self) -> Columns:
+        written = {C.CAPTION, "caption_clean", "corrupted"}
+        return Columns(reads={C.ID, C.CAPTION}, writes=written)
 
     def run(self, ctx: JobContext) -> JobResult:
         from difforge.platform.datasets import join
@@ -187,5 +191,5 @@ class Captions(JobOperator):
         n = column_sum(outcome.iter_main(["corrupted"]), "corrupted")
         return {"achieved_corruption_ratio": n / max(1, outcome.rows_out), "captions_changed": n}
 
-    def metadata(self) -> dict[str, Any]:
+    def metadata(self, inputs: list[Any]) -> dict[str, Any]:
         return {"corruption": {"kind": "captions", **self.params.model_dump()}}

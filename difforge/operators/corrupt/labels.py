@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
-from difforge.platform.operator import MapOperator, StepOutcome
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, MapOperator, StepOutcome
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -58,8 +58,9 @@ class Labels(MapOperator):
     version = 1
     Params = Params
     resources = Resources(batch_size=8192)
-    reads = (C.ID, C.LABEL)
-    writes = (C.LABEL, "label_clean", "corrupted")
+
+    def columns(self) -> Columns:
+        return Columns(reads={C.ID, C.LABEL}, writes={C.LABEL, "label_clean", "corrupted"})
 
     def setup(self, ctx) -> None:
         n = self.params.num_classes
@@ -94,7 +95,7 @@ class Labels(MapOperator):
         n = max(1, outcome.rows_out)
         return {"achieved_corruption_ratio": flipped / n, "labels_flipped": float(flipped)}
 
-    def metadata(self) -> dict[str, Any]:
+    def metadata(self, inputs: list[Any]) -> dict[str, Any]:
         return {
             "corruption": {
                 "kind": "labels",

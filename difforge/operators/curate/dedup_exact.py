@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict
 
 from difforge.platform import columns as C
-from difforge.platform.dedup import DedupOperator
-from difforge.platform.spec import Resources
+from difforge.platform.dedup import DUPLICATES, DedupOperator
+from difforge.platform.operator import Columns
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -26,15 +27,14 @@ class DedupExact(DedupOperator):
     name = "curate.dedup_exact"
     version = 1
     Params = Params
-    reads = (C.ID, C.IMAGE)
     resources = Resources(batch_size=2048)
     one_key_per_row = True
     match_many_keys = True
     single_task_rows = 2_000_000  # keys of ~150 bytes a row: 300 MB a grouping task at most
 
-    @classmethod
-    def side_output_columns(cls, params, name):
-        return {C.ID, "duplicate_of", "kind"}
+    def columns(self) -> Columns:
+        duplicates = {C.ID, "duplicate_of", "kind"}
+        return Columns(reads={C.ID, C.IMAGE}, writes=(), sides={DUPLICATES: duplicates})
 
     def keys(self, batch: pa.Table, role: str) -> pa.Table:
         """The key is a hash of the decoded pixels; the bytes' hash tells the two kinds apart."""

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from difforge.platform import columns as C
-from difforge.platform.dedup import DedupOperator
-from difforge.platform.operator import passthrough
-from difforge.platform.spec import Resources
+from difforge.platform.dedup import DUPLICATES, DedupOperator
+from difforge.platform.operator import Columns
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -37,19 +37,14 @@ class DedupNear(DedupOperator):
     version = 1
     Params = Params
     inputs: ClassVar[tuple[int, int]] = (1, 2)
-    reads = (C.ID, C.IMAGE)
     resources = Resources(batch_size=2048)
     rank = ("distance",)  # matched under several bands: the closest match is kept
     grid = "near_duplicates.png"
 
-    @classmethod
-    def output_columns(cls, params, input_columns):
-        flagged = ("near_duplicate", "near_duplicate_id") if params.action == "flag" else ()
-        return passthrough(input_columns, add=flagged)
-
-    @classmethod
-    def side_output_columns(cls, params, name):
-        return {C.ID, "duplicate_of", "distance"}
+    def columns(self) -> Columns:
+        flagged = ("near_duplicate", "near_duplicate_id") if self.params.action == "flag" else ()
+        duplicates = {C.ID, "duplicate_of", "distance"}
+        return Columns(reads={C.ID, C.IMAGE}, writes=flagged, sides={DUPLICATES: duplicates})
 
     def flag_column(self) -> str | None:
         return "near_duplicate" if self.params.action == "flag" else None

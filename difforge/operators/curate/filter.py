@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from difforge.platform import columns as C
-from difforge.platform.operator import FilterOperator, StepOutcome, Verdicts
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, FilterOperator, StepOutcome, Verdicts
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -61,8 +61,8 @@ class Filter(FilterOperator):
                 out.setdefault(col, {})[bound] = t
         return out
 
-    @classmethod
-    def required_columns(cls, params: Params) -> set[str]:
+    def columns(self) -> Columns:
+        params = self.params
         cols = {C.ID}
         if any(getattr(params, f) is not None for f in SIZE):
             cols |= {C.WIDTH, C.HEIGHT}
@@ -72,7 +72,7 @@ class Filter(FilterOperator):
             cols.add(C.CAPTION)
         for bound in (params.min_score, params.max_score):
             cols |= set(bound or {})
-        return cols
+        return Columns(reads=cols, writes=())
 
     def _failed(self, row: dict[str, Any]) -> str | None:
         p = self.params

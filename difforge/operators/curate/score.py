@@ -31,8 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
-from difforge.platform.operator import MapOperator, passthrough
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, MapOperator
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import numpy as np
@@ -85,15 +85,10 @@ class Score(MapOperator):
     stateful = True
     resources = Resources(batch_size=4096)
 
-    @classmethod
-    def required_columns(cls, params: Params) -> set[str]:
-        return {C.ID, params.embedding_column} | (
-            {params.caption_column} if params.caption_column else set()
-        )
-
-    @classmethod
-    def output_columns(cls, params, input_columns):
-        return passthrough(input_columns, add=(params.column,))
+    def columns(self) -> Columns:
+        p = self.params
+        reads = {C.ID, p.embedding_column} | ({p.caption_column} if p.caption_column else set())
+        return Columns(reads=reads, writes={p.column})
 
     def external_state(self) -> dict[str, Any] | None:
         """The head's weights by their digest: other weights score anew."""

@@ -27,16 +27,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from difforge.models.features import unit_embeddings
 from difforge.platform import columns as C
-from difforge.platform.dedup import DedupOperator, run_dedup
+from difforge.platform.dedup import DUPLICATES, DedupOperator, run_dedup
 from difforge.platform.errors import DifforgeError
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
     from difforge.platform.context import JobContext
-    from difforge.platform.operator import JobResult
+    from difforge.platform.operator import Columns, JobResult
 
 
 class Params(BaseModel):
@@ -93,18 +94,15 @@ class SemanticDedup(DedupOperator):
     version = 2  # 2: a row without a score ranks below every scored row
     Params = Params
     inputs: ClassVar[tuple[int, int]] = (1, 1)
-    reads = (C.ID,)
     resources = Resources(batch_size=4096)
     one_key_per_row = True
     grid = "semantic_duplicates.png"
 
-    @classmethod
-    def required_columns(cls, params) -> set[str]:
-        return {C.ID, params.column} | ({params.score_column} if params.score_column else set())
-
-    @classmethod
-    def side_output_columns(cls, params, name):
-        return {C.ID, "duplicate_of", "similarity", "cluster"}
+    def columns(self) -> Columns:
+        p = self.params
+        reads = {C.ID, p.column} | ({p.score_column} if p.score_column else set())
+        duplicates = {C.ID, "duplicate_of", "similarity", "cluster"}
+        return Columns(reads=reads, writes=(), sides={DUPLICATES: duplicates})
 
     def run(self, ctx: JobContext) -> JobResult:
         self.centroids = fit_centroids(self, ctx)

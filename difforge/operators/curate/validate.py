@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
-from difforge.platform.operator import FilterOperator, StepOutcome, Verdicts
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, FilterOperator, StepOutcome, Verdicts
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -99,8 +99,9 @@ class Validate(FilterOperator):
     version = 2
     Params = Params
     resources = Resources(batch_size=1024)
-    reads = (C.ID, C.IMAGE)
-    writes = C.IMAGE_COLUMNS
+
+    def columns(self) -> Columns:
+        return Columns(reads={C.ID, C.IMAGE}, writes=C.IMAGE_COLUMNS)
 
     def __init__(self, params):
         super().__init__(params)

@@ -21,8 +21,8 @@ from difforge.diffusion.data import DEFAULT_SHUFFLE_MB, ShuffleMB
 from difforge.diffusion.training import DeepSpeedConfig
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
-from difforge.platform.operator import JobOperator, JobResult
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, JobOperator, JobResult
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     from difforge.platform.context import JobContext
@@ -93,15 +93,14 @@ def ray_loop(config: dict[str, Any]) -> None:
 
 
 class _Distill(JobOperator):
-    reads = (C.ID,)
     resources = Resources(num_workers=1, num_gpus="auto")
     gpus_when_available = 1.0
     inputs: ClassVar[tuple[int, int]] = (2, 4)  # teacher, data[, classifier, reference images]
     guided: ClassVar[bool] = False
 
-    @classmethod
-    def output_columns(cls, params, input_columns):
-        return {C.ID, C.MODEL_URI, "kind", "final_loss", "steps", "num_inference_steps"}
+    def columns(self) -> Columns:
+        written = {C.ID, C.MODEL_URI, "kind", "final_loss", "steps", "num_inference_steps"}
+        return Columns(reads={C.ID}, writes=written, keeps_input=False)
 
     def plan(self) -> list[dict[str, Any]]:
         p = self.params

@@ -23,8 +23,8 @@ from difforge.diffusion.backbones import BlockOutput, named_block
 from difforge.diffusion.recognition import Denoiser
 from difforge.models.features import FEATURES
 from difforge.platform import columns as C
-from difforge.platform.operator import MapOperator, passthrough
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, MapOperator
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -59,14 +59,11 @@ class DiffusionFeatures(MapOperator):
     Params = Params
     stateful = True
     inputs: ClassVar[tuple[int, int]] = (2, 2)
-    reads = (C.ID, C.IMAGE)
-    writes = (FEATURES,)
     resources = Resources(batch_size=128, num_gpus="auto")
     gpus_when_available = 1.0
 
-    @classmethod
-    def output_columns(cls, params, input_columns):
-        return passthrough(input_columns, add=(FEATURES,), remove=C.ENCODED_IMAGE)
+    def columns(self) -> Columns:
+        return Columns(reads={C.ID, C.IMAGE}, writes={FEATURES}, drops=C.ENCODED_IMAGE)
 
     def setup(self, ctx) -> None:
         self.net = net = Denoiser(ctx.input(1), self.params.weights, ctx, self.name)
@@ -110,7 +107,7 @@ class DiffusionFeatures(MapOperator):
         f = self.features(batch.column(C.IMAGE).to_pylist(), batch.column(C.ID).to_pylist())
         return without_image(batch).append_column(FEATURES, to_column(f))
 
-    def output_metadata(self, inputs: list[Any]) -> dict[str, Any]:
+    def metadata(self, inputs: list[Any]) -> dict[str, Any]:
         from difforge.models.resolve import model_of
 
         p = self.params

@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from difforge.models.features import FEATURES, PREDICTED, FeatureSpec
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
-from difforge.platform.operator import MapOperator, passthrough
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, MapOperator
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -69,15 +69,15 @@ class EncodeFeatures(MapOperator):
     Params = Params
     stateful = True
     inputs: ClassVar[tuple[int, int]] = (1, 2)
-    reads = (C.ID, C.IMAGE)
-    writes = (FEATURES,)
     resources = Resources(batch_size=256, num_gpus="auto")
     gpus_when_available = 1.0
 
-    @classmethod
-    def output_columns(cls, params, input_columns):
-        added = (FEATURES, PREDICTED) if params.model == "classifier" else (FEATURES,)
-        return passthrough(input_columns, add=added, remove=() if params.keep_image else (C.IMAGE,))
+    def columns(self) -> Columns:
+        p = self.params
+        added = (FEATURES, PREDICTED) if p.model == "classifier" else (FEATURES,)
+        return Columns(
+            reads={C.ID, C.IMAGE}, writes=added, drops=() if p.keep_image else (C.IMAGE,)
+        )
 
     def setup(self, ctx) -> None:
         from difforge.models.features import Extractor
@@ -91,6 +91,6 @@ class EncodeFeatures(MapOperator):
 
         return with_features(batch, self.extractor, self.params.keep_image)
 
-    def output_metadata(self, inputs: list[Any]) -> dict[str, Any]:
+    def metadata(self, inputs: list[Any]) -> dict[str, Any]:
         spec = _spec(self.params, inputs)
         return {"features": spec.identity()}

@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from difforge.models.features import FeatureSpec
 from difforge.platform import columns as C
-from difforge.platform.operator import MapOperator, passthrough
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, MapOperator
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -55,16 +55,13 @@ class EncodeImage(MapOperator):
     version = 1
     Params = Params
     stateful = True
-    reads = (C.ID, C.IMAGE)
-    writes = (EMBEDDING,)  # or the `column` given
     resources = Resources(batch_size=64, num_gpus="auto")
     gpus_when_available = 1.0
 
-    @classmethod
-    def output_columns(cls, params, input_columns):
-        return passthrough(
-            input_columns, add=(params.column,), remove=() if params.keep_image else (C.IMAGE,)
-        )
+    def columns(self) -> Columns:
+        p = self.params  # its `column`: EMBEDDING by default
+        drops = () if p.keep_image else (C.IMAGE,)
+        return Columns(reads={C.ID, C.IMAGE}, writes={p.column}, drops=drops)
 
     def external_state(self) -> dict[str, str] | None:
         """The model, pinned (`resolve.pinned_identity`), and its preprocessing's settings:
@@ -111,7 +108,7 @@ class EncodeImage(MapOperator):
 
         return with_features(batch, self.extractor, self.params.keep_image, self.params.column)
 
-    def output_metadata(self, inputs: list[Any]) -> dict[str, Any]:
+    def metadata(self, inputs: list[Any]) -> dict[str, Any]:
         """The model's identity, the embedding's width and the preprocessing the images had."""
         from transformers import AutoConfig, AutoImageProcessor
 

@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from difforge.models.resolve import model_of
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
-from difforge.platform.operator import MapOperator
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, MapOperator
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -57,8 +57,10 @@ class EncodeText(MapOperator):
     Params = Params
     stateful = True
     inputs: ClassVar[tuple[int, int]] = (1, 2)
-    reads = (C.ID, C.CAPTION)
-    writes = (C.COND_EMBEDDING,)
+
+    def columns(self) -> Columns:
+        return Columns(reads={C.ID, C.CAPTION}, writes={C.COND_EMBEDDING})
+
     resources = Resources(batch_size=256, num_gpus="auto")
     gpus_when_available = 0.25
 
@@ -78,5 +80,5 @@ class EncodeText(MapOperator):
         z = self.embed(batch.column(C.CAPTION).to_pylist())
         return batch.append_column(C.COND_EMBEDDING, to_column(z.astype("float32")))
 
-    def output_metadata(self, inputs: list[Any]) -> dict[str, Any]:
+    def metadata(self, inputs: list[Any]) -> dict[str, Any]:
         return {"text_encoder": settings(self.params, inputs)}

@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from difforge.models.resolve import model_of, resolve
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
-from difforge.platform.operator import MapOperator, passthrough
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, MapOperator
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -53,14 +53,11 @@ class EncodeVAE(MapOperator):
     Params = Params
     stateful = True
     inputs: ClassVar[tuple[int, int]] = (1, 2)
-    reads = (C.ID, C.IMAGE)
-    writes = (C.LATENT,)
     resources = Resources(batch_size=256, num_gpus="auto")
     gpus_when_available = 0.5
 
-    @classmethod
-    def output_columns(cls, params, input_columns):
-        return passthrough(input_columns, add=(C.LATENT,), remove=(C.IMAGE,))
+    def columns(self) -> Columns:
+        return Columns(reads={C.ID, C.IMAGE}, writes={C.LATENT}, drops={C.IMAGE})
 
     def setup(self, ctx) -> None:
         from diffusers import AutoencoderKL
@@ -102,7 +99,7 @@ class EncodeVAE(MapOperator):
         out = batch.drop_columns([C.IMAGE])
         return out.append_column(C.LATENT, tensor)
 
-    def output_metadata(self, inputs: list[Any]) -> dict[str, Any]:
+    def metadata(self, inputs: list[Any]) -> dict[str, Any]:
         uri = resolve_model(self.params, inputs)
         return {
             "vae": {"uri": uri, "subfolder": self.params.subfolder, "sample": self.params.sample}

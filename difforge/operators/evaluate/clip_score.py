@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
-from difforge.platform.operator import MapOperator, passthrough
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, MapOperator
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -46,18 +46,12 @@ class CLIPScore(MapOperator):
     version = 1
     Params = Params
     stateful = True
-    reads = (C.ID, C.IMAGE)
-    writes = (SCORE,)
     resources = Resources(batch_size=64, num_gpus="auto")
     gpus_when_available = 1.0
 
-    @classmethod
-    def required_columns(cls, params: Params) -> set[str]:
-        return {C.ID, C.IMAGE, params.text_column}
-
-    @classmethod
-    def output_columns(cls, params, input_columns):
-        return passthrough(input_columns, add=(SCORE,), remove=C.ENCODED_IMAGE)
+    def columns(self) -> Columns:
+        reads = {C.ID, C.IMAGE, self.params.text_column}
+        return Columns(reads=reads, writes={SCORE}, drops=C.ENCODED_IMAGE)
 
     def external_state(self) -> dict[str, str] | None:
         """What scores, fixed at plan time (`resolve.pinned_identity`)."""

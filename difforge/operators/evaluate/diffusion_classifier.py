@@ -32,8 +32,8 @@ from difforge.diffusion.recognition import Denoiser
 from difforge.models.features import PREDICTED
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
-from difforge.platform.operator import MapOperator, passthrough
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, MapOperator
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -94,16 +94,12 @@ class DiffusionClassifier(MapOperator):
     Params = Params
     stateful = True
     inputs: ClassVar[tuple[int, int]] = (2, 2)
-    reads = (C.ID, C.IMAGE)
-    writes = (PREDICTED, ERRORS, EVALUATIONS)
     resources = Resources(batch_size=64, num_gpus="auto")
     gpus_when_available = 1.0
 
-    @classmethod
-    def output_columns(cls, params, input_columns):
-        return passthrough(
-            input_columns, add=(PREDICTED, ERRORS, EVALUATIONS), remove=C.ENCODED_IMAGE
-        )
+    def columns(self) -> Columns:
+        written = {PREDICTED, ERRORS, EVALUATIONS}
+        return Columns(reads={C.ID, C.IMAGE}, writes=written, drops=C.ENCODED_IMAGE)
 
     def setup(self, ctx) -> None:
         import torch

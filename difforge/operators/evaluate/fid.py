@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from difforge.models.features import FEATURES, PREDICTED
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
-from difforge.platform.operator import JobOperator, JobResult
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, JobOperator, JobResult
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     from difforge.models.metrics import FeatureStats
@@ -80,12 +80,10 @@ class FID(JobOperator):
     version = 3
     Params = Params
     inputs: ClassVar[tuple[int, int]] = (2, 3)
-    reads = (C.ID, C.IMAGE)
     resources = Resources(num_cpus=1)
 
-    @classmethod
-    def output_columns(cls, params, input_columns):
-        return {
+    def columns(self) -> Columns:
+        figures = {
             C.ID,
             "fid",
             "kid",
@@ -96,6 +94,7 @@ class FID(JobOperator):
             "reference_cached",
             "features",
         }
+        return Columns(reads={C.ID, C.IMAGE}, writes=figures, keeps_input=False)
 
     def run(self, ctx: JobContext) -> JobResult:
 

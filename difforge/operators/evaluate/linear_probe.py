@@ -21,8 +21,8 @@ from difforge.models.features import FEATURES
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
 from difforge.platform.ids import id_fraction, id_hash
-from difforge.platform.operator import JobOperator, JobResult
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, JobOperator, JobResult
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     from difforge.platform.context import JobContext
@@ -63,13 +63,10 @@ class LinearProbe(JobOperator):
     inputs: ClassVar[tuple[int, int]] = (1, 2)
     resources = Resources(num_cpus=1)
 
-    @classmethod
-    def required_columns(cls, params: Params) -> set[str]:
-        return {C.ID, params.column, params.label_column}
-
-    @classmethod
-    def output_columns(cls, params, input_columns):
-        return {C.ID, "train_rows", "train_accuracy", "eval_accuracy"}
+    def columns(self) -> Columns:
+        reads = {C.ID, self.params.column, self.params.label_column}
+        figures = {C.ID, "train_rows", "train_accuracy", "eval_accuracy"}
+        return Columns(reads=reads, writes=figures, keeps_input=False)
 
     def _read(self, ds):
         import numpy as np

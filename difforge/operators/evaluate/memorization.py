@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from difforge.models.features import FEATURES
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
-from difforge.platform.operator import MAIN, JobOperator, JobResult
-from difforge.platform.spec import Resources
+from difforge.platform.operator import MAIN, Columns, JobOperator, JobResult
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import numpy as np
@@ -118,12 +118,11 @@ class Memorization(JobOperator):
     version = 2
     Params = Params
     inputs: ClassVar[tuple[int, int]] = (2, 3)
-    reads = (C.ID, C.IMAGE)
     resources = Resources(num_cpus=1)
 
-    @classmethod
-    def output_columns(cls, params, input_columns):
-        return {C.ID, "nearest_id", "distance", "ratio", "memorized"}
+    def columns(self) -> Columns:
+        written = {C.ID, "nearest_id", "distance", "ratio", "memorized"}
+        return Columns(reads={C.ID, C.IMAGE}, writes=written, keeps_input=False)
 
     def run(self, ctx: JobContext) -> JobResult:
         import numpy as np

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from difforge.platform import columns as C
-from difforge.platform.operator import FilterOperator, Verdicts
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, FilterOperator, Verdicts
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -39,12 +39,9 @@ class Resize(FilterOperator):
     version = 2  # 2: reasons of rejects no longer carry a memory address (not reproducible)
     Params = Params
     resources = Resources(batch_size=2048)
-    reads = (C.ID, C.IMAGE)
-    writes = C.IMAGE_COLUMNS
 
-    @classmethod
-    def side_output_columns(cls, params, name):
-        return None
+    def columns(self) -> Columns:
+        return Columns(reads={C.ID, C.IMAGE}, writes=C.IMAGE_COLUMNS)
 
     def _target(self) -> tuple[int, int]:
         s = self.params.size

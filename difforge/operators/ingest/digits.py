@@ -9,8 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from difforge.platform import columns as C
 from difforge.platform.fingerprint import fingerprint
-from difforge.platform.operator import SourceOperator
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, SourceOperator
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -41,7 +41,9 @@ class Digits(SourceOperator):
     version = 1
     Params = Params
     resources = Resources(batch_size=1000)
-    writes = (*C.IMAGE_COLUMNS, C.LABEL)
+
+    def columns(self) -> Columns:
+        return Columns(writes={*C.IMAGE_COLUMNS, C.LABEL})
 
     def source_fingerprint(self) -> str:
         from importlib.metadata import version
@@ -75,7 +77,7 @@ class Digits(SourceOperator):
             }
         )
 
-    def metadata(self) -> dict[str, Any]:
+    def metadata(self, inputs: list[Any]) -> dict[str, Any]:
         return {
             "dataset": "digits",
             "split": self.params.split,

@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
 from difforge.platform.fingerprint import fingerprint
-from difforge.platform.operator import SourceOperator
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, SourceOperator
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import numpy as np
@@ -70,7 +70,9 @@ class FashionMnist(SourceOperator):
     version = 1
     Params = Params
     resources = Resources(batch_size=5000)
-    writes = (*C.IMAGE_COLUMNS, C.LABEL)
+
+    def columns(self) -> Columns:
+        return Columns(writes={*C.IMAGE_COLUMNS, C.LABEL})
 
     def _paths(self) -> tuple[str, str]:
         images, labels = FILES[self.params.split]
@@ -119,5 +121,5 @@ class FashionMnist(SourceOperator):
             }
         )
 
-    def metadata(self) -> dict[str, Any]:
+    def metadata(self, inputs: list[Any]) -> dict[str, Any]:
         return {"dataset": "fashion-mnist", "split": self.params.split, "classes": CLASSES}

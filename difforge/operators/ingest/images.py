@@ -22,8 +22,8 @@ from difforge.platform import columns as C
 from difforge.platform.datasets import url_to_fs
 from difforge.platform.errors import DifforgeError
 from difforge.platform.fingerprint import fingerprint
-from difforge.platform.operator import SourceOperator
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, SourceOperator
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -99,16 +99,14 @@ class Images(SourceOperator):
     version = 2  # 2: reads the plan's listing (labels too); `verify`; sidecars checked
     Params = Params
     resources = Resources(batch_size=1000)
-    writes = (*C.IMAGE_COLUMNS, C.SOURCE)
 
-    @classmethod
-    def output_columns(cls, params, input_columns):
-        cols = set(cls.writes)
-        if params.labels == "folders" or params.sidecar:
+    def columns(self) -> Columns:
+        cols = {*C.IMAGE_COLUMNS, C.SOURCE}
+        if self.params.labels == "folders" or self.params.sidecar:
             cols.add(C.LABEL)
-        if params.sidecar:
+        if self.params.sidecar:
             cols.add(C.CAPTION)
-        return cols
+        return Columns(writes=cols)
 
     _listed: tuple[str, list[dict[str, Any]], list[dict[str, Any]] | None] | None = None
 
@@ -239,12 +237,12 @@ class Images(SourceOperator):
             C.FORMAT: pa.string(),
             C.MODE: pa.string(),
         }
-        keep = self.output_columns(self.params, [])
+        keep = set(self.columns().writes)
         yield pa.table(
             {k: pa.array(v, types.get(k, pa.string())) for k, v in rows.items() if k in keep}
         )
 
-    def metadata(self) -> dict[str, Any]:
+    def metadata(self, inputs: list[Any]) -> dict[str, Any]:
         if self.params.labels != "folders":
             return {"source": self.params.path}
         return {"source": self.params.path, "classes": self.classes(self._listing()[1])}

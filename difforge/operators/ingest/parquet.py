@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from difforge.operators.ingest._listing import VERIFY_FIELD, PerFileSource, Verify
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -38,9 +39,8 @@ class Parquet(PerFileSource):
     extensions = (".parquet", ".pq")
     resources = Resources(batch_size=1)  # files per read task
 
-    @classmethod
-    def output_columns(cls, params, input_columns):
-        return None  # known only once the files are read
+    def columns(self) -> Columns:
+        return Columns(writes=None)  # known only once the files are read
 
     def read(self, task: Mapping[str, Any]) -> Iterator[pa.Table]:
         import pyarrow as pa

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from difforge.operators.ingest._listing import VERIFY_FIELD, PerFileSource, Verify, check_size
 from difforge.platform import columns as C
 from difforge.platform.datasets import url_to_fs
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -57,7 +58,9 @@ class WebDataset(PerFileSource):
     Params = Params
     extensions = (".tar",)
     resources = Resources(batch_size=1)
-    writes = (*C.IMAGE_COLUMNS, C.LABEL, C.CAPTION, C.SOURCE)
+
+    def columns(self) -> Columns:
+        return Columns(writes={*C.IMAGE_COLUMNS, C.LABEL, C.CAPTION, C.SOURCE})
 
     def read(self, task: Mapping[str, Any]) -> Iterator[pa.Table]:
         from difforge.platform.imaging import describe

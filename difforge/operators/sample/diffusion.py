@@ -13,8 +13,8 @@ from difforge.diffusion.model_folder import load_model
 from difforge.diffusion.sampling import built_in_guidance, prompt_conditions, sample_batch
 from difforge.diffusion.schedules import make_scheduler
 from difforge.platform import columns as C
-from difforge.platform.operator import MapOperator, passthrough
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, MapOperator
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -96,8 +96,6 @@ class SampleDiffusion(MapOperator):
     stateful = True
     resumable = True
     inputs: ClassVar[tuple[int, int]] = (1, 1)
-    reads = ("index", "seed", C.LABEL, "guidance_scale", C.MODEL_URI)
-    writes = (C.IMAGE, C.FORMAT, C.WIDTH, C.HEIGHT, C.MODE)
     resources = Resources(batch_size=64, num_gpus="auto")
     gpus_when_available = 1.0
 
@@ -185,11 +183,10 @@ class SampleDiffusion(MapOperator):
             out = out.append_column(name, col)
         return out
 
-    @classmethod
-    def output_columns(cls, params, input_columns):
-        return passthrough(
-            input_columns, add=(C.IMAGE, C.FORMAT, C.WIDTH, C.HEIGHT, C.MODE), remove=(C.MODEL_URI,)
-        )
+    def columns(self) -> Columns:
+        reads = {"index", "seed", C.LABEL, "guidance_scale", C.MODEL_URI}
+        written = {C.IMAGE, C.FORMAT, C.WIDTH, C.HEIGHT, C.MODE}
+        return Columns(reads=reads, writes=written, drops={C.MODEL_URI})
 
     def finalize(self, outcome: StepOutcome, ctx: FinalizeContext) -> dict[str, float]:
         """A grid per class, or per prompt captioned with it, as MLflow images."""

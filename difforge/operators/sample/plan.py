@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
-from difforge.platform.operator import MAIN, JobOperator, JobResult
-from difforge.platform.spec import Resources
+from difforge.platform.operator import MAIN, Columns, JobOperator, JobResult
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     from difforge.platform.context import JobContext
@@ -93,13 +93,11 @@ class SamplePlan(JobOperator):
     name = "sample.plan"
     version = 2  # 2: prompts (a list, a file, or a caption dataset); prompt columns
     Params = Params
-    reads = (C.MODEL_URI,)
     inputs: ClassVar[tuple[int, int]] = (1, 2)  # the model, and optionally captions to prompt
     resources = Resources(num_cpus=0.1)
 
-    @classmethod
-    def output_columns(cls, params, input_columns):
-        return {
+    def columns(self) -> Columns:
+        plan = {
             C.ID,
             "index",
             "seed",
@@ -109,6 +107,7 @@ class SamplePlan(JobOperator):
             "guidance_scale",
             C.MODEL_URI,
         }
+        return Columns(reads={C.MODEL_URI}, writes=plan, keeps_input=False)
 
     def external_state(self) -> str | None:
         """A prompts file is read at plan time: its content is part of the fingerprint."""

@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from difforge.diffusion.data import DEFAULT_SHUFFLE_MB, ShuffleMB, with_kept_rows
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
-from difforge.platform.operator import JobOperator, JobResult
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, JobOperator, JobResult
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import numpy as np
@@ -165,13 +165,12 @@ class Classifier(JobOperator):
     version = 4
     Params = Params
     inputs: ClassVar[tuple[int, int]] = (1, 2)
-    reads = (C.ID, C.IMAGE, C.LABEL)
     resources = Resources(num_workers=1)
     gpus_when_available = 1.0
 
-    @classmethod
-    def output_columns(cls, params, input_columns):
-        return {C.ID, C.MODEL_URI, "kind", "accuracy", "num_classes"}
+    def columns(self) -> Columns:
+        written = {C.ID, C.MODEL_URI, "kind", "accuracy", "num_classes"}
+        return Columns(reads={C.ID, C.IMAGE, C.LABEL}, writes=written, keeps_input=False)
 
     def run(self, ctx: JobContext) -> JobResult:
         import pyarrow as pa

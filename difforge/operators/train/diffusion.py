@@ -50,8 +50,8 @@ from difforge.diffusion.training import (
 )
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
-from difforge.platform.operator import JobOperator, JobResult
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, JobOperator, JobResult
+from difforge.platform.resources import Resources
 
 log = logging.getLogger("difforge")
 
@@ -491,7 +491,6 @@ class DiffusionTraining(JobOperator):
     # 7: sample_every (the grid drawn by the training loop)
     version = 7
     Params = Params
-    reads = (C.ID,)
     resources = Resources(num_workers=1, num_gpus="auto")
     gpus_when_available = 1.0
     # the data, and optionally a model step to start from
@@ -506,16 +505,12 @@ class DiffusionTraining(JobOperator):
         self._start = pretrained(self.params.init_from)  # what runs is what was fingerprinted
         return self._start.lineage()
 
-    @classmethod
-    def required_columns(cls, params: Params) -> set[str]:
-        repa = {params.repa.features} if params.repa else set()
-        if params.backbone.type == "UNet2DConditionModel":
-            return {C.ID, C.COND_EMBEDDING, *repa}
-        return {C.ID, C.LABEL, *repa}
-
-    @classmethod
-    def output_columns(cls, params, input_columns):
-        return {C.ID, C.MODEL_URI, "kind", "final_loss", "steps"}
+    def columns(self) -> Columns:
+        p = self.params
+        condition = C.COND_EMBEDDING if p.backbone.type == "UNet2DConditionModel" else C.LABEL
+        reads = {C.ID, condition, *([p.repa.features] if p.repa else [])}
+        written = {C.ID, C.MODEL_URI, "kind", "final_loss", "steps"}
+        return Columns(reads=reads, writes=written, keeps_input=False)
 
     def run(self, ctx: JobContext) -> JobResult:
         import pyarrow as pa

@@ -15,8 +15,8 @@ from difforge.diffusion.data import DEFAULT_SHUFFLE_MB, ShardStream, ShuffleMB
 from difforge.models.vae import build_vae
 from difforge.platform import columns as C
 from difforge.platform.errors import DifforgeError
-from difforge.platform.operator import JobOperator, JobResult
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, JobOperator, JobResult
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     from difforge.platform.context import JobContext
@@ -158,15 +158,14 @@ class TrainVAE(JobOperator):
         return self._start.lineage()
 
     Params = Params
-    reads = (C.ID, C.IMAGE)
     resources = Resources(num_workers=1)
     gpus_when_available = 1.0
     # the images, and optionally held-out images of the same size to measure it on
     inputs: ClassVar[tuple[int, int]] = (1, 2)
 
-    @classmethod
-    def output_columns(cls, params, input_columns):
-        return {C.ID, C.MODEL_URI, "kind", "psnr", "psnr_on", "scaling_factor"}
+    def columns(self) -> Columns:
+        written = {C.ID, C.MODEL_URI, "kind", "psnr", "psnr_on", "scaling_factor"}
+        return Columns(reads={C.ID, C.IMAGE}, writes=written, keeps_input=False)
 
     def run(self, ctx: JobContext) -> JobResult:
         import numpy as np

@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from difforge.platform import columns as C
 from difforge.platform.imaging import decode
-from difforge.platform.operator import FilterOperator, Verdicts
-from difforge.platform.spec import Resources
+from difforge.platform.operator import Columns, FilterOperator, Verdicts
+from difforge.platform.resources import Resources
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -30,8 +30,10 @@ class MinBrightness(FilterOperator):
     name = "example.min_brightness"
     version = 1  # bump when what it writes changes: its steps then recompute
     Params = Params
-    reads = (C.ID, C.IMAGE)
     resources = Resources(batch_size=512)
+
+    def columns(self) -> Columns:
+        return Columns(reads={C.ID, C.IMAGE}, writes=())  # rows kept as they came
 
     def judge(self, batch: pa.Table) -> Verdicts:
         import numpy as np
