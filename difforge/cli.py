@@ -358,9 +358,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         args.file = os.path.abspath(args.file)
         os.chdir(settings.home())
-    from difforge.platform.sweep import load_sweep, run_sweep
+    from difforge.platform.spec import load_spec
+    from difforge.platform.sweep import run_sweep, sweep_of
 
-    sweep = load_sweep(args.file, args.overrides)
+    loaded = load_spec(args.file, args.overrides)  # parsed once: a sweep's, or the pipeline
+    sweep = sweep_of(loaded, args.file)
     if sweep is not None:
         result = run_sweep(sweep, until=args.until, force=args.force, address=args.address)
         print()
@@ -371,8 +373,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         return 0
     summary = run(
-        args.file,
-        args.overrides,
+        loaded,
         until=args.until,
         force=args.force,
         address=args.address,
@@ -577,7 +578,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from difforge.platform.outputs import collect_garbage
+    from difforge.platform.gc import collect_garbage
 
     report = collect_garbage(args.storage, args.older_than, args.keep_last, args.dry_run)
     verb = "would remove" if args.dry_run else "removed"

@@ -311,11 +311,11 @@ def _reconcile(rows: list[dict[str, Any]], address: str, job_id: str | None = No
     dead = _dead_supervisors(address) if active else {}
     for row in active:
         if row["job_id"] in dead:
-            row["status"] = "LOST"
             row["message"] = (
-                f"{address} still lists it {row['ray_status']}, but its driver is gone with "
+                f"{address} still lists it {row['status']}, but its driver is gone with "
                 f"its supervisor: {dead[row['job_id']]}"
             )
+            row["status"] = "LOST"
     ended = {r["job_id"]: r["status"] for r in rows if r["status"] in ("FAILED", "LOST")}
     if not ended and job_id is not None:  # one job, alive or ended well: nothing to look up
         return None, []
@@ -331,11 +331,9 @@ def _reconcile(rows: list[dict[str, Any]], address: str, job_id: str | None = No
 
 
 def _row(job: Any, job_id: str) -> dict[str, Any]:
-    status = _status_name(job.status)
     return {
         "job_id": job_id,
-        "status": status,
-        "ray_status": status,
+        "status": _status_name(job.status),
         "pipeline": (job.metadata or {}).get("difforge.pipeline", "-"),
         "start": (job.start_time or 0) / 1000,
         "end": (job.end_time or 0) / 1000,
@@ -414,9 +412,10 @@ def wait(cluster: str | None, job_id: str, timeout: float = 600, poll: float = 1
         status = _status_name(api.get_job_status(job_id))
         if status in TERMINAL:
             return status
-        if time.time() - checked > 10:  # every 10 s: is its driver still there?
+        if time.time() - checked > 10:  # every 10 s: is its driver still there? (one look)
             checked = time.time()
-            if job_id in _dead_supervisors(cluster_address(cluster)):
-                return job_info(cluster, job_id)["status"]  # LOST, its runs ended
+            status = job_info(cluster, job_id)["status"]
+            if status == "LOST":  # its supervisor died with a head: its runs are ended
+                return status
         time.sleep(poll)
     raise DifforgeError(f"job {job_id} still running after {timeout:.0f}s")

@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from difforge.platform import columns as C
 from difforge.platform.datasets import join, url_to_fs
 from difforge.platform.operator import JobOperator, JobResult, required_columns
-from difforge.platform.outputs import MAIN, SHARD_ROWS, collect
+from difforge.platform.outputs import MAIN
 from difforge.platform.parallel import SINGLE_TASK_ROWS
+from difforge.platform.sizing import SHARD_ROWS
+from difforge.platform.written import collect
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -158,7 +160,6 @@ class _InOneTask:
 
 def run_dedup(op: DedupOperator, ctx: JobContext) -> JobResult:
     """Keys, a shuffle by key, `match` per group, one verdict per row, then the drop pass."""
-    from difforge.platform.outputs import cluster_cpus
     from difforge.platform.parallel import (
         as_function,
         default_partitions,
@@ -166,6 +167,7 @@ def run_dedup(op: DedupOperator, ctx: JobContext) -> JobResult:
         group_in_tasks,
         read_files,
     )
+    from difforge.platform.sizing import cluster_cpus
 
     res = ctx.resources
     columns = sorted(required_columns(op))

@@ -27,14 +27,14 @@ from difforge.platform.events import Observers, RunObserver, StepLog
 from difforge.platform.failures import cause, failed_step
 from difforge.platform.fusion import passes
 from difforge.platform.leases import Lease, claim
+from difforge.platform.lineage import nodes_seen, saw_nodes, this_node
 from difforge.platform.operator import (
     MAIN,
     JobOperator,
     StepOutcome,
-    output_metadata,
     required_columns,
 )
-from difforge.platform.outputs import Output, new_attempt, nodes_seen, saw_nodes, this_node
+from difforge.platform.outputs import Output, new_attempt
 from difforge.platform.passes import PassStep, keeps_progress, output_names, run_map_pass
 from difforge.platform.plan import Plan, PlannedStep, build_plan
 from difforge.platform.progress import quiet_libraries
@@ -245,13 +245,13 @@ class Executor:
 
     def _work(self, started: list[_Started], t0: float) -> list[tuple]:
         """A pass's work: a job, or one Ray Data pass over a chain of map steps; per step its
-        entries by output, rows in, seconds and (a job's) metadata."""
+        entries by output, rows in, seconds and its output's metadata (a job's own)."""
         head = started[0]
         if issubclass(head.step.op_cls, JobOperator):
             saw_nodes([this_node()])  # a job works on the driver too
             entries, rows_in, extra = self._run_job(head.step, head.fitted, head.attempt, head.log)
             return [(entries, rows_in, time.time() - t0, extra)]
-        entries_k, rows_k, work, resumed = run_map_pass(
+        entries_k, rows_k, work, metadata_k, resumed = run_map_pass(
             [PassStep(s.step, s.fitted, s.attempt) for s in started]
         )
         if resumed:
@@ -260,7 +260,8 @@ class Executor:
         wall, total = time.time() - t0, sum(work)
         # the pass's wall time, split by each step's share of the measured work
         shares = [w / total if total > 0 else 1 / len(work) for w in work]
-        return [(e, r, wall * f, None) for e, r, f in zip(entries_k, rows_k, shares, strict=True)]
+        per_step = zip(entries_k, rows_k, shares, metadata_k, strict=True)
+        return [(e, r, wall * f, m) for e, r, f, m in per_step]
 
     def _finish(
         self,
@@ -268,7 +269,7 @@ class Executor:
         entries: dict[str, list[dict]],
         rows_in: int | None,
         seconds: float,
-        extra: dict | None,
+        extra: dict,
         nodes: list[str] | None = None,
     ) -> StepSummary:
         """Commit a step's outputs (side outputs, then the operator's last word, then the main
@@ -349,17 +350,14 @@ def _checked_rows(step: PlannedStep, main: list[dict]) -> int:
     return rows_out
 
 
-def _metadata(step: PlannedStep, extra: dict | None) -> dict[str, Any]:
-    """The main output's manifest metadata: its main input's, then a job's own (`extra`) or
-    what the operator says of its output."""
+def _metadata(step: PlannedStep, extra: dict) -> dict[str, Any]:
+    """The main output's manifest metadata: its main input's, then what its work computed (a
+    map pass: its input's and the operator's `metadata`, computed once as the pass began; a
+    job: what it returned)."""
     metadata: dict[str, Any] = {}
     if step.inputs:
         metadata.update(Dataset(step.inputs[0].uri).metadata)
-    if extra is not None:
-        metadata.update(extra)
-    else:
-        metadata.update(output_metadata(step.operator, [Dataset(r.uri) for r in step.inputs]))
-    return metadata
+    return {**metadata, **extra}
 
 
 def _step_metrics(

@@ -30,9 +30,7 @@ import io
 import os
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,78 +45,14 @@ from difforge.platform.datasets import (
     url_to_fs,
 )
 from difforge.platform.errors import DifforgeError
+from difforge.platform.sizing import rows_per_shard
 
 if TYPE_CHECKING:
     import pyarrow as pa
     from fsspec import AbstractFileSystem
 
 MAIN = "main"
-#: the row of a batch's description that counts the rows it took in (not a shard)
-STATS = "__stats__"
 ATTEMPT_PREFIX = "attempt-"
-
-#: Shard sizes: neither a million small files nor one huge one. Every writer cuts what it
-#: writes into shards of at most SHARD_ROWS rows and about SHARD_BYTES (Arrow's in-memory
-#: size, before compression); a writer holding a whole table (a job's result) also cuts it into
-#: at least SHARDS_PER_CPU shards per CPU of the cluster, none under MIN_SHARD_ROWS rows, so
-#: the next step's pass has work for every core. A map pass writes a shard per batch
-#: (`resources.batch_size` rows) and splits its input's shards when they are too few.
-SHARD_ROWS = 65_536
-SHARD_BYTES = 128 << 20
-SHARDS_PER_CPU = 2
-MIN_SHARD_ROWS = 256
-
-
-def this_node() -> str:
-    """The Ray node id of this process ("" outside Ray)."""
-    import sys
-
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
-        return ""
-    return ray.get_runtime_context().get_node_id()
-
-
-#: the nodes whose work the running step's writers reported (see `nodes_seen`)
-_NODES: ContextVar[set[str] | None] = ContextVar("difforge_nodes", default=None)
-
-
-@contextmanager
-def nodes_seen() -> Iterator[set[str]]:
-    """Within: every shard description collected (and `saw_nodes`) adds the node it was
-    written on to the set yielded, which the executor records with the step."""
-    token = _NODES.set(set())
-    try:
-        yield _NODES.get()
-    finally:
-        _NODES.reset(token)
-
-
-def saw_nodes(nodes: Iterable[str | None]) -> None:
-    seen = _NODES.get()
-    if seen is not None:
-        seen.update(n for n in nodes if n)
-
-
-def cluster_cpus() -> int:
-    """CPUs of the Ray cluster this process belongs to (this machine's, outside Ray)."""
-    import sys
-
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        return max(1, int(ray.cluster_resources().get("CPU", 1)))
-    return os.cpu_count() or 1
-
-
-def rows_per_shard(num_rows: int, nbytes: int = 0, spread: bool = False) -> int:
-    """Rows per shard for a `num_rows`-row table taking `nbytes`: as few equal shards as the
-    bounds allow (`spread`: at least SHARDS_PER_CPU per CPU, of MIN_SHARD_ROWS rows at least)."""
-    if num_rows <= 0:
-        return 1
-    shards = max(-(-num_rows // SHARD_ROWS), -(-nbytes // SHARD_BYTES), 1)
-    if spread:
-        shards = max(shards, min(SHARDS_PER_CPU * cluster_cpus(), num_rows // MIN_SHARD_ROWS))
-    return -(-num_rows // shards)
 
 
 def new_attempt() -> str:
@@ -417,40 +351,6 @@ def remove_unused_attempts(
     return removed
 
 
-def write_batch(
-    result: pa.Table | dict[str, pa.Table | None],
-    outputs: Mapping[str, Output],
-    key: str,
-    rows_in: int,
-) -> pa.Table:
-    """Write a batch's outputs (the main table, or a dict by output name) as shards named
-    `key`; return a small table describing them, with a first `STATS` row counting `rows_in`."""
-    import pyarrow as pa
-
-    tables = result if isinstance(result, dict) else {MAIN: result}
-    unknown = set(tables) - set(outputs)
-    if unknown:
-        raise DifforgeError(f"operator returned undeclared outputs: {sorted(unknown)}")
-    node = this_node()  # where the work was done, recorded with the step
-    rows: list[dict[str, Any]] = [
-        {"output": STATS, "path": "", "rows": rows_in, "bytes": 0, "sha256": "", "schema": ""}
-    ]
-    for name, table in tables.items():
-        if table is not None:
-            rows += [{"output": name, **e} for e in outputs[name].write_batch(table, key)]
-    return pa.Table.from_pylist([{**r, "node": node} for r in rows])
-
-
-def collect(rows: Iterable[Mapping[str, Any]], names: Iterable[str]) -> dict[str, list[dict]]:
-    """Shard entries by output name, from the rows `write_batch` described (STATS skipped)."""
-    entries: dict[str, list[dict]] = {name: [] for name in names}
-    for row in rows:
-        saw_nodes([row.get("node")])
-        if row["output"] != STATS:
-            entries[row["output"]].append(dict(row))
-    return entries
-
-
 def write_dataset(
     uri: str,
     table: pa.Table,
@@ -472,87 +372,3 @@ def write_dataset(
             for e in out.write_batch(table.slice(s, shard_rows), f"{s // shard_rows:06d}")
         ]
     return out.commit(entries, fingerprint, producer or {}, metadata, schema=table.schema)[0]
-
-
-@dataclass
-class GarbageReport:
-    """What `collect_garbage` removed (or would remove, in a dry run)."""
-
-    removed: list[str]
-    kept: int  # committed datasets left in place
-
-
-def _older_versions(committed: dict[str, Manifest], keep_last: int) -> list[str]:
-    """The committed versions of each step (folders named by fingerprint) but its
-    `keep_last` newest."""
-    import re
-
-    versions: dict[str, list[str]] = {}
-    for folder in committed:
-        parent, name = folder.rsplit("/", 1)
-        if re.fullmatch(r"[0-9a-f]{16}", name):  # a step's versions, by fingerprint
-            versions.setdefault(parent, []).append(folder)
-    older = []
-    for folders in versions.values():
-        folders.sort(key=lambda f: committed[f].created, reverse=True)
-        older += folders[keep_last:]
-    return older
-
-
-def collect_garbage(
-    storage: str,
-    older_than: float = 24 * 3600,
-    keep_last: int | None = None,
-    dry_run: bool = False,
-    now: float | None = None,
-) -> GarbageReport:
-    """Clean a storage root (or any folder under it), as `difforge gc` does:
-
-    - attempt folders that no commit uses (crashed or losing runs, commits replaced by
-      `--force`), begun more than `older_than` seconds ago;
-    - the work folders (`_work/`: checkpoints, resume markers) of datasets committed more than
-      `older_than` seconds ago: a rerun of their step is cached and never reads them;
-    - with `keep_last=N`, every committed version of a step but its N newest, whole.
-
-    Uncommitted work folders stay: a rerun resumes from them."""
-    now = time.time() if now is None else now
-    cutoff = now - older_than
-    fs, root = url_to_fs(storage)
-    try:
-        found = fs.find(root, withdirs=True, detail=True)
-    except FileNotFoundError:
-        return GarbageReport([], 0)
-    datasets: set[str] = set()
-    for path, info in found.items():
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        if name == MANIFEST or (name.startswith(ATTEMPT_PREFIX) and info["type"] == "directory"):
-            datasets.add(path.rstrip("/").rsplit("/", 1)[0])
-    removed: list[str] = []
-
-    def remove(path: str) -> None:
-        removed.append(fs.unstrip_protocol(path))
-        if not dry_run:
-            fs.rm(path, recursive=True)
-
-    committed: dict[str, Manifest] = {}
-    for folder in sorted(datasets):
-        if any(folder.startswith(r.split("://", 1)[-1] + "/") for r in removed):
-            continue
-        manifest = None
-        if f"{folder}/{MANIFEST}" in found:
-            manifest = read_manifest(fs.unstrip_protocol(folder))
-            committed[folder] = manifest
-        used = set(manifest.attempts()) if manifest else set()
-        for name, path in attempt_folders(fs.unstrip_protocol(folder)).items():
-            started = attempt_started(name)
-            if name not in used and started is not None and started < cutoff:
-                remove(path)
-        if manifest is not None and manifest.created < cutoff and f"{folder}/_work" in found:
-            remove(f"{folder}/_work")
-    if keep_last is not None:
-        for folder in _older_versions(committed, keep_last):
-            remove(folder)
-            committed.pop(folder)
-    gone = tuple(r.split("://", 1)[-1] for r in removed)
-    kept = sum(1 for f in committed if not f.startswith(gone))
-    return GarbageReport(removed, kept)

@@ -11,7 +11,9 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from difforge.platform.datasets import read_shard
-from difforge.platform.outputs import MAIN, Output, cluster_cpus, collect, write_batch
+from difforge.platform.outputs import MAIN, Output
+from difforge.platform.sizing import cluster_cpus
+from difforge.platform.written import collect, write_batch
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -26,6 +26,7 @@ from difforge.platform.context import MapContext
 from difforge.platform.datasets import Dataset, join
 from difforge.platform.errors import DifforgeError
 from difforge.platform.failures import STEP_NOTE
+from difforge.platform.lineage import saw_nodes
 from difforge.platform.operator import (
     MAIN,
     JobOperator,
@@ -33,19 +34,13 @@ from difforge.platform.operator import (
     output_metadata,
     required_columns,
 )
-from difforge.platform.outputs import (
-    MIN_SHARD_ROWS,
-    SHARDS_PER_CPU,
-    STATS,
-    Output,
-    cluster_cpus,
-    saw_nodes,
-    write_batch,
-)
+from difforge.platform.outputs import Output
 from difforge.platform.parallel import as_finished, shard_batches
 from difforge.platform.plan import PlannedStep
 from difforge.platform.progress import Progress
 from difforge.platform.resources import Fitted
+from difforge.platform.sizing import MIN_SHARD_ROWS, SHARDS_PER_CPU, cluster_cpus
+from difforge.platform.written import STATS, write_batch
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -282,9 +277,10 @@ def split_shards(shards: list[dict[str, Any]], want: int) -> list[dict[str, Any]
 
 def run_map_pass(
     chain: list[PassStep],
-) -> tuple[list[dict[str, list[dict]]], list[int | None], list[float], int]:
-    """Run the chain; per step: its shard entries by output, rows in and seconds of work;
-    and how many input shards an earlier, interrupted run had finished."""
+) -> tuple[list[dict[str, list[dict]]], list[int | None], list[float], list[dict], int]:
+    """Run the chain; per step: its shard entries by output, rows in, seconds of work and its
+    main output's metadata (computed once, here); and how many input shards an earlier,
+    interrupted run had finished."""
     head = chain[0].step
     rows_in: list[int | None] = [None] + [0] * (len(chain) - 1)
     if issubclass(head.op_cls, SourceOperator):
@@ -294,7 +290,7 @@ def run_map_pass(
         items = split_shards(source.shards(), SHARDS_PER_CPU * cluster_cpus())
         rows_in[0] = source.num_rows
     markers = _markers(chain, items)
-    stages = _stages(chain)
+    stages, metadata = _stages(chain)
     rows = [{"item": json.dumps({**t, "index": i})} for i, t in enumerate(items)]
     resumed = _count_markers(markers)
     if resumed:
@@ -314,7 +310,7 @@ def run_map_pass(
             _account(row, entries, rows_in, work, progress)
     finally:
         progress.close()
-    return entries, rows_in, work, resumed
+    return entries, rows_in, work, metadata, resumed
 
 
 def _markers(chain: list[PassStep], items: list[dict]) -> str | None:
@@ -335,10 +331,11 @@ def _markers(chain: list[PassStep], items: list[dict]) -> str | None:
     return join(head.work_uri, PASSES, f"pass-{key}")
 
 
-def _stages(chain: list[PassStep]) -> list[Stage]:
+def _stages(chain: list[PassStep]) -> tuple[list[Stage], list[dict]]:
     """Each step of the chain as the workers run it: its operator, params, outputs and (but
-    a source's) context, with the metadata the step before it will commit."""
-    stages = []
+    a source's) context, with the metadata the step before it will commit; and the metadata
+    each step's main output will be committed with."""
+    stages, metadata = [], []
     pending = None  # the metadata the previous step of the chain will commit
     for k, s in enumerate(chain):
         step = s.step
@@ -348,6 +345,7 @@ def _stages(chain: list[PassStep]) -> list[Stage]:
         else:
             inputs, meta = [], pending  # plain maps' metadata depends on params alone
         pending = {**meta, **output_metadata(step.operator, inputs)}
+        metadata.append(pending)
         outputs = {name: Output(step.output_uri(name), s.attempt) for name in output_names(step)}
         ctx = None
         if not (k == 0 and issubclass(step.op_cls, SourceOperator)):
@@ -360,7 +358,7 @@ def _stages(chain: list[PassStep]) -> list[Stage]:
             )
         params = step.params.model_dump(mode="json")
         stages.append(Stage(step.id, step.op_cls, params, outputs, ctx, s.fitted.batch_size))
-    return stages
+    return stages, metadata
 
 
 def _results(chain: list[PassStep], stages: list[Stage], markers: str | None, rows: list[dict]):

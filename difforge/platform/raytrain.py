@@ -13,7 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from difforge.platform.outputs import saw_nodes
+from difforge.platform.lineage import saw_nodes
 from difforge.platform.progress import MetricProgress
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def fit(
         f" + {res.num_gpus:g} GPU" if res.num_gpus else "",
         max(1, int(res.num_cpus)),
     )
-    trainer = _trainer(ctx, loop, config, per_worker, max_failures)
+    trainer = _trainer(ctx, (fs, work), loop, config, per_worker, max_failures)
     earlier = sorted(fs.glob(f"{work.rstrip('/')}/ray-train/checkpoint_[0-9]*"))
     if earlier:  # Ray Train restores the run of this name and storage path: the last of them
         log.info(
@@ -81,21 +81,23 @@ def fit(
 
 def _trainer(
     ctx: JobContext,
+    storage: tuple[Any, str],
     loop: Callable[[dict], None],
     config: dict[str, Any],
     per_worker: dict[str, float],
     max_failures: int,
 ):
     """A TorchTrainer for the step: its workers, and its run named `ray-train` in the step's
-    work folder (where a rerun finds it, and its checkpoints, again)."""
+    work folder, `storage` (its filesystem and path: where a rerun finds the run, and its
+    checkpoints, again)."""
     import ray.train
     from pyarrow.fs import FSSpecHandler, PyFileSystem
     from ray.train.torch import TorchTrainer
 
-    from difforge.platform.datasets import join, url_to_fs
+    from difforge.platform.datasets import join
 
     res = ctx.resources
-    fs, work = url_to_fs(ctx.work_uri)
+    fs, work = storage
     return TorchTrainer(
         _on_node(loop),
         train_loop_config={

@@ -11,7 +11,6 @@ sweep's values are lists of what they replace, so they are left to `difforge val
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic.json_schema import models_json_schema
@@ -69,9 +68,19 @@ def pipeline_schema(names: list[str] | None = None) -> dict[str, Any]:
 def _renamed(schema: dict[str, Any], renames: dict[str, str]) -> dict[str, Any]:
     """Defs that pydantic named by module path (`difforge__operators__ingest__digits__Params`)
     renamed by the operator whose params they are (`ingest.digits.params`)."""
-    text = json.dumps(schema)
-    for old, new in renames.items():
-        text = text.replace(f'"#/$defs/{old}"', f'"#/$defs/{new}"')
-    out = json.loads(text)
+    prefix = "#/$defs/"
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        out = {k: walk(v) for k, v in node.items()}
+        ref = out.get("$ref")
+        if isinstance(ref, str) and ref.startswith(prefix):
+            out["$ref"] = prefix + renames.get(ref[len(prefix) :], ref[len(prefix) :])
+        return out
+
+    out = walk(schema)
     out["$defs"] = {renames.get(k, k): v for k, v in out["$defs"].items()}
     return out

@@ -110,8 +110,13 @@ def expand(matrix: dict[str, Any]) -> list[Variant]:
 
 def load_sweep(source: str | Path | dict, overrides: list[str] | None = None) -> Sweep | None:
     """The sweep a pipeline declares, validated variant by variant; None without a matrix."""
-    overrides = list(overrides or [])
-    loaded = load_spec(source, overrides)
+    return sweep_of(load_spec(source, list(overrides or [])), source)
+
+
+def sweep_of(loaded: LoadedSpec, source: str | Path | dict) -> Sweep | None:
+    """The sweep of a loaded pipeline (`source`: what it was loaded from), validated variant by
+    variant; None without a matrix."""
+    overrides = list(loaded.overrides)
     if not loaded.spec.matrix:
         return None
     base = LoadedSpec(

@@ -506,16 +506,12 @@ def stop_service(name: str) -> None:
     if name == "s3":
         stopping("s3", "s3.sh").wait()
     else:
-        stop_group(_pids()[f"services/{name}"])
+        stop_groups([_pids()[f"services/{name}"]])
 
 
 def start_service(name: str) -> None:
     """A service started again as `up` started it, on the data it had."""
     {"mlflow": start_mlflow, "s3": start_s3, "redis": start_redis}[name](secret_values())
-
-
-def stop_group(pid: int) -> None:
-    stop_groups([pid])
 
 
 def stop_groups(pids: list[int]) -> None:

@@ -11,7 +11,8 @@ import pytest
 
 from difforge.platform import datasets as D
 from difforge.platform.errors import DatasetNotCommitted, DifforgeError
-from difforge.platform.outputs import Output, collect_garbage, new_attempt, open_output
+from difforge.platform.gc import collect_garbage
+from difforge.platform.outputs import Output, new_attempt, open_output
 
 
 def shards(uri: str, attempt: str, n: int = 3) -> list[dict]:
@@ -201,13 +202,13 @@ def test_writers_cut_bounded_shards_and_enough_of_them(tmp_path, monkeypatch):
     and a whole table a job returns gets at least two shards per CPU where rows allow."""
     import numpy as np
 
-    from difforge.platform import outputs as O
+    from difforge.platform import sizing
 
-    monkeypatch.setattr(O, "cluster_cpus", lambda: 2)
-    assert O.rows_per_shard(1_000_000) == 62_500  # 16 shards of 65,536 rows at most
-    assert O.rows_per_shard(1_000, nbytes=1_000 * (1 << 20)) == 125  # 1 MiB rows: 128 MiB at most
-    assert O.rows_per_shard(10_000, spread=True) == 2_500  # 4 shards keep 2 CPUs busy
-    assert O.rows_per_shard(300, spread=True) == 300  # too few rows to cut in 256s: one shard
+    monkeypatch.setattr(sizing, "cluster_cpus", lambda: 2)
+    assert sizing.rows_per_shard(1_000_000) == 62_500  # 16 shards of 65,536 rows at most
+    assert sizing.rows_per_shard(1_000, nbytes=1_000 * (1 << 20)) == 125  # 1 MiB rows: 128 MiB
+    assert sizing.rows_per_shard(10_000, spread=True) == 2_500  # 4 shards keep 2 CPUs busy
+    assert sizing.rows_per_shard(300, spread=True) == 300  # too few rows to cut in 256s: one
     out = open_output(str(tmp_path / "ds"))
     table = pa.table({"id": [str(i) for i in range(1000)], "x": np.arange(1000)})
     entries = out.write_batch(table, "000000", spread=True)
@@ -224,9 +225,10 @@ def test_a_pass_splits_too_few_input_shards_into_row_ranges(tmp_path):
     alone, together exactly the shard's rows."""
     import numpy as np
 
-    from difforge.platform.outputs import MIN_SHARD_ROWS, write_dataset
+    from difforge.platform.outputs import write_dataset
     from difforge.platform.parallel import shard_batches
     from difforge.platform.passes import split_shards
+    from difforge.platform.sizing import MIN_SHARD_ROWS
 
     table = pa.table({"id": [str(i) for i in range(1024)], "x": np.arange(1024)})
     write_dataset(str(tmp_path / "one"), table, "fp")
