@@ -640,8 +640,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         print(f"{args.n} images ({len(shown)} prompt(s), {how}) in {out}/, grid: {out}/grid.png")
         return 0
     names = gen.info.get("classes") or []
-    classes = labels or [i % max(gen.num_classes, 1) for i in range(args.n)]
-    for i, (img, y) in enumerate(zip(images, classes, strict=True)):
+    for i, (img, y) in enumerate(zip(images, drawn.labels, strict=True)):
         img.save(out / f"{i:05d}-class{y}.png")
     g = grid(images, columns=min(8, args.n))
     g.resize((g.width * 4, g.height * 4), 0).save(out / "grid.png")

@@ -12,10 +12,12 @@ from difforge.platform.errors import DifforgeError
 
 @dataclass
 class Drawn:
-    """Images and how they were drawn: the sampler, its steps, and the guidance per image (a
-    student with guidance built in was drawn at its own scale, whatever was asked)."""
+    """Images and how they were drawn: their classes, the sampler, its steps, and the guidance
+    per image (a student with guidance built in was drawn at its own scale, whatever was
+    asked)."""
 
     images: list[Any]
+    labels: list[int]
     scheduler: str
     steps: int
     guidance: list[float]
@@ -111,7 +113,8 @@ class Generator:
             cond=cond,
             uncond=uncond,
         )
-        return Drawn(to_pil(x, self.vae), scheduler, steps, drawn_at, drawn_at is not applied)
+        images = to_pil(x, self.vae)
+        return Drawn(images, labels, scheduler, steps, drawn_at, drawn_at is not applied)
 
     def _text_conditioning(self):
         if self._text is None:

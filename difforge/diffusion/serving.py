@@ -97,12 +97,16 @@ def save_mlflow_model(folder: str, dest: str, info: dict[str, Any]) -> str:
     a one-image input example and pinned requirements."""
     from difforge.models.resolve import local_copy
 
-    staged = dest + ".staged"  # the artifacts under the names they keep in the MLflow model
-    shutil.copytree(folder, os.path.join(staged, "model"))
+    # the artifacts under the names they keep in the MLflow model, hard-linked there (MLflow
+    # refuses symbolic links): the weights are copied once, by MLflow, into `dest`
+    staged = dest + ".staged"
     artifacts = {"model": os.path.join(staged, "model")}
+    shutil.copytree(folder, artifacts["model"], copy_function=_link_or_copy)
     if info.get("vae"):
-        shutil.copytree(local_copy(info["vae"]["uri"]), os.path.join(staged, "vae"))
         artifacts["vae"] = os.path.join(staged, "vae")
+        shutil.copytree(
+            local_copy(info["vae"]["uri"]), artifacts["vae"], copy_function=_link_or_copy
+        )
     text = info.get("conditioning") == "text"
     example = {"prompt": ["a photo"]} if text else {"class_label": [0]}
     steps = info.get("num_inference_steps") or 2  # a tiny example: 2 steps
@@ -117,6 +121,14 @@ def save_mlflow_model(folder: str, dest: str, info: dict[str, Any]) -> str:
     )
     shutil.rmtree(staged)
     return dest
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link where both lie on one filesystem, else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def register(ctx, folder: str, info: dict[str, Any], kind: str) -> str:

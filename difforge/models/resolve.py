@@ -158,10 +158,11 @@ def resolve(ref: str, what: str = "model") -> str:
             dest.mkdir(parents=True, exist_ok=True)
             try:
                 client, tracking = _client()
-                found = client.get_model_version(name, version)
-                source = found.source
-                if found.model_id:  # a logged model (this release on): where its files are
-                    source = client.get_logged_model(found.model_id).artifact_location
+                source = client.get_model_version(name, version).source
+                if source.startswith("models:/m-"):  # a logged model's id (MLflow's own
+                    # registrations): where its files are, as this store knows it
+                    model_id = source.removeprefix("models:/").split("/", 1)[0]
+                    source = client.get_logged_model(model_id).artifact_location
                 path = download_artifacts(
                     artifact_uri=source, dst_path=str(dest), tracking_uri=tracking
                 )

@@ -117,10 +117,15 @@ class JobContext:
 
     def publish(self, local_dir: str, name: str) -> str:
         """Copy a local folder into this step's committed artifacts and log it to MLflow."""
+        uri = self._commit_with_data(local_dir, name)
+        self.log.log_artifacts(local_dir, name)
+        return uri
+
+    def _commit_with_data(self, local_dir: str, name: str) -> str:
+        """Copy a local folder into this step's committed artifacts, as `name`."""
         uri = self.artifact(name)
         fs, path = url_to_fs(uri)
         fs.put(local_dir.rstrip("/") + "/", path, recursive=True)
-        self.log.log_artifacts(local_dir, name)
         return uri
 
     def publish_model(
@@ -136,9 +141,7 @@ class JobContext:
         step's logged model `mlflow_model` (an MLflow model of the folder) where the operator
         made one, else the folder itself. `usage`: how to use it, for its model card
         (`{ref}` is replaced by its `models:/` reference)."""
-        uri = self.artifact("model")
-        fs, path = url_to_fs(uri)
-        fs.put(folder.rstrip("/") + "/", path, recursive=True)
+        uri = self._commit_with_data(folder, "model")
         self.log.register_model(
             f"{self.pipeline}-{self.step}", mlflow_model or folder, kind, metrics, usage
         )

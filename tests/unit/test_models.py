@@ -71,11 +71,12 @@ def test_the_model_folder_round_trips_and_refuses_newer_formats(tmp_path):
         load_model(str(tmp_path / "model"))
 
 
-def test_a_registered_model_draws_images_and_old_versions_still_resolve(tmp_path):
+def test_a_registered_model_draws_images_and_old_versions_still_resolve(tmp_path, monkeypatch):
     """What train.diffusion registers, an MLflow model of the folder, loads with
-    `mlflow.pyfunc` and draws one PNG per row, each image a function of its seed; it and a
-    version registered the earlier way (the folder itself as the run's artifact) resolve to
-    the model folder."""
+    `mlflow.pyfunc` and draws one PNG per row, each image a function of its seed; it, a
+    version registered the earlier way (the folder itself as the run's artifact) and one
+    registered as MLflow's own registration does (`models:/<logged model id>`) resolve to the
+    model folder."""
     import base64
     import io
 
@@ -112,9 +113,13 @@ def test_a_registered_model_draws_images_and_old_versions_still_resolve(tmp_path
     (logged,) = client.get_run(run.info.run_id).outputs.model_outputs
     model = client.get_logged_model(logged.model_id)
     assert model.source_run_id == run.info.run_id and model.model_type == "diffusion"
+    # MLflow's own way: the logged model by its id (its store looks it up in the default one)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client.create_model_version("old-and-new", f"models:/{logged.model_id}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     set_registry(uri)
     try:
-        for version in ("1", "2"):
+        for version in ("1", "2", "3"):
             found = resolve(f"models:/old-and-new/{version}")
             assert read_info(found).num_classes == 10, version
         pyfunc = load_pyfunc(uri, ref)
